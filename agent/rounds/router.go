@@ -1,0 +1,57 @@
+package rounds
+
+import (
+	"context"
+	"fmt"
+
+	"github.com/visualops/opsagent/agent/state"
+	"github.com/visualops/opsagent/protocol"
+)
+
+// Engines accepted by [agent] engine.
+const (
+	EngineAuto   = "auto"   // native modules natively, the rest through Salt
+	EngineNative = "native" // native modules only
+	EngineSalt   = "salt"   // every module through Salt, as the 2014 agent did
+)
+
+// NativeExecutor is an executor that knows which modules it implements.
+type NativeExecutor interface {
+	state.Executor
+	Supports(module string) bool
+}
+
+// Router picks the executor of each state according to [agent] engine.
+type Router struct {
+	Engine string
+	Native NativeExecutor // may be nil
+	Salt   state.Executor // nil when the Salt bridge is not installed
+}
+
+// Execute routes req to the native executor or the Salt bridge.
+func (r *Router) Execute(ctx context.Context, req state.Request) state.Result {
+	native := r.Native != nil && r.Native.Supports(req.Module)
+	switch r.Engine {
+	case EngineNative:
+		if !native {
+			return state.Failed(fmt.Sprintf("module %s is not implemented natively and [agent] engine = native; set engine = auto to run it through the Salt bridge", req.Module))
+		}
+		return r.Native.Execute(ctx, req)
+	case EngineSalt:
+	default:
+		if native {
+			return r.Native.Execute(ctx, req)
+		}
+	}
+	if r.Salt == nil {
+		return state.Failed(fmt.Sprintf("module %s needs the Salt bridge, which is not installed", req.Module))
+	}
+	return r.Salt.Execute(ctx, req)
+}
+
+// BeginRound forwards the round start to the Salt executor when it cares.
+func (r *Router) BeginRound(module *protocol.ModuleSource) {
+	if ra, ok := r.Salt.(RoundAware); ok {
+		ra.BeginRound(module)
+	}
+}

@@ -1,0 +1,71 @@
+// Package statusfile is the small JSON file the running agent keeps current
+// (/var/lib/visualops/opsagent/status.json) so that `opsagent status` can
+// tell an operator what the agent is doing without talking to it.
+package statusfile
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"time"
+
+	"github.com/visualops/opsagent/agent/rounds"
+	"github.com/visualops/opsagent/internal/fsutil"
+)
+
+// Name is the file name under the agent's state directory.
+const Name = "status.json"
+
+// Connection describes the link to the backend.
+type Connection struct {
+	Connected     bool      `json:"connected"`
+	Since         time.Time `json:"since,omitzero"` // connected (or disconnected) since
+	Backend       string    `json:"backend"`
+	OutboxDepth   int       `json:"outbox_depth"`
+	DroppedFrames int64     `json:"dropped_frames"`
+	DroppedLogs   int64     `json:"dropped_logs"`
+	LastError     string    `json:"last_error,omitempty"`
+}
+
+// Snapshot is the whole file.
+type Snapshot struct {
+	PID          int           `json:"pid"`
+	AgentVersion string        `json:"agent_version"`
+	InstanceID   string        `json:"instance_id"`
+	AppID        string        `json:"app_id"`
+	StartedAt    time.Time     `json:"started_at"`
+	UpdatedAt    time.Time     `json:"updated_at"`
+	Connection   Connection    `json:"connection"`
+	Engine       rounds.Status `json:"engine"`
+	InitErrors   []string      `json:"init_errors,omitempty"`
+}
+
+// Write replaces the file atomically (mode 0640: operators in the agent's
+// group may read it; it holds no secret).
+func Write(path string, s Snapshot) error {
+	data, err := json.MarshalIndent(s, "", "  ")
+	if err != nil {
+		return fmt.Errorf("status %s: %w", path, err)
+	}
+	return fsutil.WriteFileAtomic(path, append(data, '\n'), 0o640)
+}
+
+// ErrNoStatus means the agent never wrote a status file.
+var ErrNoStatus = errors.New("no status file")
+
+// Read loads the file.
+func Read(path string) (Snapshot, error) {
+	var s Snapshot
+	data, err := os.ReadFile(path)
+	if errors.Is(err, os.ErrNotExist) {
+		return s, fmt.Errorf("status %s: %w (has the agent ever run? start it with 'systemctl start opsagent' or 'opsagent run')", path, ErrNoStatus)
+	}
+	if err != nil {
+		return s, fmt.Errorf("status %s: %w", path, err)
+	}
+	if err := json.Unmarshal(data, &s); err != nil {
+		return s, fmt.Errorf("status %s: not valid JSON (%v); it is rewritten every few seconds by a running agent", path, err)
+	}
+	return s, nil
+}
