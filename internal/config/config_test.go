@@ -1,0 +1,370 @@
+package config
+
+import (
+	"os"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"testing"
+	"time"
+)
+
+const specExample = `[global]
+envroot = /opt/visualops/env
+conf_path = /var/lib/visualops/opsagent
+log_path = /var/log/visualops
+token = /etc/opsagent.token
+watch = /var/lib/visualops/opsagent/watch
+logfile = /var/log/visualops/agent.log
+loglvl = INFO
+[userdata]
+ws_uri = wss://api.example.com/agent/
+app_id = app-123
+version = 2.1
+base_remote = https://s3.amazonaws.com/opsagent
+pubkey = RWQf6LRCGA9i53mlYecO4IzT51TGPpvWucNSCh1CBM0QTaLn73Y7GFO3   ; replaces 2014's gpg_key_uri
+[module]
+root = /opt/visualops/bootstrap
+name = salt
+bootstrap = scripts/bootstrap.sh
+mod_repo = https://github.com/MadeiraCloud/salt.git
+mod_tag = v2015-03-26
+[network]
+metadata = http://169.254.169.254
+[salt]
+delay = 10
+[agent]
+retry_delay = 30s
+`
+
+// A file as the 2014 installer (scripts/init.sh) wrote it.
+const file2014 = `[global]
+platform=ubuntu
+envroot=/opt/visualops/env
+conf_path=/var/lib/visualops/opsagent
+log_path=/var/log/visualops
+package_path=/opt/visualops/env/lib/python2.7/site-packages
+scripts_path=/opt/visualops/bootstrap/opsagent/scripts
+token=/etc/opsagent.token
+user=root
+watch=/var/lib/visualops/opsagent/watch
+logfile=/var/log/visualops/agent.log
+[userdata]
+ws_uri=wss://api.visualops.io:443/agent/
+app_id=app-5f3c
+version=2014-06-23
+base_remote=https://s3.amazonaws.com/visualops
+gpg_key_uri=https://s3.amazonaws.com/visualops/madeira.gpg.public.key
+[module]
+root=/opt/visualops/bootstrap
+name=salt
+bootstrap=/opt/visualops/bootstrap/opsagent/scripts/bootstrap.sh
+mod_repo=
+mod_tag=
+`
+
+func writeFile(t *testing.T, content string) string {
+	t.Helper()
+	p := filepath.Join(t.TempDir(), "opsagent.conf")
+	if err := os.WriteFile(p, []byte(content), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+func TestLoadSpecExample(t *testing.T) {
+	c, err := Load(writeFile(t, specExample))
+	if err != nil {
+		t.Fatal(err)
+	}
+	checks := map[string][2]string{
+		"ws_uri":  {c.Userdata.WSURI, "wss://api.example.com/agent/"},
+		"app_id":  {c.Userdata.AppID, "app-123"},
+		"pubkey":  {c.Userdata.PubKey, "RWQf6LRCGA9i53mlYecO4IzT51TGPpvWucNSCh1CBM0QTaLn73Y7GFO3"},
+		"repo":    {c.Module.Repo, "https://github.com/MadeiraCloud/salt.git"},
+		"tag":     {c.Module.Tag, "v2015-03-26"},
+		"token":   {c.Global.Token, "/etc/opsagent.token"},
+		"loglvl":  {c.Global.LogLevel, "INFO"},
+		"engine":  {c.Agent.Engine, "auto"},
+		"meta":    {c.Network.Metadata, "http://169.254.169.254"},
+		"version": {c.Userdata.Version, "2.1"},
+	}
+	for name, v := range checks {
+		if v[0] != v[1] {
+			t.Errorf("%s = %q, want %q", name, v[0], v[1])
+		}
+	}
+	if c.Salt.Delay != 10*time.Minute {
+		t.Errorf("salt delay = %v, want 10m (bare numbers are minutes)", c.Salt.Delay)
+	}
+	if c.Agent.RetryDelay != 30*time.Second || c.Agent.KillGrace != 10*time.Second ||
+		c.Agent.StateTimeout != 0 || c.Agent.HealthDeadline != 2*time.Minute ||
+		c.Agent.AppNotReadyDelay != 30*time.Second {
+		t.Errorf("agent durations = %+v", c.Agent)
+	}
+	if c.Agent.OutboxLimit != 10000 || c.Agent.OutputLimit != 64<<10 {
+		t.Errorf("agent limits = %+v", c.Agent)
+	}
+}
+
+func TestLoad2014FileKeepsObsoleteKeys(t *testing.T) {
+	p := writeFile(t, file2014)
+	c, err := Load(p)
+	if err != nil {
+		t.Fatalf("2014 config must load: %v", err)
+	}
+	if c.Module.Repo != "" || c.Module.Tag != "" {
+		t.Errorf("empty mod_repo/mod_tag should mean unset, got %q %q", c.Module.Repo, c.Module.Tag)
+	}
+	if got := c.Get("userdata", "gpg_key_uri"); !strings.HasSuffix(got, "madeira.gpg.public.key") {
+		t.Errorf("obsolete key not kept: %q", got)
+	}
+	c.Module.Repo = "https://example.com/states.git"
+	c.Module.Tag = "develop"
+	if err := c.Save(""); err != nil {
+		t.Fatal(err)
+	}
+	data := squeeze(t, p)
+	for _, want := range []string{"package_path", "gpg_key_uri", "platform", "scripts_path",
+		"mod_repo = https://example.com/states.git", "mod_tag = develop"} {
+		if !strings.Contains(string(data), want) {
+			t.Errorf("saved file lacks %q:\n%s", want, data)
+		}
+	}
+	// Keys left at their default are not added to a file that lacked them.
+	if strings.Contains(string(data), "[agent]") || strings.Contains(string(data), "retry_delay") {
+		t.Errorf("defaults were added to the file:\n%s", data)
+	}
+	again, err := Load(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if again.Module.Repo != "https://example.com/states.git" || again.Module.Tag != "develop" {
+		t.Errorf("reloaded module = %+v", again.Module)
+	}
+}
+
+func TestSaveKeepsCommentsUnknownSectionsAndMode(t *testing.T) {
+	src := "; managed by opsagent install\n" + specExample + "\n[custom]\n# operator note\nfoo = bar\n"
+	p := writeFile(t, src)
+	c, err := Load(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.Userdata.AppID = "app-456"
+	c.Agent.RetryDelay = 45 * time.Second
+	if err := c.Save(""); err != nil {
+		t.Fatal(err)
+	}
+	s := squeeze(t, p)
+	for _, want := range []string{"managed by opsagent install", "[custom]", "operator note", "foo = bar", "app-456", "45s", "replaces 2014"} {
+		if !strings.Contains(s, want) {
+			t.Errorf("saved file lacks %q:\n%s", want, s)
+		}
+	}
+	st, err := os.Stat(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.Mode().Perm() != FileMode {
+		t.Errorf("mode = %v, want %v", st.Mode().Perm(), os.FileMode(FileMode))
+	}
+	// Unchanged values keep their spelling: "10" minutes is not rewritten.
+	if !strings.Contains(s, "delay = 10\n") {
+		t.Errorf("salt delay respelled:\n%s", s)
+	}
+}
+
+func TestSaveLeavesNoTempFiles(t *testing.T) {
+	p := writeFile(t, specExample)
+	c, err := Load(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < 3; i++ {
+		if err := c.Save(""); err != nil {
+			t.Fatal(err)
+		}
+	}
+	entries, _ := os.ReadDir(filepath.Dir(p))
+	if len(entries) != 1 {
+		var names []string
+		for _, e := range entries {
+			names = append(names, e.Name())
+		}
+		t.Errorf("directory holds %v, want only the config", names)
+	}
+}
+
+// squeeze reads a file with runs of spaces folded (the INI writer aligns "=").
+func squeeze(t *testing.T, p string) string {
+	t.Helper()
+	data, err := os.ReadFile(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return regexp.MustCompile(` +`).ReplaceAllString(string(data), " ")
+}
+
+func TestMissingRequiredKey(t *testing.T) {
+	for _, key := range []string{"ws_uri", "app_id"} {
+		var lines []string
+		for _, l := range strings.Split(specExample, "\n") {
+			if !strings.HasPrefix(l, key+" ") {
+				lines = append(lines, l)
+			}
+		}
+		p := writeFile(t, strings.Join(lines, "\n"))
+		_, err := Load(p)
+		want := "config " + p + ": [userdata] " + key + " is missing"
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("missing %s: err = %v, want it to contain %q", key, err, want)
+		}
+	}
+}
+
+func TestWrongTypes(t *testing.T) {
+	cases := []struct {
+		section, key, value, want string
+	}{
+		{"agent", "retry_delay", "soon", "expected a duration such as 30s or 5m, or a number of seconds"},
+		{"agent", "retry_delay", "-5s", "must not be negative"},
+		{"salt", "delay", "ten", "number of minutes"},
+		{"agent", "outbox_limit", "many", "expected a whole number"},
+		{"agent", "outbox_limit", "0", "must be at least 1"},
+		{"agent", "engine", "python", "expected one of auto, native, salt"},
+		{"global", "loglvl", "LOUD", "expected one of DEBUG"},
+		{"global", "conf_path", "relative/dir", "expected an absolute path"},
+		{"userdata", "ws_uri", "http://api.example.com/agent/", "expected a wss or ws URL"},
+		{"userdata", "ws_uri", "not a url", "expected a URL"},
+		{"userdata", "base_remote", "ftp://x/y", "expected a https or http URL"},
+		{"network", "metadata", "169.254.169.254", "expected a URL"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.section+"."+tc.key+"="+tc.value, func(t *testing.T) {
+			src := specExample + "\n[" + tc.section + "]\n" + tc.key + " = " + tc.value + "\n"
+			_, err := Parse("/etc/opsagent.conf", []byte(src))
+			if err == nil {
+				// ini merges repeated sections; a duplicate key keeps the last value.
+				t.Fatalf("accepted %s = %s", tc.key, tc.value)
+			}
+			msg := err.Error()
+			for _, want := range []string{"/etc/opsagent.conf", "[" + tc.section + "] " + tc.key, tc.value, tc.want} {
+				if !strings.Contains(msg, want) {
+					t.Errorf("error %q lacks %q", msg, want)
+				}
+			}
+		})
+	}
+}
+
+func TestDurationsAndSizes(t *testing.T) {
+	cases := []struct {
+		in   string
+		unit time.Duration
+		want time.Duration
+	}{
+		{"10", time.Minute, 10 * time.Minute},
+		{"0.5", time.Minute, 30 * time.Second},
+		{"30s", time.Minute, 30 * time.Second},
+		{"30", time.Second, 30 * time.Second},
+		{"1m30s", time.Second, 90 * time.Second},
+		{"0", time.Second, 0},
+	}
+	for _, tc := range cases {
+		got, err := ParseDuration(tc.in, tc.unit)
+		if err != nil || got != tc.want {
+			t.Errorf("ParseDuration(%q, %v) = %v, %v; want %v", tc.in, tc.unit, got, err, tc.want)
+		}
+	}
+	sizes := map[string]int{"65536": 65536, "64KiB": 65536, "64K": 65536, "1 MiB": 1 << 20}
+	for in, want := range sizes {
+		if got, err := ParseSize(in); err != nil || got != want {
+			t.Errorf("ParseSize(%q) = %d, %v; want %d", in, got, err, want)
+		}
+	}
+	c := Default()
+	c.Salt.Delay = 90 * time.Second
+	if got := c.Get("salt", "delay"); got != "1m30s" {
+		t.Errorf("non-whole minutes print as %q, want 1m30s", got)
+	}
+}
+
+func TestGetSetUnknownAndKnown(t *testing.T) {
+	c, err := Parse("x.conf", []byte(specExample))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Set("agent", "engine", "native"); err != nil || c.Agent.Engine != "native" {
+		t.Errorf("Set engine: %v, engine=%q", err, c.Agent.Engine)
+	}
+	if err := c.Set("agent", "kill_grace", "forever"); err == nil {
+		t.Error("Set accepted a bad duration")
+	}
+	if err := c.Set("extra", "color", "blue"); err != nil || c.Get("extra", "color") != "blue" {
+		t.Errorf("unknown key round trip: %v %q", err, c.Get("extra", "color"))
+	}
+	data, err := c.Bytes()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(string(data), "[extra]") {
+		t.Errorf("unknown section not rendered:\n%s", data)
+	}
+}
+
+func TestLoadErrors(t *testing.T) {
+	missing := filepath.Join(t.TempDir(), "nope.conf")
+	_, err := Load(missing)
+	if err == nil || !strings.Contains(err.Error(), "file not found") || !strings.Contains(err.Error(), "opsagent install") {
+		t.Errorf("missing file: %v", err)
+	}
+	_, err = Load(writeFile(t, "[global\nbroken"))
+	if err == nil || !strings.Contains(err.Error(), "not a valid INI file") {
+		t.Errorf("broken INI: %v", err)
+	}
+}
+
+func TestSaveWithoutPath(t *testing.T) {
+	if err := Default().Save(""); err == nil {
+		t.Error("Save with no path succeeded")
+	}
+	p := filepath.Join(t.TempDir(), "new.conf")
+	c := Default()
+	c.Userdata.WSURI, c.Userdata.AppID = "ws://127.0.0.1:1/agent/", "demo"
+	if err := c.Save(p); err != nil {
+		t.Fatal(err)
+	}
+	back, err := Load(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if back.Userdata != c.Userdata || back.Agent != c.Agent || back.Global != c.Global {
+		t.Errorf("round trip differs:\n%+v\n%+v", back, c)
+	}
+}
+
+func FuzzParse(f *testing.F) {
+	f.Add([]byte(specExample))
+	f.Add([]byte(file2014))
+	f.Add([]byte("[agent]\nretry_delay = 1e400\n"))
+	f.Add([]byte("[salt]\ndelay=-1\n"))
+	f.Fuzz(func(t *testing.T, data []byte) {
+		c, err := Parse("fuzz.conf", data)
+		if err != nil {
+			return
+		}
+		out, err := c.Bytes()
+		if err != nil {
+			return
+		}
+		// What we render must parse back to the same typed values.
+		back, err := Parse("fuzz.conf", out)
+		if err != nil {
+			t.Fatalf("rendered config does not parse: %v\n%s", err, out)
+		}
+		if back.Agent != c.Agent || back.Userdata != c.Userdata || back.Salt != c.Salt {
+			t.Fatalf("round trip differs:\n%+v\n%+v", back, c)
+		}
+	})
+}
