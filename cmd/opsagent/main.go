@@ -84,6 +84,7 @@ func newApp(s streams) *cli.App {
 		},
 		Commands: []*cli.Command{
 			versionCommand(),
+			statusCommand(),
 		},
 	}
 	for _, cmd := range app.Commands {

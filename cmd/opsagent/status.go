@@ -1,0 +1,143 @@
+package main
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"path/filepath"
+	"sort"
+	"time"
+
+	"github.com/urfave/cli/v2"
+
+	"github.com/visualops/opsagent/agent/statusfile"
+	"github.com/visualops/opsagent/internal/config"
+	"github.com/visualops/opsagent/internal/fsutil"
+)
+
+// exitNotRunning is `opsagent status`'s exit code when no agent runs, as
+// LSB init scripts use 3 for "program is not running".
+const exitNotRunning = 3
+
+func statusCommand() *cli.Command {
+	return &cli.Command{
+		Name:  "status",
+		Usage: "show what the running agent is doing (exit 0: running, 3: not running)",
+		Flags: []cli.Flag{&cli.BoolFlag{Name: "json", Usage: "print as a JSON object"}},
+		Action: func(c *cli.Context) error {
+			if c.Args().Present() {
+				return usageErrorf("status takes no arguments, got %q", c.Args().First())
+			}
+			root, err := fsutil.NewRoot(c.String("root"))
+			if err != nil {
+				return err
+			}
+			stateDir := config.Default().Global.ConfPath
+			if cfg, err := config.Load(root.Path(c.String("config"))); err == nil {
+				stateDir = cfg.Global.ConfPath
+			} else {
+				fmt.Fprintf(c.App.ErrWriter, "opsagent: warning: %v; looking for the status in %s\n", oneLine(err.Error()), stateDir)
+			}
+			dir := root.Path(stateDir)
+			pid, running, lockErr := fsutil.HolderPID(filepath.Join(dir, "lock"))
+			snap, readErr := statusfile.Read(filepath.Join(dir, statusfile.Name))
+			report := statusReport{Running: running, PID: pid, Snapshot: snap}
+			if readErr != nil {
+				report.Error = readErr.Error()
+			}
+			if c.Bool("json") {
+				enc := json.NewEncoder(c.App.Writer)
+				enc.SetIndent("", "  ")
+				if err := enc.Encode(report); err != nil {
+					return err
+				}
+			} else {
+				printStatus(c.App.Writer, report, time.Now())
+			}
+			switch {
+			case lockErr != nil:
+				return lockErr
+			case !running:
+				return cli.Exit("", exitNotRunning)
+			case readErr != nil && !errors.Is(readErr, statusfile.ErrNoStatus):
+				return readErr
+			}
+			return nil
+		},
+	}
+}
+
+type statusReport struct {
+	Running  bool                `json:"running"`
+	PID      int                 `json:"pid,omitempty"`
+	Error    string              `json:"error,omitempty"`
+	Snapshot statusfile.Snapshot `json:"status"`
+}
+
+func printStatus(w io.Writer, r statusReport, now time.Time) {
+	s := r.Snapshot
+	if r.Running {
+		fmt.Fprintf(w, "agent:      running as pid %d (version %s, instance %s, app %s)\n", r.PID, s.AgentVersion, s.InstanceID, s.AppID)
+	} else {
+		fmt.Fprintln(w, "agent:      not running")
+	}
+	if r.Error != "" {
+		fmt.Fprintf(w, "status:     %s\n", r.Error)
+		return
+	}
+	if !r.Running {
+		fmt.Fprintf(w, "last seen:  %s (what follows is the last status it wrote)\n", s.UpdatedAt.Format(time.RFC3339))
+	}
+	conn := "disconnected"
+	if s.Connection.Connected {
+		conn = "connected"
+	}
+	since := ""
+	if !s.Connection.Since.IsZero() {
+		since = " since " + s.Connection.Since.Format(time.RFC3339)
+	}
+	fmt.Fprintf(w, "backend:    %s %s%s\n", s.Connection.Backend, conn, since)
+	if s.Connection.LastError != "" {
+		fmt.Fprintf(w, "last error: %s\n", s.Connection.LastError)
+	}
+	fmt.Fprintf(w, "outbox:     %d StateLogs queued, %d dropped; %d bad frames ignored\n", s.Connection.OutboxDepth, s.Connection.DroppedLogs, s.Connection.DroppedFrames)
+	e := s.Engine
+	if e.RecipeVersion == 0 {
+		fmt.Fprintln(w, "recipe:     none yet")
+	} else {
+		fmt.Fprintf(w, "recipe:     version %d, %d states; round %d (%d succeeded, %d failed)\n", e.RecipeVersion, e.States, e.Round, e.RoundsSucceeded, e.RoundsFailed)
+		switch {
+		case e.WaitingOn != "":
+			fmt.Fprintf(w, "now:        waiting for the backend to release %s\n", e.WaitingOn)
+		case e.StateIndex >= 0:
+			fmt.Fprintf(w, "now:        running state %d/%d %s\n", e.StateIndex+1, e.States, e.StateID)
+		case !e.NextRoundAt.IsZero():
+			fmt.Fprintf(w, "now:        %s, next round in %s\n", e.Phase, e.NextRoundAt.Sub(now).Round(time.Second))
+		default:
+			fmt.Fprintf(w, "now:        %s\n", e.Phase)
+		}
+	}
+	ids := make([]string, 0, len(e.LastResults))
+	for id := range e.LastResults {
+		ids = append(ids, id)
+	}
+	sort.Strings(ids)
+	for _, id := range ids {
+		res := e.LastResults[id]
+		mark := "ok  "
+		if !res.OK {
+			mark = "FAIL"
+		}
+		fmt.Fprintf(w, "  %s %s  %s\n", mark, id, oneLine(res.Comment))
+	}
+	switch {
+	case e.PendingUpdate != "":
+		fmt.Fprintf(w, "update:     %s pending (applied when the round ends)\n", e.PendingUpdate)
+	case e.UpdateNote != "":
+		fmt.Fprintf(w, "update:     %s\n", e.UpdateNote)
+	}
+	for _, ie := range s.InitErrors {
+		fmt.Fprintf(w, "init error: %s\n", ie)
+	}
+}
