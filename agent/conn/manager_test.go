@@ -1,0 +1,458 @@
+package conn
+
+import (
+	"bytes"
+	"context"
+	"encoding/pem"
+	"errors"
+	"log/slog"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/gorilla/websocket"
+
+	"github.com/visualops/opsagent/agent/state"
+	"github.com/visualops/opsagent/protocol"
+)
+
+const testToken = "s3cr3t-token-never-logged"
+
+// fakeBackend accepts agent connections and hands each to the test.
+type fakeBackend struct {
+	down  atomic.Bool // refuse connections (503) while set
+	srv   *httptest.Server
+	conns chan *backendConn
+}
+
+type backendConn struct {
+	ws        *websocket.Conn
+	handshake *protocol.Handshake
+}
+
+func newFakeBackend(t *testing.T, tlsServer bool) *fakeBackend {
+	t.Helper()
+	fb := &fakeBackend{conns: make(chan *backendConn, 16)}
+	up := websocket.Upgrader{}
+	h := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if fb.down.Load() {
+			http.Error(w, "down", http.StatusServiceUnavailable)
+			return
+		}
+		ws, err := up.Upgrade(w, r, nil)
+		if err != nil {
+			return
+		}
+		_, data, err := ws.ReadMessage()
+		if err != nil {
+			ws.Close()
+			return
+		}
+		m, err := protocol.Decode(data)
+		hs, ok := m.(*protocol.Handshake)
+		if err != nil || !ok {
+			t.Errorf("first frame is not a Handshake: %s (%v)", data, err)
+			ws.Close()
+			return
+		}
+		fb.conns <- &backendConn{ws: ws, handshake: hs}
+	})
+	if tlsServer {
+		fb.srv = httptest.NewTLSServer(h)
+	} else {
+		fb.srv = httptest.NewServer(h)
+	}
+	t.Cleanup(fb.srv.Close)
+	return fb
+}
+
+func (fb *fakeBackend) url() string {
+	return "ws" + strings.TrimPrefix(fb.srv.URL, "http") + "/agent/"
+}
+
+func (fb *fakeBackend) accept(t *testing.T) *backendConn {
+	t.Helper()
+	select {
+	case c := <-fb.conns:
+		t.Cleanup(func() { c.ws.Close() })
+		return c
+	case <-time.After(10 * time.Second):
+		t.Fatal("the agent did not connect")
+		return nil
+	}
+}
+
+// next reads the next data frame, answering nothing.
+func (c *backendConn) next(t *testing.T) protocol.Message {
+	t.Helper()
+	_ = c.ws.SetReadDeadline(time.Now().Add(10 * time.Second))
+	_, data, err := c.ws.ReadMessage()
+	if err != nil {
+		t.Fatalf("backend read: %v", err)
+	}
+	m, err := protocol.Decode(data)
+	if err != nil {
+		t.Fatalf("agent sent a bad frame %s: %v", data, err)
+	}
+	return m
+}
+
+func (c *backendConn) send(t *testing.T, m protocol.Message) {
+	t.Helper()
+	frame, err := protocol.Encode(m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := c.ws.WriteMessage(websocket.TextMessage, frame); err != nil {
+		t.Fatalf("backend write: %v", err)
+	}
+}
+
+type recorder struct {
+	mu        sync.Mutex
+	msgs      []protocol.Message
+	connected atomic.Int32
+	got       chan protocol.Message
+}
+
+func newRecorder() *recorder { return &recorder{got: make(chan protocol.Message, 64)} }
+
+func (r *recorder) Deliver(_ context.Context, m protocol.Message) {
+	r.mu.Lock()
+	r.msgs = append(r.msgs, m)
+	r.mu.Unlock()
+	r.got <- m
+}
+func (r *recorder) Connected() { r.connected.Add(1) }
+
+type syncBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *syncBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
+}
+
+type harness struct {
+	m        *Manager
+	rec      *recorder
+	logs     *syncBuffer
+	refresh  atomic.Int32
+	cancel   context.CancelFunc
+	done     chan struct{}
+	identity Identity
+}
+
+func startManager(t *testing.T, url string, tweak func(*Options)) *harness {
+	t.Helper()
+	h := &harness{rec: newRecorder(), logs: &syncBuffer{}, done: make(chan struct{}),
+		identity: Identity{InstanceID: "i-0abc", AppID: "app-123", AgentVersion: "2.1", Token: testToken, InitErrors: []string{"a", "b"}}}
+	opts := Options{
+		URL: url,
+		Identity: func(_ context.Context, refresh bool) (Identity, error) {
+			if refresh {
+				h.refresh.Add(1)
+			}
+			return h.identity, nil
+		},
+		Handler:          h.rec,
+		Logger:           slog.New(slog.NewTextHandler(h.logs, &slog.HandlerOptions{Level: slog.LevelDebug})),
+		BackoffMin:       10 * time.Millisecond,
+		BackoffMax:       50 * time.Millisecond,
+		AppNotReadyDelay: 20 * time.Millisecond,
+	}
+	if tweak != nil {
+		tweak(&opts)
+	}
+	h.m = New(opts)
+	ctx, cancel := context.WithCancel(context.Background())
+	h.cancel = cancel
+	go func() { defer close(h.done); _ = h.m.Run(ctx) }()
+	t.Cleanup(func() {
+		cancel()
+		<-h.done
+		if strings.Contains(h.logs.String(), testToken) {
+			t.Errorf("the instance token appears in the log:\n%s", h.logs.String())
+		}
+	})
+	return h
+}
+
+func eventually(t *testing.T, what string, f func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !f() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+func TestHandshakeFields(t *testing.T) {
+	fb := newFakeBackend(t, false)
+	h := startManager(t, fb.url(), nil)
+	c := fb.accept(t)
+	want := protocol.Identity{InstanceID: "i-0abc", AppID: "app-123", AgentVersion: "2.1", ProtocolVersion: 1, InstanceToken: testToken}
+	got := c.handshake.Identity
+	if got.InitErrors == nil || *got.InitErrors != "a; b" {
+		t.Errorf("init_errors = %v, want \"a; b\"", got.InitErrors)
+	}
+	got.InitErrors = nil
+	if got != want {
+		t.Errorf("handshake %+v, want %+v", got, want)
+	}
+	eventually(t, "Connected callback", func() bool { return h.rec.connected.Load() == 1 })
+	eventually(t, "status connected", func() bool { return h.m.Status().Connected })
+}
+
+func TestStateLogsSurviveReconnectInOrder(t *testing.T) {
+	fb := newFakeBackend(t, false)
+	h := startManager(t, fb.url(), nil)
+	c := fb.accept(t)
+	h.m.Report(7, "s-1", state.Result{OK: true, Comment: "one"})
+	if m := c.next(t).(*protocol.StateLog); m.StateID != "s-1" || !m.Result || *m.Comment != "one" || m.Stdout != nil || m.InstanceID != "i-0abc" {
+		t.Fatalf("first StateLog %+v", m)
+	}
+	// The backend goes away; logs produced meanwhile wait in the outbox.
+	fb.down.Store(true)
+	c.ws.Close()
+	eventually(t, "disconnect noticed", func() bool { return !h.m.Status().Connected })
+	for i := 2; i <= 5; i++ {
+		h.m.Report(7, "s-"+string(rune('0'+i)), state.Result{OK: i%2 == 0, Stdout: "out"})
+	}
+	if d := h.m.Status().OutboxDepth; d != 4 {
+		t.Errorf("outbox depth %d while down, want 4", d)
+	}
+	fb.down.Store(false)
+	c2 := fb.accept(t)
+	for i := 2; i <= 5; i++ {
+		m := c2.next(t).(*protocol.StateLog)
+		if m.StateID != "s-"+string(rune('0'+i)) || m.RecipeVersion != 7 {
+			t.Fatalf("after reconnect got %+v, want s-%d", m, i)
+		}
+	}
+	if d := h.m.Status().OutboxDepth; d != 0 {
+		t.Errorf("outbox depth %d after flush", d)
+	}
+}
+
+func TestOutboxBoundAndSupersede(t *testing.T) {
+	// Nothing listens: everything stays queued.
+	h := startManager(t, "ws://127.0.0.1:1/agent/", func(o *Options) { o.OutboxLimit = 3 })
+	for i := 1; i <= 5; i++ {
+		h.m.Report(int64(i), "s", state.Result{OK: true})
+	}
+	st := h.m.Status()
+	if st.OutboxDepth != 3 || st.DroppedLogs != 2 {
+		t.Fatalf("depth %d dropped %d, want 3 and 2", st.OutboxDepth, st.DroppedLogs)
+	}
+	if !strings.Contains(h.logs.String(), "oldest StateLog dropped") {
+		t.Error("no warning for a dropped StateLog")
+	}
+	h.m.Supersede(5)
+	if d := h.m.Status().OutboxDepth; d != 1 {
+		t.Fatalf("after Supersede(5) depth %d, want 1", d)
+	}
+	e, _ := h.m.out.peek()
+	if e.msg.RecipeVersion != 5 {
+		t.Errorf("kept version %d", e.msg.RecipeVersion)
+	}
+	eventually(t, "connect error recorded", func() bool {
+		return strings.Contains(h.m.Status().LastError, "connect ws://127.0.0.1:1/agent/")
+	})
+}
+
+func TestBadFramesIgnoredConnectionStays(t *testing.T) {
+	fb := newFakeBackend(t, false)
+	h := startManager(t, fb.url(), nil)
+	c := fb.accept(t)
+	for _, bad := range []string{`not json`, `{"code":"Nope"}`, `{"code":"RecipeMetadata","recipe_version":-1}`, `{"code":"StateLog"}`} {
+		if err := c.ws.WriteMessage(websocket.TextMessage, []byte(bad)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	_ = c.ws.WriteMessage(websocket.BinaryMessage, []byte{1, 2, 3})
+	c.send(t, &protocol.RecipeMetadata{RecipeVersion: 3, States: []protocol.RecipeState{}})
+	select {
+	case m := <-h.rec.got:
+		if r, ok := m.(*protocol.RecipeMetadata); !ok || r.RecipeVersion != 3 {
+			t.Fatalf("delivered %#v", m)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the valid recipe after bad frames was not delivered")
+	}
+	if n := h.m.Status().DroppedFrames; n != 5 {
+		t.Errorf("dropped frames %d, want 5", n)
+	}
+	// Same connection: a StateLog still arrives on it.
+	h.m.Report(3, "x", state.Result{OK: true})
+	if m := c.next(t).(*protocol.StateLog); m.StateID != "x" {
+		t.Errorf("got %+v", m)
+	}
+	if !strings.Contains(h.logs.String(), "field recipe_version") {
+		t.Errorf("the log does not say which field was wrong:\n%s", h.logs.String())
+	}
+}
+
+func TestOversizeFrameDropsConnection(t *testing.T) {
+	fb := newFakeBackend(t, false)
+	h := startManager(t, fb.url(), func(o *Options) { o.MaxFrame = 1024 })
+	c := fb.accept(t)
+	big := `{"code":"AgentUpdate","version":"` + strings.Repeat("9", 2048) + `"}`
+	_ = c.ws.WriteMessage(websocket.TextMessage, []byte(big))
+	c2 := fb.accept(t) // the agent reconnected
+	c2.send(t, &protocol.AgentUpdate{Version: "2.2"})
+	select {
+	case m := <-h.rec.got:
+		if u, ok := m.(*protocol.AgentUpdate); !ok || u.Version != "2.2" {
+			t.Fatalf("delivered %#v", m)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("nothing delivered after reconnect")
+	}
+	if !strings.Contains(h.logs.String(), "larger than 1024 bytes") {
+		t.Errorf("log does not explain the drop:\n%s", h.logs.String())
+	}
+}
+
+func TestHalfOpenConnectionDetected(t *testing.T) {
+	fb := newFakeBackend(t, false)
+	startManager(t, fb.url(), func(o *Options) {
+		o.PingInterval = 20 * time.Millisecond
+		o.DeadAfter = 150 * time.Millisecond
+	})
+	fb.accept(t) // never reads again: pings go unanswered
+	fb.accept(t) // so the agent gives up on it and connects anew
+}
+
+func TestAppNotReadyRefreshesIdentity(t *testing.T) {
+	fb := newFakeBackend(t, false)
+	h := startManager(t, fb.url(), nil)
+	c := fb.accept(t)
+	c.send(t, &protocol.AppNotReady{})
+	c2 := fb.accept(t)
+	if h.refresh.Load() != 1 {
+		t.Errorf("identity refreshed %d times, want 1", h.refresh.Load())
+	}
+	if c2.handshake.AppID != "app-123" {
+		t.Errorf("second handshake %+v", c2.handshake)
+	}
+}
+
+func TestTestIsAnswered(t *testing.T) {
+	fb := newFakeBackend(t, false)
+	startManager(t, fb.url(), nil)
+	c := fb.accept(t)
+	c.send(t, &protocol.Test{})
+	m, ok := c.next(t).(*protocol.Test)
+	if !ok || m.InstanceID != "i-0abc" || m.ProtocolVersion != 1 {
+		t.Fatalf("answer %#v", m)
+	}
+}
+
+func TestWaitQueryAfterHandshake(t *testing.T) {
+	fb := newFakeBackend(t, false)
+	h := startManager(t, "ws://127.0.0.1:1/", nil)
+	h.m.QueryWaits(9) // while disconnected: remembered
+	h.cancel()
+	<-h.done
+	h2 := startManager(t, fb.url(), nil)
+	h2.m.QueryWaits(9)
+	c := fb.accept(t)
+	if q, ok := c.next(t).(*protocol.WaitQuery); !ok || q.RecipeVersion != 9 || q.InstanceID != "i-0abc" {
+		t.Fatalf("got %#v", q)
+	}
+}
+
+func TestCleanCloseOnCancel(t *testing.T) {
+	fb := newFakeBackend(t, false)
+	h := startManager(t, fb.url(), nil)
+	c := fb.accept(t)
+	h.cancel()
+	_ = c.ws.SetReadDeadline(time.Now().Add(5 * time.Second))
+	_, _, err := c.ws.ReadMessage()
+	var ce *websocket.CloseError
+	if !errors.As(err, &ce) || ce.Code != websocket.CloseNormalClosure {
+		t.Fatalf("backend saw %v, want a normal close frame", err)
+	}
+	select {
+	case <-h.done:
+	case <-time.After(5 * time.Second):
+		t.Fatal("Run did not return after cancel")
+	}
+}
+
+func TestPolicyViolationExplained(t *testing.T) {
+	fb := newFakeBackend(t, false)
+	h := startManager(t, fb.url(), nil)
+	c := fb.accept(t)
+	_ = c.ws.WriteMessage(websocket.CloseMessage, websocket.FormatCloseMessage(websocket.ClosePolicyViolation, "token mismatch"))
+	eventually(t, "error recorded", func() bool { return strings.Contains(h.m.Status().LastError, "token mismatch") })
+	if !strings.Contains(h.m.Status().LastError, "check the instance token") {
+		t.Errorf("last error %q", h.m.Status().LastError)
+	}
+}
+
+func TestTLSWithCAFile(t *testing.T) {
+	fb := newFakeBackend(t, true)
+	// Without the CA the certificate is refused.
+	h := startManager(t, fb.url(), nil)
+	eventually(t, "TLS failure", func() bool { return strings.Contains(h.m.Status().LastError, "certificate") })
+	h.cancel()
+	<-h.done
+
+	ca := filepath.Join(t.TempDir(), "ca.pem")
+	cert := fb.srv.Certificate()
+	if err := os.WriteFile(ca, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: cert.Raw}), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	startManager(t, fb.url(), func(o *Options) { o.CAFile = ca })
+	if c := fb.accept(t); c.handshake.InstanceID != "i-0abc" {
+		t.Fatal("no handshake over TLS")
+	}
+	bad := filepath.Join(t.TempDir(), "bad.pem")
+	_ = os.WriteFile(bad, []byte("nothing"), 0o600)
+	if _, err := newDialer(Options{CAFile: bad}); err == nil || !strings.Contains(err.Error(), "no PEM certificate") {
+		t.Errorf("bad CA file: %v", err)
+	}
+}
+
+func TestBackoff(t *testing.T) {
+	min, max := time.Second, 60*time.Second
+	for n, want := range []time.Duration{time.Second, 2 * time.Second, 4 * time.Second, 8 * time.Second, 16 * time.Second, 32 * time.Second, 60 * time.Second, 60 * time.Second} {
+		if got := Backoff(n, min, max, 0.999999999); got < want-time.Millisecond || got > want {
+			t.Errorf("Backoff(%d, r≈1) = %v, want ≈%v", n, got, want)
+		}
+	}
+	if got := Backoff(3, min, max, 0.5); got != 4*time.Second {
+		t.Errorf("Backoff(3, 0.5) = %v, want 4s (full jitter)", got)
+	}
+	if got := Backoff(0, min, max, 0); got != 100*time.Millisecond {
+		t.Errorf("Backoff floor = %v", got)
+	}
+	if got := Backoff(1000, min, max, 0.5); got != 30*time.Second {
+		t.Errorf("huge attempt = %v", got)
+	}
+}
+
+func TestRedact(t *testing.T) {
+	if got := Redact("wss://user:pw@api.example.com/agent/?token=x#f"); got != "wss://api.example.com/agent/" {
+		t.Errorf("Redact = %q", got)
+	}
+}
