@@ -83,10 +83,10 @@ type Status struct {
 
 // Manager owns the connection. Create it with New and run it with Run.
 type Manager struct {
-	opts   Options
-	log    *slog.Logger
-	out    *outbox
-	dialer *websocket.Dialer
+	opts    Options
+	log     *slog.Logger
+	out     *outbox
+	dialer  *websocket.Dialer
 	dialErr error
 
 	mu            sync.Mutex
