@@ -331,7 +331,14 @@ func (m *Manager) session(ctx context.Context, refresh bool) error {
 		<-readErr
 	case <-ctx.Done():
 		close(c.done)
-		<-writeErr // the writer sends the close frame
+		// The writer sends the close frame; a peer that stopped reading
+		// must not hold the shutdown, so give it two seconds at most.
+		select {
+		case <-writeErr:
+		case <-time.After(2 * time.Second):
+			_ = ws.Close()
+			<-writeErr
+		}
 		// Give the backend a moment to answer the close, then stop reading.
 		select {
 		case <-readErr:
@@ -491,10 +498,12 @@ func (c *link) write(ctx context.Context) error {
 		}
 		select {
 		case <-ctx.Done():
-			_ = c.ws.WriteControl(websocket.CloseMessage,
-				websocket.FormatCloseMessage(websocket.CloseNormalClosure, "agent stopping"), time.Now().Add(time.Second))
+			c.closeNormally()
 			return nil
 		case <-c.done:
+			if ctx.Err() != nil {
+				c.closeNormally()
+			}
 			return nil
 		case frame := <-c.control:
 			if err := send(frame); err != nil {
@@ -508,6 +517,12 @@ func (c *link) write(ctx context.Context) error {
 			}
 		}
 	}
+}
+
+// closeNormally starts the close handshake when the agent stops.
+func (c *link) closeNormally() {
+	_ = c.ws.WriteControl(websocket.CloseMessage,
+		websocket.FormatCloseMessage(websocket.CloseNormalClosure, "agent stopping"), time.Now().Add(time.Second))
 }
 
 func (m *Manager) takeWaitQuery() int64 {
