@@ -85,6 +85,7 @@ func newApp(s streams) *cli.App {
 		Commands: []*cli.Command{
 			versionCommand(),
 			statusCommand(),
+			backendCommand(),
 		},
 	}
 	for _, cmd := range app.Commands {

@@ -1,0 +1,360 @@
+package backend
+
+import (
+	"crypto/subtle"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/visualops/opsagent/protocol"
+)
+
+// maxBody bounds API request bodies (a recipe is a few hundred KiB at most).
+const maxBody = 8 << 20
+
+func (s *Server) routes(mux *http.ServeMux) {
+	mux.HandleFunc("GET /api/healthz", func(w http.ResponseWriter, _ *http.Request) {
+		writeJSON(w, http.StatusOK, map[string]any{"ok": true})
+	})
+	mux.Handle("GET /api/apps", s.auth(s.listApps))
+	mux.Handle("PUT /api/apps/{app}/recipe", s.auth(s.putRecipe))
+	mux.Handle("GET /api/apps/{app}/recipe", s.auth(s.getRecipe))
+	mux.Handle("GET /api/apps/{app}/instances", s.auth(s.listInstances))
+	mux.Handle("GET /api/apps/{app}/logs", s.auth(s.getLogs))
+	mux.Handle("POST /api/apps/{app}/waits", s.auth(s.postWait))
+	mux.Handle("POST /api/apps/{app}/update", s.auth(s.postUpdate))
+	for path, allow := range map[string]string{
+		"/api/healthz": "GET", "/api/apps": "GET", "/api/apps/{app}/recipe": "GET, PUT",
+		"/api/apps/{app}/instances": "GET", "/api/apps/{app}/logs": "GET",
+		"/api/apps/{app}/waits": "POST", "/api/apps/{app}/update": "POST",
+	} {
+		mux.HandleFunc(path, func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("Allow", allow)
+			apiError(w, http.StatusMethodNotAllowed, "%s %s: method not allowed (use %s)", r.Method, r.URL.Path, allow)
+		})
+	}
+	mux.HandleFunc("/api/", func(w http.ResponseWriter, r *http.Request) {
+		apiError(w, http.StatusNotFound, "no such endpoint: %s %s", r.Method, r.URL.Path)
+	})
+}
+
+// auth requires the bearer token when one is configured.
+func (s *Server) auth(h http.HandlerFunc) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if s.opts.APIToken != "" {
+			got := strings.TrimPrefix(r.Header.Get("Authorization"), "Bearer ")
+			if subtle.ConstantTimeCompare([]byte(got), []byte(s.opts.APIToken)) != 1 {
+				w.Header().Set("WWW-Authenticate", `Bearer realm="opsagent"`)
+				apiError(w, http.StatusUnauthorized, "missing or wrong API token: send 'Authorization: Bearer <token>'")
+				return
+			}
+		}
+		h(w, r)
+	})
+}
+
+func writeJSON(w http.ResponseWriter, code int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(code)
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	_ = enc.Encode(v)
+}
+
+func apiError(w http.ResponseWriter, code int, format string, a ...any) {
+	writeJSON(w, code, map[string]string{"error": fmt.Sprintf(format, a...)})
+}
+
+// decodeBody reads a JSON object body strictly (unknown fields refused).
+func decodeBody(r *http.Request, v any) error {
+	dec := json.NewDecoder(io.LimitReader(r.Body, maxBody))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
+		var te *json.UnmarshalTypeError
+		switch {
+		case errors.Is(err, io.EOF):
+			return errors.New("empty body: send a JSON object")
+		case errors.As(err, &te) && te.Field == "":
+			return fmt.Errorf("body must be a JSON object, not a JSON %s", te.Value)
+		case errors.As(err, &te):
+			return fmt.Errorf("field %s: must be a JSON %s, not %s", te.Field, jsonType(te.Type.Kind().String()), te.Value)
+		}
+		return fmt.Errorf("body is not the expected JSON object: %v", err)
+	}
+	return nil
+}
+
+func (s *Server) app(w http.ResponseWriter, r *http.Request) (*appState, bool) {
+	id := r.PathValue("app")
+	s.mu.Lock()
+	a := s.apps[id]
+	s.mu.Unlock()
+	if a == nil {
+		apiError(w, http.StatusNotFound, "app %q does not exist: create it with PUT /api/apps/%s/recipe", id, id)
+		return nil, false
+	}
+	return a, true
+}
+
+func (s *Server) listApps(w http.ResponseWriter, _ *http.Request) {
+	s.mu.Lock()
+	out := []map[string]any{}
+	for _, id := range sortedKeys(s.apps) {
+		a := s.apps[id]
+		out = append(out, map[string]any{"app_id": id, "recipe_version": a.RecipeVersion, "connected": len(s.agents[id])})
+	}
+	s.mu.Unlock()
+	writeJSON(w, http.StatusOK, map[string]any{"apps": out})
+}
+
+// recipeBody is PUT /api/apps/{app}/recipe.
+type recipeBody struct {
+	Module *protocol.ModuleSource `json:"module"`
+	State  *[]json.RawMessage     `json:"state"`
+}
+
+func (s *Server) putRecipe(w http.ResponseWriter, r *http.Request) {
+	id := r.PathValue("app")
+	if err := validAppID(id); err != nil {
+		apiError(w, http.StatusBadRequest, "%v", err)
+		return
+	}
+	var body recipeBody
+	if err := decodeBody(r, &body); err != nil {
+		apiError(w, http.StatusBadRequest, "%v", err)
+		return
+	}
+	if body.State == nil {
+		apiError(w, http.StatusBadRequest, "field state: missing (a list of {\"id\", \"module\", \"parameter\"})")
+		return
+	}
+	// Validate exactly as an agent would, by decoding the frame we would send.
+	probe := map[string]any{"code": protocol.CodeRecipeMetadata, "recipe_version": 1, "state": body.State}
+	if body.Module != nil {
+		probe["module"] = body.Module
+	}
+	raw, _ := json.Marshal(probe)
+	msg, err := protocol.Decode(raw)
+	if err != nil {
+		var pe *protocol.Error
+		if errors.As(err, &pe) && pe.Field != "" {
+			apiError(w, http.StatusBadRequest, "field %s: %s", pe.Field, pe.Problem)
+			return
+		}
+		apiError(w, http.StatusBadRequest, "%v", err)
+		return
+	}
+	rec := msg.(*protocol.RecipeMetadata)
+
+	s.mu.Lock()
+	a := s.apps[id]
+	if a == nil {
+		a = &appState{AppID: id, TokenHashes: map[string]string{}, Waits: map[string][]string{}}
+	}
+	next := *a
+	next.RecipeVersion = a.RecipeVersion + 1
+	next.Module = rec.Module
+	next.States = make([]stateJSON, len(rec.States))
+	for i, st := range rec.States {
+		next.States[i] = stateJSON{ID: st.ID, Module: st.Module, Parameter: st.Parameter}
+	}
+	next.Waits = map[string][]string{} // waits belong to a recipe version
+	if err := s.store.save(&next); err != nil {
+		s.mu.Unlock()
+		apiError(w, http.StatusInternalServerError, "cannot store the recipe: %v", err)
+		return
+	}
+	*a = next
+	s.apps[id] = a
+	frame, _ := protocol.Encode(a.recipe())
+	version := a.RecipeVersion
+	s.mu.Unlock()
+	n := s.broadcast(id, frame, func(c *agentConn) bool { c.recipeVersion.Store(version); return true })
+	s.log.Info("recipe stored and pushed", "app_id", id, "recipe_version", version, "states", len(rec.States), "agents", n)
+	writeJSON(w, http.StatusOK, map[string]any{"app_id": id, "recipe_version": version, "pushed_to": n})
+}
+
+func (s *Server) getRecipe(w http.ResponseWriter, r *http.Request) {
+	a, ok := s.app(w, r)
+	if !ok {
+		return
+	}
+	s.mu.Lock()
+	body := map[string]any{"app_id": a.AppID, "recipe_version": a.RecipeVersion, "module": a.Module, "state": a.States}
+	s.mu.Unlock()
+	writeJSON(w, http.StatusOK, body)
+}
+
+// Instance is one row of GET /api/apps/{app}/instances.
+type Instance struct {
+	InstanceID     string     `json:"instance_id"`
+	Connected      bool       `json:"connected"`
+	AgentVersion   string     `json:"agent_version,omitempty"`
+	ConnectedSince *time.Time `json:"connected_since,omitempty"`
+	RecipeVersion  int64      `json:"recipe_version,omitempty"`
+	LastStateLog   *LogEntry  `json:"last_state_log,omitempty"`
+}
+
+func (s *Server) listInstances(w http.ResponseWriter, r *http.Request) {
+	a, ok := s.app(w, r)
+	if !ok {
+		return
+	}
+	logs, err := s.store.readLogs(r.PathValue("app"), 0, int(^uint(0)>>1))
+	if err != nil {
+		apiError(w, http.StatusInternalServerError, "cannot read the logs: %v", err)
+		return
+	}
+	last := map[string]*LogEntry{}
+	for i := range logs {
+		last[logs[i].InstanceID] = &logs[i]
+	}
+	s.mu.Lock()
+	out := []Instance{}
+	for _, id := range sortedKeys(a.TokenHashes) {
+		in := Instance{InstanceID: id, LastStateLog: last[id]}
+		if c := s.agents[a.AppID][id]; c != nil {
+			since := c.since
+			in.Connected, in.AgentVersion, in.ConnectedSince, in.RecipeVersion = true, c.agentVersion, &since, c.recipeVersion.Load()
+		}
+		out = append(out, in)
+	}
+	s.mu.Unlock()
+	writeJSON(w, http.StatusOK, map[string]any{"instances": out})
+}
+
+func (s *Server) getLogs(w http.ResponseWriter, r *http.Request) {
+	if _, ok := s.app(w, r); !ok {
+		return
+	}
+	after, limit := int64(0), 1000
+	if v := r.URL.Query().Get("after"); v != "" {
+		n, err := strconv.ParseInt(v, 10, 64)
+		if err != nil || n < 0 {
+			apiError(w, http.StatusBadRequest, "query after=%q: must be a non-negative integer (the next cursor of the previous page)", v)
+			return
+		}
+		after = n
+	}
+	if v := r.URL.Query().Get("limit"); v != "" {
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 1 || n > 10000 {
+			apiError(w, http.StatusBadRequest, "query limit=%q: must be an integer from 1 to 10000", v)
+			return
+		}
+		limit = n
+	}
+	logs, err := s.store.readLogs(r.PathValue("app"), after, limit)
+	if err != nil {
+		apiError(w, http.StatusInternalServerError, "cannot read the logs: %v", err)
+		return
+	}
+	next := after
+	if len(logs) > 0 {
+		next = logs[len(logs)-1].Seq
+	}
+	writeJSON(w, http.StatusOK, map[string]any{"logs": logs, "next": next})
+}
+
+func (s *Server) postWait(w http.ResponseWriter, r *http.Request) {
+	a, ok := s.app(w, r)
+	if !ok {
+		return
+	}
+	var body struct {
+		InstanceID *string `json:"instance_id"`
+		StateID    *string `json:"state_id"`
+	}
+	if err := decodeBody(r, &body); err != nil {
+		apiError(w, http.StatusBadRequest, "%v", err)
+		return
+	}
+	if body.InstanceID == nil || *body.InstanceID == "" {
+		apiError(w, http.StatusBadRequest, "field instance_id: missing or empty")
+		return
+	}
+	if body.StateID == nil || *body.StateID == "" {
+		apiError(w, http.StatusBadRequest, "field state_id: missing or empty")
+		return
+	}
+	s.mu.Lock()
+	next := *a
+	next.Waits = map[string][]string{}
+	for k, v := range a.Waits {
+		next.Waits[k] = v
+	}
+	already := false
+	for _, id := range next.Waits[*body.InstanceID] {
+		already = already || id == *body.StateID
+	}
+	if !already {
+		next.Waits[*body.InstanceID] = append(append([]string(nil), next.Waits[*body.InstanceID]...), *body.StateID)
+		if err := s.store.save(&next); err != nil {
+			s.mu.Unlock()
+			apiError(w, http.StatusInternalServerError, "cannot store the wait: %v", err)
+			return
+		}
+		*a = next
+	}
+	version := a.RecipeVersion
+	s.mu.Unlock()
+	frame, _ := protocol.Encode(&protocol.StatePush{RecipeVersion: version, StateID: *body.StateID})
+	n := s.broadcast(r.PathValue("app"), frame, func(c *agentConn) bool { return c.instance == *body.InstanceID })
+	writeJSON(w, http.StatusOK, map[string]any{"recipe_version": version, "pushed": n == 1})
+}
+
+func (s *Server) postUpdate(w http.ResponseWriter, r *http.Request) {
+	a, ok := s.app(w, r)
+	if !ok {
+		return
+	}
+	var body struct {
+		Version *string `json:"version"`
+		URL     string  `json:"url"`
+	}
+	if err := decodeBody(r, &body); err != nil {
+		apiError(w, http.StatusBadRequest, "%v", err)
+		return
+	}
+	if body.Version == nil || strings.TrimSpace(*body.Version) == "" {
+		apiError(w, http.StatusBadRequest, "field version: missing or empty (e.g. \"2.2\")")
+		return
+	}
+	if body.URL != "" && !strings.HasPrefix(body.URL, "https://") && !strings.HasPrefix(body.URL, "http://") {
+		apiError(w, http.StatusBadRequest, "field url: must be an http(s) URL of opsagent.tgz, or empty for <base_remote>/<version>/opsagent.tgz")
+		return
+	}
+	u := &protocol.AgentUpdate{Version: *body.Version, URL: body.URL}
+	s.mu.Lock()
+	next := *a
+	next.Update = u
+	if err := s.store.save(&next); err != nil {
+		s.mu.Unlock()
+		apiError(w, http.StatusInternalServerError, "cannot store the update: %v", err)
+		return
+	}
+	*a = next
+	s.mu.Unlock()
+	frame, _ := protocol.Encode(u)
+	n := s.broadcast(r.PathValue("app"), frame, func(c *agentConn) bool { return c.agentVersion != u.Version })
+	writeJSON(w, http.StatusOK, map[string]any{"version": u.Version, "pushed_to": n})
+}
+
+func jsonType(goKind string) string {
+	switch goKind {
+	case "string":
+		return "string"
+	case "slice", "array":
+		return "list"
+	case "struct", "map", "ptr":
+		return "object"
+	case "bool":
+		return "boolean"
+	}
+	return "number"
+}

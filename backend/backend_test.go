@@ -1,0 +1,377 @@
+package backend
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/gorilla/websocket"
+
+	"github.com/visualops/opsagent/protocol"
+)
+
+type env struct {
+	t    *testing.T
+	dir  string
+	srv  *Server
+	http *httptest.Server
+}
+
+func newEnv(t *testing.T, dir string, tweak func(*Options)) *env {
+	t.Helper()
+	if dir == "" {
+		dir = t.TempDir()
+	}
+	opts := Options{DataDir: dir}
+	if tweak != nil {
+		tweak(&opts)
+	}
+	srv, err := New(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	hs := httptest.NewServer(srv.Handler())
+	t.Cleanup(func() { srv.CloseAgents(); hs.Close() })
+	return &env{t: t, dir: dir, srv: srv, http: hs}
+}
+
+func (e *env) api(method, path, body string) (int, map[string]any) {
+	e.t.Helper()
+	req, _ := http.NewRequest(method, e.http.URL+path, strings.NewReader(body))
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	data, _ := io.ReadAll(resp.Body)
+	var out map[string]any
+	if err := json.Unmarshal(data, &out); err != nil {
+		e.t.Fatalf("%s %s: answer is not JSON: %q", method, path, data)
+	}
+	return resp.StatusCode, out
+}
+
+const recipeJSON = `{"module":{"repo":"https://example.com/states.git","tag":"v1"},
+ "state":[{"id":"s1","module":"linux.cmd","parameter":{"cmd":"true"}},{"id":"w1","module":"meta.wait","parameter":{}}]}`
+
+type agent struct {
+	t  *testing.T
+	ws *websocket.Conn
+}
+
+func (e *env) connect(instance, app, token, version string) *agent {
+	e.t.Helper()
+	url := "ws" + strings.TrimPrefix(e.http.URL, "http") + "/agent/"
+	ws, _, err := websocket.DefaultDialer.Dial(url, nil)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	e.t.Cleanup(func() { ws.Close() })
+	a := &agent{t: e.t, ws: ws}
+	a.send(&protocol.Handshake{Identity: protocol.Identity{InstanceID: instance, AppID: app, AgentVersion: version, ProtocolVersion: 1, InstanceToken: token}})
+	return a
+}
+
+func (a *agent) send(m protocol.Message) {
+	a.t.Helper()
+	frame, err := protocol.Encode(m)
+	if err != nil {
+		a.t.Fatal(err)
+	}
+	if err := a.ws.WriteMessage(websocket.TextMessage, frame); err != nil {
+		a.t.Fatal(err)
+	}
+}
+
+func (a *agent) next() (protocol.Message, error) {
+	_ = a.ws.SetReadDeadline(time.Now().Add(5 * time.Second))
+	_, data, err := a.ws.ReadMessage()
+	if err != nil {
+		return nil, err
+	}
+	return protocol.Decode(data)
+}
+
+func (a *agent) expect() protocol.Message {
+	a.t.Helper()
+	m, err := a.next()
+	if err != nil {
+		a.t.Fatalf("agent read: %v", err)
+	}
+	return m
+}
+
+func TestUnknownAppGetsAppNotReady(t *testing.T) {
+	e := newEnv(t, "", nil)
+	a := e.connect("i-1", "nope", "tok", "2.1")
+	if _, ok := a.expect().(*protocol.AppNotReady); !ok {
+		t.Fatal("want AppNotReady")
+	}
+	// The connection stays; once the app exists a new Handshake succeeds.
+	if code, _ := e.api("PUT", "/api/apps/nope/recipe", recipeJSON); code != 200 {
+		t.Fatalf("put recipe: %d", code)
+	}
+	a.send(&protocol.Handshake{Identity: protocol.Identity{InstanceID: "i-1", AppID: "nope", AgentVersion: "2.1", ProtocolVersion: 1, InstanceToken: "tok"}})
+	if r, ok := a.expect().(*protocol.RecipeMetadata); !ok || r.RecipeVersion != 1 {
+		t.Fatalf("want the recipe, got %#v", r)
+	}
+}
+
+func TestRecipePushToConnectedAndLateAgents(t *testing.T) {
+	e := newEnv(t, "", nil)
+	if code, out := e.api("PUT", "/api/apps/app1/recipe", recipeJSON); code != 200 || out["recipe_version"].(float64) != 1 {
+		t.Fatalf("put: %d %v", code, out)
+	}
+	a := e.connect("i-1", "app1", "tok1", "2.1")
+	r := a.expect().(*protocol.RecipeMetadata)
+	if r.RecipeVersion != 1 || len(r.States) != 2 || r.Module.Tag != "v1" {
+		t.Fatalf("recipe %+v", r)
+	}
+	code, out := e.api("PUT", "/api/apps/app1/recipe", `{"state":[{"stateid":"x","module":"meta.comment"}]}`)
+	if code != 200 || out["recipe_version"].(float64) != 2 || out["pushed_to"].(float64) != 1 {
+		t.Fatalf("second put: %d %v", code, out)
+	}
+	r = a.expect().(*protocol.RecipeMetadata)
+	if r.RecipeVersion != 2 || r.States[0].ID != "x" || r.Module != nil {
+		t.Fatalf("pushed %+v", r)
+	}
+	late := e.connect("i-2", "app1", "tok2", "2.1")
+	if r := late.expect().(*protocol.RecipeMetadata); r.RecipeVersion != 2 {
+		t.Fatalf("late agent got version %d", r.RecipeVersion)
+	}
+}
+
+func TestTokenTrustOnFirstUse(t *testing.T) {
+	e := newEnv(t, "", nil)
+	e.api("PUT", "/api/apps/app1/recipe", recipeJSON)
+	a := e.connect("i-1", "app1", "good", "2.1")
+	a.expect()
+	a.ws.Close()
+	bad := e.connect("i-1", "app1", "evil", "2.1")
+	_, err := bad.next()
+	var ce *websocket.CloseError
+	if !errors.As(err, &ce) || ce.Code != websocket.ClosePolicyViolation || !strings.Contains(ce.Text, "token") {
+		t.Fatalf("mismatched token: %v, want close 1008", err)
+	}
+	// The stored file holds a hash, never the token.
+	data, _ := os.ReadFile(filepath.Join(e.dir, "apps", "app1", "app.json"))
+	if bytes.Contains(data, []byte("good")) || !bytes.Contains(data, []byte(hashToken("good"))) {
+		t.Errorf("token storage: %s", data)
+	}
+	ok := e.connect("i-1", "app1", "good", "2.1")
+	if _, isRecipe := ok.expect().(*protocol.RecipeMetadata); !isRecipe {
+		t.Fatal("the right token is refused")
+	}
+}
+
+func TestStateLogsStoredAndServed(t *testing.T) {
+	e := newEnv(t, "", nil)
+	e.api("PUT", "/api/apps/app1/recipe", recipeJSON)
+	a := e.connect("i-1", "app1", "tok", "2.1")
+	a.expect()
+	comment := "File /x updated"
+	for i, id := range []string{"s1", "s2", "s3"} {
+		a.send(&protocol.StateLog{InstanceID: "i-1", AppID: "app1", RecipeVersion: 1, StateID: id, Result: i != 1, Comment: &comment})
+	}
+	// A StateLog claiming another instance is ignored.
+	a.send(&protocol.StateLog{InstanceID: "i-9", AppID: "app1", RecipeVersion: 1, StateID: "forged", Result: true})
+	var logs []any
+	deadline := time.Now().Add(5 * time.Second)
+	for len(logs) < 3 && time.Now().Before(deadline) {
+		_, out := e.api("GET", "/api/apps/app1/logs", "")
+		logs = out["logs"].([]any)
+		time.Sleep(10 * time.Millisecond)
+	}
+	if len(logs) != 3 {
+		t.Fatalf("logs %v", logs)
+	}
+	_, out := e.api("GET", "/api/apps/app1/logs?after=1&limit=1", "")
+	page := out["logs"].([]any)
+	if len(page) != 1 || page[0].(map[string]any)["state_id"] != "s2" || out["next"].(float64) != 2 {
+		t.Fatalf("page %v", out)
+	}
+	_, out = e.api("GET", "/api/apps/app1/instances", "")
+	inst := out["instances"].([]any)[0].(map[string]any)
+	if inst["instance_id"] != "i-1" || inst["connected"] != true || inst["agent_version"] != "2.1" ||
+		inst["last_state_log"].(map[string]any)["state_id"] != "s3" {
+		t.Fatalf("instances %v", out)
+	}
+}
+
+func TestWaitsRememberedAndRepushed(t *testing.T) {
+	e := newEnv(t, "", nil)
+	e.api("PUT", "/api/apps/app1/recipe", recipeJSON)
+	a := e.connect("i-1", "app1", "tok", "2.1")
+	a.expect()
+	code, out := e.api("POST", "/api/apps/app1/waits", `{"instance_id":"i-1","state_id":"w1"}`)
+	if code != 200 || out["pushed"] != true {
+		t.Fatalf("wait: %d %v", code, out)
+	}
+	if p := a.expect().(*protocol.StatePush); p.StateID != "w1" || p.RecipeVersion != 1 {
+		t.Fatalf("push %+v", p)
+	}
+	a.send(&protocol.WaitQuery{InstanceID: "i-1", AppID: "app1", RecipeVersion: 1})
+	wl := a.expect().(*protocol.WaitList)
+	if len(wl.Waited) != 1 || wl.Waited[0].StateID != "w1" {
+		t.Fatalf("waitlist %+v", wl)
+	}
+	a.ws.Close()
+	b := e.connect("i-1", "app1", "tok", "2.1")
+	b.expect() // recipe
+	if p := b.expect().(*protocol.StatePush); p.StateID != "w1" {
+		t.Fatalf("re-push %+v", p)
+	}
+	// A new recipe version forgets the waits.
+	e.api("PUT", "/api/apps/app1/recipe", recipeJSON)
+	b.expect()
+	b.send(&protocol.WaitQuery{InstanceID: "i-1", AppID: "app1", RecipeVersion: 2})
+	if wl := b.expect().(*protocol.WaitList); len(wl.Waited) != 0 {
+		t.Fatalf("waits survived a new recipe: %+v", wl)
+	}
+}
+
+func TestUpdatePushedWhenVersionDiffers(t *testing.T) {
+	e := newEnv(t, "", nil)
+	e.api("PUT", "/api/apps/app1/recipe", recipeJSON)
+	old := e.connect("i-1", "app1", "t1", "2.1")
+	old.expect()
+	cur := e.connect("i-2", "app1", "t2", "2.2")
+	cur.expect()
+	code, out := e.api("POST", "/api/apps/app1/update", `{"version":"2.2","url":"http://127.0.0.1/2.2/opsagent.tgz"}`)
+	if code != 200 || out["pushed_to"].(float64) != 1 {
+		t.Fatalf("update: %d %v", code, out)
+	}
+	if u := old.expect().(*protocol.AgentUpdate); u.Version != "2.2" {
+		t.Fatalf("update %+v", u)
+	}
+	old.ws.Close()
+	again := e.connect("i-1", "app1", "t1", "2.1")
+	again.expect()
+	if _, ok := again.expect().(*protocol.AgentUpdate); !ok {
+		t.Fatal("update not re-sent at Handshake")
+	}
+}
+
+func TestBadFramesIgnoredOversizeClosed(t *testing.T) {
+	e := newEnv(t, "", func(o *Options) { o.MaxFrame = 4096 })
+	e.api("PUT", "/api/apps/app1/recipe", recipeJSON)
+	a := e.connect("i-1", "app1", "tok", "2.1")
+	a.expect()
+	_ = a.ws.WriteMessage(websocket.TextMessage, []byte("garbage"))
+	_ = a.ws.WriteMessage(websocket.TextMessage, []byte(`{"code":"StateLog"}`))
+	a.send(&protocol.Test{Identity: protocol.Identity{InstanceID: "i-1", AppID: "app1"}})
+	if ans, ok := a.expect().(*protocol.TestAns); !ok || !ans.Result {
+		t.Fatalf("connection did not survive bad frames: %#v", ans)
+	}
+	_ = a.ws.WriteMessage(websocket.TextMessage, bytes.Repeat([]byte("x"), 8192))
+	_, err := a.next()
+	var ce *websocket.CloseError
+	if !errors.As(err, &ce) || ce.Code != websocket.CloseMessageTooBig {
+		t.Fatalf("oversize frame: %v, want close 1009", err)
+	}
+}
+
+func TestPersistenceAcrossRestart(t *testing.T) {
+	dir := t.TempDir()
+	e := newEnv(t, dir, nil)
+	e.api("PUT", "/api/apps/app1/recipe", recipeJSON)
+	a := e.connect("i-1", "app1", "tok", "2.1")
+	a.expect()
+	a.send(&protocol.StateLog{InstanceID: "i-1", AppID: "app1", RecipeVersion: 1, StateID: "s1", Result: true})
+	e.api("POST", "/api/apps/app1/waits", `{"instance_id":"i-1","state_id":"w1"}`)
+	time.Sleep(50 * time.Millisecond)
+	// Simulate a torn last line from a crash.
+	f, _ := os.OpenFile(filepath.Join(dir, "apps/app1/logs.jsonl"), os.O_APPEND|os.O_WRONLY, 0)
+	f.WriteString(`{"seq":2,"instance_`)
+	f.Close()
+
+	e2 := newEnv(t, dir, nil)
+	code, out := e2.api("PUT", "/api/apps/app1/recipe", recipeJSON)
+	if code != 200 || out["recipe_version"].(float64) != 2 {
+		t.Fatalf("version after restart: %v", out)
+	}
+	_, out = e2.api("GET", "/api/apps/app1/logs", "")
+	if n := len(out["logs"].([]any)); n != 1 {
+		t.Fatalf("logs after restart: %v", out)
+	}
+	bad := e2.connect("i-1", "app1", "other", "2.1")
+	if _, err := bad.next(); err == nil {
+		t.Fatal("token forgotten across restart")
+	}
+}
+
+func TestAPIErrors(t *testing.T) {
+	e := newEnv(t, "", nil)
+	e.api("PUT", "/api/apps/app1/recipe", recipeJSON)
+	cases := []struct {
+		method, path, body string
+		code               int
+		want               string
+	}{
+		{"PUT", "/api/apps/app1/recipe", ``, 400, "empty body"},
+		{"PUT", "/api/apps/app1/recipe", `[]`, 400, "JSON object"},
+		{"PUT", "/api/apps/app1/recipe", `{"state":{}}`, 400, "field state"},
+		{"PUT", "/api/apps/app1/recipe", `{"module":{"repo":"r"}}`, 400, "field state: missing"},
+		{"PUT", "/api/apps/app1/recipe", `{"state":[{"module":"linux.cmd"}]}`, 400, "field state[0].id"},
+		{"PUT", "/api/apps/app1/recipe", `{"state":[{"id":"a","module":"x","parameter":[]}]}`, 400, "field state[0].parameter"},
+		{"PUT", "/api/apps/app1/recipe", `{"module":{"repo":"r"},"state":[]}`, 400, "field module.tag"},
+		{"PUT", "/api/apps/app1/recipe", `{"state":[],"extra":1}`, 400, "unknown field"},
+		{"PUT", "/api/apps/bad%20id/recipe", `{"state":[]}`, 400, "app id"},
+		{"GET", "/api/apps/ghost/instances", ``, 404, "does not exist"},
+		{"POST", "/api/apps/app1/waits", `{"instance_id":"i"}`, 400, "field state_id"},
+		{"POST", "/api/apps/app1/waits", `{"instance_id":5,"state_id":"w"}`, 400, "field instance_id"},
+		{"POST", "/api/apps/app1/update", `{"url":"http://x"}`, 400, "field version"},
+		{"POST", "/api/apps/app1/update", `{"version":"2.2","url":"ftp://x"}`, 400, "field url"},
+		{"GET", "/api/apps/app1/logs?after=-1", ``, 400, "after"},
+		{"GET", "/api/apps/app1/logs?limit=0", ``, 400, "limit"},
+		{"DELETE", "/api/apps/app1/recipe", ``, 405, ""},
+		{"GET", "/api/nothing", ``, 404, "no such endpoint"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.method+" "+tc.path+" "+tc.body, func(t *testing.T) {
+			req, _ := http.NewRequest(tc.method, e.http.URL+tc.path, strings.NewReader(tc.body))
+			resp, err := http.DefaultClient.Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			data, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			if resp.StatusCode != tc.code || !strings.Contains(string(data), tc.want) {
+				t.Errorf("%d %s; want %d containing %q", resp.StatusCode, data, tc.code, tc.want)
+			}
+		})
+	}
+}
+
+func TestAPITokenAndExposure(t *testing.T) {
+	e := newEnv(t, "", func(o *Options) { o.APIToken = "k" })
+	if code, _ := e.api("GET", "/api/apps", ""); code != 401 {
+		t.Errorf("no token: %d", code)
+	}
+	if code, _ := e.api("GET", "/api/healthz", ""); code != 200 {
+		t.Errorf("healthz needs no token: %d", code)
+	}
+	req, _ := http.NewRequest("GET", e.http.URL+"/api/apps", nil)
+	req.Header.Set("Authorization", "Bearer k")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil || resp.StatusCode != 200 {
+		t.Errorf("with token: %v %v", resp.StatusCode, err)
+	}
+	resp.Body.Close()
+	for addr, ok := range map[string]bool{"127.0.0.1:0": true, "localhost:8963": true, "[::1]:1": true, "0.0.0.0:8963": false, "10.0.0.5:80": false} {
+		if err := CheckExposure(addr, ""); (err == nil) != ok {
+			t.Errorf("CheckExposure(%s) = %v", addr, err)
+		}
+	}
+	if err := CheckExposure("0.0.0.0:8963", "k"); err != nil {
+		t.Error(err)
+	}
+}

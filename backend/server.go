@@ -1,0 +1,181 @@
+// Package backend is the embedded reference backend (`opsagent backend`): a
+// small but real control plane speaking spec/protocol.md to agents over
+// WebSocket, with a JSON API to put recipes, read StateLogs, release waits
+// and roll out updates. It keeps its state in a data directory (atomic JSON
+// files, StateLogs appended to a JSONL file per app) so a restart loses
+// nothing.
+package backend
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"sync"
+	"time"
+
+	"github.com/gorilla/websocket"
+
+	"github.com/visualops/opsagent/protocol"
+)
+
+// Options configures a Server.
+type Options struct {
+	DataDir  string
+	APIToken string // bearer token required on /api/ (except /api/healthz); "" = none
+	Logger   *slog.Logger
+	MaxFrame int // default protocol.DefaultMaxFrame
+
+	PingInterval     time.Duration // default 25 s
+	DeadAfter        time.Duration // default 60 s
+	HandshakeTimeout time.Duration // first frame must arrive within; default 10 s
+	SendQueue        int           // frames buffered per agent; default 256
+}
+
+// Server is the backend. Use Handler with any http.Server, or
+// ListenAndServe.
+type Server struct {
+	opts  Options
+	log   *slog.Logger
+	store store
+	up    websocket.Upgrader
+
+	mu     sync.Mutex
+	apps   map[string]*appState
+	agents map[string]map[string]*agentConn // app → instance → live connection
+	closed bool
+}
+
+// New opens (or creates) the data directory and loads its state.
+func New(opts Options) (*Server, error) {
+	if opts.DataDir == "" {
+		return nil, errors.New("backend: --data is required (a directory for apps, recipes, tokens and logs)")
+	}
+	if opts.MaxFrame <= 0 {
+		opts.MaxFrame = protocol.DefaultMaxFrame
+	}
+	def := func(d *time.Duration, v time.Duration) {
+		if *d <= 0 {
+			*d = v
+		}
+	}
+	def(&opts.PingInterval, 25*time.Second)
+	def(&opts.DeadAfter, 60*time.Second)
+	def(&opts.HandshakeTimeout, 10*time.Second)
+	if opts.SendQueue <= 0 {
+		opts.SendQueue = 256
+	}
+	log := opts.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	if err := os.MkdirAll(opts.DataDir, 0o700); err != nil {
+		return nil, fmt.Errorf("backend: data dir %s: %w", opts.DataDir, err)
+	}
+	s := &Server{
+		opts:   opts,
+		log:    log,
+		store:  store{dir: opts.DataDir},
+		up:     websocket.Upgrader{ReadBufferSize: 4 << 10, WriteBufferSize: 4 << 10},
+		agents: map[string]map[string]*agentConn{},
+	}
+	apps, errs := s.store.loadAll()
+	for _, err := range errs {
+		log.Error("backend: cannot load an app; it is skipped", "err", err)
+	}
+	s.apps = apps
+	return s, nil
+}
+
+// Handler serves the agent WebSocket at /agent/ and the API under /api/.
+func (s *Server) Handler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("/agent", s.serveAgent)
+	mux.HandleFunc("/agent/", s.serveAgent)
+	s.routes(mux)
+	return mux
+}
+
+// ListenAndServe serves on addr until ctx is done, then closes every agent
+// connection with a normal close frame. ready, when not nil, receives the
+// bound address once listening.
+func (s *Server) ListenAndServe(ctx context.Context, addr string, ready func(net.Addr)) error {
+	if err := CheckExposure(addr, s.opts.APIToken); err != nil {
+		return err
+	}
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return fmt.Errorf("backend: listen %s: %w", addr, err)
+	}
+	srv := &http.Server{Handler: s.Handler(), ReadHeaderTimeout: 10 * time.Second}
+	if ready != nil {
+		ready(ln.Addr())
+	}
+	errc := make(chan error, 1)
+	go func() { errc <- srv.Serve(ln) }()
+	select {
+	case err := <-errc:
+		return err
+	case <-ctx.Done():
+	}
+	s.CloseAgents()
+	sctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+	defer cancel()
+	_ = srv.Shutdown(sctx)
+	return nil
+}
+
+// CheckExposure refuses to serve the API on a non-loopback address without
+// a token: anyone reaching it could push commands to every instance.
+func CheckExposure(addr, token string) error {
+	if token != "" {
+		return nil
+	}
+	host, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		return fmt.Errorf("backend: --listen %q: %w", addr, err)
+	}
+	if host == "localhost" {
+		return nil
+	}
+	if ip := net.ParseIP(host); ip != nil && ip.IsLoopback() {
+		return nil
+	}
+	return fmt.Errorf("backend: --listen %s is not a loopback address: set --api-token (or OPSAGENT_API_TOKEN) so that only you can push recipes", addr)
+}
+
+// CloseAgents sends a normal close to every agent (shutdown).
+func (s *Server) CloseAgents() {
+	s.mu.Lock()
+	s.closed = true
+	var all []*agentConn
+	for _, m := range s.agents {
+		for _, c := range m {
+			all = append(all, c)
+		}
+	}
+	s.mu.Unlock()
+	for _, c := range all {
+		c.close(websocket.CloseGoingAway, "backend shutting down")
+	}
+}
+
+// broadcast queues frame to every connected agent of app for which pick
+// returns true (nil: all).
+func (s *Server) broadcast(app string, frame []byte, pick func(*agentConn) bool) int {
+	s.mu.Lock()
+	var targets []*agentConn
+	for _, c := range s.agents[app] {
+		if pick == nil || pick(c) {
+			targets = append(targets, c)
+		}
+	}
+	s.mu.Unlock()
+	for _, c := range targets {
+		c.send(frame)
+	}
+	return len(targets)
+}

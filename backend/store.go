@@ -1,0 +1,196 @@
+package backend
+
+import (
+	"bufio"
+	"crypto/sha256"
+	"crypto/subtle"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"regexp"
+	"sort"
+	"time"
+
+	"github.com/visualops/opsagent/internal/fsutil"
+	"github.com/visualops/opsagent/protocol"
+)
+
+// appState is everything the backend keeps about one app, persisted as
+// <data>/apps/<app>/app.json (atomic rewrite on every change).
+type appState struct {
+	AppID         string                 `json:"app_id"`
+	RecipeVersion int64                  `json:"recipe_version"`
+	Module        *protocol.ModuleSource `json:"module,omitempty"`
+	States        []stateJSON            `json:"state"`
+	Update        *protocol.AgentUpdate  `json:"update,omitempty"`
+	// TokenHashes maps instance id → SHA-256 of its token (trust on first
+	// use). Only hashes are stored, so a leaked data dir leaks no token.
+	TokenHashes map[string]string `json:"token_hashes"`
+	// Waits maps instance id → released wait state ids of RecipeVersion.
+	Waits map[string][]string `json:"waits"`
+	// LogSeq is the sequence number of the last StateLog in logs.jsonl.
+	LogSeq int64 `json:"-"`
+}
+
+type stateJSON struct {
+	ID        string          `json:"id"`
+	Module    string          `json:"module"`
+	Parameter json.RawMessage `json:"parameter"`
+}
+
+func (a *appState) recipe() *protocol.RecipeMetadata {
+	m := &protocol.RecipeMetadata{RecipeVersion: a.RecipeVersion, Module: a.Module, States: []protocol.RecipeState{}}
+	for _, s := range a.States {
+		m.States = append(m.States, protocol.RecipeState{ID: s.ID, Module: s.Module, Parameter: s.Parameter})
+	}
+	return m
+}
+
+// LogEntry is one StateLog as stored and served by the API.
+type LogEntry struct {
+	Seq           int64     `json:"seq"`
+	ReceivedAt    time.Time `json:"received_at"`
+	InstanceID    string    `json:"instance_id"`
+	RecipeVersion int64     `json:"recipe_version"`
+	StateID       string    `json:"state_id"`
+	Result        bool      `json:"result"`
+	Comment       *string   `json:"comment"`
+	Stdout        *string   `json:"stdout"`
+}
+
+var appIDPattern = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$`)
+
+func validAppID(id string) error {
+	if !appIDPattern.MatchString(id) {
+		return fmt.Errorf("app id %q: use 1-128 letters, digits, '.', '_' or '-'", id)
+	}
+	return nil
+}
+
+type store struct{ dir string }
+
+func (s store) appDir(app string) string { return filepath.Join(s.dir, "apps", app) }
+
+func (s store) save(a *appState) error {
+	dir := s.appDir(a.AppID)
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return fmt.Errorf("data dir: %w", err)
+	}
+	data, err := json.MarshalIndent(a, "", "  ")
+	if err != nil {
+		return err
+	}
+	return fsutil.WriteFileAtomic(filepath.Join(dir, "app.json"), data, 0o600)
+}
+
+// loadAll reads every app; an unreadable app is reported, not fatal.
+func (s store) loadAll() (map[string]*appState, []error) {
+	apps := map[string]*appState{}
+	var errs []error
+	entries, err := os.ReadDir(filepath.Join(s.dir, "apps"))
+	if err != nil {
+		if !errors.Is(err, os.ErrNotExist) {
+			errs = append(errs, err)
+		}
+		return apps, errs
+	}
+	for _, e := range entries {
+		if !e.IsDir() {
+			continue
+		}
+		data, err := os.ReadFile(filepath.Join(s.appDir(e.Name()), "app.json"))
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		a := &appState{}
+		if err := json.Unmarshal(data, a); err != nil {
+			errs = append(errs, fmt.Errorf("%s/app.json: %w", e.Name(), err))
+			continue
+		}
+		if a.TokenHashes == nil {
+			a.TokenHashes = map[string]string{}
+		}
+		if a.Waits == nil {
+			a.Waits = map[string][]string{}
+		}
+		a.LogSeq = s.lastSeq(a.AppID)
+		apps[a.AppID] = a
+	}
+	return apps, errs
+}
+
+func (s store) logPath(app string) string { return filepath.Join(s.appDir(app), "logs.jsonl") }
+
+// appendLog appends one entry. A torn last line (crash mid-write) is
+// skipped by readers, so appends need no fsync each.
+func (s store) appendLog(app string, e LogEntry) error {
+	data, err := json.Marshal(e)
+	if err != nil {
+		return err
+	}
+	f, err := os.OpenFile(s.logPath(app), os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o600)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	_, err = f.Write(append(data, '\n'))
+	return err
+}
+
+// readLogs returns entries with seq > after, at most limit of them.
+func (s store) readLogs(app string, after int64, limit int) ([]LogEntry, error) {
+	f, err := os.Open(s.logPath(app))
+	if err != nil {
+		if errors.Is(err, os.ErrNotExist) {
+			return []LogEntry{}, nil
+		}
+		return nil, err
+	}
+	defer f.Close()
+	out := []LogEntry{}
+	sc := bufio.NewScanner(f)
+	sc.Buffer(make([]byte, 0, 64<<10), 64<<20)
+	for sc.Scan() {
+		var e LogEntry
+		if json.Unmarshal(sc.Bytes(), &e) != nil {
+			continue // torn line
+		}
+		if e.Seq > after {
+			out = append(out, e)
+			if len(out) >= limit {
+				break
+			}
+		}
+	}
+	return out, sc.Err()
+}
+
+func (s store) lastSeq(app string) int64 {
+	entries, _ := s.readLogs(app, 0, int(^uint(0)>>1))
+	if len(entries) == 0 {
+		return 0
+	}
+	return entries[len(entries)-1].Seq
+}
+
+func hashToken(tok string) string {
+	sum := sha256.Sum256([]byte(tok))
+	return hex.EncodeToString(sum[:])
+}
+
+func sameHash(a, b string) bool {
+	return subtle.ConstantTimeCompare([]byte(a), []byte(b)) == 1
+}
+
+func sortedKeys[V any](m map[string]V) []string {
+	keys := make([]string, 0, len(m))
+	for k := range m {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	return keys
+}
