@@ -1,0 +1,118 @@
+package native
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/visualops/opsagent/agent/state"
+	"github.com/visualops/opsagent/internal/proc"
+)
+
+// Defaults of linux.cmd (module.json).
+const (
+	defaultShell   = "/bin/sh"
+	defaultCwd     = "/opt/visualops/tmp/"
+	defaultTimeout = 600 // seconds
+)
+
+// cmd is linux.cmd: run a shell command; exit status ≠ 0 fails.
+func (e *Executor) cmd(ctx context.Context, p params) (state.Result, error) {
+	command, err := p.required("cmd")
+	if err != nil {
+		return state.Result{}, err
+	}
+	shell, err := p.str("shell")
+	if err != nil {
+		return state.Result{}, err
+	}
+	if strings.TrimSpace(shell) == "" {
+		shell = defaultShell
+	}
+	cwd, err := p.str("cwd")
+	if err != nil {
+		return state.Result{}, err
+	}
+	if strings.TrimSpace(cwd) == "" {
+		cwd = defaultCwd
+	}
+	timeout, err := p.integer("timeout", defaultTimeout)
+	if err != nil {
+		return state.Result{}, err
+	}
+	if timeout < 0 {
+		return state.Result{}, &badParam{"timeout", "must not be negative"}
+	}
+	env, err := p.env("env")
+	if err != nil {
+		return state.Result{}, err
+	}
+	present, err := p.list("if-path-present")
+	if err != nil {
+		return state.Result{}, err
+	}
+	absent, err := p.list("if-path-absent")
+	if err != nil {
+		return state.Result{}, err
+	}
+	cred, err := credential(p)
+	if err != nil {
+		return state.Result{}, err
+	}
+	label := fmt.Sprintf("Command %q", command)
+
+	// The command runs only if all if-path-present paths exist, and not if
+	// any if-path-absent path exists. Not running is a success.
+	for _, path := range present {
+		if _, err := os.Lstat(e.opts.Root.Path(path)); err != nil {
+			return state.Result{OK: true, Comment: fmt.Sprintf("%s skipped: %s does not exist (if-path-present)", label, path)}, nil
+		}
+	}
+	for _, path := range absent {
+		if _, err := os.Lstat(e.opts.Root.Path(path)); err == nil {
+			return state.Result{OK: true, Comment: fmt.Sprintf("%s skipped: %s exists (if-path-absent)", label, path)}, nil
+		}
+	}
+	dir := e.opts.Root.Path(cwd)
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return state.Failed(fmt.Sprintf("%s not run: cannot create cwd %s: %v", label, cwd, err)), nil
+	}
+	if cred != nil {
+		// The command's user must be able to enter a directory we created.
+		if st, err := os.Stat(dir); err == nil && st.Sys() != nil {
+			_ = os.Chown(dir, int(cred.Uid), int(cred.Gid))
+		}
+	}
+	res, err := e.opts.Runner.Run(ctx, proc.Cmd{
+		Path:        shell,
+		Args:        []string{"-c", command},
+		Dir:         dir,
+		Env:         append(os.Environ(), env...),
+		Credential:  cred,
+		OutputLimit: e.opts.OutputLimit,
+		KillGrace:   e.opts.KillGrace,
+		Timeout:     time.Duration(timeout) * time.Second,
+	})
+	out := state.Result{Stdout: res.Output}
+	switch {
+	case errors.Is(err, proc.ErrTimeout):
+		out.Comment = fmt.Sprintf("%s timed out after %ds and was killed (parameter timeout)", label, timeout)
+	case err != nil && ctx.Err() != nil:
+		out.Comment = fmt.Sprintf("%s stopped: %v", label, ctx.Err())
+	case err != nil:
+		out.Comment = fmt.Sprintf("%s could not run: %v (parameter shell = %s)", label, err, shell)
+	case res.ExitCode != 0:
+		if res.ExitCode < 0 {
+			out.Comment = fmt.Sprintf("%s was killed by a signal", label)
+		} else {
+			out.Comment = fmt.Sprintf("%s failed with exit code %d", label, res.ExitCode)
+		}
+	default:
+		out.OK = true
+		out.Comment = fmt.Sprintf("%s run", label)
+	}
+	return out, nil
+}
