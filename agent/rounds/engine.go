@@ -61,7 +61,9 @@ type Options struct {
 	Clock      clock.Clock
 	Logger     *slog.Logger
 	Updater    Updater // nil: self-update not available in this build
-	InstanceID string  // this instance, to pick our entries out of WaitList
+	// InstanceID returns this instance's id, to pick our entries out of a
+	// WaitList (a function: the id may become known after the engine starts).
+	InstanceID func() string
 
 	RoundDelay   time.Duration // pause after a successful round ([salt] delay)
 	RetryDelay   time.Duration // pause after a round ceased on a repeated failure
@@ -308,8 +310,12 @@ func (l *loop) handle(m protocol.Message) {
 		l.release(m.RecipeVersion, []string{m.StateID})
 	case *protocol.WaitList:
 		var ids []string
+		self := ""
+		if e.opts.InstanceID != nil {
+			self = e.opts.InstanceID()
+		}
 		for _, w := range m.Waited {
-			if w.InstanceID == e.opts.InstanceID {
+			if w.InstanceID == self {
 				ids = append(ids, w.StateID)
 			}
 		}

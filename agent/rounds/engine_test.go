@@ -151,7 +151,7 @@ func newHarness(t *testing.T, dir string, mod func(*Options)) *harness {
 	h := &harness{t: t, link: newFakeLink(), exec: newScript(), clk: clk, dir: dir, done: make(chan struct{})}
 	h.store = NewStore(dir, clk, nil)
 	opts := Options{
-		Executor: h.exec, Link: h.link, Store: h.store, Clock: clk, InstanceID: "i-1",
+		Executor: h.exec, Link: h.link, Store: h.store, Clock: clk, InstanceID: func() string { return "i-1" },
 		RoundDelay: 10 * time.Minute, RetryDelay: 30 * time.Second,
 	}
 	if mod != nil {

@@ -86,6 +86,7 @@ func newApp(s streams) *cli.App {
 			versionCommand(),
 			statusCommand(),
 			backendCommand(),
+			runCommand(),
 		},
 	}
 	for _, cmd := range app.Commands {
