@@ -55,12 +55,12 @@ type RoundAware interface {
 
 // Options configures an Engine.
 type Options struct {
-	Executor   state.Executor
-	Link       Link
-	Store      *Store
-	Clock      clock.Clock
-	Logger     *slog.Logger
-	Updater    Updater // nil: self-update not available in this build
+	Executor state.Executor
+	Link     Link
+	Store    *Store
+	Clock    clock.Clock
+	Logger   *slog.Logger
+	Updater  Updater // nil: self-update not available in this build
 	// InstanceID returns this instance's id, to pick our entries out of a
 	// WaitList (a function: the id may become known after the engine starts).
 	InstanceID func() string
