@@ -61,5 +61,9 @@ fuzz:
 	  done; \
 	done
 
+## demo: the whole story locally: backend, agent, recipe, wait, second round
+demo: build
+	$(GO) run ./scripts/demo -bin bin/opsagent
+
 clean:
 	rm -rf bin dist .tools

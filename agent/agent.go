@@ -6,7 +6,9 @@
 package agent
 
 import (
+	"bytes"
 	"context"
+	"encoding/json"
 	"fmt"
 	"io"
 	"log/slog"
@@ -38,7 +40,9 @@ type Options struct {
 	// Reload receives a value when the config should be re-read (SIGHUP).
 	Reload  <-chan struct{}
 	Version string // agent version reported in Handshake
-	// StatusInterval is how often status.json is rewritten; default 1 s.
+	// StatusInterval is how often status.json is checked for changes;
+	// default 250 ms. It is rewritten only when something changed (or
+	// every 30 s, to refresh updated_at).
 	StatusInterval time.Duration
 }
 
@@ -48,7 +52,7 @@ func Run(ctx context.Context, opts Options) error {
 		opts.ConfigPath = config.DefaultPath
 	}
 	if opts.StatusInterval <= 0 {
-		opts.StatusInterval = time.Second
+		opts.StatusInterval = 250 * time.Millisecond
 	}
 	cfgFile := opts.Root.Path(opts.ConfigPath)
 	cfg, err := config.Load(cfgFile)
@@ -178,7 +182,7 @@ func runSession(ctx context.Context, opts Options, cfg *config.Config, log *slog
 	}
 	cancel()
 	wg.Wait()
-	s.writeStatus()
+	s.writeStatus(s.snapshot())
 	return reload, nil
 }
 
@@ -247,8 +251,18 @@ func (s *session) InitErrors() []string {
 func (s *session) keepStatus(ctx context.Context) {
 	t := time.NewTicker(s.opts.StatusInterval)
 	defer t.Stop()
+	var last []byte
+	var lastWrite time.Time
 	for {
-		s.writeStatus()
+		snap := s.snapshot()
+		key, _ := json.Marshal(struct {
+			statusfile.Snapshot
+			UpdatedAt bool `json:"updated_at,omitempty"`
+		}{Snapshot: snap})
+		if !bytes.Equal(key, last) || time.Since(lastWrite) > 30*time.Second {
+			s.writeStatus(snap)
+			last, lastWrite = key, time.Now()
+		}
 		select {
 		case <-ctx.Done():
 			return
@@ -257,10 +271,10 @@ func (s *session) keepStatus(ctx context.Context) {
 	}
 }
 
-func (s *session) writeStatus() {
+func (s *session) snapshot() statusfile.Snapshot {
 	cs := s.mgr.Status()
 	iid, _ := s.id.CachedInstanceID()
-	snap := statusfile.Snapshot{
+	return statusfile.Snapshot{
 		PID:          os.Getpid(),
 		AgentVersion: s.opts.Version,
 		InstanceID:   iid,
@@ -279,6 +293,9 @@ func (s *session) writeStatus() {
 		Engine:     s.engine.Status(),
 		InitErrors: s.InitErrors(),
 	}
+}
+
+func (s *session) writeStatus(snap statusfile.Snapshot) {
 	path := filepath.Join(s.opts.Root.Path(s.cfg.Global.ConfPath), statusfile.Name)
 	if err := statusfile.Write(path, snap); err != nil {
 		s.log.Debug("cannot write the status file", "err", err)

@@ -123,13 +123,17 @@ func printStatus(w io.Writer, r statusReport, now time.Time) {
 		ids = append(ids, id)
 	}
 	sort.Strings(ids)
+	width := 0
+	for _, id := range ids {
+		width = max(width, len(id))
+	}
 	for _, id := range ids {
 		res := e.LastResults[id]
 		mark := "ok  "
 		if !res.OK {
 			mark = "FAIL"
 		}
-		fmt.Fprintf(w, "  %s %s  %s\n", mark, id, oneLine(res.Comment))
+		fmt.Fprintf(w, "  %s %-*s  %s\n", mark, width, id, oneLine(res.Comment))
 	}
 	switch {
 	case e.PendingUpdate != "":
