@@ -28,7 +28,7 @@ func newExec(t *testing.T) (*Executor, string) {
 	return New(Options{Root: root, KillGrace: time.Second}), dir
 }
 
-func exec(t *testing.T, e *Executor, module, param string) state.Result {
+func run(t *testing.T, e *Executor, module, param string) state.Result {
 	t.Helper()
 	if !json.Valid([]byte(param)) {
 		t.Fatalf("bad test parameter %s", param)
@@ -60,7 +60,7 @@ func TestSupports(t *testing.T) {
 	if e.Supports("linux.apt.package") {
 		t.Error("apt claimed")
 	}
-	mustFail(t, exec(t, e, "linux.apt.package", `{}`), "not implemented natively")
+	mustFail(t, run(t, e, "linux.apt.package", `{}`), "not implemented natively")
 }
 
 func TestCmd(t *testing.T) {
@@ -100,7 +100,7 @@ func TestCmd(t *testing.T) {
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
-			r := exec(t, e, "linux.cmd", tc.param)
+			r := run(t, e, "linux.cmd", tc.param)
 			if r.OK != tc.ok || !strings.Contains(r.Comment, tc.comment) {
 				t.Fatalf("result %+v; want ok=%v comment containing %q", r, tc.ok, tc.comment)
 			}
@@ -143,7 +143,7 @@ func TestCmdCancelKillsProcessGroup(t *testing.T) {
 func TestFile(t *testing.T) {
 	e, root := newExec(t)
 	real := filepath.Join(root, "etc/app/app.conf")
-	mustOK(t, exec(t, e, "linux.file", `{"path":"/etc/app/app.conf","content":"a=1\n","mode":"0600"}`), "File /etc/app/app.conf updated: created")
+	mustOK(t, run(t, e, "linux.file", `{"path":"/etc/app/app.conf","content":"a=1\n","mode":"0600"}`), "File /etc/app/app.conf updated: created")
 	data, _ := os.ReadFile(real)
 	st, _ := os.Stat(real)
 	if string(data) != "a=1\n" || st.Mode().Perm() != 0o600 {
@@ -154,25 +154,25 @@ func TestFile(t *testing.T) {
 	}
 	// Idempotent: a second run changes nothing and says so.
 	before, _ := os.Stat(real)
-	mustOK(t, exec(t, e, "linux.file", `{"path":"/etc/app/app.conf","content":"a=1\n","mode":"0600"}`), "already in the correct state")
+	mustOK(t, run(t, e, "linux.file", `{"path":"/etc/app/app.conf","content":"a=1\n","mode":"0600"}`), "already in the correct state")
 	after, _ := os.Stat(real)
 	if !os.SameFile(before, after) {
 		t.Error("an unchanged file was rewritten")
 	}
-	mustOK(t, exec(t, e, "linux.file", `{"path":"/etc/app/app.conf","content":"a=2\n"}`), "updated: content")
+	mustOK(t, run(t, e, "linux.file", `{"path":"/etc/app/app.conf","content":"a=2\n"}`), "updated: content")
 	if st, _ := os.Stat(real); st.Mode().Perm() != 0o600 {
 		t.Errorf("rewrite lost the mode: %v", st.Mode())
 	}
-	mustOK(t, exec(t, e, "linux.file", `{"path":"/etc/app/app.conf","mode":"0640"}`), "updated: mode 0640")
-	mustOK(t, exec(t, e, "linux.file", `{"path":"/etc/app/app.conf","mode":640}`), "already in the correct state")
+	mustOK(t, run(t, e, "linux.file", `{"path":"/etc/app/app.conf","mode":"0640"}`), "updated: mode 0640")
+	mustOK(t, run(t, e, "linux.file", `{"path":"/etc/app/app.conf","mode":640}`), "already in the correct state")
 	// No content: an existing file is left alone, a missing one is created empty.
-	mustOK(t, exec(t, e, "linux.file", `{"path":"/etc/app/app.conf"}`), "already in the correct state")
-	mustOK(t, exec(t, e, "linux.file", `{"path":"/etc/empty"}`), "created")
+	mustOK(t, run(t, e, "linux.file", `{"path":"/etc/app/app.conf"}`), "already in the correct state")
+	mustOK(t, run(t, e, "linux.file", `{"path":"/etc/empty"}`), "created")
 	if st, _ := os.Stat(filepath.Join(root, "etc/empty")); st.Size() != 0 || st.Mode().Perm() != 0o644 {
 		t.Errorf("empty file %v %d", st.Mode(), st.Size())
 	}
-	mustOK(t, exec(t, e, "linux.file", `{"path":"/etc/app/app.conf","absent":true,"content":"ignored"}`), "File /etc/app/app.conf removed")
-	mustOK(t, exec(t, e, "linux.file", `{"path":"/etc/app/app.conf","absent":"true"}`), "already absent")
+	mustOK(t, run(t, e, "linux.file", `{"path":"/etc/app/app.conf","absent":true,"content":"ignored"}`), "File /etc/app/app.conf removed")
+	mustOK(t, run(t, e, "linux.file", `{"path":"/etc/app/app.conf","absent":"true"}`), "already absent")
 	if _, err := os.Stat(real); !os.IsNotExist(err) {
 		t.Error("file not removed")
 	}
@@ -185,7 +185,7 @@ func TestFile(t *testing.T) {
 		{`{"path":"/x","remote_uri":"ftp://host/x"}`, "parameter remote_uri: must be an http or https URL"},
 		{`{"path":"/etc"}`, "a directory is in the way"},
 	} {
-		mustFail(t, exec(t, e, "linux.file", bad.param), bad.want)
+		mustFail(t, run(t, e, "linux.file", bad.param), bad.want)
 	}
 }
 
@@ -199,39 +199,39 @@ func TestFileRemoteURI(t *testing.T) {
 	}))
 	defer srv.Close()
 	e, root := newExec(t)
-	mustOK(t, exec(t, e, "linux.file", `{"path":"/tmp/fd.key","remote_uri":"`+srv.URL+`/key.txt","content":"ignored"}`), "created")
+	mustOK(t, run(t, e, "linux.file", `{"path":"/tmp/fd.key","remote_uri":"`+srv.URL+`/key.txt","content":"ignored"}`), "created")
 	if data, _ := os.ReadFile(filepath.Join(root, "tmp/fd.key")); string(data) != "REMOTE KEY\n" {
 		t.Errorf("content %q", data)
 	}
-	mustOK(t, exec(t, e, "linux.file", `{"path":"/tmp/fd.key","remote_uri":"`+srv.URL+`/key.txt"}`), "already in the correct state")
-	mustFail(t, exec(t, e, "linux.file", `{"path":"/tmp/other","remote_uri":"`+srv.URL+`/missing"}`), "404")
+	mustOK(t, run(t, e, "linux.file", `{"path":"/tmp/fd.key","remote_uri":"`+srv.URL+`/key.txt"}`), "already in the correct state")
+	mustFail(t, run(t, e, "linux.file", `{"path":"/tmp/other","remote_uri":"`+srv.URL+`/missing"}`), "404")
 }
 
 func TestDir(t *testing.T) {
 	e, root := newExec(t)
-	mustOK(t, exec(t, e, "linux.dir", `{"path":["/srv/www/html","/srv/logs"],"mode":"0750"}`), "Directory /srv/www/html updated: created")
+	mustOK(t, run(t, e, "linux.dir", `{"path":["/srv/www/html","/srv/logs"],"mode":"0750"}`), "Directory /srv/www/html updated: created")
 	for _, d := range []string{"srv", "srv/www", "srv/www/html", "srv/logs"} {
 		if st, err := os.Stat(filepath.Join(root, d)); err != nil || st.Mode().Perm() != 0o750 {
 			t.Errorf("%s: %v %v (missing parents take the directory's attributes)", d, st, err)
 		}
 	}
-	r := exec(t, e, "linux.dir", `{"path":["/srv/www/html","/srv/logs"],"mode":"0750"}`)
+	r := run(t, e, "linux.dir", `{"path":["/srv/www/html","/srv/logs"],"mode":"0750"}`)
 	if !r.OK || strings.Count(r.Comment, "already in the correct state") != 2 {
 		t.Fatalf("second run %+v", r)
 	}
 	// Recursive mode change reaches sub-directories, not files.
 	os.MkdirAll(filepath.Join(root, "srv/www/html/a/b"), 0o700)
 	os.WriteFile(filepath.Join(root, "srv/www/html/a/f"), nil, 0o600)
-	mustOK(t, exec(t, e, "linux.dir", `{"path":"/srv/www","mode":"0755"}`), "mode 0755")
+	mustOK(t, run(t, e, "linux.dir", `{"path":"/srv/www","mode":"0755"}`), "mode 0755")
 	if st, _ := os.Stat(filepath.Join(root, "srv/www/html/a/b")); st.Mode().Perm() != 0o755 {
 		t.Errorf("sub-directory mode %v", st.Mode())
 	}
 	if st, _ := os.Stat(filepath.Join(root, "srv/www/html/a/f")); st.Mode().Perm() != 0o600 {
 		t.Errorf("file mode changed to %v", st.Mode())
 	}
-	mustOK(t, exec(t, e, "linux.dir", `{"path":["/srv/logs"],"mode":"0700","recursive":false}`), "mode 0700")
-	mustOK(t, exec(t, e, "linux.dir", `{"path":[{"key":"/srv/logs"}],"absent":true}`), "Directory /srv/logs removed")
-	mustOK(t, exec(t, e, "linux.dir", `{"path":["/srv/logs"],"absent":true}`), "already absent")
+	mustOK(t, run(t, e, "linux.dir", `{"path":["/srv/logs"],"mode":"0700","recursive":false}`), "mode 0700")
+	mustOK(t, run(t, e, "linux.dir", `{"path":[{"key":"/srv/logs"}],"absent":true}`), "Directory /srv/logs removed")
+	mustOK(t, run(t, e, "linux.dir", `{"path":["/srv/logs"],"absent":true}`), "already absent")
 	for _, bad := range []struct{ param, want string }{
 		{`{}`, "parameter path: is required"},
 		{`{"path":[]}`, "parameter path: is required"},
@@ -241,28 +241,28 @@ func TestDir(t *testing.T) {
 		{`{"path":["/x"],"mode":"999"}`, "parameter mode"},
 		{`{"path":["/x"],"group":"no-such-group-xyz"}`, "parameter group"},
 	} {
-		mustFail(t, exec(t, e, "linux.dir", bad.param), bad.want)
+		mustFail(t, run(t, e, "linux.dir", bad.param), bad.want)
 	}
 	os.WriteFile(filepath.Join(root, "afile"), nil, 0o644)
-	mustFail(t, exec(t, e, "linux.dir", `{"path":["/afile"]}`), "a file is in the way")
+	mustFail(t, run(t, e, "linux.dir", `{"path":["/afile"]}`), "a file is in the way")
 }
 
 func TestSymlink(t *testing.T) {
 	e, root := newExec(t)
 	os.MkdirAll(filepath.Join(root, "mnt/data"), 0o755)
 	os.MkdirAll(filepath.Join(root, "links"), 0o755)
-	mustOK(t, exec(t, e, "linux.symlink", `{"source":"/mnt/data","target":"/links/data"}`), "Symlink /links/data updated: created -> /mnt/data")
+	mustOK(t, run(t, e, "linux.symlink", `{"source":"/mnt/data","target":"/links/data"}`), "Symlink /links/data updated: created -> /mnt/data")
 	if got, _ := os.Readlink(filepath.Join(root, "links/data")); got != "/mnt/data" {
 		t.Errorf("link -> %q", got)
 	}
-	mustOK(t, exec(t, e, "linux.symlink", `{"source":"/mnt/data","target":"/links/data"}`), "already in the correct state")
-	mustOK(t, exec(t, e, "linux.symlink", `{"source":"/mnt/other","target":"/links/data"}`), "now -> /mnt/other (was -> /mnt/data)")
-	mustFail(t, exec(t, e, "linux.symlink", `{"source":"/mnt/data","target":"/nowhere/data"}`), "parent directory /nowhere does not exist")
-	mustFail(t, exec(t, e, "linux.symlink", `{"source":"/x","target":"/mnt/data"}`), "in the way")
-	mustFail(t, exec(t, e, "linux.symlink", `{"target":"/links/x"}`), "parameter source: is required")
-	mustFail(t, exec(t, e, "linux.symlink", `{"source":"/x"}`), "parameter target: is required")
-	mustOK(t, exec(t, e, "linux.symlink", `{"target":"/links/data","absent":true}`), "Symlink /links/data removed")
-	mustOK(t, exec(t, e, "linux.symlink", `{"target":"/links/data","absent":true}`), "already absent")
+	mustOK(t, run(t, e, "linux.symlink", `{"source":"/mnt/data","target":"/links/data"}`), "already in the correct state")
+	mustOK(t, run(t, e, "linux.symlink", `{"source":"/mnt/other","target":"/links/data"}`), "now -> /mnt/other (was -> /mnt/data)")
+	mustFail(t, run(t, e, "linux.symlink", `{"source":"/mnt/data","target":"/nowhere/data"}`), "parent directory /nowhere does not exist")
+	mustFail(t, run(t, e, "linux.symlink", `{"source":"/x","target":"/mnt/data"}`), "in the way")
+	mustFail(t, run(t, e, "linux.symlink", `{"target":"/links/x"}`), "parameter source: is required")
+	mustFail(t, run(t, e, "linux.symlink", `{"source":"/x"}`), "parameter target: is required")
+	mustOK(t, run(t, e, "linux.symlink", `{"target":"/links/data","absent":true}`), "Symlink /links/data removed")
+	mustOK(t, run(t, e, "linux.symlink", `{"target":"/links/data","absent":true}`), "already absent")
 }
 
 func TestOwnership(t *testing.T) {
@@ -289,29 +289,29 @@ func TestOwnership(t *testing.T) {
 		return int(s.Uid) == uid && int(s.Gid) == gid
 	}
 	p := `"user":"nobody","group":"` + grp.Name + `"`
-	mustOK(t, exec(t, e, "linux.file", `{"path":"/o/f","content":"x",`+p+`}`), "created")
+	mustOK(t, run(t, e, "linux.file", `{"path":"/o/f","content":"x",`+p+`}`), "created")
 	if !owned("o/f") || !owned("o") {
 		t.Error("file or its new parent not owned by nobody")
 	}
-	mustOK(t, exec(t, e, "linux.file", `{"path":"/o/f","content":"y"}`), "content")
+	mustOK(t, run(t, e, "linux.file", `{"path":"/o/f","content":"y"}`), "content")
 	if !owned("o/f") {
 		t.Error("rewriting content lost the owner")
 	}
-	mustOK(t, exec(t, e, "linux.file", `{"path":"/o/f","content":"y",`+p+`}`), "already in the correct state")
-	mustOK(t, exec(t, e, "linux.dir", `{"path":["/d/sub"],`+p+`}`), "created")
+	mustOK(t, run(t, e, "linux.file", `{"path":"/o/f","content":"y",`+p+`}`), "already in the correct state")
+	mustOK(t, run(t, e, "linux.dir", `{"path":["/d/sub"],`+p+`}`), "created")
 	os.MkdirAll(filepath.Join(root, "d/sub/deeper"), 0o755)
-	mustOK(t, exec(t, e, "linux.dir", `{"path":["/d"],`+p+`}`), "owner")
+	mustOK(t, run(t, e, "linux.dir", `{"path":["/d"],`+p+`}`), "owner")
 	if !owned("d/sub/deeper") {
 		t.Error("recursive owner not applied")
 	}
-	mustOK(t, exec(t, e, "linux.symlink", `{"source":"/o/f","target":"/o/l",`+p+`}`), "created")
+	mustOK(t, run(t, e, "linux.symlink", `{"source":"/o/f","target":"/o/l",`+p+`}`), "created")
 	if !owned("o/l") {
 		t.Error("symlink not owned by nobody")
 	}
 	// nobody must be able to reach the cwd through the test's temp dirs.
 	os.Chmod(root, 0o755)
 	os.Chmod(filepath.Dir(root), 0o755)
-	r := exec(t, e, "linux.cmd", `{"cmd":"id -u; pwd","user":"nobody","cwd":"/run-as"}`)
+	r := run(t, e, "linux.cmd", `{"cmd":"id -u; pwd","user":"nobody","cwd":"/run-as"}`)
 	if !r.OK || !strings.HasPrefix(r.Stdout, nobody.Uid+"\n") {
 		t.Fatalf("run as nobody: %+v", r)
 	}
