@@ -157,7 +157,7 @@ func (s *Server) handshake(c *agentConn, m *protocol.Handshake) bool {
 	}
 	if !seen {
 		app.TokenHashes[m.InstanceID] = h
-		if err := s.store.save(app); err != nil {
+		if err := s.store.appendToken(app.AppID, m.InstanceID, h); err != nil {
 			s.mu.Unlock()
 			log.Error("cannot store the instance token", "err", err)
 			c.close(websocket.CloseInternalServerErr, "backend storage error")

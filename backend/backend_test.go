@@ -162,7 +162,7 @@ func TestTokenTrustOnFirstUse(t *testing.T) {
 		t.Fatalf("mismatched token: %v, want close 1008", err)
 	}
 	// The stored file holds a hash, never the token.
-	data, _ := os.ReadFile(filepath.Join(e.dir, "apps", "app1", "app.json"))
+	data, _ := os.ReadFile(filepath.Join(e.dir, "apps", "app1", "tokens.jsonl"))
 	if bytes.Contains(data, []byte("good")) || !bytes.Contains(data, []byte(hashToken("good"))) {
 		t.Errorf("token storage: %s", data)
 	}

@@ -32,7 +32,7 @@ type Options struct {
 	PingInterval     time.Duration // default 25 s
 	DeadAfter        time.Duration // default 60 s
 	HandshakeTimeout time.Duration // first frame must arrive within; default 10 s
-	SendQueue        int           // frames buffered per agent; default 256
+	SendQueue        int           // frames buffered per agent; default 64
 }
 
 // Server is the backend. Use Handler with any http.Server, or
@@ -66,7 +66,7 @@ func New(opts Options) (*Server, error) {
 	def(&opts.DeadAfter, 60*time.Second)
 	def(&opts.HandshakeTimeout, 10*time.Second)
 	if opts.SendQueue <= 0 {
-		opts.SendQueue = 256
+		opts.SendQueue = 64
 	}
 	log := opts.Logger
 	if log == nil {
@@ -76,10 +76,12 @@ func New(opts Options) (*Server, error) {
 		return nil, fmt.Errorf("backend: data dir %s: %w", opts.DataDir, err)
 	}
 	s := &Server{
-		opts:   opts,
-		log:    log,
-		store:  store{dir: opts.DataDir},
-		up:     websocket.Upgrader{ReadBufferSize: 4 << 10, WriteBufferSize: 4 << 10},
+		opts:  opts,
+		log:   log,
+		store: store{dir: opts.DataDir},
+		// Small read buffers and pooled write buffers keep an idle agent
+		// connection cheap (a fleet is mostly idle connections).
+		up:     websocket.Upgrader{ReadBufferSize: 1 << 10, WriteBufferSize: 4 << 10, WriteBufferPool: &sync.Pool{}},
 		agents: map[string]map[string]*agentConn{},
 	}
 	apps, errs := s.store.loadAll()

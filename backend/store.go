@@ -28,7 +28,9 @@ type appState struct {
 	Update        *protocol.AgentUpdate  `json:"update,omitempty"`
 	// TokenHashes maps instance id → SHA-256 of its token (trust on first
 	// use). Only hashes are stored, so a leaked data dir leaks no token.
-	TokenHashes map[string]string `json:"token_hashes"`
+	// They live in tokens.jsonl (one appended line per new instance) so
+	// that a fleet's first connections do not rewrite app.json each time.
+	TokenHashes map[string]string `json:"-"`
 	// Waits maps instance id → released wait state ids of RecipeVersion.
 	Waits map[string][]string `json:"waits"`
 	// LogSeq is the sequence number of the last StateLog in logs.jsonl.
@@ -117,6 +119,10 @@ func (s store) loadAll() (map[string]*appState, []error) {
 		if a.Waits == nil {
 			a.Waits = map[string][]string{}
 		}
+		if err := s.loadTokens(a); err != nil {
+			errs = append(errs, err)
+			continue
+		}
 		a.LogSeq = s.lastSeq(a.AppID)
 		apps[a.AppID] = a
 	}
@@ -175,6 +181,51 @@ func (s store) lastSeq(app string) int64 {
 		return 0
 	}
 	return entries[len(entries)-1].Seq
+}
+
+type tokenLine struct {
+	InstanceID string `json:"instance_id"`
+	Hash       string `json:"sha256"`
+}
+
+func (s store) tokenPath(app string) string { return filepath.Join(s.appDir(app), "tokens.jsonl") }
+
+// appendToken records a first-seen instance. It is not fsynced: losing the
+// last lines in a crash only means those instances are trusted on first
+// use again.
+func (s store) appendToken(app, instance, hash string) error {
+	if err := os.MkdirAll(s.appDir(app), 0o700); err != nil {
+		return err
+	}
+	data, _ := json.Marshal(tokenLine{instance, hash})
+	f, err := os.OpenFile(s.tokenPath(app), os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o600)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	_, err = f.Write(append(data, '\n'))
+	return err
+}
+
+func (s store) loadTokens(a *appState) error {
+	f, err := os.Open(s.tokenPath(a.AppID))
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		var l tokenLine
+		if json.Unmarshal(sc.Bytes(), &l) == nil && l.InstanceID != "" && l.Hash != "" {
+			if _, dup := a.TokenHashes[l.InstanceID]; !dup {
+				a.TokenHashes[l.InstanceID] = l.Hash
+			}
+		}
+	}
+	return sc.Err()
 }
 
 func hashToken(tok string) string {

@@ -43,7 +43,7 @@ type proc struct {
 	exited chan struct{}
 }
 
-func start(t *testing.T, args ...string) *proc {
+func start(t testing.TB, args ...string) *proc {
 	t.Helper()
 	p := &proc{cmd: exec.Command(binary, args...), out: &bytes.Buffer{}, exited: make(chan struct{})}
 	p.cmd.Stdout, p.cmd.Stderr = p.out, p.out
@@ -80,7 +80,7 @@ type backendProc struct {
 	addr, data string
 }
 
-func startBackend(t *testing.T, data, listen string) *backendProc {
+func startBackend(t testing.TB, data, listen string) *backendProc {
 	t.Helper()
 	addrFile := filepath.Join(t.TempDir(), "addr")
 	p := start(t, "backend", "--listen", listen, "--data", data, "--addr-file", addrFile)
@@ -93,17 +93,17 @@ func startBackend(t *testing.T, data, listen string) *backendProc {
 	return &backendProc{proc: p, addr: addr, data: data}
 }
 
-func (b *backendProc) api(t *testing.T, method, path, body string) map[string]any {
-	t.Helper()
+// api calls the backend's API; failures panic (t may be nil in benchmarks).
+func (b *backendProc) api(_ testing.TB, method, path, body string) map[string]any {
 	req, _ := http.NewRequest(method, "http://"+b.addr+path, strings.NewReader(body))
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
-		t.Fatalf("%s %s: %v", method, path, err)
+		panic(fmt.Sprintf("%s %s: %v", method, path, err))
 	}
 	defer resp.Body.Close()
 	data, _ := io.ReadAll(resp.Body)
 	if resp.StatusCode != 200 {
-		t.Fatalf("%s %s: %d %s", method, path, resp.StatusCode, data)
+		panic(fmt.Sprintf("%s %s: %d %s", method, path, resp.StatusCode, data))
 	}
 	var out map[string]any
 	_ = json.Unmarshal(data, &out)
@@ -134,7 +134,7 @@ func (b *backendProc) logs(t *testing.T, app string) []logEntry {
 }
 
 // agentRoot writes a config into a fresh root.
-func agentRoot(t *testing.T, addr, app, instance string, extra string) string {
+func agentRoot(t testing.TB, addr, app, instance string, extra string) string {
 	t.Helper()
 	root := t.TempDir()
 	conf := fmt.Sprintf("[userdata]\nws_uri = ws://%s/agent/\napp_id = %s\n[network]\ninstance_id = %s\n%s", addr, app, instance, extra)
@@ -161,7 +161,7 @@ func status(t *testing.T, root string) (int, map[string]any) {
 	return cmd.ProcessState.ExitCode(), rep
 }
 
-func eventually(t *testing.T, what string, f func() bool) {
+func eventually(t testing.TB, what string, f func() bool) {
 	t.Helper()
 	deadline := time.Now().Add(30 * time.Second)
 	for !f() {
