@@ -94,19 +94,24 @@ func (id *identity) RefreshUserdata(ctx context.Context) error {
 	id.mu.Lock()
 	defer id.mu.Unlock()
 	changed := map[string]string{}
-	set := func(key, from string, to *string) {
-		if from != "" && from != *to {
-			changed[key] = from
-			*to = from
-		}
-	}
 	oldApp := id.cfg.Userdata.AppID
 	next := *id.cfg
-	set("ws_uri", ud.WSURI, &next.Userdata.WSURI)
-	set("app_id", ud.AppID, &next.Userdata.AppID)
-	set("version", ud.Version, &next.Userdata.Version)
-	set("base_remote", ud.BaseRemote, &next.Userdata.BaseRemote)
-	set("pubkey", ud.PubKey, &next.Userdata.PubKey)
+	for _, kv := range []struct{ key, value, current string }{
+		{"ws_uri", ud.WSURI, next.Userdata.WSURI},
+		{"app_id", ud.AppID, next.Userdata.AppID},
+		{"version", ud.Version, next.Userdata.Version},
+		{"base_remote", ud.BaseRemote, next.Userdata.BaseRemote},
+		{"pubkey", ud.PubKey, next.Userdata.PubKey},
+	} {
+		if kv.value == "" || kv.value == kv.current {
+			continue
+		}
+		// Set checks the value's form (a ws_uri must be ws:// or wss://).
+		if err := next.Set("userdata", kv.key, kv.value); err != nil {
+			return fmt.Errorf("userdata values not applied: %w", err)
+		}
+		changed[kv.key] = kv.value
+	}
 	if len(changed) == 0 {
 		return nil
 	}

@@ -337,3 +337,30 @@ func TestBrokenConfigNamesTheKey(t *testing.T) {
 		t.Errorf("exit %d output %q", code, p.out.String())
 	}
 }
+
+func TestSIGHUPReloadsConfig(t *testing.T) {
+	b := startBackend(t, t.TempDir(), "127.0.0.1:0")
+	b.api(t, "PUT", "/api/apps/app/recipe", `{"state":[{"id":"c","module":"meta.comment"}]}`)
+	root := agentRoot(t, b.addr, "app", "i-1", "[salt]\ndelay = 60\n")
+	agent := startAgent(t, root)
+	eventually(t, "first round", func() bool { return len(b.logs(t, "app")) == 1 })
+	confPath := filepath.Join(root, "etc/opsagent.conf")
+	good, _ := os.ReadFile(confPath)
+
+	// A broken config is refused; the agent keeps running with the old one.
+	os.WriteFile(confPath, []byte("[userdata]\nws_uri = nope\n"), 0o640)
+	_ = agent.cmd.Process.Signal(syscall.SIGHUP)
+	logFile := filepath.Join(root, "var/log/visualops/agent.log")
+	eventually(t, "reload refused", func() bool {
+		data, _ := os.ReadFile(logFile)
+		return strings.Contains(string(data), "config reload failed; keeping the running config")
+	})
+	// A good config is applied: the agent restarts its connection and
+	// resumes the persisted recipe at once (a new round).
+	os.WriteFile(confPath, good, 0o640)
+	_ = agent.cmd.Process.Signal(syscall.SIGHUP)
+	eventually(t, "round after reload", func() bool { return len(b.logs(t, "app")) >= 2 })
+	if code, _ := status(t, root); code != 0 {
+		t.Errorf("agent not running after reload: status exit %d", code)
+	}
+}

@@ -1,0 +1,128 @@
+package agent
+
+import (
+	"context"
+	"log/slog"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/visualops/opsagent/internal/config"
+	"github.com/visualops/opsagent/internal/fsutil"
+)
+
+func identityRig(t *testing.T, metadataURL, conf string) (*identity, string, *config.Config) {
+	t.Helper()
+	dir := t.TempDir()
+	root, _ := fsutil.NewRoot(dir)
+	os.MkdirAll(filepath.Join(dir, "etc"), 0o755)
+	if metadataURL != "" {
+		conf += "\n[network]\nmetadata = " + metadataURL + "\n"
+	}
+	p := filepath.Join(dir, "etc/opsagent.conf")
+	if err := os.WriteFile(p, []byte(conf), 0o640); err != nil {
+		t.Fatal(err)
+	}
+	cfg, err := config.Load(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return newIdentity(root, cfg, slog.New(slog.DiscardHandler)), dir, cfg
+}
+
+func metadataServer(t *testing.T, userdata string) *httptest.Server {
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		switch r.URL.Path {
+		case "/latest/api/token":
+			w.Write([]byte("tok"))
+		case "/latest/meta-data/instance-id":
+			w.Write([]byte("i-0meta"))
+		case "/latest/user-data":
+			w.Write([]byte(userdata))
+		default:
+			http.NotFound(w, r)
+		}
+	}))
+	t.Cleanup(srv.Close)
+	return srv
+}
+
+func TestUserdataWrittenBackAndAppChangeReplacesToken(t *testing.T) {
+	srv := metadataServer(t, "WS_URI=wss://new.example.com/agent/\nAPP_ID=app-new\nVERSION=2.2\n")
+	id, dir, _ := identityRig(t, srv.URL, "; keep me\n[userdata]\nws_uri = wss://old.example.com/agent/\napp_id = app-old\n")
+	tok1, err := id.Token()
+	if err != nil || len(tok1) != 2*TokenBytes {
+		t.Fatalf("token %q %v", tok1, err)
+	}
+	iid, err := id.InstanceID(context.Background())
+	if err != nil || iid != "i-0meta" {
+		t.Fatalf("instance id %q %v", iid, err)
+	}
+	if err := id.RefreshUserdata(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	data, _ := os.ReadFile(filepath.Join(dir, "etc/opsagent.conf"))
+	for _, want := range []string{"wss://new.example.com/agent/", "app-new", "2.2", "keep me"} {
+		if !strings.Contains(string(data), want) {
+			t.Errorf("config lacks %q:\n%s", want, data)
+		}
+	}
+	tok2, _ := id.Token()
+	if tok2 == tok1 || id.AppID() != "app-new" {
+		t.Errorf("app id change must replace the token (%q → %q)", tok1, tok2)
+	}
+	// Nothing changed: nothing rewritten, token kept.
+	if err := id.RefreshUserdata(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if tok3, _ := id.Token(); tok3 != tok2 {
+		t.Error("token replaced without an app change")
+	}
+}
+
+func TestUserdataInvalidValuesNotApplied(t *testing.T) {
+	srv := metadataServer(t, "WS_URI=http://not-a-websocket/\n")
+	id, dir, _ := identityRig(t, srv.URL, "[userdata]\nws_uri = wss://ok.example.com/agent/\napp_id = a\n")
+	err := id.RefreshUserdata(context.Background())
+	if err == nil || !strings.Contains(err.Error(), "ws_uri") {
+		t.Fatalf("err = %v", err)
+	}
+	data, _ := os.ReadFile(filepath.Join(dir, "etc/opsagent.conf"))
+	if !strings.Contains(string(data), "wss://ok.example.com/agent/") {
+		t.Errorf("config changed:\n%s", data)
+	}
+}
+
+func TestMachineIDFallback(t *testing.T) {
+	dead := httptest.NewServer(http.NotFoundHandler())
+	dead.Close()
+	id, dir, _ := identityRig(t, dead.URL, "[userdata]\nws_uri = ws://x/agent/\napp_id = a\n")
+	id.meta = nil
+	id.instanceID = ""
+	// No metadata at all and no machine-id: a clear error.
+	id.meta = newIdentity(id.root, id.cfg, id.log).meta
+	if _, err := id.InstanceID(context.Background()); err == nil || !strings.Contains(err.Error(), "instance_id") {
+		t.Fatalf("err = %v", err)
+	}
+	os.WriteFile(filepath.Join(dir, "etc/machine-id"), []byte("0123456789abcdef\n"), 0o444)
+	iid, err := id.InstanceID(context.Background())
+	if err != nil || iid != "0123456789abcdef" {
+		t.Fatalf("machine-id fallback: %q %v", iid, err)
+	}
+}
+
+func TestConfiguredInstanceIDSkipsMetadata(t *testing.T) {
+	id, _, _ := identityRig(t, "", "[userdata]\nws_uri = ws://x/agent/\napp_id = a\n[network]\ninstance_id = i-fixed\n")
+	if id.meta != nil {
+		t.Error("metadata client created although instance_id is set")
+	}
+	if iid, err := id.InstanceID(context.Background()); err != nil || iid != "i-fixed" {
+		t.Fatalf("%q %v", iid, err)
+	}
+	if err := id.RefreshUserdata(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+}
