@@ -6,6 +6,16 @@
 //
 // Each connection has exactly one reader and one writer goroutine, as
 // gorilla/websocket requires; everything else hands frames to the writer.
+//
+// Delivery of StateLogs is at-least-once: an entry leaves the outbox only
+// after it was written to the socket, so a connection that dies between the
+// write and the backend reading it loses nothing, but a frame written just
+// before the loss may in rare cases be sent again after the reconnect. The
+// backend must tolerate that duplicate (same version, state id, result).
+//
+// AppNotReady is handled by closing the connection (1000) and connecting
+// anew after the jittered delay, with a refreshed identity: the same
+// Handshake path as any reconnect, and nothing half-open is kept meanwhile.
 package conn
 
 import (
@@ -41,6 +51,8 @@ type Identity struct {
 
 // Handler receives the messages the connection does not handle itself
 // (RecipeMetadata, State, WaitList, AgentUpdate). rounds.Engine is one.
+// Deliver runs on the reader goroutine: it should hand the message over
+// and return, because pongs are not processed while it blocks.
 type Handler interface {
 	Deliver(ctx context.Context, m protocol.Message)
 	// Connected is called after each Handshake has been sent.
@@ -83,11 +95,11 @@ type Status struct {
 
 // Manager owns the connection. Create it with New and run it with Run.
 type Manager struct {
-	opts    Options
-	log     *slog.Logger
-	out     *outbox
-	dialer  *websocket.Dialer
-	dialErr error
+	opts     Options
+	log      *slog.Logger
+	out      *outbox
+	dialer   *websocket.Dialer
+	setupErr error // bad URL or CA file: every attempt fails with it
 
 	mu            sync.Mutex
 	id            Identity // last identity sent
@@ -127,7 +139,10 @@ func New(opts Options) *Manager {
 		log = slog.New(slog.DiscardHandler)
 	}
 	m := &Manager{opts: opts, log: log, out: newOutbox(opts.OutboxLimit), since: time.Now(), wqNotify: make(chan struct{}, 1)}
-	m.dialer, m.dialErr = newDialer(opts)
+	m.dialer, m.setupErr = newDialer(opts)
+	if err := checkURL(opts.URL); err != nil {
+		m.setupErr = err
+	}
 	return m
 }
 
@@ -135,8 +150,10 @@ func newDialer(opts Options) (*websocket.Dialer, error) {
 	d := &websocket.Dialer{
 		Proxy:            http.ProxyFromEnvironment,
 		HandshakeTimeout: opts.HandshakeTimeout,
-		ReadBufferSize:   16 << 10,
-		WriteBufferSize:  16 << 10,
+		// Small I/O buffers keep an idle agent (and a simulated fleet in
+		// benchmarks) cheap; larger messages simply take more reads.
+		ReadBufferSize:  4 << 10,
+		WriteBufferSize: 16 << 10,
 	}
 	if opts.CAFile != "" {
 		pem, err := os.ReadFile(opts.CAFile)
@@ -230,11 +247,11 @@ var errAppNotReady = errors.New("backend says the app is not ready")
 
 // Run connects and reconnects until ctx is done. It returns nil then.
 func (m *Manager) Run(ctx context.Context) error {
-	if m.dialErr != nil {
-		// A bad CA file is a config error: say so, and keep trying in case
-		// it is fixed (a reload restarts the manager anyway).
-		m.log.Error("cannot set up TLS", "err", m.dialErr)
-		m.setConnected(false, m.dialErr)
+	if m.setupErr != nil {
+		// A config error: say so loudly once. Run keeps retrying (slowly,
+		// by backoff) so that the status shows the error, and a config
+		// reload replaces the manager anyway.
+		m.log.Error("cannot connect with this configuration", "err", m.setupErr)
 	}
 	attempt := 0
 	refresh := false
@@ -273,6 +290,9 @@ func (m *Manager) Run(ctx context.Context) error {
 
 // session runs one connection until it fails or ctx is done.
 func (m *Manager) session(ctx context.Context, refresh bool) error {
+	if m.setupErr != nil {
+		return m.setupErr
+	}
 	id, err := m.opts.Identity(ctx, refresh)
 	if err != nil {
 		return fmt.Errorf("identity: %w", err)
@@ -291,6 +311,9 @@ func (m *Manager) session(ctx context.Context, refresh bool) error {
 		return fmt.Errorf("connect %s: %w", Redact(m.opts.URL), err)
 	}
 	defer ws.Close()
+	// A frame over the limit makes gorilla fail the read and close the
+	// socket (1009): that is a connection error, so the agent reconnects.
+	// It cannot skip just that frame, as the rest of it is still in flight.
 	ws.SetReadLimit(int64(m.opts.MaxFrame))
 
 	var initErrs *string
@@ -324,6 +347,13 @@ func (m *Manager) session(ctx context.Context, refresh bool) error {
 	select {
 	case err = <-readErr:
 		close(c.done)
+		if errors.Is(err, errAppNotReady) {
+			// Say goodbye properly: the backend asked us to come back later.
+			c.sendClose("app not ready; handshaking again later")
+		}
+		// Closing the socket unblocks a writer stuck on a peer that stopped
+		// reading; an unfinished StateLog stays queued for the next session.
+		_ = ws.Close()
 		<-writeErr
 	case err = <-writeErr:
 		close(c.done)
@@ -331,21 +361,21 @@ func (m *Manager) session(ctx context.Context, refresh bool) error {
 		<-readErr
 	case <-ctx.Done():
 		close(c.done)
-		// The writer sends the close frame; a peer that stopped reading
-		// must not hold the shutdown, so give it two seconds at most.
-		select {
-		case <-writeErr:
-		case <-time.After(2 * time.Second):
-			_ = ws.Close()
-			<-writeErr
+		// The writer sends the close frame (1000). A peer that stopped
+		// reading must not hold the shutdown: half a second for the writer,
+		// half a second for the backend's answering close frame.
+		wait := func(ch chan error) {
+			t := time.NewTimer(500 * time.Millisecond)
+			defer t.Stop()
+			select {
+			case <-ch:
+			case <-t.C:
+				_ = ws.Close()
+				<-ch
+			}
 		}
-		// Give the backend a moment to answer the close, then stop reading.
-		select {
-		case <-readErr:
-		case <-time.After(time.Second):
-			_ = ws.Close()
-			<-readErr
-		}
+		wait(writeErr)
+		wait(readErr)
 		m.log.Info("connection closed", "backend", Redact(m.opts.URL))
 		return nil
 	}
@@ -462,7 +492,14 @@ func (c *link) write(ctx context.Context) error {
 	for {
 		// Drain what is ready before sleeping; pings go out even while a
 		// long backlog is flushed, so the backend's pongs keep us alive.
+		// The session's end is checked first so that a long backlog does
+		// not delay shutdown.
 		select {
+		case <-c.done:
+			if ctx.Err() != nil {
+				c.sendClose("agent stopping")
+			}
+			return nil
 		case <-ping.C:
 			if err := c.ws.WriteControl(websocket.PingMessage, nil, time.Now().Add(m.opts.DeadAfter)); err != nil {
 				return fmt.Errorf("ping: %w", err)
@@ -498,11 +535,11 @@ func (c *link) write(ctx context.Context) error {
 		}
 		select {
 		case <-ctx.Done():
-			c.closeNormally()
+			c.sendClose("agent stopping")
 			return nil
 		case <-c.done:
 			if ctx.Err() != nil {
-				c.closeNormally()
+				c.sendClose("agent stopping")
 			}
 			return nil
 		case frame := <-c.control:
@@ -519,10 +556,11 @@ func (c *link) write(ctx context.Context) error {
 	}
 }
 
-// closeNormally starts the close handshake when the agent stops.
-func (c *link) closeNormally() {
+// sendClose starts the close handshake (1000). WriteControl may be called
+// next to the writer goroutine; it waits at most half a second for it.
+func (c *link) sendClose(reason string) {
 	_ = c.ws.WriteControl(websocket.CloseMessage,
-		websocket.FormatCloseMessage(websocket.CloseNormalClosure, "agent stopping"), time.Now().Add(time.Second))
+		websocket.FormatCloseMessage(websocket.CloseNormalClosure, reason), time.Now().Add(500*time.Millisecond))
 }
 
 func (m *Manager) takeWaitQuery() int64 {
@@ -553,6 +591,25 @@ func nilIfEmpty(s string) *string {
 		return nil
 	}
 	return &s
+}
+
+// checkURL says what is wrong with a backend URL before any dial does, in
+// words that name the config key.
+func checkURL(raw string) error {
+	u, err := url.Parse(raw)
+	if err != nil {
+		return fmt.Errorf("ws_uri %q is not a URL: %w", Redact(raw), err)
+	}
+	if u.Scheme != "ws" && u.Scheme != "wss" {
+		return fmt.Errorf("ws_uri %s: scheme must be ws:// or wss://", Redact(raw))
+	}
+	if u.Host == "" {
+		return fmt.Errorf("ws_uri %s: no host", Redact(raw))
+	}
+	if u.User != nil {
+		return fmt.Errorf("ws_uri %s: user name or password in the URL is not allowed; the agent authenticates with its instance token", Redact(raw))
+	}
+	return nil
 }
 
 // Redact drops credentials and the query string from a URL, for logs and

@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/pem"
 	"errors"
+	"fmt"
 	"log/slog"
 	"net/http"
 	"net/http/httptest"
@@ -346,6 +347,12 @@ func TestAppNotReadyRefreshesIdentity(t *testing.T) {
 	h := startManager(t, fb.url(), nil)
 	c := fb.accept(t)
 	c.send(t, &protocol.AppNotReady{})
+	_ = c.ws.SetReadDeadline(time.Now().Add(5 * time.Second))
+	_, _, err := c.ws.ReadMessage()
+	var ce *websocket.CloseError
+	if !errors.As(err, &ce) || ce.Code != websocket.CloseNormalClosure {
+		t.Errorf("after AppNotReady the backend saw %v, want a normal close", err)
+	}
 	c2 := fb.accept(t)
 	if h.refresh.Load() != 1 {
 		t.Errorf("identity refreshed %d times, want 1", h.refresh.Load())
@@ -368,14 +375,13 @@ func TestTestIsAnswered(t *testing.T) {
 
 func TestWaitQueryAfterHandshake(t *testing.T) {
 	fb := newFakeBackend(t, false)
-	h := startManager(t, "ws://127.0.0.1:1/", nil)
+	fb.down.Store(true)
+	h := startManager(t, fb.url(), nil)
 	h.m.QueryWaits(9) // while disconnected: remembered
-	h.cancel()
-	<-h.done
-	h2 := startManager(t, fb.url(), nil)
-	h2.m.QueryWaits(9)
+	eventually(t, "a failed attempt", func() bool { return strings.Contains(h.m.Status().LastError, "503") })
+	fb.down.Store(false)
 	c := fb.accept(t)
-	if q, ok := c.next(t).(*protocol.WaitQuery); !ok || q.RecipeVersion != 9 || q.InstanceID != "i-0abc" {
+	if q, ok := c.next(t).(*protocol.WaitQuery); !ok || q.RecipeVersion != 9 || q.InstanceID != "i-0abc" || q.AppID != "app-123" {
 		t.Fatalf("got %#v", q)
 	}
 }
@@ -428,9 +434,10 @@ func TestTLSWithCAFile(t *testing.T) {
 	}
 	bad := filepath.Join(t.TempDir(), "bad.pem")
 	_ = os.WriteFile(bad, []byte("nothing"), 0o600)
-	if _, err := newDialer(Options{CAFile: bad}); err == nil || !strings.Contains(err.Error(), "no PEM certificate") {
-		t.Errorf("bad CA file: %v", err)
-	}
+	h = startManager(t, fb.url(), func(o *Options) { o.CAFile = bad })
+	eventually(t, "bad CA file reported", func() bool {
+		return strings.Contains(h.m.Status().LastError, "[network] ca_file "+bad+": no PEM certificate")
+	})
 }
 
 func TestBackoff(t *testing.T) {
@@ -451,8 +458,137 @@ func TestBackoff(t *testing.T) {
 	}
 }
 
+func TestCheckURL(t *testing.T) {
+	for raw, want := range map[string]string{
+		"wss://api.example.com/agent/": "",
+		"ws://127.0.0.1:8963/agent/":   "",
+		"http://api.example.com/":      "scheme must be ws:// or wss://",
+		"wss:///agent/":                "no host",
+		"wss://u:p@h/":                 "user name or password",
+		"wss://h/%zz":                  "is not a URL",
+	} {
+		err := checkURL(raw)
+		if (err == nil) != (want == "") || (err != nil && !strings.Contains(err.Error(), want)) {
+			t.Errorf("checkURL(%q) = %v, want %q", raw, err, want)
+		}
+		if err != nil && strings.Contains(err.Error(), ":p@") {
+			t.Errorf("checkURL leaks the password: %v", err)
+		}
+	}
+}
+
 func TestRedact(t *testing.T) {
 	if got := Redact("wss://user:pw@api.example.com/agent/?token=x#f"); got != "wss://api.example.com/agent/" {
 		t.Errorf("Redact = %q", got)
 	}
+}
+
+func TestTokenNeverLogged(t *testing.T) {
+	fb := newFakeBackend(t, false)
+	// The token also sits in the URL's user info (refused) or query, as a
+	// careless config might have it; it must reach neither log nor status.
+	url := strings.Replace(fb.url(), "ws://", "ws://u:"+testToken+"@", 1)
+	h := startManager(t, url, nil)
+	eventually(t, "URL refused", func() bool { return strings.Contains(h.m.Status().LastError, "user name or password") })
+	h.cancel()
+	<-h.done
+	logs := h.logs.String()
+	h = startManager(t, fb.url()+"?t="+testToken, nil)
+	c := fb.accept(t)
+	c.send(t, &protocol.Test{})
+	if _, ok := c.next(t).(*protocol.Test); !ok {
+		t.Fatal("no Test answer")
+	}
+	msg := "bad token"
+	c.send(t, &protocol.TestAns{Result: false, Error: &msg})
+	c.send(t, &protocol.AppNotReady{})
+	c2 := fb.accept(t)
+	_ = c2.ws.WriteMessage(websocket.CloseMessage, websocket.FormatCloseMessage(websocket.ClosePolicyViolation, "token mismatch"))
+	fb.accept(t)
+	h.cancel()
+	<-h.done
+	logs += h.logs.String()
+	if !strings.Contains(logs, "Handshake sent") || !strings.Contains(logs, "bad token") {
+		t.Fatalf("the log lacks the expected lines:\n%s", logs)
+	}
+	if strings.Contains(logs, testToken) || strings.Contains(fmt.Sprint(h.m.Status()), testToken) {
+		t.Errorf("the token leaked:\n%s", logs)
+	}
+}
+
+func TestOutboxAckAfterDrop(t *testing.T) {
+	o := newOutbox(2)
+	o.push(&protocol.StateLog{RecipeVersion: 1, StateID: "a"})
+	e, _ := o.peek()
+	// While "a" is being written, two more arrive and push it out.
+	o.push(&protocol.StateLog{RecipeVersion: 1, StateID: "b"})
+	if !o.push(&protocol.StateLog{RecipeVersion: 1, StateID: "c"}) {
+		t.Fatal("third push into a 2-entry outbox did not drop")
+	}
+	o.ack(e.seq) // must not remove "b"
+	if e, _ := o.peek(); e.msg.StateID != "b" || o.depth() != 2 || o.droppedCount() != 1 {
+		t.Fatalf("head %q depth %d dropped %d", e.msg.StateID, o.depth(), o.droppedCount())
+	}
+}
+
+// FuzzBackoff checks the invariants: never negative, never above max, never
+// below the floor, whatever the attempt number and random draw.
+func FuzzBackoff(f *testing.F) {
+	f.Add(0, int64(time.Second), int64(time.Minute), 0.0)
+	f.Add(5, int64(time.Second), int64(time.Minute), 0.5)
+	f.Add(1<<30, int64(time.Millisecond), int64(time.Hour), 0.999)
+	f.Add(-3, int64(time.Second), int64(time.Minute), 0.7)
+	f.Fuzz(func(t *testing.T, n int, min, max int64, r float64) {
+		if min <= 0 || max < min || r < 0 || r >= 1 || n < 0 {
+			t.Skip()
+		}
+		d := Backoff(n, time.Duration(min), time.Duration(max), r)
+		if d < time.Duration(min)/10 || d > time.Duration(max) {
+			t.Fatalf("Backoff(%d, %d, %d, %v) = %d", n, min, max, r, d)
+		}
+	})
+}
+
+// BenchmarkStateLogFlush measures how fast a queued backlog reaches a
+// loopback backend (go test -bench StateLogFlush ./agent/conn/).
+func BenchmarkStateLogFlush(b *testing.B) {
+	up := websocket.Upgrader{}
+	got := make(chan int, 1)
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		ws, err := up.Upgrade(w, r, nil)
+		if err != nil {
+			return
+		}
+		defer ws.Close()
+		n := -1 // the Handshake
+		for {
+			if _, _, err := ws.ReadMessage(); err != nil {
+				return
+			}
+			if n++; n == b.N {
+				got <- n
+			}
+		}
+	}))
+	defer srv.Close()
+	m := New(Options{
+		URL:         "ws" + strings.TrimPrefix(srv.URL, "http") + "/",
+		OutboxLimit: b.N + 1,
+		Identity: func(context.Context, bool) (Identity, error) {
+			return Identity{InstanceID: "i-1", AppID: "a", AgentVersion: "1", Token: "t"}, nil
+		},
+	})
+	res := state.Result{OK: true, Comment: "done", Stdout: strings.Repeat("x", 256)}
+	for i := 0; i < b.N; i++ {
+		m.Report(1, "s", res)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	b.ResetTimer()
+	done := make(chan struct{})
+	go func() { defer close(done); _ = m.Run(ctx) }()
+	<-got
+	b.StopTimer()
+	b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "statelogs/s")
+	cancel()
+	<-done
 }
