@@ -87,6 +87,7 @@ func newApp(s streams) *cli.App {
 			statusCommand(),
 			backendCommand(),
 			runCommand(),
+			releaseCommand(),
 		},
 	}
 	for _, cmd := range app.Commands {

@@ -1,0 +1,390 @@
+package release
+
+import (
+	"bytes"
+	"context"
+	"debug/elf"
+	"encoding/json"
+	"errors"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/minio/minio-go/v7"
+	"github.com/minio/minio-go/v7/pkg/credentials"
+
+	"github.com/visualops/opsagent/internal/archive"
+)
+
+const testEpoch = 1767225600 // 2026-01-01
+
+// realBuild builds the repository once per test binary (two cross
+// compiles) and shares the result.
+var realBuild struct {
+	once sync.Once
+	dist string
+	pub  string
+	a    *Artifacts
+	err  error
+}
+
+func built(t *testing.T) (*Artifacts, string, string) {
+	t.Helper()
+	if testing.Short() {
+		t.Skip("cross-compiles the agent twice")
+	}
+	realBuild.once.Do(func() {
+		dir, err := os.MkdirTemp("", "opsagent-release-test-")
+		if err != nil {
+			realBuild.err = err
+			return
+		}
+		keys := filepath.Join(dir, "keys")
+		realBuild.pub, realBuild.err = Keygen(keys, "", true)
+		if realBuild.err != nil {
+			return
+		}
+		realBuild.dist = filepath.Join(dir, "dist")
+		realBuild.a, realBuild.err = Build(context.Background(), BuildOptions{
+			Version: "2.3.1", SourceDir: "..", OutDir: realBuild.dist,
+			KeyFile: filepath.Join(keys, SecretKeyFile), AllowDirty: true, SourceDateEpoch: testEpoch,
+		})
+	})
+	if realBuild.err != nil {
+		t.Fatal(realBuild.err)
+	}
+	return realBuild.a, realBuild.dist, realBuild.pub
+}
+
+func TestBuildSignedReproducibleStatic(t *testing.T) {
+	a, dist, pub := built(t)
+	data, err := os.ReadFile(a.Tarball)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Signature: our verifier, and minisign itself when installed.
+	sig, _ := os.ReadFile(a.Signature)
+	pk, err := ParsePublicKey(pub)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := Verify(pk, data, sig); err != nil {
+		t.Fatal(err)
+	}
+	tampered := append([]byte(nil), data...)
+	tampered[len(tampered)/2] ^= 1
+	if err := Verify(pk, tampered, sig); err == nil {
+		t.Fatal("a tampered tarball verifies")
+	}
+	if mini, err := exec.LookPath("minisign"); err == nil {
+		out, err := exec.Command(mini, "-V", "-p", filepath.Join(filepath.Dir(dist), "keys", PublicKeyFile), "-m", a.Tarball).CombinedOutput()
+		if err != nil {
+			t.Fatalf("minisign -V refuses our signature: %v\n%s", err, out)
+		}
+		t.Logf("minisign -V: %s", bytes.TrimSpace(out))
+	} else {
+		t.Log("minisign not installed: verified with our verifier only")
+	}
+	// Checksum file in sha256sum format.
+	sum, _ := os.ReadFile(a.Checksum)
+	if string(sum) != a.SHA256+"  opsagent.tgz\n" {
+		t.Errorf("checksum file %q", sum)
+	}
+	cmd := exec.Command("sha256sum", "-c", ChecksumName)
+	cmd.Dir = dist
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Errorf("sha256sum -c: %v %s", err, out)
+	}
+
+	// Contents and modes.
+	dest := t.TempDir()
+	if err := archive.Extract(context.Background(), bytes.NewReader(data), dest, archive.DefaultLimits()); err != nil {
+		t.Fatal(err)
+	}
+	want := map[string]os.FileMode{"VERSION": 0o644, "opsagent-linux-amd64": 0o755, "opsagent-linux-arm64": 0o755, "userdata.sh": 0o755}
+	entries, _ := os.ReadDir(dest)
+	if len(entries) != len(want) {
+		t.Errorf("tarball holds %d entries, want %d", len(entries), len(want))
+	}
+	for name, mode := range want {
+		st, err := os.Stat(filepath.Join(dest, name))
+		if err != nil || st.Mode().Perm() != mode {
+			t.Errorf("%s: %v %v", name, st, err)
+			continue
+		}
+		t.Logf("%s %v %d bytes", name, st.Mode(), st.Size())
+	}
+	for _, arch := range []struct {
+		name    string
+		machine elf.Machine
+	}{{"amd64", elf.EM_X86_64}, {"arm64", elf.EM_AARCH64}} {
+		f, err := elf.Open(filepath.Join(dest, "opsagent-linux-"+arch.name))
+		if err != nil {
+			t.Fatalf("%s: not ELF: %v", arch.name, err)
+		}
+		for _, p := range f.Progs {
+			if p.Type == elf.PT_INTERP {
+				t.Errorf("%s has an ELF interpreter: not static", arch.name)
+			}
+		}
+		if f.Machine != arch.machine {
+			t.Errorf("%s: machine %v", arch.name, f.Machine)
+		}
+		f.Close()
+	}
+	out, err := exec.Command(filepath.Join(dest, "opsagent-linux-amd64"), "version", "--json").Output()
+	var info struct{ Version, Commit string }
+	if err != nil || json.Unmarshal(out, &info) != nil || info.Version != "2.3.1" || info.Commit != a.Commit {
+		t.Errorf("amd64 binary version: %s %v (want 2.3.1, commit %s)", out, err, a.Commit)
+	}
+	ud, _ := os.ReadFile(filepath.Join(dest, "userdata.sh"))
+	if !bytes.Contains(ud, []byte("VERSION='2.3.1'")) {
+		t.Errorf("userdata.sh not rendered:\n%s", ud)
+	}
+	if v, _ := os.ReadFile(filepath.Join(dest, "VERSION")); string(v) != "2.3.1\n" {
+		t.Errorf("VERSION %q", v)
+	}
+	if a.Size > 25<<20 {
+		t.Logf("tarball is %d bytes, over the 25 MiB goal", a.Size)
+	}
+}
+
+func TestBuildIsReproducible(t *testing.T) {
+	a, _, _ := built(t)
+	dir := t.TempDir()
+	again, err := Build(context.Background(), BuildOptions{
+		Version: "2.3.1", SourceDir: "..", OutDir: dir, AllowDirty: true, SourceDateEpoch: testEpoch,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if again.SHA256 != a.SHA256 {
+		t.Fatalf("two builds differ: %s vs %s", again.SHA256, a.SHA256)
+	}
+	if _, err := os.Stat(filepath.Join(dir, SignatureName)); !os.IsNotExist(err) {
+		t.Error("an unsigned build left a signature")
+	}
+}
+
+// fakeGit answers git and go commands without running them.
+func fakeGit(status string) Runner {
+	return func(_ context.Context, _ string, _ []string, name string, args ...string) ([]byte, error) {
+		switch {
+		case name == "git" && args[0] == "status":
+			return []byte(status), nil
+		case name == "git" && args[0] == "rev-parse":
+			return []byte("abc123\n"), nil
+		case name == "git" && args[0] == "log":
+			return []byte("1767225600\n"), nil
+		case name == "go":
+			out := args[len(args)-2]
+			return nil, os.WriteFile(out, []byte("\x7fELF fake "+out), 0o755)
+		}
+		return nil, errors.New("unexpected command " + name)
+	}
+}
+
+func TestBuildRefusals(t *testing.T) {
+	dir := t.TempDir()
+	for _, v := range []string{"2", "v2.1", "2.1.3.4", "2.x", "", "2.1-rc1"} {
+		if _, err := Build(context.Background(), BuildOptions{Version: v, OutDir: dir, Run: fakeGit("")}); err == nil || !strings.Contains(err.Error(), "MAJOR.MINOR") {
+			t.Errorf("version %q: %v", v, err)
+		}
+	}
+	_, err := Build(context.Background(), BuildOptions{Version: "2.1", OutDir: dir, Run: fakeGit(" M agent/agent.go\n")})
+	if err == nil || !strings.Contains(err.Error(), "uncommitted changes") || !strings.Contains(err.Error(), "--allow-dirty") || !strings.Contains(err.Error(), "agent/agent.go") {
+		t.Fatalf("dirty tree: %v", err)
+	}
+	a, err := Build(context.Background(), BuildOptions{Version: "2.1", OutDir: dir, Run: fakeGit(" M x\n"), AllowDirty: true})
+	if err != nil || a.Commit != "abc123" {
+		t.Fatalf("allow-dirty: %+v %v", a, err)
+	}
+	if _, err := Build(context.Background(), BuildOptions{Version: "2.1", OutDir: dir, Run: fakeGit(""), KeyFile: filepath.Join(dir, "nope.key")}); err == nil || !strings.Contains(err.Error(), "nope.key") {
+		t.Errorf("missing key: %v", err)
+	}
+}
+
+func TestKeygenEncryptedAndRefusals(t *testing.T) {
+	dir := t.TempDir()
+	if _, err := Keygen(dir, "", false); err == nil {
+		t.Error("empty passphrase accepted for an encrypted key")
+	}
+	pub, err := Keygen(dir, "correct horse", false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Keygen(dir, "x", true); err == nil || !strings.Contains(err.Error(), "exists") {
+		t.Errorf("overwrote a key: %v", err)
+	}
+	if st, _ := os.Stat(filepath.Join(dir, SecretKeyFile)); st.Mode().Perm() != 0o600 {
+		t.Errorf("secret key mode %v", st.Mode())
+	}
+	if _, err := LoadSecretKey(filepath.Join(dir, SecretKeyFile), ""); err == nil || !strings.Contains(err.Error(), "OPSAGENT_SIGNING_PASSPHRASE") {
+		t.Errorf("no passphrase: %v", err)
+	}
+	if _, err := LoadSecretKey(filepath.Join(dir, SecretKeyFile), "wrong"); err == nil || !strings.Contains(err.Error(), "wrong passphrase") {
+		t.Errorf("wrong passphrase: %v", err)
+	}
+	key, err := LoadSecretKey(filepath.Join(dir, SecretKeyFile), "correct horse")
+	if err != nil {
+		t.Fatal(err)
+	}
+	pk, _ := ParsePublicKey(pub)
+	if err := Verify(pk, []byte("msg"), Sign(key, []byte("msg"), "t")); err != nil {
+		t.Fatal(err)
+	}
+	whole, _ := os.ReadFile(filepath.Join(dir, PublicKeyFile))
+	if pk2, err := ParsePublicKey(string(whole)); err != nil || !pk2.Equal(pk) {
+		t.Errorf("minisign.pub file form: %v", err)
+	}
+	if _, err := ParsePublicKey("not a key"); err == nil {
+		t.Error("garbage public key accepted")
+	}
+}
+
+func TestRenderUserdataQuotes(t *testing.T) {
+	ud, err := RenderUserdata(UserdataParams{AppID: "a'b; rm -rf /", Version: "2.1", SHA256: "ff"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Contains(ud, []byte(`APP_ID='a'\''b; rm -rf /'`)) {
+		t.Errorf("not quoted:\n%s", ud)
+	}
+	if len(ud) > 16<<10 {
+		t.Errorf("userdata.sh is %d bytes, over EC2's 16 KiB", len(ud))
+	}
+	if out, err := exec.Command("bash", "-n", "-c", string(ud)).CombinedOutput(); err != nil {
+		t.Errorf("bash -n: %v %s", err, out)
+	}
+}
+
+// versitygw runs a real S3-protocol server (posix backend, SigV4) when the
+// Makefile built it (OPSAGENT_VERSITYGW).
+func versitygw(t *testing.T) (endpoint string, creds *credentials.Credentials, dir string) {
+	t.Helper()
+	bin := os.Getenv("OPSAGENT_VERSITYGW")
+	if bin == "" {
+		t.Skip("OPSAGENT_VERSITYGW not set (make test builds versitygw and sets it)")
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	ln.Close()
+	dir = t.TempDir()
+	cmd := exec.Command(bin, "--access", "testkey", "--secret", "testsecret123", "--port", addr, "posix", dir)
+	var out bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &out
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		cmd.Process.Kill()
+		cmd.Wait()
+		if t.Failed() {
+			t.Logf("versitygw output:\n%s", out.String())
+		}
+	})
+	for deadline := time.Now().Add(20 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+		if c, err := net.Dial("tcp", addr); err == nil {
+			c.Close()
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("versitygw did not listen on %s", addr)
+		}
+	}
+	return "http://" + addr, credentials.NewStaticV4("testkey", "testsecret123", ""), dir
+}
+
+func TestPublishToS3(t *testing.T) {
+	endpoint, creds, _ := versitygw(t)
+	a, dist, _ := built(t)
+	ctx := context.Background()
+	client, err := minio.New(strings.TrimPrefix(endpoint, "http://"), &minio.Options{Creds: creds, Region: "us-east-1", BucketLookup: minio.BucketLookupPath})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := client.MakeBucket(ctx, "releases", minio.MakeBucketOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	opts := PublishOptions{Bucket: "releases", Version: "2.3.1", Endpoint: endpoint, Prefix: "opsagent/", Dist: dist, Creds: creds, ACL: "none"}
+
+	// A failure before latest.json leaves latest.json untouched (absent).
+	failing := opts
+	failing.beforeLatest = func() error { return errors.New("injected failure") }
+	if _, err := Publish(ctx, failing); err == nil || !strings.Contains(err.Error(), "injected") {
+		t.Fatalf("injected failure: %v", err)
+	}
+	if _, err := client.StatObject(ctx, "releases", "opsagent/latest.json", minio.StatObjectOptions{}); err == nil {
+		t.Fatal("latest.json written although the publish failed before it")
+	}
+	// The version now exists: a second publish is refused without --force.
+	if _, err := Publish(ctx, opts); err == nil || !strings.Contains(err.Error(), "already exists") {
+		t.Fatalf("overwrite: %v", err)
+	}
+	opts.Force = true
+	latest, err := Publish(ctx, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if latest.SHA256 != a.SHA256 || latest.Version != "2.3.1" {
+		t.Errorf("latest %+v", latest)
+	}
+	// Objects read back as an instance would: a plain HTTP GET (presigned,
+	// since versitygw's root account owns the bucket).
+	for _, key := range []string{"opsagent/2.3.1/opsagent.tgz", "opsagent/2.3.1/opsagent.tgz.sha256", "opsagent/2.3.1/opsagent.tgz.minisig", "opsagent/latest.json"} {
+		u, err := client.PresignedGetObject(ctx, "releases", key, time.Minute, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp, err := http.Get(u.String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != 200 {
+			t.Fatalf("GET %s: %d", key, resp.StatusCode)
+		}
+		if key == "opsagent/2.3.1/opsagent.tgz" {
+			local, _ := os.ReadFile(a.Tarball)
+			if !bytes.Equal(body, local) {
+				t.Error("downloaded tarball differs")
+			}
+		}
+		if key == "opsagent/latest.json" {
+			var l Latest
+			if json.Unmarshal(body, &l) != nil || l.SHA256 != a.SHA256 {
+				t.Errorf("latest.json %s", body)
+			}
+		}
+	}
+	// Wrong credentials: a clear error.
+	bad := opts
+	bad.Creds = credentials.NewStaticV4("testkey", "wrong-secret", "")
+	if _, err := Publish(ctx, bad); err == nil || !strings.Contains(err.Error(), "AWS_SECRET_ACCESS_KEY") {
+		t.Fatalf("wrong credentials: %v", err)
+	}
+}
+
+func BenchmarkReleaseBuild(b *testing.B) {
+	dir := b.TempDir()
+	for i := 0; i < b.N; i++ {
+		begin := time.Now()
+		a, err := Build(context.Background(), BuildOptions{Version: "2.3.1", SourceDir: "..", OutDir: dir, AllowDirty: true, SourceDateEpoch: testEpoch})
+		if err != nil {
+			b.Fatal(err)
+		}
+		b.ReportMetric(time.Since(begin).Seconds(), "build-s")
+		b.ReportMetric(float64(a.Size)/(1<<20), "tarball-MiB")
+	}
+}
