@@ -10,12 +10,14 @@ LDFLAGS     := -s -w -X $(PKG)/internal/version.Version=$(VERSION) -X $(PKG)/int
 TOOLS       := $(CURDIR)/.tools/bin
 STATICCHECK_VERSION := v0.8.2
 STATICCHECK := $(TOOLS)/staticcheck-$(STATICCHECK_VERSION)
+VERSITYGW_VERSION := v1.8.0
+VERSITYGW   := $(TOOLS)/versitygw-$(VERSITYGW_VERSION)
 FUZZTIME    ?= 30s
 BENCHTIME   ?= 1x
 
 export CGO_ENABLED ?= 0
 
-.PHONY: all build test fmt fmt-check vet staticcheck unit bench fuzz demo tools clean
+.PHONY: all build test fmt fmt-check vet staticcheck unit bench fuzz demo release tools clean
 
 all: build
 
@@ -45,9 +47,19 @@ staticcheck: $(STATICCHECK)
 	$(STATICCHECK) ./...
 
 ## unit: all tests with the race detector; fuzz targets run their seed
-## corpora as ordinary tests here.
-unit:
-	CGO_ENABLED=1 $(GO) test -race -count=1 -timeout 12m ./...
+## corpora as ordinary tests here. release/ runs without it: its tests
+## gzip two release binaries and run scrypt key derivation, which the race
+## detector slows twenty-fold, and it has no concurrency to check.
+## versitygw (a real S3 server) is built for the publish tests.
+RACE_PKGS = $$($(GO) list ./... | grep -v '/release$$')
+unit: $(VERSITYGW)
+	CGO_ENABLED=1 $(GO) test -race -count=1 -timeout 12m $(RACE_PKGS)
+	OPSAGENT_VERSITYGW=$(VERSITYGW) $(GO) test -count=1 -timeout 10m ./release/
+
+$(VERSITYGW):
+	@mkdir -p $(TOOLS)
+	GOBIN=$(TOOLS) CGO_ENABLED=0 $(GO) install github.com/versity/versitygw/cmd/versitygw@$(VERSITYGW_VERSION)
+	mv $(TOOLS)/versitygw $(VERSITYGW)
 
 ## bench: benchmarks, figures printed (never asserted)
 bench:
@@ -60,6 +72,11 @@ fuzz:
 	    echo "== $$pkg $$f"; $(GO) test -run '^$$' -fuzz "^$$f$$" -fuzztime $(FUZZTIME) $$pkg || exit 1; \
 	  done; \
 	done
+
+## release: build dist/opsagent.tgz (signed when KEY is set); publish when BUCKET is set
+release:
+	$(GO) run ./cmd/opsagent release build --version $(VERSION) $(if $(KEY),--key $(KEY))
+	$(if $(BUCKET),$(GO) run ./cmd/opsagent release publish --bucket $(BUCKET) --version $(VERSION) $(if $(ENDPOINT),--endpoint $(ENDPOINT)) $(if $(PREFIX),--prefix $(PREFIX)))
 
 ## demo: the whole story locally: backend, agent, recipe, wait, second round
 demo: build

@@ -316,7 +316,13 @@ func TestPublishToS3(t *testing.T) {
 	if err := client.MakeBucket(ctx, "releases", minio.MakeBucketOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	opts := PublishOptions{Bucket: "releases", Version: "2.3.1", Endpoint: endpoint, Prefix: "opsagent/", Dist: dist, Creds: creds, ACL: "none"}
+	// versitygw accepts the public-read object ACL but serves anonymous
+	// reads only through a bucket policy, as a real release bucket would.
+	policy := `{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Principal":"*","Action":["s3:GetObject"],"Resource":["arn:aws:s3:::releases/*"]}]}`
+	if err := client.SetBucketPolicy(ctx, "releases", policy); err != nil {
+		t.Fatal(err)
+	}
+	opts := PublishOptions{Bucket: "releases", Version: "2.3.1", Endpoint: endpoint, Prefix: "opsagent/", Dist: dist, Creds: creds}
 
 	// A failure before latest.json leaves latest.json untouched (absent).
 	failing := opts
@@ -339,14 +345,9 @@ func TestPublishToS3(t *testing.T) {
 	if latest.SHA256 != a.SHA256 || latest.Version != "2.3.1" {
 		t.Errorf("latest %+v", latest)
 	}
-	// Objects read back as an instance would: a plain HTTP GET (presigned,
-	// since versitygw's root account owns the bucket).
+	// Objects read back as an instance would: a plain, anonymous HTTP GET.
 	for _, key := range []string{"opsagent/2.3.1/opsagent.tgz", "opsagent/2.3.1/opsagent.tgz.sha256", "opsagent/2.3.1/opsagent.tgz.minisig", "opsagent/latest.json"} {
-		u, err := client.PresignedGetObject(ctx, "releases", key, time.Minute, nil)
-		if err != nil {
-			t.Fatal(err)
-		}
-		resp, err := http.Get(u.String())
+		resp, err := http.Get(endpoint + "/releases/" + key)
 		if err != nil {
 			t.Fatal(err)
 		}
