@@ -49,6 +49,20 @@ type Identity struct {
 	InitErrors   []string
 }
 
+// wire is the identity as Handshake and Test carry it: init errors joined
+// by "; ", or null when there are none.
+func (id Identity) wire() protocol.Identity {
+	var initErrs *string
+	if len(id.InitErrors) > 0 {
+		s := strings.Join(id.InitErrors, "; ")
+		initErrs = &s
+	}
+	return protocol.Identity{
+		InstanceID: id.InstanceID, AppID: id.AppID, AgentVersion: id.AgentVersion,
+		ProtocolVersion: protocol.Version, InstanceToken: id.Token, InitErrors: initErrs,
+	}
+}
+
 // Handler receives the messages the connection does not handle itself
 // (RecipeMetadata, State, WaitList, AgentUpdate). rounds.Engine is one.
 // Deliver runs on the reader goroutine: it should hand the message over
@@ -316,15 +330,7 @@ func (m *Manager) session(ctx context.Context, refresh bool) error {
 	// It cannot skip just that frame, as the rest of it is still in flight.
 	ws.SetReadLimit(int64(m.opts.MaxFrame))
 
-	var initErrs *string
-	if len(id.InitErrors) > 0 {
-		s := strings.Join(id.InitErrors, "; ")
-		initErrs = &s
-	}
-	hs, err := protocol.Encode(&protocol.Handshake{Identity: protocol.Identity{
-		InstanceID: id.InstanceID, AppID: id.AppID, AgentVersion: id.AgentVersion,
-		ProtocolVersion: protocol.Version, InstanceToken: id.Token, InitErrors: initErrs,
-	}})
+	hs, err := protocol.Encode(&protocol.Handshake{Identity: id.wire()})
 	if err != nil {
 		return err
 	}
@@ -461,15 +467,7 @@ func (c *link) answerTest() {
 	c.m.mu.Lock()
 	id := c.m.id
 	c.m.mu.Unlock()
-	var initErrs *string
-	if len(id.InitErrors) > 0 {
-		s := strings.Join(id.InitErrors, "; ")
-		initErrs = &s
-	}
-	frame, err := protocol.Encode(&protocol.Test{Identity: protocol.Identity{
-		InstanceID: id.InstanceID, AppID: id.AppID, AgentVersion: id.AgentVersion,
-		ProtocolVersion: protocol.Version, InstanceToken: id.Token, InitErrors: initErrs,
-	}})
+	frame, err := protocol.Encode(&protocol.Test{Identity: id.wire()})
 	if err != nil {
 		return
 	}
