@@ -115,4 +115,3 @@ func (s *Server) git(dir string, args ...string) string {
 	}
 	return string(out)
 }
-
