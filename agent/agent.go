@@ -117,8 +117,11 @@ func runSession(ctx context.Context, opts Options, cfg *config.Config, log *slog
 	stateDir := opts.Root.Path(cfg.Global.ConfPath)
 	store := rounds.NewStore(stateDir, clock.Real{}, log)
 
+	salt := newSaltExecutor(opts.Root, cfg, opts.Version, log.With("part", "salt"), s.addInitError)
+	defer salt.Close()
 	executor := &rounds.Router{
 		Engine: strings.ToLower(cfg.Agent.Engine),
+		Salt:   salt,
 		Native: native.New(native.Options{
 			Root:        opts.Root,
 			Runner:      proc.New(),

@@ -1,0 +1,71 @@
+package e2e
+
+import (
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/visualops/opsagent/internal/testutil/gitserver"
+	"github.com/visualops/opsagent/internal/testutil/statesrepo"
+)
+
+// TestSaltPathEndToEnd: a recipe pushed by the backend names a states
+// repository served over git smart HTTP; the agent builds its virtualenv,
+// clones the repository, and runs the states through the Python bridge.
+func TestSaltPathEndToEnd(t *testing.T) {
+	if _, err := exec.LookPath("python3"); err != nil {
+		t.Skip("python3 not installed")
+	}
+	gs := gitserver.New(t)
+	files := map[string]string{}
+	for k, v := range statesrepo.Files {
+		files[k] = v
+	}
+	url := gs.CreateRepo("states", files)
+	gs.Tag("states", "v1")
+
+	b := startBackend(t, t.TempDir(), "127.0.0.1:0")
+	root := agentRoot(t, b.addr, "salty", "i-salt", "[agent]\nengine = salt\n[salt]\ndelay = 1h\n")
+	startAgent(t, root)
+	target := filepath.Join(t.TempDir(), "from-salt.txt")
+	b.api(t, "PUT", "/api/apps/salty/recipe", `{"module":{"repo":"`+url+`","tag":"v1"},"state":[
+	  {"id":"note","module":"meta.comment","parameter":{}},
+	  {"id":"hello","module":"linux.cmd","parameter":{"cmd":"echo from salt"}},
+	  {"id":"file","module":"linux.file","parameter":{"path":"`+target+`","content":"managed\n"}}]}`)
+	eventually(t, "three StateLogs", func() bool { return len(b.logs(t, "salty")) >= 3 })
+	logs := b.logs(t, "salty")
+	if !logs[1].Result || !strings.Contains(comment(logs[1]), `Command "echo from salt" run`) || logs[1].Stdout == nil || *logs[1].Stdout != "from salt\n" {
+		t.Fatalf("salt cmd: %+v %q", logs[1], comment(logs[1]))
+	}
+	if !logs[2].Result || !strings.Contains(comment(logs[2]), "updated") {
+		t.Fatalf("salt file: %q", comment(logs[2]))
+	}
+	if data, _ := os.ReadFile(target); string(data) != "managed\n" {
+		t.Errorf("file content %q", data)
+	}
+	for _, p := range []string{"opt/visualops/env/bin/python", "opt/visualops/bootstrap/salt/sources/adaptor.py", "var/lib/visualops/opsagent/bridge.py"} {
+		if _, err := os.Stat(filepath.Join(root, p)); err != nil {
+			t.Errorf("layout: %v", err)
+		}
+	}
+	conf, _ := os.ReadFile(filepath.Join(root, "etc/opsagent.conf"))
+	if !strings.Contains(string(conf), url) {
+		t.Errorf("the recipe's repository was not written back to the config:\n%s", conf)
+	}
+
+	// A tag that does not exist: the first Salt state says so, the comment
+	// state before it still succeeds.
+	b.api(t, "PUT", "/api/apps/salty/recipe", `{"module":{"repo":"`+url+`","tag":"nope"},"state":[
+	  {"id":"note","module":"meta.comment","parameter":{}},
+	  {"id":"hello","module":"linux.cmd","parameter":{"cmd":"echo from salt"}}]}`)
+	eventually(t, "the failure", func() bool {
+		for _, l := range b.logs(t, "salty") {
+			if l.StateID == "hello" && !l.Result && strings.Contains(comment(l), "Can't checkout required states tag nope") {
+				return true
+			}
+		}
+		return false
+	})
+}
