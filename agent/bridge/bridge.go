@@ -218,9 +218,21 @@ func (b *Bridge) call(ctx context.Context, w *worker, req map[string]any, timeou
 		defer t.Stop()
 		deadline = t.C
 	}
+	// A run must at least report that it forked the state soon; a worker
+	// that does not is stuck, and the agent must not wait on it forever.
+	var notStarted <-chan time.Time
+	if req["op"] == "run" {
+		t := time.NewTimer(b.opts.StartTimeout)
+		defer t.Stop()
+		notStarted = t.C
+	}
 	pgid := 0
 	for {
 		select {
+		case <-notStarted:
+			if pgid == 0 {
+				return response{}, fmt.Errorf("%w: it did not start the state within %v", errWorker, b.opts.StartTimeout)
+			}
 		case r, ok := <-w.lines:
 			if !ok {
 				return response{}, fmt.Errorf("%w: it exited", errWorker)
