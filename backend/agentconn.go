@@ -20,7 +20,7 @@ import (
 // disconnected instead of stalling a broadcast.
 type agentConn struct {
 	ws    *websocket.Conn
-	queue chan []byte
+	queue chan *websocket.PreparedMessage
 	done  chan struct{}
 	once  sync.Once
 	log   *slog.Logger
@@ -32,8 +32,17 @@ type agentConn struct {
 }
 
 func (c *agentConn) send(frame []byte) {
+	pm, err := websocket.NewPreparedMessage(websocket.TextMessage, frame)
+	if err != nil {
+		return
+	}
+	c.sendPrepared(pm)
+}
+
+// sendPrepared queues a frame framed once for every receiver (broadcasts).
+func (c *agentConn) sendPrepared(pm *websocket.PreparedMessage) {
 	select {
-	case c.queue <- frame:
+	case c.queue <- pm:
 	case <-c.done:
 	default:
 		c.log.Warn("agent send queue full; disconnecting it", "instance_id", c.instance)
@@ -59,7 +68,7 @@ func (c *agentConn) writer(ping, dead time.Duration) {
 			return
 		case frame := <-c.queue:
 			_ = c.ws.SetWriteDeadline(time.Now().Add(dead))
-			if err := c.ws.WriteMessage(websocket.TextMessage, frame); err != nil {
+			if err := c.ws.WritePreparedMessage(frame); err != nil {
 				c.close(websocket.CloseAbnormalClosure, "")
 				return
 			}
@@ -78,7 +87,7 @@ func (s *Server) serveAgent(w http.ResponseWriter, r *http.Request) {
 		return // Upgrade already answered with an HTTP error
 	}
 	ws.SetReadLimit(int64(s.opts.MaxFrame))
-	c := &agentConn{ws: ws, queue: make(chan []byte, s.opts.SendQueue), done: make(chan struct{}), log: s.log, since: time.Now()}
+	c := &agentConn{ws: ws, queue: make(chan *websocket.PreparedMessage, s.opts.SendQueue), done: make(chan struct{}), log: s.log, since: time.Now()}
 	go c.writer(s.opts.PingInterval, s.opts.DeadAfter)
 	defer func() {
 		c.close(websocket.CloseNormalClosure, "")

@@ -176,8 +176,15 @@ func (s *Server) broadcast(app string, frame []byte, pick func(*agentConn) bool)
 		}
 	}
 	s.mu.Unlock()
+	if len(targets) == 0 {
+		return 0
+	}
+	pm, err := websocket.NewPreparedMessage(websocket.TextMessage, frame)
+	if err != nil {
+		return 0
+	}
 	for _, c := range targets {
-		c.send(frame)
+		c.sendPrepared(pm)
 	}
 	return len(targets)
 }
