@@ -63,14 +63,13 @@ func start(t testing.TB, args ...string) *proc {
 
 // stop sends sig and waits for the exit; it returns the exit code and how
 // long the process took.
-func (p *proc) stop(t *testing.T, sig syscall.Signal) (int, time.Duration) {
-	t.Helper()
+func (p *proc) stop(t testing.TB, sig syscall.Signal) (int, time.Duration) {
 	begin := time.Now()
 	_ = p.cmd.Process.Signal(sig)
 	select {
 	case <-p.exited:
 	case <-time.After(15 * time.Second):
-		t.Fatalf("process did not exit after %v", sig)
+		panic(fmt.Sprintf("process did not exit after %v", sig))
 	}
 	return p.cmd.ProcessState.ExitCode(), time.Since(begin)
 }
@@ -119,8 +118,7 @@ type logEntry struct {
 	Stdout     *string `json:"stdout"`
 }
 
-func (b *backendProc) logs(t *testing.T, app string) []logEntry {
-	t.Helper()
+func (b *backendProc) logs(_ testing.TB, app string) []logEntry {
 	resp, err := http.Get("http://" + b.addr + "/api/apps/" + app + "/logs?limit=10000")
 	if err != nil {
 		return nil

@@ -5,7 +5,9 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
+	"time"
 
 	"github.com/visualops/opsagent/internal/testutil/gitserver"
 	"github.com/visualops/opsagent/internal/testutil/statesrepo"
@@ -68,4 +70,36 @@ func TestSaltPathEndToEnd(t *testing.T) {
 		}
 		return false
 	})
+}
+
+// BenchmarkAgentStartToFirstSaltState: with a warm virtualenv and an
+// existing clone, the time from starting `opsagent run` to the backend
+// holding the first StateLog of a Salt state (the persisted recipe is
+// resumed at once).
+func BenchmarkAgentStartToFirstSaltState(b *testing.B) {
+	if _, err := exec.LookPath("python3"); err != nil {
+		b.Skip("python3 not installed")
+	}
+	gs := gitserver.New(b)
+	files := map[string]string{}
+	for k, v := range statesrepo.Files {
+		files[k] = v
+	}
+	url := gs.CreateRepo("states", files)
+	gs.Tag("states", "v1")
+	be := startBackend(b, b.TempDir(), "127.0.0.1:0")
+	root := agentRoot(b, be.addr, "start", "i-start", "[agent]\nengine = salt\n[salt]\ndelay = 1h\n")
+	be.api(b, "PUT", "/api/apps/start/recipe", `{"module":{"repo":"`+url+`","tag":"v1"},"state":[
+	  {"id":"hello","module":"linux.cmd","parameter":{"cmd":"true"}}]}`)
+	first := start(b, "--root", root, "run")
+	eventually(b, "first run prepared the venv and clone", func() bool { return len(be.logs(nil, "start")) >= 1 })
+	first.stop(nil, syscall.SIGTERM)
+	for i := 0; i < b.N; i++ {
+		n := len(be.logs(nil, "start"))
+		begin := time.Now()
+		agent := start(b, "--root", root, "run")
+		eventually(b, "a StateLog after restart", func() bool { return len(be.logs(nil, "start")) > n })
+		b.ReportMetric(float64(time.Since(begin).Milliseconds()), "start-to-first-state-ms")
+		agent.stop(nil, syscall.SIGTERM)
+	}
 }
