@@ -19,6 +19,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/visualops/opsagent/agent/bridge"
 	"github.com/visualops/opsagent/agent/conn"
 	"github.com/visualops/opsagent/agent/native"
 	"github.com/visualops/opsagent/agent/rounds"
@@ -117,6 +118,11 @@ func runSession(ctx context.Context, opts Options, cfg *config.Config, log *slog
 	stateDir := opts.Root.Path(cfg.Global.ConfPath)
 	store := rounds.NewStore(stateDir, clock.Real{}, log)
 
+	// bridge.py ships inside the binary: write it out at start (only when
+	// it changed), so a self-update updates it too.
+	if _, err := bridge.WriteScript(stateDir); err != nil {
+		s.addInitError(fmt.Sprintf("cannot write bridge.py: %v", err))
+	}
 	salt := newSaltExecutor(opts.Root, cfg, opts.Version, log.With("part", "salt"), s.addInitError)
 	defer salt.Close()
 	executor := &rounds.Router{
