@@ -345,6 +345,12 @@ func TestPublishToS3(t *testing.T) {
 	if latest.SHA256 != a.SHA256 || latest.Version != "2.3.1" {
 		t.Errorf("latest %+v", latest)
 	}
+	for key, ct := range map[string]string{"opsagent/2.3.1/opsagent.tgz": "application/gzip", "opsagent/latest.json": "application/json"} {
+		info, err := client.StatObject(ctx, "releases", key, minio.StatObjectOptions{})
+		if err != nil || info.ContentType != ct {
+			t.Errorf("%s: content type %q %v, want %s", key, info.ContentType, err, ct)
+		}
+	}
 	// Objects read back as an instance would: a plain, anonymous HTTP GET.
 	for _, key := range []string{"opsagent/2.3.1/opsagent.tgz", "opsagent/2.3.1/opsagent.tgz.sha256", "opsagent/2.3.1/opsagent.tgz.minisig", "opsagent/latest.json"} {
 		resp, err := http.Get(endpoint + "/releases/" + key)
