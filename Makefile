@@ -61,9 +61,10 @@ $(VERSITYGW):
 	GOBIN=$(TOOLS) CGO_ENABLED=0 $(GO) install github.com/versity/versitygw/cmd/versitygw@$(VERSITYGW_VERSION)
 	mv $(TOOLS)/versitygw $(VERSITYGW)
 
-## bench: benchmarks, figures printed (never asserted)
+## bench: benchmarks, figures printed (never asserted); one package at a
+## time (-p 1) so that packages do not skew each other's timings
 bench:
-	$(GO) test -run '^$$' -bench . -benchmem -benchtime $(BENCHTIME) -timeout 30m ./...
+	$(GO) test -p 1 -run '^$$' -bench . -benchmem -benchtime $(BENCHTIME) -timeout 30m ./...
 
 ## fuzz: run every fuzz target for FUZZTIME each
 fuzz:
