@@ -104,6 +104,7 @@ type session struct {
 
 	mu         sync.Mutex
 	initErrors []string
+	saltError  string // the Salt path's current problem, "" when it is ready
 }
 
 // runSession runs until ctx is done (reload=false) or a reload is asked
@@ -123,7 +124,7 @@ func runSession(ctx context.Context, opts Options, cfg *config.Config, log *slog
 	if _, err := bridge.WriteScript(stateDir); err != nil {
 		s.addInitError(fmt.Sprintf("cannot write bridge.py: %v", err))
 	}
-	salt := newSaltExecutor(opts.Root, cfg, opts.Version, log.With("part", "salt"), s.addInitError)
+	salt := newSaltExecutor(opts.Root, cfg, opts.Version, log.With("part", "salt"), s.setSaltError)
 	defer salt.Close()
 	executor := &rounds.Router{
 		Engine: strings.ToLower(cfg.Agent.Engine),
@@ -250,11 +251,26 @@ func (s *session) addInitError(msg string) {
 	s.log.Warn("init error", "err", msg)
 }
 
+// setSaltError records the Salt path's current problem ("" clears it), so
+// that init_errors reports what is wrong now, not what was once wrong.
+func (s *session) setSaltError(msg string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if msg != "" && msg != s.saltError {
+		s.log.Warn("salt path not ready", "err", msg)
+	}
+	s.saltError = msg
+}
+
 // InitErrors returns the problems met while preparing.
 func (s *session) InitErrors() []string {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return append([]string(nil), s.initErrors...)
+	out := append([]string(nil), s.initErrors...)
+	if s.saltError != "" {
+		out = append(out, s.saltError)
+	}
+	return out
 }
 
 func (s *session) keepStatus(ctx context.Context) {

@@ -30,7 +30,7 @@ type saltExecutor struct {
 	wheelhouse string
 	repoDir    string
 	bridgeOpts bridge.Options
-	initError  func(string)
+	setError   func(string) // the current problem, "" when ready
 
 	mu       sync.Mutex
 	module   *protocol.ModuleSource // of the current round
@@ -40,7 +40,7 @@ type saltExecutor struct {
 	bridge   *bridge.Bridge
 }
 
-func newSaltExecutor(root fsutil.Root, cfg *config.Config, version string, log *slog.Logger, initError func(string)) *saltExecutor {
+func newSaltExecutor(root fsutil.Root, cfg *config.Config, version string, log *slog.Logger, setError func(string)) *saltExecutor {
 	repoDir := filepath.Join(root.Path(cfg.Module.Root), cfg.Module.Name)
 	stateDir := root.Path(cfg.Global.ConfPath)
 	wheelhouse := ""
@@ -67,7 +67,7 @@ func newSaltExecutor(root fsutil.Root, cfg *config.Config, version string, log *
 				"module": map[string]any{"root": root.Path(cfg.Module.Root), "name": cfg.Module.Name},
 			},
 		},
-		initError: initError,
+		setError: setError,
 	}
 }
 
@@ -97,14 +97,34 @@ func (s *saltExecutor) Execute(ctx context.Context, req state.Request) state.Res
 	return b.Execute(ctx, req)
 }
 
-// prepare builds the virtualenv (first time, or after a failure) and
-// brings the states repository to the round's repo and tag. Callers hold mu.
+// prepare brings the states repository to the round's repo and tag and
+// builds the virtualenv (first time, or after a failure). Callers hold mu.
 func (s *saltExecutor) prepare(ctx context.Context) error {
+	err := s.prepareSteps(ctx)
+	msg := ""
+	if err != nil {
+		var fe *saltbootstrap.Error
+		if msg = err.Error(); errors.As(err, &fe) {
+			msg = fe.Comment
+		}
+	}
+	s.setError(msg)
+	return err
+}
+
+func (s *saltExecutor) prepareSteps(ctx context.Context) error {
 	begin := time.Now()
+	repo, tag := "", ""
+	if s.module != nil {
+		repo, tag = s.module.Repo, s.module.Tag
+	}
+	if repo == "" {
+		// Said before building a virtualenv that would have nothing to run.
+		return &saltbootstrap.Error{Comment: "no states repository configured (set [module] mod_repo, or name one in the recipe's module)"}
+	}
 	if s.venv == nil {
 		env, err := virtualenv.Ensure(ctx, s.venvOpts)
 		if err != nil {
-			s.initError(err.Error())
 			return err
 		}
 		s.venv = &env
@@ -112,18 +132,12 @@ func (s *saltExecutor) prepare(ctx context.Context) error {
 		opts.Python = env.Python
 		s.bridge = bridge.New(opts)
 	}
-	repo, tag := "", ""
-	if s.module != nil {
-		repo, tag = s.module.Repo, s.module.Tag
-	}
 	changed, err := s.fetch.Ensure(ctx, repo, tag)
 	if err != nil {
-		s.initError(err.Error())
 		return err
 	}
 	if changed {
 		if err := s.venv.InstallRequirements(ctx, filepath.Join(s.repoDir, "requirements.txt"), s.wheelhouse); err != nil {
-			s.initError(err.Error())
 			return err
 		}
 	}

@@ -1,0 +1,70 @@
+package agent
+
+import (
+	"context"
+	"encoding/json"
+	"log/slog"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+
+	"github.com/visualops/opsagent/agent/state"
+	"github.com/visualops/opsagent/internal/config"
+	"github.com/visualops/opsagent/internal/fsutil"
+	"github.com/visualops/opsagent/internal/testutil/gitserver"
+	"github.com/visualops/opsagent/internal/testutil/statesrepo"
+	"github.com/visualops/opsagent/protocol"
+)
+
+func TestSaltExecutorReportsAndClearsProblems(t *testing.T) {
+	if _, err := exec.LookPath("python3"); err != nil {
+		t.Skip("python3 not installed")
+	}
+	dir := t.TempDir()
+	root, _ := fsutil.NewRoot(dir)
+	os.MkdirAll(filepath.Join(dir, "etc"), 0o755)
+	conf := filepath.Join(dir, "etc/opsagent.conf")
+	os.WriteFile(conf, []byte("[userdata]\nws_uri = ws://x/agent/\napp_id = a\n"), 0o640)
+	cfg, err := config.Load(conf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var mu sync.Mutex
+	problem := "unset"
+	s := newSaltExecutor(root, cfg, "2.1", slog.New(slog.DiscardHandler), func(m string) { mu.Lock(); problem = m; mu.Unlock() })
+	defer s.Close()
+	req := state.Request{RecipeVersion: 1, StateID: "s", Module: "linux.cmd", Parameter: json.RawMessage(`{"cmd":"echo ok"}`)}
+
+	s.BeginRound(nil)
+	res := s.Execute(context.Background(), req)
+	if res.OK || !strings.HasPrefix(res.Comment, "no states repository configured") {
+		t.Fatalf("no repo: %+v", res)
+	}
+	if _, err := os.Stat(filepath.Join(dir, "opt/visualops/env")); err == nil {
+		t.Error("a virtualenv was built with no repository to use it")
+	}
+	mu.Lock()
+	if !strings.HasPrefix(problem, "no states repository") {
+		t.Errorf("init error %q", problem)
+	}
+	mu.Unlock()
+
+	gs := gitserver.New(t)
+	files := map[string]string{}
+	for k, v := range statesrepo.Files {
+		files[k] = v
+	}
+	url := gs.CreateRepo("states", files)
+	s.BeginRound(&protocol.ModuleSource{Repo: url, Tag: "master"})
+	if res := s.Execute(context.Background(), req); !res.OK || res.Stdout != "ok\n" {
+		t.Fatalf("with a repository: %+v", res)
+	}
+	mu.Lock()
+	if problem != "" {
+		t.Errorf("the problem was not cleared: %q", problem)
+	}
+	mu.Unlock()
+}
