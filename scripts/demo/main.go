@@ -165,7 +165,12 @@ func run(bin string, keep bool) error {
 	say("== 8. stop the agent (SIGTERM) and the backend")
 	begin := time.Now()
 	code := stopProc(agent)
-	say("   agent exited with code %d in %v; files it made: %s", code, time.Since(begin).Round(time.Millisecond), filepath.Join(root, "srv/demo"))
+	say("   agent exited with code %d in %v", code, time.Since(begin).Round(time.Millisecond))
+	if keep {
+		say("   files it made: %s; its log: %s", filepath.Join(root, "srv/demo"), filepath.Join(root, "var/log/visualops/agent.log"))
+	} else {
+		say("   (the temporary root is removed now; run 'go run ./scripts/demo -keep' to look around)")
+	}
 	return nil
 }
 
