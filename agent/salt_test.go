@@ -53,11 +53,7 @@ func TestSaltExecutorReportsAndClearsProblems(t *testing.T) {
 	mu.Unlock()
 
 	gs := gitserver.New(t)
-	files := map[string]string{}
-	for k, v := range statesrepo.Files {
-		files[k] = v
-	}
-	url := gs.CreateRepo("states", files)
+	url := gs.CreateRepo("states", statesrepo.With(nil))
 	s.BeginRound(&protocol.ModuleSource{Repo: url, Tag: "master"})
 	if res := s.Execute(context.Background(), req); !res.OK || res.Stdout != "ok\n" {
 		t.Fatalf("with a repository: %+v", res)

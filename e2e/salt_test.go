@@ -21,11 +21,7 @@ func TestSaltPathEndToEnd(t *testing.T) {
 		t.Skip("python3 not installed")
 	}
 	gs := gitserver.New(t)
-	files := map[string]string{}
-	for k, v := range statesrepo.Files {
-		files[k] = v
-	}
-	url := gs.CreateRepo("states", files)
+	url := gs.CreateRepo("states", statesrepo.With(nil))
 	gs.Tag("states", "v1")
 
 	b := startBackend(t, t.TempDir(), "127.0.0.1:0")
@@ -81,11 +77,7 @@ func BenchmarkAgentStartToFirstSaltState(b *testing.B) {
 		b.Skip("python3 not installed")
 	}
 	gs := gitserver.New(b)
-	files := map[string]string{}
-	for k, v := range statesrepo.Files {
-		files[k] = v
-	}
-	url := gs.CreateRepo("states", files)
+	url := gs.CreateRepo("states", statesrepo.With(nil))
 	gs.Tag("states", "v1")
 	be := startBackend(b, b.TempDir(), "127.0.0.1:0")
 	root := agentRoot(b, be.addr, "start", "i-start", "[agent]\nengine = salt\n[salt]\ndelay = 1h\n")

@@ -127,9 +127,9 @@ OK = issubclass(StateException, Exception) and callable(log)
 `,
 }
 
-// Write creates the fixture in dir, with extra files (path → content; ""
-// deletes) applied on top.
-func Write(dir string, extra map[string]string) error {
+// With returns a copy of the fixture with extra files (path → content; ""
+// deletes) applied on top, e.g. to commit it to a test git server.
+func With(extra map[string]string) map[string]string {
 	all := map[string]string{}
 	for k, v := range Files {
 		all[k] = v
@@ -137,7 +137,12 @@ func Write(dir string, extra map[string]string) error {
 	for k, v := range extra {
 		all[k] = v
 	}
-	for p, content := range all {
+	return all
+}
+
+// Write creates the fixture, with extra files applied, in dir.
+func Write(dir string, extra map[string]string) error {
+	for p, content := range With(extra) {
 		full := filepath.Join(dir, p)
 		if content == "" {
 			continue
