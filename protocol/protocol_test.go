@@ -15,10 +15,10 @@ import (
 // repository, as on CI).
 func sharedRecipes(tb testing.TB) map[string][]byte {
 	tb.Helper()
-	dir := filepath.Join("..", "..", "shared", "recipes")
+	dir := filepath.Join("..", "testdata", "recipes")
 	paths, err := filepath.Glob(filepath.Join(dir, "*.json"))
 	if err != nil || len(paths) == 0 {
-		tb.Fatalf("no recipes in %s (the shared contract must sit beside the repository): %v", dir, err)
+		tb.Fatalf("no recipes in %s (testdata/recipes holds the project's copy): %v", dir, err)
 	}
 	out := make(map[string][]byte, len(paths))
 	for _, p := range paths {

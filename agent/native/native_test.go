@@ -322,9 +322,9 @@ func TestSharedRecipeParametersParse(t *testing.T) {
 	// parse (no "parameter …" failure) — they are run here only as far as
 	// parameter decoding, with user/group removed since those users don't
 	// exist on the test machine.
-	paths, _ := filepath.Glob(filepath.Join("..", "..", "..", "shared", "recipes", "*.json"))
+	paths, _ := filepath.Glob(filepath.Join("..", "..", "testdata", "recipes", "*.json"))
 	if len(paths) == 0 {
-		t.Fatal("no shared recipes beside the repository")
+		t.Fatal("no recipes in testdata/recipes")
 	}
 	n := 0
 	for _, path := range paths {
