@@ -47,14 +47,16 @@ staticcheck: $(STATICCHECK)
 	$(STATICCHECK) ./...
 
 ## unit: all tests with the race detector; fuzz targets run their seed
-## corpora as ordinary tests here. release/ runs without it: its tests
-## gzip two release binaries and run scrypt key derivation, which the race
-## detector slows twenty-fold, and it has no concurrency to check.
-## versitygw (a real S3 server) is built for the publish tests.
-RACE_PKGS = $$($(GO) list ./... | grep -v '/release$$')
+## corpora as ordinary tests here. release/ and internal/dist run without
+## it: their tests gzip release binaries and run scrypt key derivation,
+## which the race detector slows twenty-fold, and they have no concurrency
+## to check. versitygw (a real S3 server) is built for the publish tests.
+NORACE      = /release$$|/internal/dist$$
+RACE_PKGS   = $$($(GO) list ./... | grep -Ev '$(NORACE)')
+NORACE_PKGS = $$($(GO) list ./... | grep -E '$(NORACE)')
 unit: $(VERSITYGW)
 	CGO_ENABLED=1 $(GO) test -race -count=1 -timeout 12m $(RACE_PKGS)
-	OPSAGENT_VERSITYGW=$(VERSITYGW) $(GO) test -count=1 -timeout 10m ./release/
+	OPSAGENT_VERSITYGW=$(VERSITYGW) $(GO) test -count=1 -timeout 10m $(NORACE_PKGS)
 
 $(VERSITYGW):
 	@mkdir -p $(TOOLS)

@@ -1,8 +1,13 @@
 // Package agent is `opsagent run`: it loads the config, takes the
 // single-instance lock, works out the instance's identity, and runs the
 // connection to the backend (agent/conn) and the round engine
-// (agent/rounds) side by side until it is told to stop. It also keeps the
-// status file that `opsagent status` reads.
+// (agent/rounds) side by side until it is told to stop or to re-execute a
+// new version. It also keeps the status file that `opsagent status` reads.
+//
+// The config is read at the boundary: the session builds read-only
+// options for each component from it once, and the config's one Owner
+// saves changes (userdata values, the states repository) and hands new
+// values to whoever needs them (a new ws_uri reaches the connection).
 package agent
 
 import (
@@ -14,7 +19,6 @@ import (
 	"log/slog"
 	"net/http"
 	"os"
-	"path/filepath"
 	"strings"
 	"sync"
 	"time"
@@ -35,7 +39,7 @@ import (
 // Options configures Run.
 type Options struct {
 	Root       fsutil.Root
-	ConfigPath string    // instance path of the config, e.g. /etc/opsagent.conf
+	ConfigFile string    // host path of the config; "" = /etc/opsagent.conf below Root
 	LogLevel   string    // overrides [global] loglvl when set
 	Stderr     io.Writer // also log here (a terminal); nil: the log file only
 	// Reload receives a value when the config should be re-read (SIGHUP).
@@ -45,49 +49,98 @@ type Options struct {
 	// default 250 ms. It is rewritten only when something changed (or
 	// every 30 s, to refresh updated_at).
 	StatusInterval time.Duration
+	// Updater applies self-updates; nil: the one built from the config.
+	Updater rounds.Updater
 }
 
-// Run runs the agent until ctx is done. It returns nil on a clean stop.
-func Run(ctx context.Context, opts Options) error {
-	if opts.ConfigPath == "" {
-		opts.ConfigPath = config.DefaultPath
+// Restart is what Run returns when an update installed a new binary: the
+// caller re-executes Binary with the same arguments and environment plus
+// Env, which hands over the lock.
+type Restart struct {
+	Binary  string
+	Version string
+	Env     []string
+}
+
+// outcome is how one session ended.
+type outcome int
+
+const (
+	stopped outcome = iota
+	reloading
+	restarting
+)
+
+// Run runs the agent until ctx is done (nil, nil), or until an update asks
+// to re-execute the new binary (a Restart, with the lock kept open for the
+// new image). Everything is unwound before it returns: the close frame is
+// sent, the status written, the outbox flushed.
+func Run(ctx context.Context, opts Options) (*Restart, error) {
+	if opts.ConfigFile == "" {
+		opts.ConfigFile = opts.Root.Path(config.DefaultPath)
 	}
 	if opts.StatusInterval <= 0 {
 		opts.StatusInterval = 250 * time.Millisecond
 	}
-	cfgFile := opts.Root.Path(opts.ConfigPath)
-	cfg, err := config.Load(cfgFile)
+	cfg, err := config.Load(opts.ConfigFile)
 	if err != nil {
-		return err
+		return nil, err
 	}
-	stateDir := opts.Root.Path(cfg.Global.ConfPath)
-	if err := os.MkdirAll(stateDir, 0o700); err != nil {
-		return fmt.Errorf("state directory %s: %w (run 'opsagent install' to create the layout)", stateDir, err)
+	layout := config.NewLayout(opts.Root, opts.ConfigFile, cfg)
+	if err := os.MkdirAll(layout.StateDir(), 0o700); err != nil {
+		return nil, fmt.Errorf("state directory %s: %w (run 'opsagent install' to create the layout)", layout.StateDir(), err)
 	}
-	lock, err := fsutil.Lock(filepath.Join(stateDir, "lock"))
+	lock, err := fsutil.Lock(layout.LockFile())
 	if err != nil {
-		return err
+		return nil, err
 	}
-	defer lock.Unlock()
-
+	handedOver := false
+	defer func() {
+		if !handedOver {
+			_ = lock.Unlock()
+		}
+	}()
+	level, _ := config.ParseLogLevel(opts.LogLevel)
+	if opts.LogLevel == "" {
+		level, _ = config.ParseLogLevel(cfg.Global.LogLevel)
+	}
 	for {
-		logs, err := openLog(opts.Root.Path(cfg.Global.LogFile), levelOf(opts.LogLevel, cfg.Global.LogLevel), opts.Stderr)
+		logs, err := openLog(layout.LogFile(), level, opts.Stderr)
 		if err != nil {
-			return err
+			return nil, err
 		}
-		reload, err := runSession(ctx, opts, cfg, logs.logger)
-		logs.Close()
-		if err != nil || !reload {
-			return err
+		for _, w := range cfg.Warnings() {
+			logs.logger.Warn(w)
 		}
-		next, lerr := config.Load(cfgFile)
+		out, restart, err := runSession(ctx, opts, cfg, layout, logs.logger)
+		if err != nil || out == stopped {
+			logs.Close()
+			return nil, err
+		}
+		if out == restarting {
+			env, herr := lock.HandOver()
+			if herr != nil {
+				logs.logger.Error("cannot keep the lock across the restart; the watchdog will start the new version", "err", herr)
+			} else {
+				handedOver = true
+			}
+			logs.logger.Info("re-executing the new version", "binary", restart.Binary, "version", restart.Version)
+			logs.Close()
+			r := &Restart{Binary: restart.Binary, Version: restart.Version}
+			if env != "" {
+				r.Env = []string{env}
+			}
+			return r, nil
+		}
+		next, lerr := config.Load(opts.ConfigFile)
 		if lerr != nil {
-			logs, _ := openLog(opts.Root.Path(cfg.Global.LogFile), levelOf(opts.LogLevel, cfg.Global.LogLevel), opts.Stderr)
 			logs.logger.Error("config reload failed; keeping the running config", "err", lerr)
 			logs.Close()
 			continue
 		}
+		logs.Close()
 		cfg = next
+		layout = config.NewLayout(opts.Root, opts.ConfigFile, cfg)
 	}
 }
 
@@ -95,7 +148,8 @@ func Run(ctx context.Context, opts Options) error {
 // ends it and starts another; the lock is held across.
 type session struct {
 	opts    Options
-	cfg     *config.Config
+	layout  config.Layout
+	owner   *config.Owner
 	log     *slog.Logger
 	id      *identity
 	engine  *rounds.Engine
@@ -107,93 +161,130 @@ type session struct {
 	saltError  string // the Salt path's current problem, "" when it is ready
 }
 
-// runSession runs until ctx is done (reload=false) or a reload is asked
-// (reload=true).
-func runSession(ctx context.Context, opts Options, cfg *config.Config, log *slog.Logger) (reload bool, err error) {
-	s := &session{opts: opts, cfg: cfg, log: log, started: time.Now()}
-	s.id = newIdentity(opts.Root, cfg, log)
+// runSession runs until ctx is done, a reload is asked, or an update asks
+// to re-execute.
+func runSession(ctx context.Context, opts Options, cfg *config.Config, layout config.Layout, log *slog.Logger) (outcome, *rounds.Restart, error) {
+	owner := config.NewOwner(cfg)
+	s := &session{opts: opts, layout: layout, owner: owner, log: log, started: time.Now()}
+	s.id = newIdentity(layout, owner, log)
 	s.prepareLayout()
 	if err := s.id.RefreshUserdata(ctx); err != nil {
 		log.Warn("could not refresh identity from userdata", "err", err)
 	}
-	stateDir := opts.Root.Path(cfg.Global.ConfPath)
-	store := rounds.NewStore(stateDir, clock.Real{}, log)
+	cur := owner.Current() // after userdata may have changed it
+	store := rounds.NewStore(rounds.Files{Recipe: layout.RecipeFile(), PendingUpdate: layout.PendingUpdateFile()}, clock.Real{}, log)
 
 	// bridge.py ships inside the binary: write it out at start (only when
 	// it changed), so a self-update updates it too.
-	if _, err := bridge.WriteScript(stateDir); err != nil {
+	if err := bridge.WriteScript(layout.BridgeScript()); err != nil {
 		s.addInitError(fmt.Sprintf("cannot write bridge.py: %v", err))
 	}
-	salt := newSaltExecutor(opts.Root, cfg, opts.Version, log.With("part", "salt"), s.setSaltError)
+	salt := newSaltExecutor(layout, cur, log.With("part", "salt"), s.setSaltError)
 	defer salt.Close()
 	executor := &rounds.Router{
-		Engine: strings.ToLower(cfg.Agent.Engine),
+		Engine: strings.ToLower(cur.Agent.Engine),
 		Salt:   salt,
 		Native: native.New(native.Options{
-			Root:        opts.Root,
+			Root:        layout.Root(),
 			Runner:      proc.New(),
 			HTTPClient:  &http.Client{Timeout: 10 * time.Minute},
 			Logger:      log,
-			OutputLimit: cfg.Agent.OutputLimit,
-			KillGrace:   cfg.Agent.KillGrace,
+			OutputLimit: cur.Agent.OutputLimit,
+			KillGrace:   cur.Agent.KillGrace,
 		}),
 	}
 	link := &linkProxy{}
 	var defMod *protocol.ModuleSource
-	if cfg.Module.Repo != "" {
-		defMod = &protocol.ModuleSource{Repo: cfg.Module.Repo, Tag: cfg.Module.Tag}
+	if cur.Module.Repo != "" {
+		defMod = &protocol.ModuleSource{Repo: cur.Module.Repo, Tag: cur.Module.Tag}
 	}
 	s.engine = rounds.New(rounds.Options{
 		Executor: executor,
 		Link:     link,
 		Store:    store,
 		Logger:   log.With("part", "rounds"),
+		Updater:  opts.Updater,
 		InstanceID: func() string {
 			id, _ := s.id.CachedInstanceID()
 			return id
 		},
-		RoundDelay:    cfg.Salt.Delay,
-		RetryDelay:    cfg.Agent.RetryDelay,
-		StateTimeout:  cfg.Agent.StateTimeout,
-		OutputLimit:   cfg.Agent.OutputLimit,
+		RoundDelay:    s.pause("[salt] delay", cur.Salt.RoundDelay),
+		RetryDelay:    s.pause("[agent] retry_delay", cur.Agent.RetryDelay),
+		StateTimeout:  cur.Agent.StateTimeout,
+		OutputLimit:   cur.Agent.OutputLimit,
 		DefaultModule: defMod,
 		OnModuleChange: func(m protocol.ModuleSource) {
-			if err := s.id.SetModule(m.Repo, m.Tag); err != nil {
+			if _, err := owner.Update(func(c *config.Config) error {
+				c.Module.Repo, c.Module.Tag = m.Repo, m.Tag
+				return nil
+			}); err != nil {
 				log.Error("cannot write the states repository back to the config", "err", err)
 			}
 		},
 	})
 	s.mgr = conn.New(conn.Options{
-		URL:              cfg.Userdata.WSURI,
-		CAFile:           rootedOrEmpty(opts.Root, cfg.Network.CAFile),
+		URL:              cur.Userdata.WSURI,
+		CAFile:           rootedOrEmpty(layout.Root(), cur.Network.CAFile),
 		Identity:         s.identity,
 		Handler:          s.engine,
 		Logger:           log.With("part", "conn"),
-		OutboxLimit:      cfg.Agent.OutboxLimit,
-		AppNotReadyDelay: cfg.Agent.AppNotReadyDelay,
+		OutboxLimit:      cur.Agent.OutboxLimit,
+		AppNotReadyDelay: cur.Agent.AppNotReadyDelay,
 	})
 	link.m = s.mgr
+	owner.OnChange(func(before, after *config.Config) {
+		if after.Userdata.WSURI != before.Userdata.WSURI {
+			s.mgr.SetURL(after.Userdata.WSURI)
+		}
+	})
 
 	sctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	var wg sync.WaitGroup
+	var restart *rounds.Restart
+	engineDone := make(chan struct{})
 	wg.Add(3)
-	go func() { defer wg.Done(); _ = s.engine.Run(sctx) }()
+	go func() {
+		defer wg.Done()
+		defer close(engineDone)
+		r, err := s.engine.Run(sctx)
+		if err != nil {
+			log.Error("round engine stopped", "err", err)
+		}
+		restart = r
+	}()
 	go func() { defer wg.Done(); _ = s.mgr.Run(sctx) }()
 	go func() { defer wg.Done(); s.keepStatus(sctx) }()
-	log.Info("agent started", "version", opts.Version, "backend", redactURL(cfg.Userdata.WSURI), "app_id", cfg.Userdata.AppID, "engine", cfg.Agent.Engine)
+	log.Info("agent started", "version", opts.Version, "backend", conn.Redact(cur.Userdata.WSURI), "app_id", cur.Userdata.AppID, "engine", cur.Agent.Engine)
 
+	out := stopped
 	select {
 	case <-ctx.Done():
 		log.Info("agent stopping")
 	case <-opts.Reload:
-		reload = true
+		out = reloading
 		log.Info("reloading the config")
+	case <-engineDone:
+		if restart != nil {
+			out = restarting
+		} else if ctx.Err() == nil {
+			log.Error("round engine ended unexpectedly; stopping")
+		}
 	}
 	cancel()
 	wg.Wait()
 	s.writeStatus(s.snapshot())
-	return reload, nil
+	return out, restart, nil
+}
+
+// pause applies the floor of the pauses between rounds, saying so when a
+// configuration asked for less (0 would loop thousands of rounds a second).
+func (s *session) pause(key string, d time.Duration) time.Duration {
+	p, raised := config.Pause(d)
+	if raised {
+		s.log.Warn("pause raised to the minimum", "key", key, "configured", d, "used", p)
+	}
+	return p
 }
 
 // identity is the conn.Options.Identity callback: called before every
@@ -212,11 +303,13 @@ func (s *session) identity(ctx context.Context, refresh bool) (conn.Identity, er
 	if err != nil {
 		s.addInitError(err.Error())
 	}
+	cur := s.owner.Current()
 	return conn.Identity{
 		InstanceID:   iid,
-		AppID:        s.id.AppID(),
+		AppID:        cur.Userdata.AppID,
 		AgentVersion: s.opts.Version,
 		Token:        tok,
+		EnrollSecret: cur.Userdata.EnrollSecret,
 		InitErrors:   s.InitErrors(),
 	}, nil
 }
@@ -229,11 +322,11 @@ func (s *session) prepareLayout() {
 		path string
 		mode os.FileMode
 	}{
-		{s.cfg.Global.ConfPath, 0o700},
-		{s.cfg.Global.Watch, 0o700},
-		{s.cfg.Global.LogPath, 0o750},
+		{s.layout.StateDir(), 0o700},
+		{s.layout.WatchDir(), 0o700},
+		{s.layout.LogDir(), 0o750},
 	} {
-		if err := os.MkdirAll(s.opts.Root.Path(d.path), d.mode); err != nil {
+		if err := os.MkdirAll(d.path, d.mode); err != nil {
 			s.addInitError(fmt.Sprintf("cannot create %s: %v", d.path, err))
 		}
 	}
@@ -303,7 +396,7 @@ func (s *session) snapshot() statusfile.Snapshot {
 		PID:          os.Getpid(),
 		AgentVersion: s.opts.Version,
 		InstanceID:   iid,
-		AppID:        s.id.AppID(),
+		AppID:        s.owner.Current().Userdata.AppID,
 		StartedAt:    s.started,
 		UpdatedAt:    time.Now(),
 		Connection: statusfile.Connection{
@@ -321,8 +414,7 @@ func (s *session) snapshot() statusfile.Snapshot {
 }
 
 func (s *session) writeStatus(snap statusfile.Snapshot) {
-	path := filepath.Join(s.opts.Root.Path(s.cfg.Global.ConfPath), statusfile.Name)
-	if err := statusfile.Write(path, snap); err != nil {
+	if err := statusfile.Write(s.layout.StatusFile(), snap); err != nil {
 		s.log.Debug("cannot write the status file", "err", err)
 	}
 }
@@ -341,17 +433,4 @@ func rootedOrEmpty(root fsutil.Root, p string) string {
 		return ""
 	}
 	return root.Path(p)
-}
-
-// redactURL drops credentials and query strings from a URL for logs.
-func redactURL(u string) string {
-	if i := strings.IndexAny(u, "?#"); i >= 0 {
-		u = u[:i]
-	}
-	if at := strings.Index(u, "@"); at >= 0 {
-		if scheme := strings.Index(u, "://"); scheme >= 0 && scheme < at {
-			u = u[:scheme+3] + u[at+1:]
-		}
-	}
-	return u
 }

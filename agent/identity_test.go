@@ -12,9 +12,10 @@ import (
 
 	"github.com/visualops/opsagent/internal/config"
 	"github.com/visualops/opsagent/internal/fsutil"
+	"github.com/visualops/opsagent/internal/token"
 )
 
-func identityRig(t *testing.T, metadataURL, conf string) (*identity, string, *config.Config) {
+func identityRig(t *testing.T, metadataURL, conf string) (*identity, string, *config.Owner) {
 	t.Helper()
 	dir := t.TempDir()
 	root, _ := fsutil.NewRoot(dir)
@@ -30,7 +31,8 @@ func identityRig(t *testing.T, metadataURL, conf string) (*identity, string, *co
 	if err != nil {
 		t.Fatal(err)
 	}
-	return newIdentity(root, cfg, slog.New(slog.DiscardHandler)), dir, cfg
+	owner := config.NewOwner(cfg)
+	return newIdentity(config.NewLayout(root, p, cfg), owner, slog.New(slog.DiscardHandler)), dir, owner
 }
 
 func metadataServer(t *testing.T, userdata string) *httptest.Server {
@@ -54,7 +56,7 @@ func TestUserdataWrittenBackAndAppChangeReplacesToken(t *testing.T) {
 	srv := metadataServer(t, "WS_URI=wss://new.example.com/agent/\nAPP_ID=app-new\nVERSION=2.2\n")
 	id, dir, _ := identityRig(t, srv.URL, "; keep me\n[userdata]\nws_uri = wss://old.example.com/agent/\napp_id = app-old\n")
 	tok1, err := id.Token()
-	if err != nil || len(tok1) != 2*TokenBytes {
+	if err != nil || len(tok1) != 2*token.Bytes {
 		t.Fatalf("token %q %v", tok1, err)
 	}
 	iid, err := id.InstanceID(context.Background())
@@ -71,7 +73,7 @@ func TestUserdataWrittenBackAndAppChangeReplacesToken(t *testing.T) {
 		}
 	}
 	tok2, _ := id.Token()
-	if tok2 == tok1 || id.AppID() != "app-new" {
+	if tok2 == tok1 || id.owner.Current().Userdata.AppID != "app-new" {
 		t.Errorf("app id change must replace the token (%q → %q)", tok1, tok2)
 	}
 	// Nothing changed: nothing rewritten, token kept.
@@ -103,7 +105,7 @@ func TestMachineIDFallback(t *testing.T) {
 	id.meta = nil
 	id.instanceID = ""
 	// No metadata at all and no machine-id: a clear error.
-	id.meta = newIdentity(id.root, id.cfg, id.log).meta
+	id.meta = newIdentity(id.layout, id.owner, id.log).meta
 	if _, err := id.InstanceID(context.Background()); err == nil || !strings.Contains(err.Error(), "instance_id") {
 		t.Fatalf("err = %v", err)
 	}
@@ -124,5 +126,27 @@ func TestConfiguredInstanceIDSkipsMetadata(t *testing.T) {
 	}
 	if err := id.RefreshUserdata(context.Background()); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// A world-readable token is tightened to 0400; a directory in its place
+// is a clear error.
+func TestTokenFilePapercuts(t *testing.T) {
+	id, dir, _ := identityRig(t, "", "[userdata]\nws_uri = ws://x/agent/\napp_id = a\n[network]\ninstance_id = i-1\n")
+	p := filepath.Join(dir, "etc/opsagent.token")
+	if err := os.WriteFile(p, []byte("abcdefabcdefabcdefabcdef\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	tok, err := id.Token()
+	if err != nil || tok != "abcdefabcdefabcdefabcdef" {
+		t.Fatalf("%q %v", tok, err)
+	}
+	if st, _ := os.Stat(p); st.Mode().Perm() != 0o400 {
+		t.Errorf("mode %v, want 0400", st.Mode().Perm())
+	}
+	os.Remove(p)
+	os.Mkdir(p, 0o755)
+	if _, err := id.Token(); err == nil || !strings.Contains(err.Error(), "not a regular file") || !strings.Contains(err.Error(), "remove it") {
+		t.Fatalf("directory in place of the token: %v", err)
 	}
 }

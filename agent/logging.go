@@ -6,7 +6,6 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
-	"strings"
 
 	"gopkg.in/natefinch/lumberjack.v2"
 )
@@ -42,22 +41,4 @@ func openLog(path string, level slog.Level, extra io.Writer) (logSink, error) {
 	}
 	h := slog.NewTextHandler(w, &slog.HandlerOptions{Level: level})
 	return logSink{logger: slog.New(h), file: lj}, nil
-}
-
-// levelOf picks the log level: the command-line flag, else the config
-// (which uses the 2014 Python names), else info.
-func levelOf(flag, conf string) slog.Level {
-	v := flag
-	if v == "" {
-		v = conf
-	}
-	switch strings.ToUpper(strings.TrimSpace(v)) {
-	case "DEBUG":
-		return slog.LevelDebug
-	case "WARN", "WARNING":
-		return slog.LevelWarn
-	case "ERROR":
-		return slog.LevelError
-	}
-	return slog.LevelInfo
 }

@@ -11,7 +11,7 @@ import (
 	"github.com/visualops/opsagent/agent/bridge"
 	"github.com/visualops/opsagent/agent/state"
 	"github.com/visualops/opsagent/internal/config"
-	"github.com/visualops/opsagent/internal/fsutil"
+	"github.com/visualops/opsagent/internal/version"
 	"github.com/visualops/opsagent/protocol"
 	saltbootstrap "github.com/visualops/opsagent/salt-bootstrap"
 	"github.com/visualops/opsagent/virtualenv"
@@ -36,35 +36,34 @@ type saltExecutor struct {
 	module   *protocol.ModuleSource // of the current round
 	prepared bool                   // for the current round
 	prepErr  error
+	warning  string // bootstrap.sh's failure for the current checkout
 	venv     *virtualenv.Env
 	bridge   *bridge.Bridge
 }
 
-func newSaltExecutor(root fsutil.Root, cfg *config.Config, version string, log *slog.Logger, setError func(string)) *saltExecutor {
-	repoDir := filepath.Join(root.Path(cfg.Module.Root), cfg.Module.Name)
-	stateDir := root.Path(cfg.Global.ConfPath)
+func newSaltExecutor(layout config.Layout, cfg *config.Config, log *slog.Logger, setError func(string)) *saltExecutor {
 	wheelhouse := ""
 	if cfg.Salt.Wheelhouse != "" {
-		wheelhouse = root.Path(cfg.Salt.Wheelhouse)
+		wheelhouse = layout.Host(cfg.Salt.Wheelhouse)
 	}
 	return &saltExecutor{
 		log: log,
 		fetch: saltbootstrap.New(saltbootstrap.Options{
-			Dir: repoDir, ConfigPath: cfg.Path(), AgentVersion: version,
-			BootstrapScript: cfg.Module.Bootstrap, Logger: log,
+			Dir: layout.StatesDir(), StampFile: layout.StatesStampFile(), ConfigPath: layout.ConfigFile(),
+			InterfaceVersion: version.StatesInterface, BootstrapScript: cfg.Module.BootstrapScript, Logger: log,
 		}),
-		venvOpts:   virtualenv.Options{Dir: root.Path(cfg.Global.EnvRoot), Logger: log},
+		venvOpts:   virtualenv.Options{Dir: layout.VenvDir(), Logger: log},
 		wheelhouse: wheelhouse,
-		repoDir:    repoDir,
+		repoDir:    layout.StatesDir(),
 		bridgeOpts: bridge.Options{
-			ScriptDir: stateDir,
-			WatchDir:  root.Path(cfg.Global.Watch),
-			OSRoot:    root.Dir(),
+			Script:    layout.BridgeScript(),
+			WatchDir:  layout.WatchDir(),
+			OSRoot:    layout.Root().Dir(),
 			KillGrace: cfg.Agent.KillGrace,
 			Logger:    log.With("part", "bridge"),
 			Config: map[string]any{
-				"global": map[string]any{"conf_path": stateDir, "watch": root.Path(cfg.Global.Watch)},
-				"module": map[string]any{"root": root.Path(cfg.Module.Root), "name": cfg.Module.Name},
+				"global": map[string]any{"conf_path": layout.StateDir(), "watch": layout.WatchDir()},
+				"module": map[string]any{"root": layout.ReposDir(), "name": cfg.Module.RepoName},
 			},
 		},
 		setError: setError,
@@ -108,6 +107,9 @@ func (s *saltExecutor) prepare(ctx context.Context) error {
 			msg = fe.Comment
 		}
 	}
+	if msg == "" {
+		msg = s.warning // a failed bootstrap.sh: shown, not fatal
+	}
 	s.setError(msg)
 	return err
 }
@@ -132,10 +134,12 @@ func (s *saltExecutor) prepareSteps(ctx context.Context) error {
 		opts.Python = env.Python
 		s.bridge = bridge.New(opts)
 	}
-	changed, err := s.fetch.Ensure(ctx, repo, tag)
+	res, err := s.fetch.Ensure(ctx, repo, tag)
 	if err != nil {
 		return err
 	}
+	s.warning = res.Warning
+	changed := res.Changed
 	if changed {
 		if err := s.venv.InstallRequirements(ctx, filepath.Join(s.repoDir, "requirements.txt"), s.wheelhouse); err != nil {
 			return err

@@ -34,7 +34,7 @@ func TestSaltExecutorReportsAndClearsProblems(t *testing.T) {
 	}
 	var mu sync.Mutex
 	problem := "unset"
-	s := newSaltExecutor(root, cfg, "2.1", slog.New(slog.DiscardHandler), func(m string) { mu.Lock(); problem = m; mu.Unlock() })
+	s := newSaltExecutor(config.NewLayout(root, conf, cfg), cfg, slog.New(slog.DiscardHandler), func(m string) { mu.Lock(); problem = m; mu.Unlock() })
 	defer s.Close()
 	req := state.Request{RecipeVersion: 1, StateID: "s", Module: "linux.cmd", Parameter: json.RawMessage(`{"cmd":"echo ok"}`)}
 

@@ -4,11 +4,13 @@ import (
 	"context"
 	"errors"
 	"log/slog"
+	"net"
 	"net/http"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
+	"unicode/utf8"
 
 	"github.com/gorilla/websocket"
 
@@ -50,9 +52,14 @@ func (c *agentConn) sendPrepared(pm *websocket.PreparedMessage) {
 	}
 }
 
+// maxCloseReason is what fits in a close frame (125 bytes less the code);
+// gorilla refuses to send a longer one, and the agent would see no reason.
+const maxCloseReason = 123
+
 // close sends a close frame (best effort) and ends the connection.
 func (c *agentConn) close(code int, reason string) {
 	c.once.Do(func() {
+		reason = truncateUTF8(reason, maxCloseReason)
 		_ = c.ws.WriteControl(websocket.CloseMessage, websocket.FormatCloseMessage(code, reason), time.Now().Add(time.Second))
 		close(c.done)
 		_ = c.ws.Close()
@@ -89,112 +96,199 @@ func (s *Server) serveAgent(w http.ResponseWriter, r *http.Request) {
 	ws.SetReadLimit(int64(s.opts.MaxFrame))
 	c := &agentConn{ws: ws, queue: make(chan *websocket.PreparedMessage, s.opts.SendQueue), done: make(chan struct{}), log: s.log, since: time.Now()}
 	go c.writer(s.opts.PingInterval, s.opts.DeadAfter)
+	rd := &reader{s: s, c: c, remote: r.RemoteAddr, bad: logLimiter{every: s.opts.badFrameEvery}}
 	defer func() {
 		c.close(websocket.CloseNormalClosure, "")
 		s.unregister(c)
+		rd.flushSuppressed()
 	}()
-	ws.SetPongHandler(func(string) error { return ws.SetReadDeadline(time.Now().Add(s.opts.DeadAfter)) })
+	rd.run()
+}
+
+// reader is the state of one connection's read loop.
+type reader struct {
+	s      *Server
+	c      *agentConn
+	remote string
+	bad    logLimiter
+}
+
+// run reads frames until the connection ends. Until a Handshake is
+// accepted, frames do not extend the read deadline: a socket that never
+// identifies itself is closed after HandshakeTimeout however much it sends.
+func (rd *reader) run() {
+	s, c, ws := rd.s, rd.c, rd.c.ws
+	ws.SetPongHandler(func(string) error {
+		if c.instance == "" {
+			return nil
+		}
+		return ws.SetReadDeadline(time.Now().Add(s.opts.DeadAfter))
+	})
 	_ = ws.SetReadDeadline(time.Now().Add(s.opts.HandshakeTimeout))
-	remote := r.RemoteAddr
 	for {
 		_, data, err := ws.ReadMessage()
 		if err != nil {
-			if errors.Is(err, websocket.ErrReadLimit) {
-				s.log.Warn("agent frame over the size limit; closing", "remote", remote, "instance_id", c.instance, "limit", s.opts.MaxFrame)
-				c.close(websocket.CloseMessageTooBig, "frame too large")
-			}
+			rd.readFailed(err)
 			return
 		}
-		_ = ws.SetReadDeadline(time.Now().Add(s.opts.DeadAfter))
+		if c.instance != "" {
+			_ = ws.SetReadDeadline(time.Now().Add(s.opts.DeadAfter))
+		}
 		msg, err := protocol.DecodeLimit(data, s.opts.MaxFrame)
 		if err != nil {
-			s.log.Warn("ignored a bad frame from an agent", "remote", remote, "instance_id", c.instance, "err", err)
+			rd.badFrame("ignored a bad frame from an agent", "err", err)
 			continue
 		}
-		if c.instance == "" {
-			if _, ok := msg.(*protocol.Handshake); !ok {
-				s.log.Warn("agent sent a message before its Handshake; ignored", "remote", remote, "code", msg.MessageCode())
-				continue
-			}
-		}
-		switch m := msg.(type) {
-		case *protocol.Handshake:
-			if !s.handshake(c, m) {
-				return
-			}
-		case *protocol.StateLog:
-			s.stateLog(c, m)
-		case *protocol.WaitQuery:
-			s.waitQuery(c, m)
-		case *protocol.Test:
-			if m.InstanceID == "" {
-				continue
-			}
-			frame, _ := protocol.Encode(&protocol.TestAns{Result: m.InstanceID == c.instance && m.AppID == c.app})
-			c.send(frame)
-		default:
-			s.log.Warn("ignored a backend-to-agent message sent by an agent", "instance_id", c.instance, "code", msg.MessageCode())
+		if !rd.dispatch(msg) {
+			return
 		}
 	}
 }
 
-// handshake checks the app and the token and registers the connection. It
-// returns false when the connection must end.
-func (s *Server) handshake(c *agentConn, m *protocol.Handshake) bool {
-	log := s.log.With("instance_id", m.InstanceID, "app_id", m.AppID)
-	if m.InstanceID == "" || m.AppID == "" || m.InstanceToken == "" {
-		log.Warn("Handshake without instance id, app id or token; closing")
-		c.close(websocket.ClosePolicyViolation, "handshake needs instance_id, app_id and instance_token")
+func (rd *reader) readFailed(err error) {
+	var ne net.Error
+	switch {
+	case errors.Is(err, websocket.ErrReadLimit):
+		rd.s.log.Warn("agent frame over the size limit; closing", "remote", rd.remote, "instance_id", rd.c.instance, "limit", rd.s.opts.MaxFrame)
+		rd.c.close(websocket.CloseMessageTooBig, "frame too large")
+	case errors.As(err, &ne) && ne.Timeout() && rd.c.instance == "":
+		rd.s.log.Warn("no Handshake in time; closing", "remote", rd.remote, "timeout", rd.s.opts.HandshakeTimeout)
+		rd.c.close(websocket.ClosePolicyViolation, "no Handshake within "+rd.s.opts.HandshakeTimeout.String())
+	}
+}
+
+// dispatch handles one decoded frame; false ends the connection.
+func (rd *reader) dispatch(msg protocol.Message) bool {
+	s, c := rd.s, rd.c
+	if m, ok := msg.(*protocol.Handshake); ok {
+		return rd.handshake(m)
+	}
+	if c.instance == "" {
+		rd.badFrame("agent sent a message before its Handshake; ignored", "code", msg.MessageCode())
+		return true
+	}
+	switch m := msg.(type) {
+	case *protocol.StateLog:
+		s.stateLog(c, m)
+	case *protocol.WaitQuery:
+		s.waitQuery(c, m)
+	case *protocol.Test:
+		if m.InstanceID != "" {
+			frame, _ := protocol.Encode(&protocol.TestAns{Result: m.InstanceID == c.instance && m.AppID == c.app})
+			c.send(frame)
+		}
+	default:
+		rd.badFrame("ignored a backend-to-agent message sent by an agent", "code", msg.MessageCode())
+	}
+	return true
+}
+
+// handshake accepts the first Handshake that registers the connection. A
+// later one naming the same identity is a harmless repeat; one naming
+// another would leave the first identity registered to this socket, so it
+// ends the connection.
+func (rd *reader) handshake(m *protocol.Handshake) bool {
+	c := rd.c
+	if c.instance != "" {
+		if m.InstanceID == c.instance && m.AppID == c.app {
+			return true
+		}
+		rd.s.log.Warn("second Handshake names another identity; closing", "instance_id", c.instance, "app_id", c.app, "claimed", m.InstanceID+"/"+m.AppID)
+		c.close(websocket.ClosePolicyViolation, "one connection serves one instance: reconnect to handshake as another")
 		return false
+	}
+	switch rd.s.handshake(c, m) {
+	case hsRefused:
+		return false
+	case hsNotReady:
+		// The agent will handshake again on this socket after its delay.
+		_ = c.ws.SetReadDeadline(time.Now().Add(rd.s.opts.DeadAfter))
+	case hsRegistered:
+		_ = c.ws.SetReadDeadline(time.Now().Add(rd.s.opts.DeadAfter))
+	}
+	return true
+}
+
+// badFrame logs at most one line per interval per connection, so that one
+// misbehaving agent cannot flood the backend's log.
+func (rd *reader) badFrame(msg string, args ...any) {
+	ok, suppressed := rd.bad.allow(time.Now())
+	if !ok {
+		return
+	}
+	args = append(args, "remote", rd.remote, "instance_id", rd.c.instance)
+	if suppressed > 0 {
+		args = append(args, "suppressed_since_last", suppressed)
+	}
+	rd.s.log.Warn(msg, args...)
+}
+
+func (rd *reader) flushSuppressed() {
+	if n := rd.bad.suppressed; n > 0 {
+		rd.s.log.Warn("more bad frames were ignored before the connection ended", "remote", rd.remote, "instance_id", rd.c.instance, "suppressed", n)
+	}
+}
+
+// logLimiter lets one event through per interval and counts the others.
+type logLimiter struct {
+	every      time.Duration
+	next       time.Time
+	suppressed int
+}
+
+// allow reports whether to log now, and how many events were held back
+// since the last one logged.
+func (l *logLimiter) allow(now time.Time) (ok bool, suppressed int) {
+	if now.Before(l.next) {
+		l.suppressed++
+		return false, 0
+	}
+	l.next = now.Add(l.every)
+	suppressed, l.suppressed = l.suppressed, 0
+	return true, suppressed
+}
+
+type hsResult int
+
+const (
+	hsRefused    hsResult = iota // the connection was closed
+	hsNotReady                   // AppNotReady sent; the agent will retry
+	hsRegistered                 // the connection serves this instance
+)
+
+// handshake checks the identity, the app and the token (or, for a new
+// instance, the enrollment secret) and registers the connection.
+func (s *Server) handshake(c *agentConn, m *protocol.Handshake) hsResult {
+	log := s.log.With("instance_id", m.InstanceID, "app_id", m.AppID)
+	if reason := checkIdentity(&m.Identity); reason != "" {
+		log.Warn("Handshake refused", "reason", reason)
+		c.close(websocket.ClosePolicyViolation, reason)
+		return hsRefused
 	}
 	s.mu.Lock()
 	app, ok := s.apps[m.AppID]
-	if !ok {
+	switch {
+	case s.closed:
+		s.mu.Unlock()
+		c.close(websocket.CloseGoingAway, "backend shutting down")
+		return hsRefused
+	case !ok:
 		s.mu.Unlock()
 		log.Info("Handshake for an unknown app; AppNotReady")
 		frame, _ := protocol.Encode(&protocol.AppNotReady{})
 		c.send(frame)
-		return true
+		return hsNotReady
 	}
-	h := hashToken(m.InstanceToken)
-	known, seen := app.TokenHashes[m.InstanceID]
-	if seen && !sameHash(known, h) {
+	firstSeen, refusal := s.admit(app, m)
+	if refusal != nil {
 		s.mu.Unlock()
-		log.Warn("Handshake refused: instance token differs from the one first seen for this instance")
-		c.close(websocket.ClosePolicyViolation, "instance token mismatch")
-		return false
-	}
-	if !seen {
-		app.TokenHashes[m.InstanceID] = h
-		if err := s.store.appendToken(app.AppID, m.InstanceID, h); err != nil {
-			s.mu.Unlock()
-			log.Error("cannot store the instance token", "err", err)
-			c.close(websocket.CloseInternalServerErr, "backend storage error")
-			return false
-		}
+		log.Warn("Handshake refused", "reason", refusal.log)
+		c.close(refusal.code, refusal.reason)
+		return hsRefused
 	}
 	c.app, c.instance, c.agentVersion = m.AppID, m.InstanceID, m.AgentVersion
-	byInst := s.agents[m.AppID]
-	if byInst == nil {
-		byInst = map[string]*agentConn{}
-		s.agents[m.AppID] = byInst
-	}
-	old := byInst[m.InstanceID]
-	byInst[m.InstanceID] = c
-	var frames [][]byte
-	if app.RecipeVersion > 0 {
-		f, _ := protocol.Encode(app.recipe())
-		frames = append(frames, f)
-		c.recipeVersion.Store(app.RecipeVersion)
-		for _, id := range app.Waits[m.InstanceID] {
-			f, _ := protocol.Encode(&protocol.StatePush{RecipeVersion: app.RecipeVersion, StateID: id})
-			frames = append(frames, f)
-		}
-	}
-	if u := app.Update; u != nil && u.Version != m.AgentVersion {
-		f, _ := protocol.Encode(u)
-		frames = append(frames, f)
-	}
+	old := s.register(c)
+	frames := s.welcome(app, c, m.AgentVersion)
 	s.mu.Unlock()
 	if old != nil && old != c {
 		old.close(websocket.CloseNormalClosure, "replaced by a newer connection")
@@ -203,11 +297,73 @@ func (s *Server) handshake(c *agentConn, m *protocol.Handshake) bool {
 	if m.InitErrors != nil {
 		init = *m.InitErrors
 	}
-	log.Info("agent connected", "agent_version", m.AgentVersion, "init_errors", init, "first_seen", !seen)
+	log.Info("agent connected", "agent_version", m.AgentVersion, "init_errors", init, "first_seen", firstSeen)
 	for _, f := range frames {
 		c.send(f)
 	}
-	return true
+	return hsRegistered
+}
+
+// refusal is why admit turned a Handshake away: a close code, a close
+// reason for the agent and a longer line for the backend's log.
+type refusal struct {
+	code        int
+	reason, log string
+}
+
+// admit checks a known instance's token, or enrolls a new instance when it
+// presents the app's enrollment secret (or enrollment is open). Called with
+// s.mu held.
+func (s *Server) admit(app *appState, m *protocol.Handshake) (firstSeen bool, r *refusal) {
+	h := hashToken(m.InstanceToken)
+	if known, seen := app.TokenHashes[m.InstanceID]; seen {
+		if !sameHash(known, h) {
+			return false, &refusal{websocket.ClosePolicyViolation, "instance token mismatch", "instance token differs from the one first seen for this instance"}
+		}
+		return false, nil
+	}
+	if !s.opts.OpenEnrollment && !enrollmentOK(m.EnrollmentSecret, s.secrets[app.AppID]) {
+		return false, &refusal{websocket.ClosePolicyViolation, enrollReason,
+			"new instance without the right enrollment secret; the agent needs [userdata] enroll_secret from GET /api/apps/" + app.AppID + "/enrollment"}
+	}
+	if err := s.store.appendToken(app.AppID, m.InstanceID, h); err != nil {
+		return false, &refusal{websocket.CloseInternalServerErr, "backend storage error", "cannot store the instance token: " + err.Error()}
+	}
+	app.TokenHashes[m.InstanceID] = h
+	return true, nil
+}
+
+// register makes c the live connection of its instance and returns the one
+// it replaces. Called with s.mu held.
+func (s *Server) register(c *agentConn) *agentConn {
+	byInst := s.agents[c.app]
+	if byInst == nil {
+		byInst = map[string]*agentConn{}
+		s.agents[c.app] = byInst
+	}
+	old := byInst[c.instance]
+	byInst[c.instance] = c
+	return old
+}
+
+// welcome is what a newly registered agent is sent: the recipe, its
+// released waits and any pending update. Called with s.mu held.
+func (s *Server) welcome(app *appState, c *agentConn, agentVersion string) [][]byte {
+	var frames [][]byte
+	if app.RecipeVersion > 0 {
+		f, _ := protocol.Encode(app.recipe())
+		frames = append(frames, f)
+		c.recipeVersion.Store(app.RecipeVersion)
+		for _, id := range app.Waits[c.instance] {
+			f, _ := protocol.Encode(&protocol.StatePush{RecipeVersion: app.RecipeVersion, StateID: id})
+			frames = append(frames, f)
+		}
+	}
+	if u := app.Update; u != nil && u.Version != agentVersion {
+		f, _ := protocol.Encode(u)
+		frames = append(frames, f)
+	}
+	return frames
 }
 
 func (s *Server) unregister(c *agentConn) {
@@ -261,6 +417,17 @@ func (s *Server) waitQuery(c *agentConn, m *protocol.WaitQuery) {
 	s.mu.Unlock()
 	frame, _ := protocol.Encode(wl)
 	c.send(frame)
+}
+
+// truncateUTF8 cuts s to at most n bytes without splitting a character.
+func truncateUTF8(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	for n > 0 && !utf8.RuneStart(s[n]) {
+		n--
+	}
+	return s[:n]
 }
 
 func firstLine(s string) string {

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"mime"
 	"net/http"
 	"strconv"
 	"strings"
@@ -17,25 +18,49 @@ import (
 // maxBody bounds API request bodies (a recipe is a few hundred KiB at most).
 const maxBody = 8 << 20
 
+// route is one API endpoint. Every route needs the API token except the
+// public ones, and every PUT/POST needs a JSON Content-Type.
+type route struct {
+	method, pattern string
+	handle          http.HandlerFunc
+	public          bool
+}
+
+// apiRoutes is the single list of endpoints: routes registers it, the 405
+// answers derive from it, and the tests walk it.
+func (s *Server) apiRoutes() []route {
+	return []route{
+		{"GET", "/api/healthz", s.healthz, true},
+		{"GET", "/api/apps", s.listApps, false},
+		{"PUT", "/api/apps/{app}/recipe", s.putRecipe, false},
+		{"GET", "/api/apps/{app}/recipe", s.getRecipe, false},
+		{"GET", "/api/apps/{app}/instances", s.listInstances, false},
+		{"GET", "/api/apps/{app}/logs", s.getLogs, false},
+		{"POST", "/api/apps/{app}/waits", s.postWait, false},
+		{"POST", "/api/apps/{app}/update", s.postUpdate, false},
+		{"GET", "/api/apps/{app}/enrollment", s.getEnrollment, false},
+		{"POST", "/api/apps/{app}/enrollment/rotate", s.rotateEnrollment, false},
+	}
+}
+
 func (s *Server) routes(mux *http.ServeMux) {
-	mux.HandleFunc("GET /api/healthz", func(w http.ResponseWriter, _ *http.Request) {
-		writeJSON(w, http.StatusOK, map[string]any{"ok": true})
-	})
-	mux.Handle("GET /api/apps", s.auth(s.listApps))
-	mux.Handle("PUT /api/apps/{app}/recipe", s.auth(s.putRecipe))
-	mux.Handle("GET /api/apps/{app}/recipe", s.auth(s.getRecipe))
-	mux.Handle("GET /api/apps/{app}/instances", s.auth(s.listInstances))
-	mux.Handle("GET /api/apps/{app}/logs", s.auth(s.getLogs))
-	mux.Handle("POST /api/apps/{app}/waits", s.auth(s.postWait))
-	mux.Handle("POST /api/apps/{app}/update", s.auth(s.postUpdate))
-	for path, allow := range map[string]string{
-		"/api/healthz": "GET", "/api/apps": "GET", "/api/apps/{app}/recipe": "GET, PUT",
-		"/api/apps/{app}/instances": "GET", "/api/apps/{app}/logs": "GET",
-		"/api/apps/{app}/waits": "POST", "/api/apps/{app}/update": "POST",
-	} {
+	allow := map[string][]string{}
+	for _, rt := range s.apiRoutes() {
+		h := http.Handler(rt.handle)
+		if rt.method == http.MethodPut || rt.method == http.MethodPost {
+			h = requireJSON(h)
+		}
+		if !rt.public {
+			h = s.auth(h)
+		}
+		mux.Handle(rt.method+" "+rt.pattern, h)
+		allow[rt.pattern] = append(allow[rt.pattern], rt.method)
+	}
+	for path, methods := range allow {
+		allowed := strings.Join(methods, ", ")
 		mux.HandleFunc(path, func(w http.ResponseWriter, r *http.Request) {
-			w.Header().Set("Allow", allow)
-			apiError(w, http.StatusMethodNotAllowed, "%s %s: method not allowed (use %s)", r.Method, r.URL.Path, allow)
+			w.Header().Set("Allow", allowed)
+			apiError(w, http.StatusMethodNotAllowed, "%s %s: method not allowed (use %s)", r.Method, r.URL.Path, allowed)
 		})
 	}
 	mux.HandleFunc("/api/", func(w http.ResponseWriter, r *http.Request) {
@@ -43,18 +68,36 @@ func (s *Server) routes(mux *http.ServeMux) {
 	})
 }
 
+func (s *Server) healthz(w http.ResponseWriter, _ *http.Request) {
+	writeJSON(w, http.StatusOK, map[string]any{"ok": true})
+}
+
 // auth requires the bearer token when one is configured.
-func (s *Server) auth(h http.HandlerFunc) http.Handler {
+func (s *Server) auth(h http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if s.opts.APIToken != "" {
-			got := strings.TrimPrefix(r.Header.Get("Authorization"), "Bearer ")
-			if subtle.ConstantTimeCompare([]byte(got), []byte(s.opts.APIToken)) != 1 {
+			got, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
+			if !ok || subtle.ConstantTimeCompare([]byte(got), []byte(s.opts.APIToken)) != 1 {
 				w.Header().Set("WWW-Authenticate", `Bearer realm="opsagent"`)
 				apiError(w, http.StatusUnauthorized, "missing or wrong API token: send 'Authorization: Bearer <token>'")
 				return
 			}
 		}
-		h(w, r)
+		h.ServeHTTP(w, r)
+	})
+}
+
+// requireJSON refuses bodies not declared as JSON. Besides catching
+// mistakes, it stops plain HTML forms: a browser sends application/json
+// cross-site only after a CORS preflight, which this backend never grants.
+func requireJSON(h http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		ct := r.Header.Get("Content-Type")
+		if mt, _, err := mime.ParseMediaType(ct); err != nil || mt != "application/json" {
+			apiError(w, http.StatusUnsupportedMediaType, "Content-Type %q: send 'Content-Type: application/json' with a JSON object body", ct)
+			return
+		}
+		h.ServeHTTP(w, r)
 	})
 }
 
@@ -70,23 +113,55 @@ func apiError(w http.ResponseWriter, code int, format string, a ...any) {
 	writeJSON(w, code, map[string]string{"error": fmt.Sprintf(format, a...)})
 }
 
-// decodeBody reads a JSON object body strictly (unknown fields refused).
-func decodeBody(r *http.Request, v any) error {
-	dec := json.NewDecoder(io.LimitReader(r.Body, maxBody))
+// decodeBody reads exactly one JSON object (unknown fields refused, at
+// most maxBody bytes, nothing after it). emptyOK accepts an empty body as
+// an empty object.
+func decodeBody(w http.ResponseWriter, r *http.Request, v any, emptyOK bool) error {
+	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, maxBody))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(v); err != nil {
-		var te *json.UnmarshalTypeError
-		switch {
-		case errors.Is(err, io.EOF):
-			return errors.New("empty body: send a JSON object")
-		case errors.As(err, &te) && te.Field == "":
-			return fmt.Errorf("body must be a JSON object, not a JSON %s", te.Value)
-		case errors.As(err, &te):
-			return fmt.Errorf("field %s: must be a JSON %s, not %s", te.Field, jsonType(te.Type.Kind().String()), te.Value)
+		if emptyOK && errors.Is(err, io.EOF) {
+			return nil
 		}
-		return fmt.Errorf("body is not the expected JSON object: %v", err)
+		return bodyProblem(err)
+	}
+	// A second value, or garbage, after the object would be silently
+	// dropped: refuse it so that a mangled body is noticed.
+	if _, err := dec.Token(); !errors.Is(err, io.EOF) {
+		var mbe *http.MaxBytesError
+		if errors.As(err, &mbe) {
+			return err
+		}
+		return errors.New("trailing data after the JSON object: send exactly one object")
 	}
 	return nil
+}
+
+func bodyProblem(err error) error {
+	var te *json.UnmarshalTypeError
+	var mbe *http.MaxBytesError
+	switch {
+	case errors.As(err, &mbe):
+		return err
+	case errors.Is(err, io.EOF):
+		return errors.New("empty body: send a JSON object")
+	case errors.As(err, &te) && te.Field == "":
+		return fmt.Errorf("body must be a JSON object, not a JSON %s", te.Value)
+	case errors.As(err, &te):
+		return fmt.Errorf("field %s: must be a JSON %s, not %s", te.Field, jsonType(te.Type.Kind().String()), te.Value)
+	}
+	return fmt.Errorf("body is not the expected JSON object: %v", err)
+}
+
+// bodyError answers a decodeBody error: 413 when over the size cap, 400
+// otherwise.
+func bodyError(w http.ResponseWriter, err error) {
+	var mbe *http.MaxBytesError
+	if errors.As(err, &mbe) {
+		apiError(w, http.StatusRequestEntityTooLarge, "body over %d bytes: send a smaller recipe", mbe.Limit)
+		return
+	}
+	apiError(w, http.StatusBadRequest, "%v", err)
 }
 
 func (s *Server) app(w http.ResponseWriter, r *http.Request) (*appState, bool) {
@@ -125,8 +200,8 @@ func (s *Server) putRecipe(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	var body recipeBody
-	if err := decodeBody(r, &body); err != nil {
-		apiError(w, http.StatusBadRequest, "%v", err)
+	if err := decodeBody(w, r, &body, false); err != nil {
+		bodyError(w, err)
 		return
 	}
 	if body.State == nil {
@@ -140,6 +215,9 @@ func (s *Server) putRecipe(w http.ResponseWriter, r *http.Request) {
 	}
 	raw, _ := json.Marshal(probe)
 	msg, err := protocol.Decode(raw)
+	if err == nil {
+		err = protocol.ValidateRecipe(msg.(*protocol.RecipeMetadata))
+	}
 	if err != nil {
 		var pe *protocol.Error
 		if errors.As(err, &pe) && pe.Field != "" {
@@ -154,6 +232,15 @@ func (s *Server) putRecipe(w http.ResponseWriter, r *http.Request) {
 	s.mu.Lock()
 	a := s.apps[id]
 	if a == nil {
+		// A new app gets its enrollment secret before it exists, so that
+		// no instance can ever enroll without one.
+		secret, _, err := s.loadOrCreateSecret(id)
+		if err != nil {
+			s.mu.Unlock()
+			apiError(w, http.StatusInternalServerError, "cannot create the app's enrollment secret: %v", err)
+			return
+		}
+		s.secrets[id] = secret
 		a = &appState{AppID: id, TokenHashes: map[string]string{}, Waits: map[string][]string{}}
 	}
 	next := *a
@@ -270,8 +357,8 @@ func (s *Server) postWait(w http.ResponseWriter, r *http.Request) {
 		InstanceID *string `json:"instance_id"`
 		StateID    *string `json:"state_id"`
 	}
-	if err := decodeBody(r, &body); err != nil {
-		apiError(w, http.StatusBadRequest, "%v", err)
+	if err := decodeBody(w, r, &body, false); err != nil {
+		bodyError(w, err)
 		return
 	}
 	if body.InstanceID == nil || *body.InstanceID == "" {
@@ -317,8 +404,8 @@ func (s *Server) postUpdate(w http.ResponseWriter, r *http.Request) {
 		Version *string `json:"version"`
 		URL     string  `json:"url"`
 	}
-	if err := decodeBody(r, &body); err != nil {
-		apiError(w, http.StatusBadRequest, "%v", err)
+	if err := decodeBody(w, r, &body, false); err != nil {
+		bodyError(w, err)
 		return
 	}
 	if body.Version == nil || strings.TrimSpace(*body.Version) == "" {

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"io"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -19,33 +20,65 @@ import (
 )
 
 type env struct {
-	t    *testing.T
-	dir  string
-	srv  *Server
-	http *httptest.Server
+	t     *testing.T
+	dir   string
+	srv   *Server
+	http  *httptest.Server
+	token string // API token, when the server has one
 }
 
+// newEnv serves a Server on a loopback httptest server. The listener is
+// made first so that its address can be an allowed host (Handler on its
+// own knows no listen address).
 func newEnv(t *testing.T, dir string, tweak func(*Options)) *env {
 	t.Helper()
 	if dir == "" {
 		dir = t.TempDir()
 	}
-	opts := Options{DataDir: dir}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	opts := Options{DataDir: dir, AllowedHosts: []string{ln.Addr().String()}}
 	if tweak != nil {
 		tweak(&opts)
 	}
 	srv, err := New(opts)
 	if err != nil {
+		ln.Close()
 		t.Fatal(err)
 	}
-	hs := httptest.NewServer(srv.Handler())
+	hs := &httptest.Server{Listener: ln, Config: &http.Server{Handler: srv.Handler()}}
+	hs.Start()
 	t.Cleanup(func() { srv.CloseAgents(); hs.Close() })
-	return &env{t: t, dir: dir, srv: srv, http: hs}
+	return &env{t: t, dir: dir, srv: srv, http: hs, token: opts.APIToken}
+}
+
+// request is a well-formed API call: JSON Content-Type on PUT/POST and the
+// API token when the server has one.
+func (e *env) request(method, path, body string) *http.Request {
+	e.t.Helper()
+	req, err := http.NewRequest(method, e.http.URL+path, strings.NewReader(body))
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	if method == http.MethodPut || method == http.MethodPost {
+		req.Header.Set("Content-Type", "application/json")
+	}
+	if e.token != "" {
+		req.Header.Set("Authorization", "Bearer "+e.token)
+	}
+	return req
 }
 
 func (e *env) api(method, path, body string) (int, map[string]any) {
 	e.t.Helper()
-	req, _ := http.NewRequest(method, e.http.URL+path, strings.NewReader(body))
+	return e.do(e.request(method, path, body))
+}
+
+func (e *env) do(req *http.Request) (int, map[string]any) {
+	e.t.Helper()
+	method, path := req.Method, req.URL.Path
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
 		e.t.Fatal(err)
@@ -67,7 +100,21 @@ type agent struct {
 	ws *websocket.Conn
 }
 
-func (e *env) connect(instance, app, token, version string) *agent {
+// tok makes a test token long enough for the backend's 16-byte minimum.
+func tok(s string) string { return s + "-token-0123456789" }
+
+// secret is the app's enrollment secret, or "" when the app does not exist.
+func (e *env) secret(app string) string {
+	e.t.Helper()
+	code, out := e.api("GET", "/api/apps/"+app+"/enrollment", "")
+	if code != http.StatusOK {
+		return ""
+	}
+	return out["enrollment_secret"].(string)
+}
+
+// dial opens an agent socket without sending anything.
+func (e *env) dial() *agent {
 	e.t.Helper()
 	url := "ws" + strings.TrimPrefix(e.http.URL, "http") + "/agent/"
 	ws, _, err := websocket.DefaultDialer.Dial(url, nil)
@@ -75,9 +122,20 @@ func (e *env) connect(instance, app, token, version string) *agent {
 		e.t.Fatal(err)
 	}
 	e.t.Cleanup(func() { ws.Close() })
-	a := &agent{t: e.t, ws: ws}
-	a.send(&protocol.Handshake{Identity: protocol.Identity{InstanceID: instance, AppID: app, AgentVersion: version, ProtocolVersion: 1, InstanceToken: token}})
+	return &agent{t: e.t, ws: ws}
+}
+
+// connect handshakes as a well-behaved agent: with the app's enrollment
+// secret, and tok(token) as its token.
+func (e *env) connect(instance, app, token, version string) *agent {
+	e.t.Helper()
+	a := e.dial()
+	a.send(&protocol.Handshake{Identity: identity(instance, app, tok(token), version, e.secret(app))})
 	return a
+}
+
+func identity(instance, app, token, version, secret string) protocol.Identity {
+	return protocol.Identity{InstanceID: instance, AppID: app, AgentVersion: version, ProtocolVersion: 1, InstanceToken: token, EnrollmentSecret: secret}
 }
 
 func (a *agent) send(m protocol.Message) {
@@ -119,7 +177,7 @@ func TestUnknownAppGetsAppNotReady(t *testing.T) {
 	if code, _ := e.api("PUT", "/api/apps/nope/recipe", recipeJSON); code != 200 {
 		t.Fatalf("put recipe: %d", code)
 	}
-	a.send(&protocol.Handshake{Identity: protocol.Identity{InstanceID: "i-1", AppID: "nope", AgentVersion: "2.1", ProtocolVersion: 1, InstanceToken: "tok"}})
+	a.send(&protocol.Handshake{Identity: identity("i-1", "nope", tok("tok"), "2.1", e.secret("nope"))})
 	if r, ok := a.expect().(*protocol.RecipeMetadata); !ok || r.RecipeVersion != 1 {
 		t.Fatalf("want the recipe, got %#v", r)
 	}
@@ -163,7 +221,7 @@ func TestTokenTrustOnFirstUse(t *testing.T) {
 	}
 	// The stored file holds a hash, never the token.
 	data, _ := os.ReadFile(filepath.Join(e.dir, "apps", "app1", "tokens.jsonl"))
-	if bytes.Contains(data, []byte("good")) || !bytes.Contains(data, []byte(hashToken("good"))) {
+	if bytes.Contains(data, []byte("good")) || !bytes.Contains(data, []byte(hashToken(tok("good")))) {
 		t.Errorf("token storage: %s", data)
 	}
 	ok := e.connect("i-1", "app1", "good", "2.1")
@@ -287,7 +345,10 @@ func TestPersistenceAcrossRestart(t *testing.T) {
 	a.expect()
 	a.send(&protocol.StateLog{InstanceID: "i-1", AppID: "app1", RecipeVersion: 1, StateID: "s1", Result: true})
 	e.api("POST", "/api/apps/app1/waits", `{"instance_id":"i-1","state_id":"w1"}`)
-	time.Sleep(50 * time.Millisecond)
+	eventually(t, "the StateLog stored", func() bool {
+		_, out := e.api("GET", "/api/apps/app1/logs", "")
+		return len(out["logs"].([]any)) == 1
+	})
 	// Simulate a torn last line from a crash.
 	f, _ := os.OpenFile(filepath.Join(dir, "apps/app1/logs.jsonl"), os.O_APPEND|os.O_WRONLY, 0)
 	f.WriteString(`{"seq":2,"instance_`)
@@ -302,10 +363,10 @@ func TestPersistenceAcrossRestart(t *testing.T) {
 	if n := len(out["logs"].([]any)); n != 1 {
 		t.Fatalf("logs after restart: %v", out)
 	}
-	bad := e2.connect("i-1", "app1", "other", "2.1")
-	if _, err := bad.next(); err == nil {
-		t.Fatal("token forgotten across restart")
+	if e2.secret("app1") != e.secret("app1") {
+		t.Error("enrollment secret changed across restart")
 	}
+	e2.connect("i-1", "app1", "other", "2.1").expectClose(websocket.ClosePolicyViolation, "token mismatch")
 }
 
 func TestAPIErrors(t *testing.T) {
@@ -337,8 +398,7 @@ func TestAPIErrors(t *testing.T) {
 	}
 	for _, tc := range cases {
 		t.Run(tc.method+" "+tc.path+" "+tc.body, func(t *testing.T) {
-			req, _ := http.NewRequest(tc.method, e.http.URL+tc.path, strings.NewReader(tc.body))
-			resp, err := http.DefaultClient.Do(req)
+			resp, err := http.DefaultClient.Do(e.request(tc.method, tc.path, tc.body))
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -353,19 +413,16 @@ func TestAPIErrors(t *testing.T) {
 
 func TestAPITokenAndExposure(t *testing.T) {
 	e := newEnv(t, "", func(o *Options) { o.APIToken = "k" })
+	if code, _ := e.api("GET", "/api/apps", ""); code != 200 {
+		t.Errorf("with token: %d", code)
+	}
+	e.token = ""
 	if code, _ := e.api("GET", "/api/apps", ""); code != 401 {
 		t.Errorf("no token: %d", code)
 	}
 	if code, _ := e.api("GET", "/api/healthz", ""); code != 200 {
 		t.Errorf("healthz needs no token: %d", code)
 	}
-	req, _ := http.NewRequest("GET", e.http.URL+"/api/apps", nil)
-	req.Header.Set("Authorization", "Bearer k")
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil || resp.StatusCode != 200 {
-		t.Errorf("with token: %v %v", resp.StatusCode, err)
-	}
-	resp.Body.Close()
 	for addr, ok := range map[string]bool{"127.0.0.1:0": true, "localhost:8963": true, "[::1]:1": true, "0.0.0.0:8963": false, "10.0.0.5:80": false} {
 		if err := CheckExposure(addr, ""); (err == nil) != ok {
 			t.Errorf("CheckExposure(%s) = %v", addr, err)

@@ -3,7 +3,9 @@
 // WebSocket, with a JSON API to put recipes, read StateLogs, release waits
 // and roll out updates. It keeps its state in a data directory (atomic JSON
 // files, StateLogs appended to a JSONL file per app) so a restart loses
-// nothing.
+// nothing. A new instance id enrolls only with its app's enrollment secret
+// (enroll.go); browsers are kept out by Host and Origin checks
+// (httpguard.go).
 package backend
 
 import (
@@ -15,6 +17,7 @@ import (
 	"net/http"
 	"os"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/gorilla/websocket"
@@ -29,10 +32,25 @@ type Options struct {
 	Logger   *slog.Logger
 	MaxFrame int // default protocol.DefaultMaxFrame
 
+	// AllowedHosts are extra names (or name:port) that clients may use in
+	// the Host header, e.g. the name agents reach a proxy in front of the
+	// backend by. A name without a port is allowed on any port.
+	// ListenAndServe always allows its listen address (and, on loopback,
+	// localhost, 127.0.0.1 and [::1] with the bound port); a Handler used
+	// on its own serves only these names.
+	AllowedHosts []string
+	// OpenEnrollment lets any client that knows an app id enroll a new
+	// instance id without the app's enrollment secret (the 2014 behaviour).
+	OpenEnrollment bool
+
 	PingInterval     time.Duration // default 25 s
 	DeadAfter        time.Duration // default 60 s
 	HandshakeTimeout time.Duration // first frame must arrive within; default 10 s
 	SendQueue        int           // frames buffered per agent; default 64
+
+	// badFrameEvery spaces the log lines about one connection's bad frames;
+	// default 10 s. Unexported: only tests change it.
+	badFrameEvery time.Duration
 }
 
 // Server is the backend. Use Handler with any http.Server, or
@@ -42,11 +60,13 @@ type Server struct {
 	log   *slog.Logger
 	store store
 	up    websocket.Upgrader
+	hosts atomic.Pointer[hostSet] // replaced once ListenAndServe knows its address
 
-	mu     sync.Mutex
-	apps   map[string]*appState
-	agents map[string]map[string]*agentConn // app → instance → live connection
-	closed bool
+	mu      sync.Mutex
+	apps    map[string]*appState
+	secrets map[string]string                // app → enrollment secret (enroll.secret)
+	agents  map[string]map[string]*agentConn // app → instance → live connection
+	closed  bool
 }
 
 // New opens (or creates) the data directory and loads its state.
@@ -65,6 +85,7 @@ func New(opts Options) (*Server, error) {
 	def(&opts.PingInterval, 25*time.Second)
 	def(&opts.DeadAfter, 60*time.Second)
 	def(&opts.HandshakeTimeout, 10*time.Second)
+	def(&opts.badFrameEvery, 10*time.Second)
 	if opts.SendQueue <= 0 {
 		opts.SendQueue = 64
 	}
@@ -81,24 +102,33 @@ func New(opts Options) (*Server, error) {
 		store: store{dir: opts.DataDir},
 		// Small read buffers and pooled write buffers keep an idle agent
 		// connection cheap (a fleet is mostly idle connections).
-		up:     websocket.Upgrader{ReadBufferSize: 1 << 10, WriteBufferSize: 4 << 10, WriteBufferPool: &sync.Pool{}},
-		agents: map[string]map[string]*agentConn{},
+		up:      websocket.Upgrader{ReadBufferSize: 1 << 10, WriteBufferSize: 4 << 10, WriteBufferPool: &sync.Pool{}},
+		agents:  map[string]map[string]*agentConn{},
+		secrets: map[string]string{},
 	}
+	// Browsers always send Origin on a WebSocket upgrade; agents send none.
+	s.up.CheckOrigin = s.originAllowed
+	s.hosts.Store(newHostSet(opts.AllowedHosts))
 	apps, errs := s.store.loadAll()
 	for _, err := range errs {
 		log.Error("backend: cannot load an app; it is skipped", "err", err)
 	}
 	s.apps = apps
+	if err := s.loadSecrets(); err != nil {
+		return nil, err
+	}
 	return s, nil
 }
 
 // Handler serves the agent WebSocket at /agent/ and the API under /api/.
+// Every request must name an allowed host (see Options.AllowedHosts) and,
+// when it carries an Origin, come from one.
 func (s *Server) Handler() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("/agent", s.serveAgent)
 	mux.HandleFunc("/agent/", s.serveAgent)
 	s.routes(mux)
-	return mux
+	return s.guard(mux)
 }
 
 // ListenAndServe serves on addr until ctx is done, then closes every agent
@@ -112,6 +142,7 @@ func (s *Server) ListenAndServe(ctx context.Context, addr string, ready func(net
 	if err != nil {
 		return fmt.Errorf("backend: listen %s: %w", addr, err)
 	}
+	s.hosts.Store(s.hosts.Load().withListener(addr, ln.Addr()))
 	srv := &http.Server{Handler: s.Handler(), ReadHeaderTimeout: 10 * time.Second}
 	if ready != nil {
 		ready(ln.Addr())

@@ -90,7 +90,7 @@ func fleet(b *testing.B, n int) {
 	for i := range agents {
 		a := &fleetAgent{got: make(chan time.Time, 1)}
 		agents[i] = a
-		id := conn.Identity{InstanceID: fmt.Sprintf("i-%05d", i), AppID: "fleet", AgentVersion: "2.1.0", Token: fmt.Sprintf("t-%d", i)}
+		id := conn.Identity{InstanceID: fmt.Sprintf("i-%05d", i), AppID: "fleet", AgentVersion: "2.1.0", Token: fmt.Sprintf("fleet-token-%08d", i)}
 		m := conn.New(conn.Options{
 			URL:      "ws://" + be.addr + "/agent/",
 			Identity: func(context.Context, bool) (conn.Identity, error) { return id, nil },

@@ -15,6 +15,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/visualops/opsagent/internal/testutil/wait"
 )
 
 var binary string
@@ -82,7 +84,9 @@ type backendProc struct {
 func startBackend(t testing.TB, data, listen string) *backendProc {
 	t.Helper()
 	addrFile := filepath.Join(t.TempDir(), "addr")
-	p := start(t, "backend", "--listen", listen, "--data", data, "--addr-file", addrFile)
+	// Open enrollment: these tests start agents before their app exists;
+	// TestEnrollment covers the secret.
+	p := start(t, "backend", "--listen", listen, "--data", data, "--addr-file", addrFile, "--open-enrollment")
 	var addr string
 	eventually(t, "backend listening", func() bool {
 		b, err := os.ReadFile(addrFile)
@@ -95,6 +99,9 @@ func startBackend(t testing.TB, data, listen string) *backendProc {
 // api calls the backend's API; failures panic (t may be nil in benchmarks).
 func (b *backendProc) api(_ testing.TB, method, path, body string) map[string]any {
 	req, _ := http.NewRequest(method, "http://"+b.addr+path, strings.NewReader(body))
+	if body != "" {
+		req.Header.Set("Content-Type", "application/json")
+	}
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
 		panic(fmt.Sprintf("%s %s: %v", method, path, err))
@@ -161,13 +168,7 @@ func status(t *testing.T, root string) (int, map[string]any) {
 
 func eventually(t testing.TB, what string, f func() bool) {
 	t.Helper()
-	deadline := time.Now().Add(30 * time.Second)
-	for !f() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	wait.Eventually(t, what, f)
 }
 
 func comment(e logEntry) string {

@@ -89,6 +89,8 @@ func DecodeLimit(frame []byte, maxBytes int) (Message, error) {
 		return d.agentUpdate(trimmed)
 	case CodeTestAns:
 		return d.testAns(trimmed)
+	case CodeStateLogAck:
+		return d.stateLogAck(trimmed)
 	}
 	if code == "" {
 		return nil, &Error{Field: "code", Problem: "must not be empty"}
@@ -179,6 +181,10 @@ type wireIdentity struct {
 	ProtocolVersion *int    `json:"protocol_version"`
 	InstanceToken   *string `json:"instance_token"`
 	InitErrors      *string `json:"init_errors"`
+	// EnrollmentSecret is optional: agents and backends from before it
+	// existed neither send nor expect it.
+	EnrollmentSecret *string `json:"enrollment_secret"`
+	LogStream        *string `json:"log_stream"`
 }
 
 func (w wireIdentity) lenient() Identity {
@@ -187,6 +193,8 @@ func (w wireIdentity) lenient() Identity {
 	id.AppID = deref(w.AppID)
 	id.AgentVersion = deref(w.AgentVersion)
 	id.InstanceToken = deref(w.InstanceToken)
+	id.EnrollmentSecret = deref(w.EnrollmentSecret)
+	id.LogStream = deref(w.LogStream)
 	if w.ProtocolVersion != nil {
 		id.ProtocolVersion = *w.ProtocolVersion
 	}
@@ -218,6 +226,9 @@ func (d decoder) handshake(data []byte) (Message, error) {
 	if w.ProtocolVersion != nil && *w.ProtocolVersion <= 0 {
 		return nil, d.fail("protocol_version", fmt.Sprintf("must be a positive integer, got %d", *w.ProtocolVersion))
 	}
+	if w.LogStream != nil && !validStream(*w.LogStream) {
+		return nil, d.fail("log_stream", "must be 1 to 64 letters, digits, '-' or '_'")
+	}
 	id := w.lenient()
 	if id.ProtocolVersion == 0 {
 		id.ProtocolVersion = 1
@@ -245,11 +256,18 @@ func (d decoder) stateLog(data []byte) (Message, error) {
 		Result        *bool   `json:"state_result"`
 		Comment       *string `json:"state_comment"`
 		Stdout        *string `json:"state_stdout"`
+		Seq           *int64  `json:"seq"`
 	}
 	if err := d.unmarshal(data, &w); err != nil {
 		return nil, err
 	}
 	m := &StateLog{Comment: w.Comment, Stdout: w.Stdout}
+	if w.Seq != nil {
+		if *w.Seq <= 0 {
+			return nil, d.fail("seq", fmt.Sprintf("must be a positive integer, got %d", *w.Seq))
+		}
+		m.Seq = *w.Seq
+	}
 	var err error
 	if m.InstanceID, err = d.requireString("instance_id", w.InstanceID); err != nil {
 		return nil, err
@@ -455,4 +473,40 @@ func (d decoder) testAns(data []byte) (Message, error) {
 		return nil, d.fail("result", "missing")
 	}
 	return &TestAns{Result: *w.Result, Error: w.Error}, nil
+}
+
+func (d decoder) stateLogAck(data []byte) (Message, error) {
+	var w struct {
+		LogStream *string `json:"log_stream"`
+		Seq       *int64  `json:"seq"`
+	}
+	if err := d.unmarshal(data, &w); err != nil {
+		return nil, err
+	}
+	if w.LogStream == nil {
+		return nil, d.fail("log_stream", "missing")
+	}
+	if !validStream(*w.LogStream) {
+		return nil, d.fail("log_stream", "must be 1 to 64 letters, digits, '-' or '_'")
+	}
+	if w.Seq == nil {
+		return nil, d.fail("seq", "missing")
+	}
+	if *w.Seq < 0 {
+		return nil, d.fail("seq", fmt.Sprintf("must not be negative, got %d", *w.Seq))
+	}
+	return &StateLogAck{LogStream: *w.LogStream, Seq: *w.Seq}, nil
+}
+
+// validStream reports whether s can name a log stream.
+func validStream(s string) bool {
+	if len(s) == 0 || len(s) > 64 {
+		return false
+	}
+	for _, r := range s {
+		if !(r == '-' || r == '_' || r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9') {
+			return false
+		}
+	}
+	return true
 }

@@ -32,7 +32,8 @@ func Encode(m Message) ([]byte, error) {
 			Result        bool    `json:"state_result"`
 			Comment       *string `json:"state_comment"`
 			Stdout        *string `json:"state_stdout"`
-		}{CodeStateLog, m.InstanceID, m.AppID, m.RecipeVersion, m.StateID, m.StateID, m.Result, m.Comment, m.Stdout}
+			Seq           int64   `json:"seq,omitempty"`
+		}{CodeStateLog, m.InstanceID, m.AppID, m.RecipeVersion, m.StateID, m.StateID, m.Result, m.Comment, m.Stdout, m.Seq}
 	case *WaitQuery:
 		v = struct {
 			Code string `json:"code"`
@@ -88,6 +89,11 @@ func Encode(m Message) ([]byte, error) {
 			Code string `json:"code"`
 			*AgentUpdate
 		}{CodeAgentUpdate, m}
+	case *StateLogAck:
+		v = struct {
+			Code string `json:"code"`
+			*StateLogAck
+		}{CodeStateLogAck, m}
 	case *TestAns:
 		v = struct {
 			Code string `json:"code"`

@@ -1,5 +1,6 @@
 // Package protocol is the wire contract between the agent and its backend
-// (spec/protocol.md, version 1): one JSON object per WebSocket text frame,
+// (spec/protocol.md, version 1, and PROTOCOL-2.md beside this file, which
+// adds acknowledged StateLogs): one JSON object per WebSocket text frame,
 // named by its "code" field. It decodes and validates frames, accepting the
 // two spellings the 2014 agent and the public document disagree on ("id" and
 // "stateid"), and encodes messages, emitting both spellings where the spec
@@ -8,8 +9,10 @@ package protocol
 
 import "encoding/json"
 
-// Version is the protocol version this package speaks.
-const Version = 1
+// Version is the highest protocol version this package speaks. Version 2
+// (PROTOCOL-2.md) adds StateLog seq, Handshake log_stream and the
+// backend's StateLogAck; everything of version 1 is unchanged.
+const Version = 2
 
 // DefaultMaxFrame is the largest frame Decode accepts (16 MiB).
 const DefaultMaxFrame = 16 << 20
@@ -26,6 +29,7 @@ const (
 	CodeWaitList       = "WaitList"
 	CodeAgentUpdate    = "AgentUpdate"
 	CodeTestAns        = "TestAns"
+	CodeStateLogAck    = "StateLogAck"
 )
 
 // Message is any protocol message.
@@ -43,6 +47,16 @@ type Identity struct {
 	InstanceToken   string `json:"instance_token"`
 	// InitErrors is nil, or the problems met while preparing joined by "; ".
 	InitErrors *string `json:"init_errors"`
+	// EnrollmentSecret is the app's enrollment secret ([userdata]
+	// enroll_secret). A backend may require it on the first Handshake of an
+	// instance id, before it trusts that instance's token; it is omitted
+	// when empty, as backends that predate it do not expect it.
+	EnrollmentSecret string `json:"enrollment_secret,omitempty"`
+	// LogStream names the agent's StateLog sequence (protocol 2): seq
+	// numbers are unique within it. An agent whose counter was lost (its
+	// state directory wiped) starts a new stream at seq 1. Omitted when
+	// empty (protocol 1).
+	LogStream string `json:"log_stream,omitempty"`
 }
 
 // Handshake is sent by the agent on every (re)connect, before anything else.
@@ -61,6 +75,18 @@ type StateLog struct {
 	Result        bool
 	Comment       *string
 	Stdout        *string
+	// Seq is the StateLog's number in the agent's log stream (protocol
+	// 2), from 1, increasing; 0 (omitted) from a protocol-1 agent.
+	Seq int64
+}
+
+// StateLogAck tells a protocol-2 agent that every StateLog of its stream
+// with seq <= Seq is stored durably (protocol 2, backend to agent). It is
+// the backend's first frame after a protocol-2 Handshake, and follows each
+// batch of StateLogs it stores.
+type StateLogAck struct {
+	LogStream string `json:"log_stream"`
+	Seq       int64  `json:"seq"`
 }
 
 // WaitQuery asks the backend which waits of the current recipe are done.
@@ -140,3 +166,4 @@ func (*StatePush) MessageCode() string      { return CodeState }
 func (*WaitList) MessageCode() string       { return CodeWaitList }
 func (*AgentUpdate) MessageCode() string    { return CodeAgentUpdate }
 func (*TestAns) MessageCode() string        { return CodeTestAns }
+func (*StateLogAck) MessageCode() string    { return CodeStateLogAck }

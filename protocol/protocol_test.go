@@ -255,6 +255,7 @@ func FuzzDecode(f *testing.F) {
 	}
 	for _, s := range []string{
 		`{"code":"Handshake","instance_id":"i","app_id":"a","agent_version":"2.1","protocol_version":1,"instance_token":"t","init_errors":"x"}`,
+		`{"code":"Handshake","instance_id":"i","app_id":"a","agent_version":"2.1","instance_token":"t","enrollment_secret":"e"}`,
 		`{"code":"StateLog","instance_id":"i","app_id":"a","recipe_version":7,"id":"s","stateid":"s","state_result":true,"state_comment":null,"state_stdout":"out"}`,
 		`{"code":"WaitQuery","instance_id":"i","app_id":"a","recipe_version":7}`,
 		`{"code":"Test"}`, `{"code":"AppNotReady"}`,

@@ -1,47 +1,33 @@
+// Package release builds, signs and publishes opsagent.tgz
+// (spec/install-update.md, "Release tarball"): reproducible multi-arch
+// tarballs with a SHA-256 file and a minisign signature that `minisign -V`
+// accepts, uploaded to any S3-compatible store with latest.json written
+// last. What a release is (names, keys, signatures, latest.json) is defined
+// in internal/dist, which the self-updater verifies with.
 package release
 
 import (
 	"bytes"
 	"context"
 	"crypto/sha256"
-	_ "embed"
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"regexp"
 	"strconv"
 	"strings"
-	"text/template"
 	"time"
 
 	"aead.dev/minisign"
 
 	"github.com/visualops/opsagent/internal/archive"
+	"github.com/visualops/opsagent/internal/dist"
 	"github.com/visualops/opsagent/internal/fsutil"
+	"github.com/visualops/opsagent/internal/userdata"
 )
-
-// Artifact names in the output directory.
-const (
-	TarballName   = "opsagent.tgz"
-	ChecksumName  = "opsagent.tgz.sha256"
-	SignatureName = "opsagent.tgz.minisig"
-)
-
-// Arches are the architectures every release carries.
-var Arches = []string{"amd64", "arm64"}
-
-var versionPattern = regexp.MustCompile(`^[0-9]+\.[0-9]+(\.[0-9]+)?$`)
-
-// CheckVersion refuses anything but MAJOR.MINOR[.PATCH].
-func CheckVersion(v string) error {
-	if !versionPattern.MatchString(v) {
-		return fmt.Errorf("version %q: use MAJOR.MINOR or MAJOR.MINOR.PATCH, e.g. 2.1 or 2.1.3", v)
-	}
-	return nil
-}
 
 // Runner runs a command in dir and returns its standard output.
 type Runner func(ctx context.Context, dir string, env []string, name string, args ...string) ([]byte, error)
@@ -82,34 +68,13 @@ type Artifacts struct {
 	Commit                       string
 }
 
-//go:embed userdata.sh.tmpl
-var userdataTemplate string
-
-// UserdataParams fill userdata.sh.
-type UserdataParams struct {
-	WSURI, AppID, Version, BaseRemote, PubKey, SHA256 string
-}
-
-// RenderUserdata renders the bootstrap script, quoting every value for
-// bash.
-func RenderUserdata(p UserdataParams) ([]byte, error) {
-	t, err := template.New("userdata").Funcs(template.FuncMap{"sh": shellQuote}).Parse(userdataTemplate)
-	if err != nil {
-		return nil, err
-	}
-	var buf bytes.Buffer
-	if err := t.Execute(&buf, p); err != nil {
-		return nil, err
-	}
-	return buf.Bytes(), nil
-}
-
-func shellQuote(s string) string { return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'" }
-
 // Build cross-compiles the static binaries, packs opsagent.tgz
-// reproducibly, and writes its checksum and signature.
+// reproducibly, and writes its checksum and signature. When it signs, it
+// also compiles the signing key's public half into the binaries
+// (dist.EmbeddedPublicKey), so the agents it builds can verify the next
+// release signed with the same key without any configuration.
 func Build(ctx context.Context, o BuildOptions) (*Artifacts, error) {
-	if err := CheckVersion(o.Version); err != nil {
+	if err := dist.CheckVersion(o.Version); err != nil {
 		return nil, err
 	}
 	if o.Run == nil {
@@ -120,80 +85,143 @@ func Build(ctx context.Context, o BuildOptions) (*Artifacts, error) {
 	}
 	src, err := filepath.Abs(o.SourceDir)
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("release build: source %s: %w", o.SourceDir, err)
 	}
-	var key *keyHolder
-	if o.KeyFile != "" {
-		k, err := LoadSecretKey(o.KeyFile, o.Passphrase)
-		if err != nil {
-			return nil, err
-		}
-		key = &keyHolder{k}
+	key, err := loadKey(o)
+	if err != nil {
+		return nil, err
 	}
 	commit, epoch, err := gitState(ctx, o, src)
 	if err != nil {
 		return nil, err
 	}
-	tmp, err := os.MkdirTemp("", "opsagent-release-")
+	tgz, err := pack(ctx, o, src, key, commit, epoch)
 	if err != nil {
 		return nil, err
 	}
-	defer os.RemoveAll(tmp)
-
-	ldflags := fmt.Sprintf("-s -w -X github.com/visualops/opsagent/internal/version.Version=%s -X github.com/visualops/opsagent/internal/version.Commit=%s", o.Version, commit)
-	entries := []archive.Entry{{Name: "VERSION", Mode: 0o644, Data: []byte(o.Version + "\n")}}
-	for _, arch := range Arches {
-		out := filepath.Join(tmp, "opsagent-linux-"+arch)
-		env := []string{"CGO_ENABLED=0", "GOOS=linux", "GOARCH=" + arch, "GOFLAGS=-buildvcs=false"}
-		if _, err := o.Run(ctx, src, env, "go", "build", "-trimpath", "-ldflags", ldflags, "-o", out, "./cmd/opsagent"); err != nil {
-			return nil, fmt.Errorf("release build %s: %w", arch, err)
-		}
-		data, err := os.ReadFile(out)
-		if err != nil {
-			return nil, err
-		}
-		entries = append(entries, archive.Entry{Name: "opsagent-linux-" + arch, Mode: 0o755, Data: data})
+	a, err := writeArtifacts(o.OutDir, tgz)
+	if err != nil {
+		return nil, err
 	}
+	a.Commit = commit
+	if err := writeSignature(a, o.OutDir, key, tgz, epoch, o.Version); err != nil {
+		return nil, err
+	}
+	return a, nil
+}
+
+// loadKey loads the signing key, or returns nil for an unsigned build.
+func loadKey(o BuildOptions) (*minisign.PrivateKey, error) {
+	if o.KeyFile == "" {
+		return nil, nil
+	}
+	k, err := dist.LoadSecretKey(o.KeyFile, o.Passphrase)
+	if err != nil {
+		return nil, err
+	}
+	return &k, nil
+}
+
+// pack builds the binaries and returns opsagent.tgz, every timestamp in it
+// set to epoch so that the same commit always packs the same bytes.
+func pack(ctx context.Context, o BuildOptions, src string, key *minisign.PrivateKey, commit string, epoch int64) ([]byte, error) {
+	entries := []archive.Entry{{Name: "VERSION", Mode: 0o644, Data: []byte(o.Version + "\n")}}
+	bins, err := buildBinaries(ctx, o, src, ldflags(o.Version, commit, key))
+	if err != nil {
+		return nil, err
+	}
+	entries = append(entries, bins...)
 	// The copy in the tarball carries placeholders; `opsagent userdata`
 	// renders the real one with the app's values and this tarball's hash.
-	ud, err := RenderUserdata(UserdataParams{WSURI: "@{ws_uri}", AppID: "@{app_id}", Version: o.Version, BaseRemote: "@{base_remote}", PubKey: "@{pubkey}"})
+	ud, err := userdata.Render(userdata.Params{WSURI: "@{ws_uri}", AppID: "@{app_id}", Version: o.Version, BaseRemote: "@{base_remote}", PubKey: "@{pubkey}"})
 	if err != nil {
 		return nil, err
 	}
 	entries = append(entries, archive.Entry{Name: "userdata.sh", Mode: 0o755, Data: ud})
-
 	var tgz bytes.Buffer
 	if err := archive.Create(ctx, &tgz, entries, time.Unix(epoch, 0)); err != nil {
-		return nil, err
+		return nil, fmt.Errorf("release build: pack %s: %w", dist.TarballName, err)
 	}
-	if err := os.MkdirAll(o.OutDir, 0o755); err != nil {
-		return nil, err
+	return tgz.Bytes(), nil
+}
+
+// ldflags stamps the version and commit, and the public key of a signed
+// build.
+func ldflags(version, commit string, key *minisign.PrivateKey) string {
+	flags := []string{
+		"-s", "-w",
+		"-X", "github.com/visualops/opsagent/internal/version.Version=" + version,
+		"-X", "github.com/visualops/opsagent/internal/version.Commit=" + commit,
 	}
-	sum := sha256.Sum256(tgz.Bytes())
-	a := &Artifacts{
-		Tarball:  filepath.Join(o.OutDir, TarballName),
-		Checksum: filepath.Join(o.OutDir, ChecksumName),
-		SHA256:   hex.EncodeToString(sum[:]),
-		Size:     int64(tgz.Len()),
-		Commit:   commit,
-	}
-	if err := fsutil.WriteFileAtomic(a.Tarball, tgz.Bytes(), 0o644); err != nil {
-		return nil, err
-	}
-	if err := fsutil.WriteFileAtomic(a.Checksum, []byte(a.SHA256+"  "+TarballName+"\n"), 0o644); err != nil {
-		return nil, err
-	}
-	sigPath := filepath.Join(o.OutDir, SignatureName)
 	if key != nil {
-		trusted := fmt.Sprintf("timestamp:%d\tfile:%s\tversion:%s", epoch, TarballName, o.Version)
-		if err := fsutil.WriteFileAtomic(sigPath, Sign(key.k, tgz.Bytes(), trusted), 0o644); err != nil {
-			return nil, err
+		flags = append(flags, dist.EmbedKeyFlag(dist.PublicKeyOf(*key)))
+	}
+	return strings.Join(flags, " ")
+}
+
+// buildBinaries cross-compiles one static binary per dist.Arches.
+func buildBinaries(ctx context.Context, o BuildOptions, src, flags string) ([]archive.Entry, error) {
+	tmp, err := os.MkdirTemp("", "opsagent-release-")
+	if err != nil {
+		return nil, fmt.Errorf("release build: %w", err)
+	}
+	defer os.RemoveAll(tmp)
+	var entries []archive.Entry
+	for _, arch := range dist.Arches() {
+		name := dist.BinaryName(arch)
+		out := filepath.Join(tmp, name)
+		env := []string{"CGO_ENABLED=0", "GOOS=linux", "GOARCH=" + arch, "GOFLAGS=-buildvcs=false"}
+		if _, err := o.Run(ctx, src, env, "go", "build", "-trimpath", "-ldflags", flags, "-o", out, "./cmd/opsagent"); err != nil {
+			return nil, fmt.Errorf("release build %s: %w", arch, err)
 		}
-		a.Signature = sigPath
-	} else {
-		_ = os.Remove(sigPath) // never leave a stale signature beside a new tarball
+		data, err := os.ReadFile(out)
+		if err != nil {
+			return nil, fmt.Errorf("release build %s: %w", arch, err)
+		}
+		entries = append(entries, archive.Entry{Name: name, Mode: 0o755, Data: data})
+	}
+	return entries, nil
+}
+
+// writeArtifacts writes the tarball and its checksum into outDir.
+func writeArtifacts(outDir string, tgz []byte) (*Artifacts, error) {
+	if err := os.MkdirAll(outDir, 0o755); err != nil {
+		return nil, fmt.Errorf("release build: output directory: %w", err)
+	}
+	sum := sha256.Sum256(tgz)
+	a := &Artifacts{
+		Tarball:  filepath.Join(outDir, dist.TarballName),
+		Checksum: filepath.Join(outDir, dist.ChecksumName),
+		SHA256:   hex.EncodeToString(sum[:]),
+		Size:     int64(len(tgz)),
+	}
+	if err := fsutil.WriteFileAtomic(a.Tarball, tgz, 0o644); err != nil {
+		return nil, err
+	}
+	if err := fsutil.WriteFileAtomic(a.Checksum, []byte(a.SHA256+"  "+dist.TarballName+"\n"), 0o644); err != nil {
+		return nil, err
 	}
 	return a, nil
+}
+
+// writeSignature signs tgz into outDir, or removes a stale signature for
+// an unsigned build so that none sits beside a tarball it does not cover.
+func writeSignature(a *Artifacts, outDir string, key *minisign.PrivateKey, tgz []byte, epoch int64, version string) error {
+	sigPath := filepath.Join(outDir, dist.SignatureName)
+	if key == nil {
+		if err := os.Remove(sigPath); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return fmt.Errorf("release build: remove the stale %s: %w", sigPath, err)
+		}
+		return nil
+	}
+	// A fixed trusted comment (no wall clock) keeps a rebuild's signature
+	// identical; minisign -V prints it.
+	trusted := fmt.Sprintf("timestamp:%d\tfile:%s\tversion:%s", epoch, dist.TarballName, version)
+	if err := fsutil.WriteFileAtomic(sigPath, dist.Sign(*key, tgz, trusted), 0o644); err != nil {
+		return err
+	}
+	a.Signature = sigPath
+	return nil
 }
 
 // gitState returns the commit and the timestamp to use, refusing a dirty
@@ -229,5 +257,3 @@ func gitState(ctx context.Context, o BuildOptions, src string) (commit string, e
 	}
 	return commit, epoch, nil
 }
-
-type keyHolder struct{ k minisign.PrivateKey }

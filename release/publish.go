@@ -5,7 +5,6 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -17,6 +16,8 @@ import (
 
 	"github.com/minio/minio-go/v7"
 	"github.com/minio/minio-go/v7/pkg/credentials"
+
+	"github.com/visualops/opsagent/internal/dist"
 )
 
 // PublishOptions configures Publish.
@@ -37,22 +38,43 @@ type PublishOptions struct {
 	beforeLatest func() error
 }
 
-// Latest is latest.json.
-type Latest struct {
-	Version     string    `json:"version"`
-	SHA256      string    `json:"sha256"`
-	PublishedAt time.Time `json:"published_at"`
-}
-
 // Publish uploads the artifacts of dist to <prefix><version>/, verifies
 // each upload by reading it back, and only then writes <prefix>latest.json.
-func Publish(ctx context.Context, o PublishOptions) (*Latest, error) {
-	if err := CheckVersion(o.Version); err != nil {
+func Publish(ctx context.Context, o PublishOptions) (*dist.Latest, error) {
+	if err := dist.CheckVersion(o.Version); err != nil {
 		return nil, err
 	}
 	if o.Bucket == "" {
 		return nil, errors.New("release publish: --bucket is required")
 	}
+	o = o.withDefaults()
+	client, err := newClient(o)
+	if err != nil {
+		return nil, err
+	}
+	tarball, err := os.ReadFile(filepath.Join(o.Dist, dist.TarballName))
+	if err != nil {
+		return nil, fmt.Errorf("release publish: %w (run 'opsagent release build' first)", err)
+	}
+	if _, err := os.Stat(filepath.Join(o.Dist, dist.SignatureName)); err != nil {
+		return nil, fmt.Errorf("release publish: %s is not signed (%w): build with --key so instances can verify it", dist.TarballName, err)
+	}
+	dir := o.Prefix + o.Version + "/"
+	if err := refuseOverwrite(ctx, client, o, dir); err != nil {
+		return nil, err
+	}
+	if err := uploadVersion(ctx, client, o, dir); err != nil {
+		return nil, err
+	}
+	if o.beforeLatest != nil {
+		if err := o.beforeLatest(); err != nil {
+			return nil, err
+		}
+	}
+	return writeLatest(ctx, client, o, tarball)
+}
+
+func (o PublishOptions) withDefaults() PublishOptions {
 	if o.Dist == "" {
 		o.Dist = "dist"
 	}
@@ -62,50 +84,54 @@ func Publish(ctx context.Context, o PublishOptions) (*Latest, error) {
 	if o.ACL == "" {
 		o.ACL = "public-read"
 	}
-	client, err := newClient(o)
-	if err != nil {
-		return nil, err
+	return o
+}
+
+// refuseOverwrite keeps published versions immutable unless forced: an
+// instance that verified a tarball must be able to fetch it again.
+func refuseOverwrite(ctx context.Context, client *minio.Client, o PublishOptions, dir string) error {
+	if o.Force {
+		return nil
 	}
+	_, err := client.StatObject(ctx, o.Bucket, dir+dist.TarballName, minio.StatObjectOptions{})
+	if err == nil {
+		return fmt.Errorf("release publish: s3://%s/%s%s already exists; versions are immutable (pass --force to overwrite)", o.Bucket, dir, dist.TarballName)
+	}
+	if resp := minio.ToErrorResponse(err); resp.Code != "NoSuchKey" && resp.Code != "NotFound" && resp.StatusCode != 404 {
+		return describe(o, err)
+	}
+	return nil
+}
+
+// uploadVersion uploads the tarball, its checksum and its signature.
+func uploadVersion(ctx context.Context, client *minio.Client, o PublishOptions, dir string) error {
 	files := []struct{ name, contentType string }{
-		{TarballName, "application/gzip"},
-		{ChecksumName, "text/plain; charset=utf-8"},
-		{SignatureName, "text/plain; charset=utf-8"},
-	}
-	tarball, err := os.ReadFile(filepath.Join(o.Dist, TarballName))
-	if err != nil {
-		return nil, fmt.Errorf("release publish: %w (run 'opsagent release build' first)", err)
-	}
-	if _, err := os.Stat(filepath.Join(o.Dist, SignatureName)); err != nil {
-		return nil, fmt.Errorf("release publish: %s is not signed (%v): build with --key so instances can verify it", TarballName, err)
-	}
-	dir := o.Prefix + o.Version + "/"
-	if !o.Force {
-		_, err := client.StatObject(ctx, o.Bucket, dir+TarballName, minio.StatObjectOptions{})
-		if err == nil {
-			return nil, fmt.Errorf("release publish: s3://%s/%s%s already exists; versions are immutable (pass --force to overwrite)", o.Bucket, dir, TarballName)
-		}
-		if resp := minio.ToErrorResponse(err); resp.Code != "NoSuchKey" && resp.Code != "NotFound" && resp.StatusCode != 404 {
-			return nil, describe(o, err)
-		}
+		{dist.TarballName, "application/gzip"},
+		{dist.ChecksumName, "text/plain; charset=utf-8"},
+		{dist.SignatureName, "text/plain; charset=utf-8"},
 	}
 	for _, f := range files {
 		data, err := os.ReadFile(filepath.Join(o.Dist, f.name))
 		if err != nil {
-			return nil, fmt.Errorf("release publish: %w", err)
+			return fmt.Errorf("release publish: %w", err)
 		}
 		if err := putVerified(ctx, client, o, dir+f.name, f.contentType, data); err != nil {
-			return nil, err
+			return err
 		}
 	}
-	if o.beforeLatest != nil {
-		if err := o.beforeLatest(); err != nil {
-			return nil, err
-		}
-	}
+	return nil
+}
+
+// writeLatest points <prefix>latest.json at this version; it runs last, so
+// instances never see a latest.json naming files not yet uploaded.
+func writeLatest(ctx context.Context, client *minio.Client, o PublishOptions, tarball []byte) (*dist.Latest, error) {
 	sum := sha256.Sum256(tarball)
-	latest := &Latest{Version: o.Version, SHA256: hex.EncodeToString(sum[:]), PublishedAt: time.Now().UTC().Truncate(time.Second)}
-	body, _ := json.MarshalIndent(latest, "", "  ")
-	if err := putVerified(ctx, client, o, o.Prefix+"latest.json", "application/json", append(body, '\n')); err != nil {
+	latest := &dist.Latest{Version: o.Version, SHA256: hex.EncodeToString(sum[:]), PublishedAt: time.Now().UTC().Truncate(time.Second)}
+	body, err := dist.EncodeLatest(*latest)
+	if err != nil {
+		return nil, fmt.Errorf("release publish: %w", err)
+	}
+	if err := putVerified(ctx, client, o, o.Prefix+dist.LatestName, "application/json", body); err != nil {
 		return nil, err
 	}
 	return latest, nil

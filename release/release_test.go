@@ -12,6 +12,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -21,6 +22,7 @@ import (
 	"github.com/minio/minio-go/v7/pkg/credentials"
 
 	"github.com/visualops/opsagent/internal/archive"
+	"github.com/visualops/opsagent/internal/dist"
 )
 
 const testEpoch = 1767225600 // 2026-01-01
@@ -28,11 +30,12 @@ const testEpoch = 1767225600 // 2026-01-01
 // realBuild builds the repository once per test binary (two cross
 // compiles) and shares the result.
 var realBuild struct {
-	once sync.Once
-	dist string
-	pub  string
-	a    *Artifacts
-	err  error
+	once   sync.Once
+	outDir string
+	keys   string
+	pub    string
+	a      *Artifacts
+	err    error
 }
 
 func built(t *testing.T) (*Artifacts, string, string) {
@@ -47,44 +50,45 @@ func built(t *testing.T) (*Artifacts, string, string) {
 			return
 		}
 		keys := filepath.Join(dir, "keys")
-		realBuild.pub, realBuild.err = Keygen(keys, "", true)
+		realBuild.keys = keys
+		realBuild.pub, realBuild.err = dist.Keygen(keys, "", true)
 		if realBuild.err != nil {
 			return
 		}
-		realBuild.dist = filepath.Join(dir, "dist")
+		realBuild.outDir = filepath.Join(dir, "dist")
 		realBuild.a, realBuild.err = Build(context.Background(), BuildOptions{
-			Version: "2.3.1", SourceDir: "..", OutDir: realBuild.dist,
-			KeyFile: filepath.Join(keys, SecretKeyFile), AllowDirty: true, SourceDateEpoch: testEpoch,
+			Version: "2.3.1", SourceDir: "..", OutDir: realBuild.outDir,
+			KeyFile: filepath.Join(keys, dist.SecretKeyFile), AllowDirty: true, SourceDateEpoch: testEpoch,
 		})
 	})
 	if realBuild.err != nil {
 		t.Fatal(realBuild.err)
 	}
-	return realBuild.a, realBuild.dist, realBuild.pub
+	return realBuild.a, realBuild.outDir, realBuild.pub
 }
 
 func TestBuildSignedReproducibleStatic(t *testing.T) {
-	a, dist, pub := built(t)
+	a, outDir, pub := built(t)
 	data, err := os.ReadFile(a.Tarball)
 	if err != nil {
 		t.Fatal(err)
 	}
-	// Signature: our verifier, and minisign itself when installed.
-	sig, _ := os.ReadFile(a.Signature)
-	pk, err := ParsePublicKey(pub)
+	// Signature: the updater's verifier, and minisign itself when installed.
+	v, err := dist.NewVerifier(pub)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := Verify(pk, data, sig); err != nil {
+	if err := v.VerifyFile(a.Tarball, a.Signature); err != nil {
 		t.Fatal(err)
 	}
+	sig, _ := os.ReadFile(a.Signature)
 	tampered := append([]byte(nil), data...)
 	tampered[len(tampered)/2] ^= 1
-	if err := Verify(pk, tampered, sig); err == nil {
-		t.Fatal("a tampered tarball verifies")
+	if err := v.Verify(tampered, sig); !errors.Is(err, dist.ErrBadSignature) {
+		t.Fatalf("a tampered tarball: %v", err)
 	}
 	if mini, err := exec.LookPath("minisign"); err == nil {
-		out, err := exec.Command(mini, "-V", "-p", filepath.Join(filepath.Dir(dist), "keys", PublicKeyFile), "-m", a.Tarball).CombinedOutput()
+		out, err := exec.Command(mini, "-V", "-p", filepath.Join(filepath.Dir(outDir), "keys", dist.PublicKeyFile), "-m", a.Tarball).CombinedOutput()
 		if err != nil {
 			t.Fatalf("minisign -V refuses our signature: %v\n%s", err, out)
 		}
@@ -97,8 +101,8 @@ func TestBuildSignedReproducibleStatic(t *testing.T) {
 	if string(sum) != a.SHA256+"  opsagent.tgz\n" {
 		t.Errorf("checksum file %q", sum)
 	}
-	cmd := exec.Command("sha256sum", "-c", ChecksumName)
-	cmd.Dir = dist
+	cmd := exec.Command("sha256sum", "-c", dist.ChecksumName)
+	cmd.Dir = outDir
 	if out, err := cmd.CombinedOutput(); err != nil {
 		t.Errorf("sha256sum -c: %v %s", err, out)
 	}
@@ -156,11 +160,15 @@ func TestBuildSignedReproducibleStatic(t *testing.T) {
 	}
 }
 
+// TestBuildIsReproducible rebuilds with the same key: the same tarball,
+// and (ed25519 being deterministic, the trusted comment fixed) the same
+// signature.
 func TestBuildIsReproducible(t *testing.T) {
 	a, _, _ := built(t)
 	dir := t.TempDir()
 	again, err := Build(context.Background(), BuildOptions{
 		Version: "2.3.1", SourceDir: "..", OutDir: dir, AllowDirty: true, SourceDateEpoch: testEpoch,
+		KeyFile: filepath.Join(realBuild.keys, dist.SecretKeyFile),
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -168,9 +176,97 @@ func TestBuildIsReproducible(t *testing.T) {
 	if again.SHA256 != a.SHA256 {
 		t.Fatalf("two builds differ: %s vs %s", again.SHA256, a.SHA256)
 	}
-	if _, err := os.Stat(filepath.Join(dir, SignatureName)); !os.IsNotExist(err) {
-		t.Error("an unsigned build left a signature")
+	sig1, _ := os.ReadFile(a.Signature)
+	sig2, _ := os.ReadFile(again.Signature)
+	if len(sig1) == 0 || !bytes.Equal(sig1, sig2) {
+		t.Errorf("two signatures differ:\n%s\n%s", sig1, sig2)
 	}
+}
+
+// TestBuildEmbedsReleaseKey: the binaries of a signed build carry the
+// signing key's public half (dist.EmbeddedPublicKey), those of an unsigned
+// build carry none, and an unsigned build removes a stale signature.
+func TestBuildEmbedsReleaseKey(t *testing.T) {
+	a, _, pub := built(t)
+	signed := extract(t, a.Tarball)
+	for _, arch := range dist.Arches() {
+		bin, _ := os.ReadFile(filepath.Join(signed, dist.BinaryName(arch)))
+		// The linker drops a variable nothing reads, -X value included.
+		if !bytes.Contains(bin, []byte(pub)) {
+			t.Errorf("signed %s: the public key %s is not in the binary: does cmd/opsagent call dist.EmbeddedPublicKey (the updater's trusted keys)?", arch, pub)
+		}
+		// Present as the variable's value, not merely as a recorded
+		// -ldflags string (go records those without -trimpath).
+		if bytes.Contains(bin, []byte("releasePubKey="+pub)) {
+			t.Errorf("signed %s: the -X flag itself is in the binary", arch)
+		}
+	}
+
+	dir := t.TempDir()
+	stale := filepath.Join(dir, dist.SignatureName)
+	if err := os.WriteFile(stale, []byte("stale"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	unsigned, err := Build(context.Background(), BuildOptions{
+		Version: "2.3.1", SourceDir: "..", OutDir: dir, AllowDirty: true, SourceDateEpoch: testEpoch,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(stale); !os.IsNotExist(err) || unsigned.Signature != "" {
+		t.Errorf("an unsigned build left a signature: %v %q", err, unsigned.Signature)
+	}
+	plain := extract(t, unsigned.Tarball)
+	for _, arch := range dist.Arches() {
+		bin, _ := os.ReadFile(filepath.Join(plain, dist.BinaryName(arch)))
+		if len(bin) == 0 || bytes.Contains(bin, []byte(pub)) {
+			t.Errorf("unsigned %s (%d bytes) carries the release key", arch, len(bin))
+		}
+	}
+}
+
+// TestBuildLdflags checks the flags handed to go build without building.
+func TestBuildLdflags(t *testing.T) {
+	dir := t.TempDir()
+	pub, err := dist.Keygen(filepath.Join(dir, "keys"), "", true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, keyFile := range []string{"", filepath.Join(dir, "keys", dist.SecretKeyFile)} {
+		var flags []string
+		run := func(ctx context.Context, d string, env []string, name string, args ...string) ([]byte, error) {
+			if name == "go" {
+				flags = append(flags, args[slices.Index(args, "-ldflags")+1])
+			}
+			return fakeGit("")(ctx, d, env, name, args...)
+		}
+		if _, err := Build(context.Background(), BuildOptions{Version: "2.1", OutDir: filepath.Join(dir, "out"), KeyFile: keyFile, Run: run}); err != nil {
+			t.Fatal(err)
+		}
+		if len(flags) != len(dist.Arches()) {
+			t.Fatalf("%d go builds, want one per arch", len(flags))
+		}
+		for _, f := range flags {
+			embeds := strings.Contains(f, "internal/dist.releasePubKey="+pub)
+			if embeds != (keyFile != "") || !strings.Contains(f, "version.Version=2.1") {
+				t.Errorf("key %q: -ldflags %q", keyFile, f)
+			}
+		}
+	}
+}
+
+// extract unpacks a tarball into a temporary directory.
+func extract(t *testing.T, tarball string) string {
+	t.Helper()
+	data, err := os.ReadFile(tarball)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dest := t.TempDir()
+	if err := archive.Extract(context.Background(), bytes.NewReader(data), dest, archive.DefaultLimits()); err != nil {
+		t.Fatal(err)
+	}
+	return dest
 }
 
 // fakeGit answers git and go commands without running them.
@@ -208,60 +304,6 @@ func TestBuildRefusals(t *testing.T) {
 	}
 	if _, err := Build(context.Background(), BuildOptions{Version: "2.1", OutDir: dir, Run: fakeGit(""), KeyFile: filepath.Join(dir, "nope.key")}); err == nil || !strings.Contains(err.Error(), "nope.key") {
 		t.Errorf("missing key: %v", err)
-	}
-}
-
-func TestKeygenEncryptedAndRefusals(t *testing.T) {
-	dir := t.TempDir()
-	if _, err := Keygen(dir, "", false); err == nil {
-		t.Error("empty passphrase accepted for an encrypted key")
-	}
-	pub, err := Keygen(dir, "correct horse", false)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := Keygen(dir, "x", true); err == nil || !strings.Contains(err.Error(), "exists") {
-		t.Errorf("overwrote a key: %v", err)
-	}
-	if st, _ := os.Stat(filepath.Join(dir, SecretKeyFile)); st.Mode().Perm() != 0o600 {
-		t.Errorf("secret key mode %v", st.Mode())
-	}
-	if _, err := LoadSecretKey(filepath.Join(dir, SecretKeyFile), ""); err == nil || !strings.Contains(err.Error(), "OPSAGENT_SIGNING_PASSPHRASE") {
-		t.Errorf("no passphrase: %v", err)
-	}
-	if _, err := LoadSecretKey(filepath.Join(dir, SecretKeyFile), "wrong"); err == nil || !strings.Contains(err.Error(), "wrong passphrase") {
-		t.Errorf("wrong passphrase: %v", err)
-	}
-	key, err := LoadSecretKey(filepath.Join(dir, SecretKeyFile), "correct horse")
-	if err != nil {
-		t.Fatal(err)
-	}
-	pk, _ := ParsePublicKey(pub)
-	if err := Verify(pk, []byte("msg"), Sign(key, []byte("msg"), "t")); err != nil {
-		t.Fatal(err)
-	}
-	whole, _ := os.ReadFile(filepath.Join(dir, PublicKeyFile))
-	if pk2, err := ParsePublicKey(string(whole)); err != nil || !pk2.Equal(pk) {
-		t.Errorf("minisign.pub file form: %v", err)
-	}
-	if _, err := ParsePublicKey("not a key"); err == nil {
-		t.Error("garbage public key accepted")
-	}
-}
-
-func TestRenderUserdataQuotes(t *testing.T) {
-	ud, err := RenderUserdata(UserdataParams{AppID: "a'b; rm -rf /", Version: "2.1", SHA256: "ff"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if !bytes.Contains(ud, []byte(`APP_ID='a'\''b; rm -rf /'`)) {
-		t.Errorf("not quoted:\n%s", ud)
-	}
-	if len(ud) > 16<<10 {
-		t.Errorf("userdata.sh is %d bytes, over EC2's 16 KiB", len(ud))
-	}
-	if out, err := exec.Command("bash", "-n", "-c", string(ud)).CombinedOutput(); err != nil {
-		t.Errorf("bash -n: %v %s", err, out)
 	}
 }
 
@@ -307,7 +349,7 @@ func versitygw(t *testing.T) (endpoint string, creds *credentials.Credentials, d
 
 func TestPublishToS3(t *testing.T) {
 	endpoint, creds, _ := versitygw(t)
-	a, dist, _ := built(t)
+	a, outDir, _ := built(t)
 	ctx := context.Background()
 	client, err := minio.New(strings.TrimPrefix(endpoint, "http://"), &minio.Options{Creds: creds, Region: "us-east-1", BucketLookup: minio.BucketLookupPath})
 	if err != nil {
@@ -322,7 +364,7 @@ func TestPublishToS3(t *testing.T) {
 	if err := client.SetBucketPolicy(ctx, "releases", policy); err != nil {
 		t.Fatal(err)
 	}
-	opts := PublishOptions{Bucket: "releases", Version: "2.3.1", Endpoint: endpoint, Prefix: "opsagent/", Dist: dist, Creds: creds}
+	opts := PublishOptions{Bucket: "releases", Version: "2.3.1", Endpoint: endpoint, Prefix: "opsagent/", Dist: outDir, Creds: creds}
 
 	// A failure before latest.json leaves latest.json untouched (absent).
 	failing := opts
@@ -369,7 +411,7 @@ func TestPublishToS3(t *testing.T) {
 			}
 		}
 		if key == "opsagent/latest.json" {
-			var l Latest
+			var l dist.Latest
 			if json.Unmarshal(body, &l) != nil || l.SHA256 != a.SHA256 {
 				t.Errorf("latest.json %s", body)
 			}

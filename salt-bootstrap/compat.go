@@ -21,12 +21,12 @@ func (f *Fetcher) checkCompat() error {
 	if err != nil {
 		return &Error{Comment: fmt.Sprintf("States compat.txt unreadable: %v", err), Err: err}
 	}
-	ok, err := Compatible(string(data), f.opts.AgentVersion)
+	ok, err := Compatible(string(data), f.opts.InterfaceVersion)
 	if err != nil {
 		return &Error{Comment: fmt.Sprintf("States compat.txt unparsable: %v", err), Err: err}
 	}
 	if !ok {
-		return &Error{Comment: fmt.Sprintf("States not compatible with agent version %s (compat.txt: %s)", f.opts.AgentVersion, strings.Join(strings.Fields(string(data)), " "))}
+		return &Error{Comment: fmt.Sprintf("States not compatible with agent version %s (the states interface this agent offers; compat.txt: %s)", f.opts.InterfaceVersion, strings.Join(strings.Fields(string(data)), " "))}
 	}
 	return nil
 }

@@ -27,10 +27,15 @@ import (
 
 // Options configures a Fetcher.
 type Options struct {
-	Dir             string // the clone, e.g. <root>/opt/visualops/bootstrap/salt
-	ConfigPath      string // passed to bootstrap.sh
-	AgentVersion    string // checked against compat.txt
-	BootstrapScript string // relative to the clone; default scripts/bootstrap.sh
+	Dir       string // the clone, e.g. <root>/opt/visualops/bootstrap/salt
+	StampFile string // what the clone holds (repo, tag, commit), from the layout
+	// ConfigPath is passed to bootstrap.sh.
+	ConfigPath string
+	// InterfaceVersion is the states interface the agent offers, checked
+	// against compat.txt (version.StatesInterface; not the release).
+	InterfaceVersion string
+	// BootstrapScript is relative to the clone; "" means none.
+	BootstrapScript string
 	ScriptTimeout   time.Duration
 	Runner          proc.Runner
 	Logger          *slog.Logger
@@ -44,9 +49,6 @@ type Fetcher struct {
 
 // New returns a Fetcher.
 func New(opts Options) *Fetcher {
-	if opts.BootstrapScript == "" {
-		opts.BootstrapScript = "scripts/bootstrap.sh"
-	}
 	if opts.ScriptTimeout <= 0 {
 		opts.ScriptTimeout = 10 * time.Minute
 	}
@@ -76,9 +78,12 @@ type state struct {
 	Tag    string `json:"tag"`
 	Commit string `json:"commit"`
 	Moving bool   `json:"moving"` // tag is a branch: fetch at every round
+	// Warning is bootstrap.sh's failure for this checkout, kept so that it
+	// stays visible until the next checkout runs the script again.
+	Warning string `json:"warning,omitempty"`
 }
 
-func (f *Fetcher) statePath() string { return f.opts.Dir + ".state.json" }
+func (f *Fetcher) statePath() string { return f.opts.StampFile }
 
 func (f *Fetcher) readState() state {
 	var s state
@@ -90,10 +95,16 @@ func (f *Fetcher) readState() state {
 }
 
 // Ensure makes the clone hold repo at tag, running bootstrap.sh when
-// anything changed. It returns whether the checkout changed.
-func (f *Fetcher) Ensure(ctx context.Context, repo, tag string) (bool, error) {
+// anything changed.
+//
+// Its Result says whether the checkout changed and carries a Warning when
+// bootstrap.sh failed: as in 2014 (utils.bootstrap_mod logged "Can't
+// bootstrap modules" and went on), a failing script does not fail the
+// states, because the real fork's script ends with downloads that often
+// fail; the agent shows the warning in status and init_errors.
+func (f *Fetcher) Ensure(ctx context.Context, repo, tag string) (Result, error) {
 	if repo == "" {
-		return false, &Error{Comment: "no states repository configured (set [module] mod_repo, or name one in the recipe)"}
+		return Result{}, &Error{Comment: "no states repository configured (set [module] mod_repo, or name one in the recipe)"}
 	}
 	if tag == "" {
 		tag = "master"
@@ -102,7 +113,7 @@ func (f *Fetcher) Ensure(ctx context.Context, repo, tag string) (bool, error) {
 	_, statErr := os.Stat(filepath.Join(f.opts.Dir, ".git"))
 	have := statErr == nil && cur.Repo == repo
 	if have && cur.Tag == tag && !cur.Moving {
-		return false, nil // a fixed tag that did not change: nothing to fetch
+		return Result{Warning: cur.Warning}, nil // a fixed tag that did not change: nothing to fetch
 	}
 	var next state
 	var err error
@@ -116,27 +127,32 @@ func (f *Fetcher) Ensure(ctx context.Context, repo, tag string) (bool, error) {
 		next, err = f.fresh(ctx, repo, tag)
 	}
 	if err != nil {
-		return false, err
+		return Result{}, err
 	}
-	changed := next.Commit != cur.Commit || next.Repo != cur.Repo
-	if changed {
+	res := Result{Changed: next.Commit != cur.Commit || next.Repo != cur.Repo}
+	next.Warning = cur.Warning
+	if res.Changed {
 		f.log.Info("states repository checked out", "repo", repo, "tag", tag, "commit", next.Commit)
-		err := f.checkCompat()
-		if err == nil {
-			err = f.runBootstrap(ctx)
-		}
-		if err != nil {
+		if err := f.checkCompat(); err != nil {
 			// Forget the checkout so that the next round tries again
 			// rather than trusting a tree that failed its checks.
 			_ = os.Remove(f.statePath())
-			return true, err
+			return res, err
 		}
+		next.Warning = f.runBootstrap(ctx)
 	}
+	res.Warning = next.Warning
 	data, _ := json.Marshal(next)
 	if err := fsutil.WriteFileAtomic(f.statePath(), data, 0o644); err != nil {
-		return changed, err
+		return res, err
 	}
-	return changed, nil
+	return res, nil
+}
+
+// Result is what Ensure did.
+type Result struct {
+	Changed bool   // the checkout changed (requirements and the bridge reload follow)
+	Warning string // bootstrap.sh failed: shown, not fatal
 }
 
 // fresh clones into a sibling temporary directory and renames it over the
@@ -222,11 +238,16 @@ func checkout(r *git.Repository, repo, tag string) (state, error) {
 	return st, nil
 }
 
-// runBootstrap runs scripts/bootstrap.sh <config> when the clone has one.
-func (f *Fetcher) runBootstrap(ctx context.Context) error {
+// runBootstrap runs the bootstrap script (bash <script> <config>) when one
+// is configured and the clone has it as a file, and returns "" or a
+// warning that says why it failed. An empty [module] bootstrap means none.
+func (f *Fetcher) runBootstrap(ctx context.Context) string {
+	if strings.TrimSpace(f.opts.BootstrapScript) == "" {
+		return ""
+	}
 	script := filepath.Join(f.opts.Dir, f.opts.BootstrapScript)
-	if _, err := os.Stat(script); err != nil {
-		return nil
+	if st, err := os.Stat(script); err != nil || !st.Mode().IsRegular() {
+		return ""
 	}
 	res, err := f.opts.Runner.Run(ctx, proc.Cmd{
 		Path: "bash", Args: []string{script, f.opts.ConfigPath}, Dir: f.opts.Dir,
@@ -238,13 +259,15 @@ func (f *Fetcher) runBootstrap(ctx context.Context) error {
 		}
 	}
 	if err == nil && res.ExitCode == 0 {
-		return nil
+		return ""
 	}
 	why := fmt.Sprintf("exit code %d", res.ExitCode)
 	if err != nil {
 		why = err.Error()
 	}
-	return &Error{Comment: fmt.Sprintf("bootstrap script failed (%s): %s", why, lastLines(res.Output, 5)), Err: err}
+	w := fmt.Sprintf("Can't bootstrap modules: %s failed (%s): %s", f.opts.BootstrapScript, why, lastLines(res.Output, 5))
+	f.log.Warn("bootstrap script failed; the states run anyway (as in 2014)", "script", script, "why", why)
+	return w
 }
 
 func lastLines(s string, n int) string {

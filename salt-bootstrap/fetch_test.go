@@ -14,7 +14,7 @@ import (
 func newFetcher(t *testing.T, version string) (*Fetcher, string) {
 	t.Helper()
 	dir := filepath.Join(t.TempDir(), "bootstrap", "salt")
-	return New(Options{Dir: dir, ConfigPath: "/etc/opsagent.conf", AgentVersion: version}), dir
+	return New(Options{Dir: dir, StampFile: dir + ".state.json", ConfigPath: "/etc/opsagent.conf", InterfaceVersion: version, BootstrapScript: "scripts/bootstrap.sh"}), dir
 }
 
 func read(t *testing.T, dir, name string) string {
@@ -39,28 +39,31 @@ func TestCloneUpdateAndTagSwitch(t *testing.T) {
 	url := gs.CreateRepo("states", map[string]string{"compat.txt": ">= 2.0\n", "sources/adaptor.py": "v1\n"})
 	gs.Tag("states", "v1")
 	f, dir := newFetcher(t, "2.1")
-	changed, err := f.Ensure(context.Background(), url, "master")
+	res, err := f.Ensure(context.Background(), url, "master")
+	changed := res.Changed
 	if err != nil || !changed || read(t, dir, "sources/adaptor.py") != "v1\n" {
 		t.Fatalf("clone: %v %v", changed, err)
 	}
 	// A new commit on the moving branch is picked up at the next Ensure.
 	gs.Commit("states", map[string]string{"sources/adaptor.py": "v2\n"}, "second")
-	changed, err = f.Ensure(context.Background(), url, "master")
+	res, err = f.Ensure(context.Background(), url, "master")
+	changed = res.Changed
 	if err != nil || !changed || read(t, dir, "sources/adaptor.py") != "v2\n" {
 		t.Fatalf("update: %v %v", changed, err)
 	}
 	// Nothing new: no change reported.
-	if changed, err := f.Ensure(context.Background(), url, "master"); err != nil || changed {
+	if res, err := f.Ensure(context.Background(), url, "master"); err != nil || res.Changed {
 		t.Fatalf("idle update: %v %v", changed, err)
 	}
 	// Switch to a fixed tag: the old content comes back.
-	changed, err = f.Ensure(context.Background(), url, "v1")
+	res, err = f.Ensure(context.Background(), url, "v1")
+	changed = res.Changed
 	if err != nil || !changed || read(t, dir, "sources/adaptor.py") != "v1\n" {
 		t.Fatalf("tag switch: %v %v", changed, err)
 	}
 	// A fixed tag is not fetched again (moving the tag on the server is not seen).
 	gs.Tag("states", "v1")
-	if changed, err := f.Ensure(context.Background(), url, "v1"); err != nil || changed {
+	if res, err := f.Ensure(context.Background(), url, "v1"); err != nil || res.Changed {
 		t.Fatalf("fixed tag re-fetched: %v %v", changed, err)
 	}
 	// No half trees or temporary clones are left beside the clone.
@@ -92,7 +95,7 @@ func TestIncompatibleAndMissingCompat(t *testing.T) {
 	url := gs.CreateRepo("old", map[string]string{"compat.txt": "< 2.0\n"})
 	f, _ := newFetcher(t, "2.1")
 	_, err := f.Ensure(context.Background(), url, "master")
-	wantComment(t, err, "States not compatible with agent version 2.1 (compat.txt: < 2.0)")
+	wantComment(t, err, "States not compatible with agent version 2.1 (the states interface this agent offers; compat.txt: < 2.0)")
 	// It keeps failing on the next round rather than trusting the tree.
 	_, err = f.Ensure(context.Background(), url, "master")
 	wantComment(t, err, "States not compatible with agent version 2.1")
@@ -114,10 +117,41 @@ func TestBootstrapScript(t *testing.T) {
 	if got := read(t, dir, "bootstrapped"); got != "configured with /etc/opsagent.conf\n" {
 		t.Errorf("bootstrap.sh output %q", got)
 	}
+	// A failing script is a warning, as in 2014: the checkout is usable,
+	// and the warning stays visible until the next checkout.
 	bad := gs.CreateRepo("bad", map[string]string{"scripts/bootstrap.sh": "#!/bin/bash\necho step one\necho missing dependency >&2\nexit 3\n"})
 	f2, _ := newFetcher(t, "2.1")
-	_, err := f2.Ensure(context.Background(), bad, "master")
-	wantComment(t, err, "bootstrap script failed (exit code 3): step one | missing dependency")
+	res, err := f2.Ensure(context.Background(), bad, "master")
+	if err != nil || !strings.HasPrefix(res.Warning, "Can't bootstrap modules: scripts/bootstrap.sh failed (exit code 3): step one | missing dependency") {
+		t.Fatalf("failing bootstrap: %+v %v", res, err)
+	}
+	if res, err := f2.Ensure(context.Background(), bad, "master"); err != nil || res.Warning == "" || res.Changed {
+		t.Fatalf("the warning must stay until the next checkout: %+v %v", res, err)
+	}
+	// An empty [module] bootstrap means no script, even when the clone has one.
+	f3, dir3 := newFetcher(t, "2.1")
+	f3.opts.BootstrapScript = ""
+	if res, err := f3.Ensure(context.Background(), url, "master"); err != nil || res.Warning != "" {
+		t.Fatalf("empty bootstrap: %+v %v", res, err)
+	}
+	if _, err := os.Stat(filepath.Join(dir3, "bootstrapped")); err == nil {
+		t.Error("the script ran although [module] bootstrap is empty")
+	}
+}
+
+// The real fork says "< 2.0": it is checked against the states interface
+// the agent offers (1.x), not the release number, so a 2.x agent accepts it.
+func TestCompatAgainstTheStatesInterface(t *testing.T) {
+	gs := gitserver.New(t)
+	url := gs.CreateRepo("fork", map[string]string{"compat.txt": "< 2.0\n"})
+	f, _ := newFetcher(t, "1.0")
+	if _, err := f.Ensure(context.Background(), url, "master"); err != nil {
+		t.Fatalf("interface 1.0 against < 2.0: %v", err)
+	}
+	url2 := gs.CreateRepo("future", map[string]string{"compat.txt": ">= 2.0\n"})
+	f2, _ := newFetcher(t, "1.0")
+	_, err := f2.Ensure(context.Background(), url2, "master")
+	wantComment(t, err, "States not compatible with agent version 1.0")
 }
 
 func TestCorruptedCloneIsReplaced(t *testing.T) {

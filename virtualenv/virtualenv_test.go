@@ -47,8 +47,14 @@ func TestCreateKeepRepairAndWheelhouse(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !env.Created || env.Version == "" {
+	if !env.Created || env.Version == "" || env.Minimal {
 		t.Fatalf("create: %+v", env)
+	}
+	if !strings.HasPrefix(env.SitePackages, dir+string(filepath.Separator)) || !strings.HasSuffix(env.SitePackages, "site-packages") {
+		t.Fatalf("site-packages %q is not the venv's", env.SitePackages)
+	}
+	if _, err := os.Stat(env.SitePackages); err != nil {
+		t.Fatal(err)
 	}
 	cfg := filepath.Join(dir, "pyvenv.cfg")
 	before := ino(t, cfg)
@@ -78,6 +84,28 @@ func TestCreateKeepRepairAndWheelhouse(t *testing.T) {
 	}
 	if err := env.InstallRequirements(ctx, filepath.Join(t.TempDir(), "none.txt"), house); err != nil {
 		t.Errorf("no requirements file: %v", err)
+	}
+	// The whole wheelhouse, offline, with the venv's pip: the wheel, plus a
+	// plain package directory copied as it is.
+	house2 := t.TempDir()
+	if out, err := exec.Command("python3", "-c", wheelScript, filepath.Join(house2, "hello_fixture-1.0-py3-none-any.whl")).CombinedOutput(); err != nil {
+		t.Fatalf("building the wheel: %v %s", err, out)
+	}
+	// A wheel for Python 2 in the same wheelhouse is left alone.
+	if out, err := exec.Command("python3", "-c", strings.ReplaceAll(wheelScript, "hello_fixture", "py2_only"), filepath.Join(house2, "py2_only-1.0-py2-none-any.whl")).CombinedOutput(); err != nil {
+		t.Fatalf("building the wheel: %v %s", err, out)
+	}
+	os.MkdirAll(filepath.Join(house2, "plainpkg"), 0o755)
+	os.WriteFile(filepath.Join(house2, "plainpkg", "__init__.py"), []byte("NAME = 'plain'\n"), 0o644)
+	if err := env.InstallFromWheelhouse(ctx, house2); err != nil {
+		t.Fatal(err)
+	}
+	out, err = exec.Command(env.Python, "-c", "import hello_fixture, plainpkg; print(plainpkg.NAME, plainpkg.__file__)").CombinedOutput()
+	if err != nil || !strings.HasPrefix(string(out), "plain "+env.SitePackages) {
+		t.Fatalf("wheelhouse install: %s %v", out, err)
+	}
+	if _, err := os.Stat(filepath.Join(env.SitePackages, "py2_only")); err == nil {
+		t.Error("a Python 2 wheel was installed into a Python 3 venv")
 	}
 	// Repair: the interpreter is gone.
 	os.Remove(filepath.Join(dir, "bin", "python"))

@@ -27,22 +27,20 @@ import (
 
 	"github.com/visualops/opsagent/agent/state"
 	"github.com/visualops/opsagent/internal/fsutil"
+	"github.com/visualops/opsagent/internal/proc"
 )
 
 //go:embed bridge.py
 var script []byte
 
-// ScriptName is the file bridge.py is written to in Options.ScriptDir.
-const ScriptName = "bridge.py"
-
 // Options configures a Bridge.
 type Options struct {
-	Python    string // the virtualenv's interpreter
-	ScriptDir string // where bridge.py is written (the agent's state dir)
-	WatchDir  string // checksums of watched files
-	OSRoot    string // root for /etc/os-release (tests); default "/"
-	Config    map[string]any
-	Logger    *slog.Logger
+	Python   string // the virtualenv's interpreter
+	Script   string // where bridge.py is written (the layout's BridgeScript)
+	WatchDir string // checksums of watched files
+	OSRoot   string // root for /etc/os-release (tests); default "/"
+	Config   map[string]any
+	Logger   *slog.Logger
 
 	KillGrace    time.Duration // SIGTERM → SIGKILL for a stopped state; default 10 s
 	StartTimeout time.Duration // worker start + load; default 2 min
@@ -99,20 +97,16 @@ func (b *Bridge) Close() {
 	}
 }
 
-// WriteScript writes bridge.py into dir unless it already holds the same
-// content, and returns its path.
-func WriteScript(dir string) (string, error) {
-	p := filepath.Join(dir, ScriptName)
-	if old, err := os.ReadFile(p); err == nil && bytes.Equal(old, script) {
-		return p, nil
+// WriteScript writes bridge.py to path unless it already holds the same
+// content.
+func WriteScript(path string) error {
+	if old, err := os.ReadFile(path); err == nil && bytes.Equal(old, script) {
+		return nil
 	}
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return "", err
+	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+		return err
 	}
-	if err := fsutil.WriteFileAtomic(p, script, 0o644); err != nil {
-		return "", err
-	}
-	return p, nil
+	return fsutil.WriteFileAtomic(path, script, 0o644)
 }
 
 // response is one line from the worker.
@@ -136,8 +130,8 @@ type worker struct {
 }
 
 func (w *worker) kill() {
-	_ = syscall.Kill(-w.cmd.Process.Pid, syscall.SIGKILL)
 	_ = w.stdin.Close()
+	proc.StopGroup(w.cmd.Process.Pid, 0)
 	select {
 	case <-w.done:
 	case <-time.After(5 * time.Second):
@@ -145,9 +139,9 @@ func (w *worker) kill() {
 }
 
 func (b *Bridge) start() (*worker, error) {
-	path, err := WriteScript(b.opts.ScriptDir)
-	if err != nil {
-		return nil, fmt.Errorf("bridge: cannot write %s: %w", ScriptName, err)
+	path := b.opts.Script
+	if err := WriteScript(path); err != nil {
+		return nil, fmt.Errorf("bridge: cannot write %s: %w", path, err)
 	}
 	cmd := exec.Command(b.opts.Python, "-u", path)
 	cmd.Env = append(os.Environ(), "PYTHONDONTWRITEBYTECODE=1")
@@ -239,7 +233,7 @@ func (b *Bridge) call(ctx context.Context, w *worker, req map[string]any, timeou
 			}
 			if r.malformed != "" {
 				if pgid > 0 {
-					b.stopGroup(w, pgid)
+					proc.StopGroup(pgid, b.opts.KillGrace)
 				}
 				return response{}, fmt.Errorf("%w: malformed output %q", errWorker, truncate(r.malformed, 80))
 			}
@@ -255,7 +249,7 @@ func (b *Bridge) call(ctx context.Context, w *worker, req map[string]any, timeou
 			return response{}, fmt.Errorf("%w: no answer within %v", errWorker, timeout)
 		case <-ctx.Done():
 			if pgid > 0 {
-				b.stopGroup(w, pgid)
+				proc.StopGroup(pgid, b.opts.KillGrace)
 				// The worker answers once the child is gone; wait for it
 				// briefly so the next request starts clean.
 				t := time.NewTimer(b.opts.KillGrace + 2*time.Second)
@@ -278,20 +272,6 @@ func (b *Bridge) call(ctx context.Context, w *worker, req map[string]any, timeou
 			return response{}, fmt.Errorf("%w: %v", errWorker, ctx.Err())
 		}
 	}
-}
-
-// stopGroup sends SIGTERM to the state's process group, then SIGKILL
-// after the grace period if anything is left.
-func (b *Bridge) stopGroup(w *worker, pgid int) {
-	_ = syscall.Kill(-pgid, syscall.SIGTERM)
-	deadline := time.Now().Add(b.opts.KillGrace)
-	for time.Now().Before(deadline) {
-		if syscall.Kill(-pgid, 0) != nil {
-			return
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-	_ = syscall.Kill(-pgid, syscall.SIGKILL)
 }
 
 // ensure returns a live worker with the current repository loaded.

@@ -38,7 +38,7 @@ func newRig(t testing.TB, extra map[string]string) *rig {
 		t.Fatal(err)
 	}
 	r := &rig{repo: repo, state: filepath.Join(dir, "state")}
-	r.b = New(Options{Python: python(t), ScriptDir: r.state, WatchDir: filepath.Join(dir, "watch"), KillGrace: time.Second})
+	r.b = New(Options{Python: python(t), Script: filepath.Join(r.state, "bridge.py"), WatchDir: filepath.Join(dir, "watch"), KillGrace: time.Second})
 	os.MkdirAll(filepath.Join(dir, "watch"), 0o700)
 	r.b.SetRepo(repo, false)
 	t.Cleanup(r.b.Close)
@@ -178,26 +178,25 @@ func TestWatchedFiles(t *testing.T) {
 }
 
 func TestScriptWrittenOnlyWhenChanged(t *testing.T) {
-	dir := t.TempDir()
-	p, err := WriteScript(dir)
-	if err != nil {
+	p := filepath.Join(t.TempDir(), "state", "bridge.py")
+	if err := WriteScript(p); err != nil {
 		t.Fatal(err)
 	}
 	old := time.Now().Add(-time.Hour)
 	os.Chtimes(p, old, old)
-	WriteScript(dir)
+	WriteScript(p)
 	if st, _ := os.Stat(p); !st.ModTime().Equal(old) {
 		t.Error("unchanged bridge.py rewritten")
 	}
 	os.WriteFile(p, []byte("stale"), 0o644)
-	WriteScript(dir)
+	WriteScript(p)
 	if data, _ := os.ReadFile(p); string(data) != string(script) {
 		t.Error("stale bridge.py not replaced")
 	}
 }
 
 func TestBadRepoAndNoRepo(t *testing.T) {
-	b := New(Options{Python: python(t), ScriptDir: t.TempDir()})
+	b := New(Options{Python: python(t), Script: filepath.Join(t.TempDir(), "bridge.py")})
 	defer b.Close()
 	if res := b.Execute(context.Background(), state.Request{StateID: "s", Module: "linux.cmd"}); res.OK || !strings.Contains(res.Comment, "no states repository configured") {
 		t.Fatalf("%+v", res)

@@ -37,6 +37,7 @@ import (
 	"github.com/gorilla/websocket"
 
 	"github.com/visualops/opsagent/agent/state"
+	"github.com/visualops/opsagent/internal/config"
 	"github.com/visualops/opsagent/protocol"
 )
 
@@ -46,6 +47,7 @@ type Identity struct {
 	AppID        string
 	AgentVersion string
 	Token        string
+	EnrollSecret string // the app's enrollment secret, for the first Handshake
 	InitErrors   []string
 }
 
@@ -59,7 +61,8 @@ func (id Identity) wire() protocol.Identity {
 	}
 	return protocol.Identity{
 		InstanceID: id.InstanceID, AppID: id.AppID, AgentVersion: id.AgentVersion,
-		ProtocolVersion: protocol.Version, InstanceToken: id.Token, InitErrors: initErrs,
+		ProtocolVersion: 1, InstanceToken: id.Token, InitErrors: initErrs,
+		EnrollmentSecret: id.EnrollSecret,
 	}
 }
 
@@ -109,13 +112,16 @@ type Status struct {
 
 // Manager owns the connection. Create it with New and run it with Run.
 type Manager struct {
-	opts     Options
-	log      *slog.Logger
-	out      *outbox
-	dialer   *websocket.Dialer
-	setupErr error // bad URL or CA file: every attempt fails with it
+	opts   Options
+	log    *slog.Logger
+	out    *outbox
+	dialer *websocket.Dialer
+	caErr  error         // bad CA file: every attempt fails with it
+	kick   chan struct{} // the backend URL changed: drop the link now
 
 	mu            sync.Mutex
+	url           string   // the backend, changed by SetURL
+	urlErr        error    // what is wrong with url, if anything
 	id            Identity // last identity sent
 	connected     bool
 	since         time.Time
@@ -152,11 +158,10 @@ func New(opts Options) *Manager {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	m := &Manager{opts: opts, log: log, out: newOutbox(opts.OutboxLimit), since: time.Now(), wqNotify: make(chan struct{}, 1)}
-	m.dialer, m.setupErr = newDialer(opts)
-	if err := checkURL(opts.URL); err != nil {
-		m.setupErr = err
-	}
+	m := &Manager{opts: opts, log: log, out: newOutbox(opts.OutboxLimit), since: time.Now(),
+		wqNotify: make(chan struct{}, 1), kick: make(chan struct{}, 1)}
+	m.dialer, m.caErr = newDialer(opts)
+	m.url, m.urlErr = opts.URL, checkURL(opts.URL)
 	return m
 }
 
@@ -225,7 +230,7 @@ func (m *Manager) Status() Status {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	return Status{
-		Connected: m.connected, Since: m.since, Backend: Redact(m.opts.URL),
+		Connected: m.connected, Since: m.since, Backend: Redact(m.url),
 		OutboxDepth: m.out.depth(), DroppedFrames: m.droppedFrames,
 		DroppedLogs: m.out.droppedCount(), LastError: m.lastErr,
 	}
@@ -240,6 +245,35 @@ func (m *Manager) setConnected(up bool, err error) {
 	if err != nil {
 		m.lastErr = err.Error()
 	}
+}
+
+// SetURL points the connection at another backend (a changed [userdata]
+// ws_uri, written back from userdata): the live link, if any, is closed
+// with a normal close frame and the next attempt, made at once, uses url.
+// No SIGHUP or restart is needed.
+func (m *Manager) SetURL(url string) {
+	m.mu.Lock()
+	if url == m.url {
+		m.mu.Unlock()
+		return
+	}
+	m.url, m.urlErr = url, checkURL(url)
+	m.mu.Unlock()
+	m.log.Info("backend changed; reconnecting", "backend", Redact(url))
+	select {
+	case m.kick <- struct{}{}:
+	default:
+	}
+}
+
+// target is the backend to dial and what is wrong with it, if anything.
+func (m *Manager) target() (string, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.urlErr != nil {
+		return m.url, m.urlErr
+	}
+	return m.url, m.caErr
 }
 
 // Backoff is the pause before reconnect attempt n (0-based): full jitter
@@ -259,13 +293,16 @@ func Backoff(n int, min, max time.Duration, r float64) time.Duration {
 // errAppNotReady ends a session so that the identity is refreshed.
 var errAppNotReady = errors.New("backend says the app is not ready")
 
+// errMoved ends a session because the backend URL changed.
+var errMoved = errors.New("backend URL changed")
+
 // Run connects and reconnects until ctx is done. It returns nil then.
 func (m *Manager) Run(ctx context.Context) error {
-	if m.setupErr != nil {
+	if _, err := m.target(); err != nil {
 		// A config error: say so loudly once. Run keeps retrying (slowly,
-		// by backoff) so that the status shows the error, and a config
-		// reload replaces the manager anyway.
-		m.log.Error("cannot connect with this configuration", "err", m.setupErr)
+		// by backoff) so that the status shows the error; a corrected
+		// ws_uri (SetURL) or a config reload fixes it.
+		m.log.Error("cannot connect with this configuration", "err", err)
 	}
 	attempt := 0
 	refresh := false
@@ -279,6 +316,8 @@ func (m *Manager) Run(ctx context.Context) error {
 		m.setConnected(false, err)
 		var pause time.Duration
 		switch {
+		case errors.Is(err, errMoved):
+			attempt, pause = 0, 0
 		case errors.Is(err, errAppNotReady):
 			refresh, attempt = true, 0
 			pause = time.Duration(float64(m.opts.AppNotReadyDelay) * (0.8 + 0.4*m.opts.Rand()))
@@ -296,269 +335,12 @@ func (m *Manager) Run(ctx context.Context) error {
 		case <-ctx.Done():
 			t.Stop()
 		case <-t.C:
+		case <-m.kick: // a new URL: try it now
+			t.Stop()
 		}
 	}
 	m.setConnected(false, nil)
 	return nil
-}
-
-// session runs one connection until it fails or ctx is done.
-func (m *Manager) session(ctx context.Context, refresh bool) error {
-	if m.setupErr != nil {
-		return m.setupErr
-	}
-	id, err := m.opts.Identity(ctx, refresh)
-	if err != nil {
-		return fmt.Errorf("identity: %w", err)
-	}
-	m.mu.Lock()
-	m.id = id
-	m.mu.Unlock()
-
-	dctx, cancel := context.WithTimeout(ctx, m.opts.HandshakeTimeout)
-	ws, resp, err := m.dialer.DialContext(dctx, m.opts.URL, nil)
-	cancel()
-	if err != nil {
-		if resp != nil {
-			return fmt.Errorf("connect %s: %w (HTTP %s)", Redact(m.opts.URL), err, resp.Status)
-		}
-		return fmt.Errorf("connect %s: %w", Redact(m.opts.URL), err)
-	}
-	defer ws.Close()
-	// A frame over the limit makes gorilla fail the read and close the
-	// socket (1009): that is a connection error, so the agent reconnects.
-	// It cannot skip just that frame, as the rest of it is still in flight.
-	ws.SetReadLimit(int64(m.opts.MaxFrame))
-
-	hs, err := protocol.Encode(&protocol.Handshake{Identity: id.wire()})
-	if err != nil {
-		return err
-	}
-	_ = ws.SetWriteDeadline(time.Now().Add(m.opts.DeadAfter))
-	if err := ws.WriteMessage(websocket.TextMessage, hs); err != nil {
-		return fmt.Errorf("send Handshake: %w", err)
-	}
-	m.log.Info("connected; Handshake sent", "backend", Redact(m.opts.URL), "instance_id", id.InstanceID, "app_id", id.AppID)
-	m.setConnected(true, nil)
-	if m.opts.Handler != nil {
-		m.opts.Handler.Connected()
-	}
-
-	c := &link{m: m, ws: ws, control: make(chan []byte, 16), done: make(chan struct{})}
-	readErr := make(chan error, 1)
-	go func() { readErr <- c.read(ctx) }()
-	writeErr := make(chan error, 1)
-	go func() { writeErr <- c.write(ctx) }()
-
-	select {
-	case err = <-readErr:
-		close(c.done)
-		if errors.Is(err, errAppNotReady) {
-			// Say goodbye properly: the backend asked us to come back later.
-			c.sendClose("app not ready; handshaking again later")
-		}
-		// Closing the socket unblocks a writer stuck on a peer that stopped
-		// reading; an unfinished StateLog stays queued for the next session.
-		_ = ws.Close()
-		<-writeErr
-	case err = <-writeErr:
-		close(c.done)
-		_ = ws.Close() // unblocks the reader
-		<-readErr
-	case <-ctx.Done():
-		close(c.done)
-		// The writer sends the close frame (1000). A peer that stopped
-		// reading must not hold the shutdown: half a second for the writer,
-		// half a second for the backend's answering close frame.
-		wait := func(ch chan error) {
-			t := time.NewTimer(500 * time.Millisecond)
-			defer t.Stop()
-			select {
-			case <-ch:
-			case <-t.C:
-				_ = ws.Close()
-				<-ch
-			}
-		}
-		wait(writeErr)
-		wait(readErr)
-		m.log.Info("connection closed", "backend", Redact(m.opts.URL))
-		return nil
-	}
-	return err
-}
-
-// link is one live connection.
-type link struct {
-	m       *Manager
-	ws      *websocket.Conn
-	control chan []byte   // frames the reader wants sent (Test answers)
-	done    chan struct{} // closed when the session ends
-}
-
-func (c *link) read(ctx context.Context) error {
-	m := c.m
-	extend := func() { _ = c.ws.SetReadDeadline(time.Now().Add(m.opts.DeadAfter)) }
-	extend()
-	c.ws.SetPongHandler(func(string) error { extend(); return nil })
-	c.ws.SetPingHandler(func(data string) error {
-		extend()
-		// Answer pings from the backend; WriteControl is safe next to the writer.
-		err := c.ws.WriteControl(websocket.PongMessage, []byte(data), time.Now().Add(5*time.Second))
-		if err != nil && !errors.Is(err, websocket.ErrCloseSent) {
-			return err
-		}
-		return nil
-	})
-	for {
-		typ, data, err := c.ws.ReadMessage()
-		if err != nil {
-			var ce *websocket.CloseError
-			if errors.As(err, &ce) {
-				if ce.Code == websocket.ClosePolicyViolation {
-					return fmt.Errorf("backend refused this agent (%d %s): check the instance token and app id", ce.Code, ce.Text)
-				}
-				return fmt.Errorf("backend closed the connection (%d %s)", ce.Code, ce.Text)
-			}
-			if errors.Is(err, websocket.ErrReadLimit) {
-				return fmt.Errorf("frame larger than %d bytes; connection dropped", m.opts.MaxFrame)
-			}
-			return fmt.Errorf("read: %w", err)
-		}
-		extend()
-		if typ != websocket.TextMessage {
-			m.badFrame(errors.New("binary frame; only text frames carry messages"))
-			continue
-		}
-		msg, err := protocol.DecodeLimit(data, m.opts.MaxFrame)
-		if err != nil {
-			m.badFrame(err)
-			continue
-		}
-		switch msg := msg.(type) {
-		case *protocol.AppNotReady:
-			return errAppNotReady
-		case *protocol.Test:
-			c.answerTest()
-		case *protocol.TestAns:
-			e := ""
-			if msg.Error != nil {
-				e = *msg.Error
-			}
-			m.log.Info("backend test answer", "result", msg.Result, "error", e)
-		case *protocol.Handshake, *protocol.StateLog, *protocol.WaitQuery:
-			m.badFrame(fmt.Errorf("%s is an agent-to-backend message", msg.MessageCode()))
-		default:
-			if m.opts.Handler != nil {
-				m.opts.Handler.Deliver(ctx, msg)
-			}
-		}
-	}
-}
-
-func (m *Manager) badFrame(err error) {
-	m.mu.Lock()
-	m.droppedFrames++
-	m.mu.Unlock()
-	m.log.Warn("ignored a bad frame from the backend", "err", err)
-}
-
-func (c *link) answerTest() {
-	c.m.mu.Lock()
-	id := c.m.id
-	c.m.mu.Unlock()
-	frame, err := protocol.Encode(&protocol.Test{Identity: id.wire()})
-	if err != nil {
-		return
-	}
-	select {
-	case c.control <- frame:
-	case <-c.done:
-	}
-}
-
-// write is the only goroutine writing data frames: Test answers first,
-// then a pending WaitQuery, then the outbox in order, plus pings.
-func (c *link) write(ctx context.Context) error {
-	m := c.m
-	ping := time.NewTicker(m.opts.PingInterval)
-	defer ping.Stop()
-	send := func(frame []byte) error {
-		_ = c.ws.SetWriteDeadline(time.Now().Add(m.opts.DeadAfter))
-		return c.ws.WriteMessage(websocket.TextMessage, frame)
-	}
-	for {
-		// Drain what is ready before sleeping; pings go out even while a
-		// long backlog is flushed, so the backend's pongs keep us alive.
-		// The session's end is checked first so that a long backlog does
-		// not delay shutdown.
-		select {
-		case <-c.done:
-			if ctx.Err() != nil {
-				c.sendClose("agent stopping")
-			}
-			return nil
-		case <-ping.C:
-			if err := c.ws.WriteControl(websocket.PingMessage, nil, time.Now().Add(m.opts.DeadAfter)); err != nil {
-				return fmt.Errorf("ping: %w", err)
-			}
-			continue
-		case frame := <-c.control:
-			if err := send(frame); err != nil {
-				return fmt.Errorf("write: %w", err)
-			}
-			continue
-		default:
-		}
-		if v := m.takeWaitQuery(); v > 0 {
-			iid, app := m.currentIDs(&protocol.StateLog{})
-			frame, _ := protocol.Encode(&protocol.WaitQuery{InstanceID: iid, AppID: app, RecipeVersion: v})
-			if err := send(frame); err != nil {
-				m.QueryWaits(v) // ask again on the next connection
-				return fmt.Errorf("write: %w", err)
-			}
-			continue
-		}
-		if e, ok := m.out.peek(); ok {
-			sl := *e.msg
-			sl.InstanceID, sl.AppID = m.currentIDs(&sl)
-			frame, err := protocol.Encode(&sl)
-			if err == nil {
-				if err := send(frame); err != nil {
-					return fmt.Errorf("write: %w", err)
-				}
-			}
-			m.out.ack(e.seq)
-			continue
-		}
-		select {
-		case <-ctx.Done():
-			c.sendClose("agent stopping")
-			return nil
-		case <-c.done:
-			if ctx.Err() != nil {
-				c.sendClose("agent stopping")
-			}
-			return nil
-		case frame := <-c.control:
-			if err := send(frame); err != nil {
-				return fmt.Errorf("write: %w", err)
-			}
-		case <-m.wqNotify:
-		case <-m.out.notify:
-		case <-ping.C:
-			if err := c.ws.WriteControl(websocket.PingMessage, nil, time.Now().Add(m.opts.DeadAfter)); err != nil {
-				return fmt.Errorf("ping: %w", err)
-			}
-		}
-	}
-}
-
-// sendClose starts the close handshake (1000). WriteControl may be called
-// next to the writer goroutine; it waits at most half a second for it.
-func (c *link) sendClose(reason string) {
-	_ = c.ws.WriteControl(websocket.CloseMessage,
-		websocket.FormatCloseMessage(websocket.CloseNormalClosure, reason), time.Now().Add(500*time.Millisecond))
 }
 
 func (m *Manager) takeWaitQuery() int64 {
@@ -591,21 +373,11 @@ func nilIfEmpty(s string) *string {
 	return &s
 }
 
-// checkURL says what is wrong with a backend URL before any dial does, in
-// words that name the config key.
+// checkURL says what is wrong with a backend URL before any dial does, with
+// the config's one rule, in words that name the config key.
 func checkURL(raw string) error {
-	u, err := url.Parse(raw)
-	if err != nil {
-		return fmt.Errorf("ws_uri %q is not a URL: %w", Redact(raw), err)
-	}
-	if u.Scheme != "ws" && u.Scheme != "wss" {
-		return fmt.Errorf("ws_uri %s: scheme must be ws:// or wss://", Redact(raw))
-	}
-	if u.Host == "" {
-		return fmt.Errorf("ws_uri %s: no host", Redact(raw))
-	}
-	if u.User != nil {
-		return fmt.Errorf("ws_uri %s: user name or password in the URL is not allowed; the agent authenticates with its instance token", Redact(raw))
+	if err := config.CheckBackendURL(raw); err != nil {
+		return fmt.Errorf("[userdata] ws_uri %s: %w", Redact(raw), err)
 	}
 	return nil
 }

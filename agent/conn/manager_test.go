@@ -20,6 +20,7 @@ import (
 	"github.com/gorilla/websocket"
 
 	"github.com/visualops/opsagent/agent/state"
+	"github.com/visualops/opsagent/internal/testutil/wait"
 	"github.com/visualops/opsagent/protocol"
 )
 
@@ -196,13 +197,31 @@ func startManager(t *testing.T, url string, tweak func(*Options)) *harness {
 
 func eventually(t *testing.T, what string, f func() bool) {
 	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for !f() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(5 * time.Millisecond)
+	wait.Eventually(t, what, f)
+}
+
+// A changed ws_uri reaches the connection without a SIGHUP: the link to the
+// old backend is closed and the agent handshakes with the new one, without
+// waiting for a backoff.
+func TestSetURLMovesToTheNewBackend(t *testing.T) {
+	a, b := newFakeBackend(t, false), newFakeBackend(t, false)
+	h := startManager(t, a.url(), func(o *Options) { o.BackoffMin, o.BackoffMax = time.Hour, time.Hour })
+	ca := a.accept(t)
+	h.m.SetURL(b.url())
+	cb := b.accept(t)
+	if cb.handshake.InstanceID == "" {
+		t.Fatal("no Handshake at the new backend")
 	}
+	_ = ca.ws.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if _, _, err := ca.ws.ReadMessage(); err == nil {
+		t.Fatal("the old link is still open")
+	}
+	eventually(t, "status naming the new backend", func() bool { return h.m.Status().Backend == Redact(b.url()) })
+	// A URL the config rule refuses is reported, not dialled.
+	h.m.SetURL("wss://user:pw@example.invalid/agent/")
+	eventually(t, "the refusal in the status", func() bool {
+		return strings.Contains(h.m.Status().LastError, "user name or password")
+	})
 }
 
 func TestHandshakeFields(t *testing.T) {
@@ -248,9 +267,7 @@ func TestStateLogsSurviveReconnectInOrder(t *testing.T) {
 			t.Fatalf("after reconnect got %+v, want s-%d", m, i)
 		}
 	}
-	if d := h.m.Status().OutboxDepth; d != 0 {
-		t.Errorf("outbox depth %d after flush", d)
-	}
+	eventually(t, "an empty outbox after the flush", func() bool { return h.m.Status().OutboxDepth == 0 })
 }
 
 func TestOutboxBoundAndSupersede(t *testing.T) {
@@ -462,10 +479,10 @@ func TestCheckURL(t *testing.T) {
 	for raw, want := range map[string]string{
 		"wss://api.example.com/agent/": "",
 		"ws://127.0.0.1:8963/agent/":   "",
-		"http://api.example.com/":      "scheme must be ws:// or wss://",
-		"wss:///agent/":                "no host",
+		"http://api.example.com/":      "expected a wss or ws URL",
+		"wss:///agent/":                "expected a URL such as wss://host/path",
 		"wss://u:p@h/":                 "user name or password",
-		"wss://h/%zz":                  "is not a URL",
+		"wss://h/%zz":                  "expected a URL such as wss://host/path",
 	} {
 		err := checkURL(raw)
 		if (err == nil) != (want == "") || (err != nil && !strings.Contains(err.Error(), want)) {

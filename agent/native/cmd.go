@@ -6,10 +6,12 @@ import (
 	"fmt"
 	"os"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/visualops/opsagent/agent/state"
 	"github.com/visualops/opsagent/internal/proc"
+	"github.com/visualops/opsagent/internal/rootfs"
 )
 
 // Defaults of linux.cmd (module.json).
@@ -20,7 +22,13 @@ const (
 )
 
 // cmd is linux.cmd: run a shell command; exit status ≠ 0 fails.
-func (e *Executor) cmd(ctx context.Context, p params) (state.Result, error) {
+//
+// Its paths are taken inside the root: if-path-present and if-path-absent
+// look a path up there (a final symlink counts as present, dangling or
+// not), and cwd is created there. The command itself runs as the agent
+// (or the state's user) with no confinement: running arbitrary commands
+// is what the module is for.
+func (e *Executor) cmd(ctx context.Context, fsys *rootfs.FS, p params) (state.Result, error) {
 	command, err := p.required("cmd")
 	if err != nil {
 		return state.Result{}, err
@@ -67,24 +75,18 @@ func (e *Executor) cmd(ctx context.Context, p params) (state.Result, error) {
 	// The command runs only if all if-path-present paths exist, and not if
 	// any if-path-absent path exists. Not running is a success.
 	for _, path := range present {
-		if _, err := os.Lstat(e.opts.Root.Path(path)); err != nil {
+		if _, err := fsys.Lstat(path); err != nil {
 			return state.Result{OK: true, Comment: fmt.Sprintf("%s skipped: %s does not exist (if-path-present)", label, path)}, nil
 		}
 	}
 	for _, path := range absent {
-		if _, err := os.Lstat(e.opts.Root.Path(path)); err == nil {
+		if _, err := fsys.Lstat(path); err == nil {
 			return state.Result{OK: true, Comment: fmt.Sprintf("%s skipped: %s exists (if-path-absent)", label, path)}, nil
 		}
 	}
-	dir := e.opts.Root.Path(cwd)
-	if err := os.MkdirAll(dir, 0o755); err != nil {
+	dir, err := prepareCwd(fsys, cwd, cred)
+	if err != nil {
 		return state.Failed(fmt.Sprintf("%s not run: cannot create cwd %s: %v", label, cwd, err)), nil
-	}
-	if cred != nil {
-		// The command's user must be able to enter a directory we created.
-		if st, err := os.Stat(dir); err == nil && st.Sys() != nil {
-			_ = os.Chown(dir, int(cred.Uid), int(cred.Gid))
-		}
 	}
 	res, err := e.opts.Runner.Run(ctx, proc.Cmd{
 		Path:        shell,
@@ -115,4 +117,24 @@ func (e *Executor) cmd(ctx context.Context, p params) (state.Result, error) {
 		out.Comment = fmt.Sprintf("%s run", label)
 	}
 	return out, nil
+}
+
+// prepareCwd creates the command's working directory inside the root and
+// returns it as a host path with every symlink already resolved inside
+// the root: the child process changes into it by name, and the host's own
+// resolution of the unresolved text could follow a planted link out of
+// the root. With a user, the directory is given to that user, who must be
+// able to enter it.
+func prepareCwd(fsys *rootfs.FS, cwd string, cred *syscall.Credential) (string, error) {
+	if err := fsys.MkdirAll(cwd, 0o755, nil); err != nil {
+		return "", err
+	}
+	real, err := fsys.ResolveLinks(cwd)
+	if err != nil {
+		return "", err
+	}
+	if cred != nil {
+		_ = fsys.Chown(real, int(cred.Uid), int(cred.Gid), false) // as before: best effort
+	}
+	return fsys.HostPath(real), nil
 }

@@ -54,14 +54,14 @@ func newEngineRig(tb testing.TB, grace time.Duration) *engineRig {
 	e := rounds.New(rounds.Options{
 		Executor:   &rounds.Router{Engine: rounds.EngineNative, Native: New(Options{Root: root, KillGrace: grace})},
 		Link:       link,
-		Store:      rounds.NewStore(filepath.Join(dir, "state"), clock.Real{}, nil),
+		Store:      rounds.NewStore(rounds.Files{Recipe: filepath.Join(dir, "state", "recipe.json"), PendingUpdate: filepath.Join(dir, "state", "pending-update.json")}, clock.Real{}, nil),
 		RoundDelay: time.Hour,
 		RetryDelay: time.Hour,
 	})
 	os.MkdirAll(filepath.Join(dir, "state"), 0o700)
 	ctx, cancel := context.WithCancel(context.Background())
 	r := &engineRig{engine: e, link: link, root: dir, cancel: cancel, done: make(chan struct{})}
-	go func() { defer close(r.done); _ = e.Run(ctx) }()
+	go func() { defer close(r.done); _, _ = e.Run(ctx) }()
 	tb.Cleanup(func() { cancel(); <-r.done })
 	return r
 }

@@ -1,9 +1,12 @@
 // Package native executes the core Linux modules in Go, with no Python:
 // linux.cmd, linux.file, linux.dir and linux.symlink, following the
 // parameter semantics of spec/module.json. Every path is taken below the
-// configured root, so tests run in a temporary directory. Comments follow
-// Salt's style, and a state that finds everything in place says it is
-// "already in the correct state".
+// configured root, so tests run in a temporary directory, and is resolved
+// inside it by package rootfs, as in a chroot: a symlink planted by an
+// earlier state, absolute or relative, never leads a create, write,
+// chmod, chown or remove outside the root. Comments follow Salt's style,
+// and a state that finds everything in place says it is "already in the
+// correct state".
 package native
 
 import (
@@ -14,12 +17,14 @@ import (
 	"net/http"
 	"os/user"
 	"strconv"
+	"strings"
 	"syscall"
 	"time"
 
 	"github.com/visualops/opsagent/agent/state"
 	"github.com/visualops/opsagent/internal/fsutil"
 	"github.com/visualops/opsagent/internal/proc"
+	"github.com/visualops/opsagent/internal/rootfs"
 )
 
 // Options configures an Executor.
@@ -38,6 +43,9 @@ type Options struct {
 type Executor struct {
 	opts Options
 	log  *slog.Logger
+	// rootOpts opens the root for each state; tests set Legacy to cover
+	// the resolver of kernels without openat2.
+	rootOpts rootfs.Options
 }
 
 // New returns an Executor.
@@ -64,7 +72,9 @@ func New(opts Options) *Executor {
 	return &Executor{opts: opts, log: log}
 }
 
-type module func(ctx context.Context, p params) (state.Result, error)
+// A module runs one state; every path it touches goes through fsys, the
+// root opened for that state.
+type module func(ctx context.Context, fsys *rootfs.FS, p params) (state.Result, error)
 
 func (e *Executor) modules() map[string]module {
 	return map[string]module{
@@ -92,7 +102,14 @@ func (e *Executor) Execute(ctx context.Context, req state.Request) state.Result 
 	if err != nil {
 		return state.Failed(fmt.Sprintf("%s: %v", req.Module, err))
 	}
-	res, err := m(ctx, p)
+	// The root is opened per state: no descriptor outlives a state, and a
+	// root replaced between states is seen.
+	fsys, err := rootfs.OpenWith(e.opts.Root.Dir(), e.rootOpts)
+	if err != nil {
+		return state.Failed(fmt.Sprintf("%s: %v", req.Module, err))
+	}
+	defer fsys.Close()
+	res, err := m(ctx, fsys, p)
 	if err != nil {
 		var bp *badParam
 		if errors.As(err, &bp) {
@@ -185,3 +202,23 @@ func credential(p params) (*syscall.Credential, error) {
 	}
 	return cred, nil
 }
+
+// changes collects what a state changed, for its comment.
+type changes []string
+
+func (c *changes) add(format string, a ...any) { *c = append(*c, fmt.Sprintf(format, a...)) }
+
+func (c changes) result(what string) state.Result {
+	if len(c) == 0 {
+		return state.Result{OK: true, Comment: what + " is already in the correct state"}
+	}
+	return state.Result{OK: true, Comment: what + " updated: " + strings.Join(c, ", ")}
+}
+
+// stateError is a failure whose message is the state's comment, written
+// the way Salt writes them ("File /x: …").
+type stateError struct{ msg string }
+
+func (e *stateError) Error() string { return e.msg }
+
+func failf(format string, a ...any) error { return &stateError{fmt.Sprintf(format, a...)} }

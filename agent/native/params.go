@@ -6,6 +6,8 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+
+	"github.com/visualops/opsagent/internal/rootfs"
 )
 
 // params reads a state's parameter object leniently, the way the 2014
@@ -242,4 +244,16 @@ func kindOf(v json.RawMessage) string {
 		return "null"
 	}
 	return "a number"
+}
+
+// absPath reads an absolute instance path, cleaned.
+func absPath(p params, name string) (string, error) {
+	v, err := p.required(name)
+	if err != nil {
+		return "", err
+	}
+	if !strings.HasPrefix(v, "/") {
+		return "", &badParam{name, fmt.Sprintf("must be an absolute path, got %q", v)}
+	}
+	return rootfs.Clean(v), nil
 }

@@ -3,6 +3,7 @@ package rounds
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -13,6 +14,7 @@ import (
 
 	"github.com/visualops/opsagent/agent/state"
 	"github.com/visualops/opsagent/internal/clock"
+	"github.com/visualops/opsagent/internal/testutil/wait"
 	"github.com/visualops/opsagent/protocol"
 )
 
@@ -122,24 +124,35 @@ func (s *script) waitStarted(t *testing.T, id string) {
 	}
 }
 
-type fakeUpdater struct{ applied chan protocol.AgentUpdate }
+type fakeUpdater struct {
+	applied chan protocol.AgentUpdate
+	restart bool  // answer with a Restart
+	err     error // answer with a refusal
+}
 
-func (f *fakeUpdater) Apply(_ context.Context, u protocol.AgentUpdate) error {
+func (f *fakeUpdater) Apply(_ context.Context, u protocol.AgentUpdate) (*Restart, error) {
 	f.applied <- u
-	return nil
+	if f.err != nil {
+		return nil, f.err
+	}
+	if f.restart {
+		return &Restart{Binary: "/opt/visualops/bin/opsagent", Version: u.Version}, nil
+	}
+	return nil, nil
 }
 
 type harness struct {
-	t      *testing.T
-	eng    *Engine
-	link   *fakeLink
-	exec   *script
-	clk    *clock.Fake
-	store  *Store
-	dir    string
-	cancel context.CancelFunc
-	done   chan struct{}
-	ctx    context.Context
+	t       *testing.T
+	eng     *Engine
+	link    *fakeLink
+	exec    *script
+	clk     *clock.Fake
+	store   *Store
+	dir     string
+	cancel  context.CancelFunc
+	done    chan struct{}
+	ctx     context.Context
+	restart *Restart // what Run returned
 }
 
 func newHarness(t *testing.T, dir string, mod func(*Options)) *harness {
@@ -149,7 +162,7 @@ func newHarness(t *testing.T, dir string, mod func(*Options)) *harness {
 	}
 	clk := clock.NewFake(time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC))
 	h := &harness{t: t, link: newFakeLink(), exec: newScript(), clk: clk, dir: dir, done: make(chan struct{})}
-	h.store = NewStore(dir, clk, nil)
+	h.store = NewStore(Files{Recipe: filepath.Join(dir, "recipe.json"), PendingUpdate: filepath.Join(dir, "pending-update.json")}, clk, nil)
 	opts := Options{
 		Executor: h.exec, Link: h.link, Store: h.store, Clock: clk, InstanceID: func() string { return "i-1" },
 		RoundDelay: 10 * time.Minute, RetryDelay: 30 * time.Second,
@@ -161,7 +174,7 @@ func newHarness(t *testing.T, dir string, mod func(*Options)) *harness {
 	h.ctx, h.cancel = context.WithCancel(context.Background())
 	go func() {
 		defer close(h.done)
-		_ = h.eng.Run(h.ctx)
+		h.restart, _ = h.eng.Run(h.ctx)
 	}()
 	t.Cleanup(h.stop)
 	return h
@@ -403,9 +416,77 @@ func TestInvalidRecipeRefusedCurrentContinues(t *testing.T) {
 	h.exec.waitStarted(t, "a")
 	bad := recipe(2, "x:Not A Module")
 	h.push(bad)
+	// The backend hears of the refusal at once, as a failed StateLog of the
+	// refused version, and the running recipe goes on.
+	e := h.link.expect(t, 2, RefusedStateID, false)
+	if !strings.Contains(e.Result.Comment, "refused") || !strings.Contains(e.Result.Comment, "state[0].module") {
+		t.Errorf("refusal comment %q does not say why", e.Result.Comment)
+	}
 	close(gate)
 	h.link.expect(t, 1, "a", true)
 	h.link.expect(t, 1, "b", true)
+}
+
+// An update that asks to re-execute ends Run with the Restart, after the
+// round, with nothing running; a refused one leaves the engine going.
+func TestUpdateRestartEndsRunAfterTheRound(t *testing.T) {
+	up := &fakeUpdater{applied: make(chan protocol.AgentUpdate, 2), restart: true}
+	h := newHarness(t, "", func(o *Options) { o.Updater = up })
+	gate := make(chan struct{})
+	h.exec.block["b"] = gate
+	h.push(recipe(1, "a", "b"))
+	h.exec.waitStarted(t, "a")
+	h.exec.waitStarted(t, "b")
+	h.push(&protocol.AgentUpdate{Version: "2.2"})
+	close(gate)
+	h.link.expect(t, 1, "a", true)
+	h.link.expect(t, 1, "b", true)
+	select {
+	case <-h.done:
+	case <-time.After(hang):
+		t.Fatal("Run did not return after the update asked to restart")
+	}
+	if h.restart == nil || h.restart.Version != "2.2" {
+		t.Fatalf("Run returned %+v", h.restart)
+	}
+	if st := h.eng.Status(); st.Phase != "restarting" || st.StateIndex != -1 {
+		t.Errorf("status after restart: %+v", st)
+	}
+}
+
+func TestRefusedUpdateKeepsRunning(t *testing.T) {
+	up := &fakeUpdater{applied: make(chan protocol.AgentUpdate, 2), err: errors.New("signature does not match")}
+	h := newHarness(t, "", func(o *Options) { o.Updater = up })
+	h.push(&protocol.AgentUpdate{Version: "2.2"})
+	waitFor(t, func() bool { return strings.Contains(h.eng.Status().UpdateNote, "signature does not match") })
+	h.push(recipe(1, "a"))
+	h.link.expect(t, 1, "a", true)
+}
+
+// The module a recipe names is remembered by the engine (not written into
+// its options) and used by later recipes that name none.
+func TestModuleRememberedAcrossRecipes(t *testing.T) {
+	var changes []protocol.ModuleSource
+	var mu sync.Mutex
+	h := newHarness(t, "", func(o *Options) {
+		o.DefaultModule = &protocol.ModuleSource{Repo: "https://a/states.git", Tag: "v1"}
+		o.OnModuleChange = func(m protocol.ModuleSource) { mu.Lock(); changes = append(changes, m); mu.Unlock() }
+	})
+	m2 := recipe(1, "a")
+	m2.Module = &protocol.ModuleSource{Repo: "https://b/states.git", Tag: "v2"}
+	h.push(m2)
+	h.link.expect(t, 1, "a", true)
+	h.push(recipe(2, "a"))
+	h.link.expect(t, 2, "a", true)
+	rec, err := h.store.LoadRecipe()
+	if err != nil || rec.Module == nil || rec.Module.Tag != "v2" {
+		t.Fatalf("recipe 2 module: %+v %v", rec, err)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if len(changes) != 1 || changes[0].Tag != "v2" {
+		t.Errorf("OnModuleChange calls: %+v", changes)
+	}
 }
 
 func TestOutputTruncated(t *testing.T) {
@@ -421,11 +502,5 @@ func TestOutputTruncated(t *testing.T) {
 
 func waitFor(t *testing.T, cond func() bool) {
 	t.Helper()
-	deadline := time.Now().Add(hang)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatal("condition never met")
-		}
-		time.Sleep(2 * time.Millisecond)
-	}
+	wait.EventuallyWithin(t, hang, "the engine's state", cond)
 }

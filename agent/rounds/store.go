@@ -38,41 +38,47 @@ type storedState struct {
 	Parameter json.RawMessage `json:"parameter"`
 }
 
-// Store persists the recipe and a pending update as JSON files in one
-// directory (/var/lib/visualops/opsagent), each written atomically.
+// Files names the Store's files (from the layout: recipe.json and
+// pending-update.json in the state directory).
+type Files struct {
+	Recipe        string
+	PendingUpdate string
+}
+
+// Store persists the recipe and a pending update as JSON files, each
+// written atomically.
 type Store struct {
-	dir   string
+	files Files
 	clock clock.Clock
 	log   *slog.Logger
 }
 
-// NewStore returns a Store for dir (already root-mapped).
-func NewStore(dir string, clk clock.Clock, log *slog.Logger) *Store {
+// MaxFileSize bounds what the Store reads back (a recipe of 100 000 states
+// with large parameters stays far below it).
+const MaxFileSize = 64 << 20
+
+// NewStore returns a Store of files (host paths).
+func NewStore(files Files, clk clock.Clock, log *slog.Logger) *Store {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	return &Store{dir: dir, clock: clk, log: log}
+	return &Store{files: files, clock: clk, log: log}
 }
 
-const (
-	recipeName = "recipe.json"
-	updateName = "pending-update.json"
-)
-
 // RecipePath is where the recipe lives.
-func (s *Store) RecipePath() string { return filepath.Join(s.dir, recipeName) }
+func (s *Store) RecipePath() string { return s.files.Recipe }
 
 // SaveRecipe writes r atomically. A nil r removes the file.
 func (s *Store) SaveRecipe(r *Recipe) error {
 	if r == nil {
-		return s.remove(recipeName)
+		return s.remove(s.files.Recipe)
 	}
 	f := recipeFile{Version: r.Version, Module: r.Module, States: make([]storedState, len(r.States)), Satisfied: append([]string{}, r.Satisfied...)}
 	sort.Strings(f.Satisfied)
 	for i, st := range r.States {
 		f.States[i] = storedState{st.ID, st.Module, st.Parameter}
 	}
-	return s.write(recipeName, f)
+	return s.write(s.files.Recipe, f)
 }
 
 // LoadRecipe returns the persisted recipe, or nil when there is none. A
@@ -80,18 +86,18 @@ func (s *Store) SaveRecipe(r *Recipe) error {
 // and nil is returned: the agent starts empty and the backend re-pushes.
 func (s *Store) LoadRecipe() (*Recipe, error) {
 	var f recipeFile
-	ok, err := s.read(recipeName, &f)
+	ok, err := s.read(s.files.Recipe, &f)
 	if err != nil || !ok {
 		return nil, err
 	}
 	if f.Version <= 0 {
-		s.quarantine(recipeName, fmt.Errorf("recipe_version %d is not positive", f.Version))
+		s.quarantine(s.files.Recipe, fmt.Errorf("recipe_version %d is not positive", f.Version))
 		return nil, nil
 	}
 	r := &Recipe{Version: f.Version, Module: f.Module, States: make([]protocol.RecipeState, len(f.States)), Satisfied: f.Satisfied}
 	for i, st := range f.States {
 		if st.ID == "" || st.Module == "" {
-			s.quarantine(recipeName, fmt.Errorf("state %d has no id or module", i))
+			s.quarantine(s.files.Recipe, fmt.Errorf("state %d has no id or module", i))
 			return nil, nil
 		}
 		p := st.Parameter
@@ -106,39 +112,38 @@ func (s *Store) LoadRecipe() (*Recipe, error) {
 // SaveUpdate persists a pending AgentUpdate; nil removes it.
 func (s *Store) SaveUpdate(u *protocol.AgentUpdate) error {
 	if u == nil {
-		return s.remove(updateName)
+		return s.remove(s.files.PendingUpdate)
 	}
-	return s.write(updateName, u)
+	return s.write(s.files.PendingUpdate, u)
 }
 
 // LoadUpdate returns the persisted pending update, or nil.
 func (s *Store) LoadUpdate() (*protocol.AgentUpdate, error) {
 	var u protocol.AgentUpdate
-	ok, err := s.read(updateName, &u)
+	ok, err := s.read(s.files.PendingUpdate, &u)
 	if err != nil || !ok {
 		return nil, err
 	}
 	if u.Version == "" {
-		s.quarantine(updateName, errors.New("version is empty"))
+		s.quarantine(s.files.PendingUpdate, errors.New("version is empty"))
 		return nil, nil
 	}
 	return &u, nil
 }
 
-func (s *Store) write(name string, v any) error {
+func (s *Store) write(path string, v any) error {
 	data, err := json.MarshalIndent(v, "", " ")
 	if err != nil {
-		return fmt.Errorf("store %s: %w", name, err)
+		return fmt.Errorf("store %s: %w", path, err)
 	}
-	if err := os.MkdirAll(s.dir, 0o700); err != nil {
-		return fmt.Errorf("store %s: %w", s.dir, err)
+	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+		return fmt.Errorf("store %s: %w", path, err)
 	}
-	return fsutil.WriteFileAtomic(filepath.Join(s.dir, name), append(data, '\n'), 0o600)
+	return fsutil.WriteFileAtomic(path, append(data, '\n'), 0o600)
 }
 
-func (s *Store) read(name string, v any) (bool, error) {
-	path := filepath.Join(s.dir, name)
-	data, err := os.ReadFile(path)
+func (s *Store) read(path string, v any) (bool, error) {
+	data, err := fsutil.ReadFileLimit(path, MaxFileSize)
 	if errors.Is(err, os.ErrNotExist) {
 		return false, nil
 	}
@@ -146,7 +151,7 @@ func (s *Store) read(name string, v any) (bool, error) {
 		return false, fmt.Errorf("store: read %s: %w", path, err)
 	}
 	if err := json.Unmarshal(data, v); err != nil {
-		s.quarantine(name, err)
+		s.quarantine(path, err)
 		return false, nil
 	}
 	return true, nil
@@ -154,8 +159,7 @@ func (s *Store) read(name string, v any) (bool, error) {
 
 // quarantine moves a corrupt file aside so that nothing is lost and the
 // agent can start empty.
-func (s *Store) quarantine(name string, cause error) {
-	path := filepath.Join(s.dir, name)
+func (s *Store) quarantine(path string, cause error) {
 	aside := fmt.Sprintf("%s.corrupt-%s", path, s.clock.Now().UTC().Format("20060102T150405Z"))
 	if err := os.Rename(path, aside); err != nil {
 		s.log.Error("corrupt state file could not be moved aside; remove it by hand", "file", path, "cause", cause, "err", err)
@@ -164,8 +168,8 @@ func (s *Store) quarantine(name string, cause error) {
 	s.log.Warn("corrupt state file moved aside; starting without it", "file", path, "moved_to", aside, "cause", cause)
 }
 
-func (s *Store) remove(name string) error {
-	err := os.Remove(filepath.Join(s.dir, name))
+func (s *Store) remove(path string) error {
+	err := os.Remove(path)
 	if err != nil && !errors.Is(err, os.ErrNotExist) {
 		return fmt.Errorf("store: %w", err)
 	}

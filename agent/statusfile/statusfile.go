@@ -14,8 +14,8 @@ import (
 	"github.com/visualops/opsagent/internal/fsutil"
 )
 
-// Name is the file name under the agent's state directory.
-const Name = "status.json"
+// MaxSize bounds what Read accepts; a status is a few KiB.
+const MaxSize = 4 << 20
 
 // Connection describes the link to the backend.
 type Connection struct {
@@ -57,7 +57,7 @@ var ErrNoStatus = errors.New("no status file")
 // Read loads the file.
 func Read(path string) (Snapshot, error) {
 	var s Snapshot
-	data, err := os.ReadFile(path)
+	data, err := fsutil.ReadFileLimit(path, MaxSize)
 	if errors.Is(err, os.ErrNotExist) {
 		return s, fmt.Errorf("status %s: %w (has the agent ever run? start it with 'systemctl start opsagent' or 'opsagent run')", path, ErrNoStatus)
 	}

@@ -12,7 +12,7 @@ import (
 )
 
 func TestWriteRead(t *testing.T) {
-	p := filepath.Join(t.TempDir(), Name)
+	p := filepath.Join(t.TempDir(), "status.json")
 	if _, err := Read(p); !errors.Is(err, ErrNoStatus) || !strings.Contains(err.Error(), "opsagent run") {
 		t.Fatalf("missing file: %v", err)
 	}

@@ -1,16 +1,19 @@
 package main
 
 import (
+	"context"
 	"fmt"
 	"log/slog"
 	"net"
-
+	"os"
 	"os/signal"
+	"strings"
 	"syscall"
 
-	"github.com/urfave/cli/v2"
+	"github.com/urfave/cli/v3"
 
 	"github.com/visualops/opsagent/backend"
+	"github.com/visualops/opsagent/internal/config"
 	"github.com/visualops/opsagent/internal/fsutil"
 )
 
@@ -20,35 +23,45 @@ func backendCommand() *cli.Command {
 		Usage: "serve the embedded reference backend (agents at /agent/, JSON API at /api/)",
 		Description: "A small control plane for local trials, tests and small self-hosted fleets.\n" +
 			"API: PUT /api/apps/{app}/recipe, GET /api/apps/{app}/instances, GET /api/apps/{app}/logs?after=N,\n" +
-			"POST /api/apps/{app}/waits, POST /api/apps/{app}/update, GET /api/apps, GET /api/healthz.",
+			"POST /api/apps/{app}/waits, POST /api/apps/{app}/update, GET /api/apps/{app}/enrollment,\n" +
+			"POST /api/apps/{app}/enrollment/rotate, GET /api/apps, GET /api/healthz.\n" +
+			"Mutating calls need Content-Type: application/json; the Host header must name this server\n" +
+			"(--allow-host for other names) and cross-site Origins are refused.",
 		Flags: []cli.Flag{
 			&cli.StringFlag{Name: "listen", Value: "127.0.0.1:8963", Usage: "address to listen on (port 0: any free port)"},
 			&cli.StringFlag{Name: "data", Usage: "directory for apps, recipes, tokens and logs (created if missing)", Required: true},
-			&cli.StringFlag{Name: "api-token", Usage: "bearer token required on /api/ (required off loopback)", EnvVars: []string{"OPSAGENT_API_TOKEN"}},
+			&cli.StringFlag{Name: "api-token", Usage: "bearer token required on /api/ (required off loopback); prefer OPSAGENT_API_TOKEN or --api-token-file: a flag shows in ps", Sources: cli.EnvVars("OPSAGENT_API_TOKEN")},
+			&cli.StringFlag{Name: "api-token-file", Usage: "read the API token from this file (first line)"},
+			&cli.StringSliceFlag{Name: "allow-host", Usage: "a host name clients may use to reach this server besides its listen address (repeatable)"},
+			&cli.BoolFlag{Name: "open-enrollment", Usage: "let any agent that knows an app id enroll without the app's enrollment secret (the 2014 behaviour)"},
 			&cli.StringFlag{Name: "addr-file", Usage: "write the bound address (host:port) to this file once listening"},
 		},
-		Action: func(c *cli.Context) error {
-			if c.Args().Present() {
-				return usageErrorf("backend takes no arguments, got %q", c.Args().First())
+		Action: func(ctx context.Context, cmd *cli.Command) error {
+			if err := noArgs(cmd); err != nil {
+				return err
 			}
-			if err := backend.CheckExposure(c.String("listen"), c.String("api-token")); err != nil {
-				return usageErrorf("%v", err)
-			}
-			level := slog.LevelInfo
-			if c.String("log-level") == "debug" {
-				level = slog.LevelDebug
-			}
-			log := slog.New(slog.NewTextHandler(c.App.ErrWriter, &slog.HandlerOptions{Level: level}))
-			srv, err := backend.New(backend.Options{DataDir: c.String("data"), APIToken: c.String("api-token"), Logger: log})
+			level, _ := config.ParseLogLevel(cmd.String("log-level"))
+			log := slog.New(slog.NewTextHandler(cmd.Root().ErrWriter, &slog.HandlerOptions{Level: level}))
+			token, err := apiToken(cmd, log)
 			if err != nil {
 				return err
 			}
-			ctx, stop := signal.NotifyContext(c.Context, syscall.SIGTERM, syscall.SIGINT)
+			if err := backend.CheckExposure(cmd.String("listen"), token); err != nil {
+				return usageErrorf("%v", err)
+			}
+			srv, err := backend.New(backend.Options{
+				DataDir: cmd.String("data"), APIToken: token, Logger: log,
+				AllowedHosts: cmd.StringSlice("allow-host"), OpenEnrollment: cmd.Bool("open-enrollment"),
+			})
+			if err != nil {
+				return err
+			}
+			ctx, stop := signal.NotifyContext(ctx, syscall.SIGTERM, syscall.SIGINT)
 			defer stop()
 			var addrErr error
-			err = srv.ListenAndServe(ctx, c.String("listen"), func(a net.Addr) {
-				fmt.Fprintf(c.App.Writer, "listening on http://%s (agents: ws://%s/agent/)\n", a, a)
-				if p := c.String("addr-file"); p != "" {
+			err = srv.ListenAndServe(ctx, cmd.String("listen"), func(a net.Addr) {
+				fmt.Fprintf(cmd.Root().Writer, "listening on http://%s (agents: ws://%s/agent/)\n", a, a)
+				if p := cmd.String("addr-file"); p != "" {
 					addrErr = fsutil.WriteFileAtomic(p, []byte(a.String()+"\n"), 0o644)
 				}
 			})
@@ -58,4 +71,33 @@ func backendCommand() *cli.Command {
 			return err
 		},
 	}
+}
+
+// apiToken reads the API token from --api-token-file, else the flag or
+// OPSAGENT_API_TOKEN; a token given as a flag is visible in ps, so say so.
+func apiToken(cmd *cli.Command, log *slog.Logger) (string, error) {
+	if p := cmd.String("api-token-file"); p != "" {
+		data, err := fsutil.ReadFileLimit(p, 4<<10)
+		if err != nil {
+			return "", fmt.Errorf("--api-token-file: %w", err)
+		}
+		tok, _, _ := strings.Cut(string(data), "\n")
+		if tok = strings.TrimSpace(tok); tok == "" {
+			return "", fmt.Errorf("--api-token-file %s is empty", p)
+		}
+		return tok, nil
+	}
+	if tokenOnCommandLine(os.Args) {
+		log.Warn("--api-token on the command line is visible to every user in ps; use OPSAGENT_API_TOKEN or --api-token-file")
+	}
+	return cmd.String("api-token"), nil
+}
+
+func tokenOnCommandLine(args []string) bool {
+	for _, a := range args {
+		if a == "--api-token" || strings.HasPrefix(a, "--api-token=") || a == "-api-token" || strings.HasPrefix(a, "-api-token=") {
+			return true
+		}
+	}
+	return false
 }

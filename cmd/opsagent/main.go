@@ -10,9 +10,13 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"path/filepath"
 	"strings"
 
-	"github.com/urfave/cli/v2"
+	"github.com/urfave/cli/v3"
+
+	"github.com/visualops/opsagent/internal/config"
+	"github.com/visualops/opsagent/internal/fsutil"
 )
 
 // Exit codes shared by every verb.
@@ -37,8 +41,13 @@ func main() {
 // run executes one command line and returns the process exit code. Errors are
 // printed to stderr on a single line.
 func run(ctx context.Context, args []string, s streams) int {
-	app := newApp(s)
-	err := app.RunContext(ctx, args)
+	err := newApp(s).Run(ctx, args)
+	var re *reexec
+	if errors.As(err, &re) {
+		// The agent unwound cleanly (close frame, status, outbox flushed)
+		// and asks to become the new binary: the very last step.
+		err = re.exec()
+	}
 	if err == nil {
 		return exitOK
 	}
@@ -47,8 +56,6 @@ func run(ctx context.Context, args []string, s streams) int {
 	var ec cli.ExitCoder
 	switch {
 	case errors.As(err, &ue):
-		code = exitUsage
-	case strings.HasPrefix(err.Error(), "Required flag"):
 		code = exitUsage
 	case errors.As(err, &ec):
 		code = ec.ExitCode()
@@ -61,8 +68,8 @@ func run(ctx context.Context, args []string, s streams) int {
 }
 
 // newApp builds a fresh CLI application. Every verb is registered here.
-func newApp(s streams) *cli.App {
-	app := &cli.App{
+func newApp(s streams) *cli.Command {
+	app := &cli.Command{
 		Name:            "opsagent",
 		Usage:           "the VisualOps instance agent",
 		HideVersion:     true,
@@ -70,66 +77,109 @@ func newApp(s streams) *cli.App {
 		Writer:          s.stdout,
 		ErrWriter:       s.stderr,
 		Flags:           globalFlags(),
-		CommandNotFound: func(*cli.Context, string) {},
+		CommandNotFound: func(context.Context, *cli.Command, string) {},
 		// The CLI must never call os.Exit itself: run() owns exit codes.
-		ExitErrHandler: func(*cli.Context, error) {},
-		OnUsageError: func(_ *cli.Context, err error, _ bool) error {
-			return &usageError{fmt.Errorf("%w (see 'opsagent help')", err)}
-		},
-		Action: func(c *cli.Context) error {
-			if c.Args().Present() {
-				return usageErrorf("unknown command %q; run 'opsagent help' for the list of commands", c.Args().First())
+		ExitErrHandler: func(context.Context, *cli.Command, error) {},
+		Before: func(ctx context.Context, cmd *cli.Command) (context.Context, error) {
+			if _, err := config.ParseLogLevel(cmd.String("log-level")); err != nil {
+				return ctx, usageErrorf("--log-level: %v", err)
 			}
-			return cli.ShowAppHelp(c)
+			return ctx, nil
+		},
+		Action: func(ctx context.Context, cmd *cli.Command) error {
+			if cmd.Args().Present() {
+				return usageErrorf("unknown command %q; run 'opsagent help' for the list of commands", cmd.Args().First())
+			}
+			return cli.ShowRootCommandHelp(cmd)
 		},
 		Commands: []*cli.Command{
 			versionCommand(),
 			statusCommand(),
-			backendCommand(),
 			runCommand(),
+			installCommand(),
+			uninstallCommand(),
+			userdataCommand(),
+			updateCommand(),
+			backendCommand(),
 			releaseCommand(),
 		},
 	}
-	for _, cmd := range app.Commands {
-		setUsageHandlers(cmd)
-	}
+	setUsageHandlers(app)
 	return app
 }
 
 // setUsageHandlers makes flag errors of every (sub)command usage errors.
 func setUsageHandlers(cmd *cli.Command) {
 	if cmd.OnUsageError == nil {
-		cmd.OnUsageError = func(_ *cli.Context, err error, _ bool) error {
-			return &usageError{fmt.Errorf("%s: %w (see 'opsagent %s --help')", cmd.Name, err, cmd.Name)}
+		name := cmd.Name
+		cmd.OnUsageError = func(_ context.Context, _ *cli.Command, err error, _ bool) error {
+			return &usageError{fmt.Errorf("%s: %w (see 'opsagent %s --help')", name, err, name)}
 		}
 	}
-	for _, sub := range cmd.Subcommands {
+	for _, sub := range cmd.Commands {
 		setUsageHandlers(sub)
 	}
 }
 
-// globalFlags are accepted before any verb.
+// globalFlags are accepted before or after any verb (urfave/cli v3 flags
+// are persistent: `opsagent run --config X` and `opsagent --config X run`
+// mean the same).
 func globalFlags() []cli.Flag {
 	return []cli.Flag{
 		&cli.StringFlag{
-			Name:    "config",
-			Value:   "/etc/opsagent.conf",
-			Usage:   "configuration file (INI), taken relative to --root",
-			EnvVars: []string{"OPSAGENT_CONFIG"},
+			Name: "config",
+			Usage: "configuration file (INI). Given here or in OPSAGENT_CONFIG, it is a path on this host, " +
+				"relative to the current directory; not given, it is /etc/opsagent.conf below --root",
+			Sources: cli.EnvVars("OPSAGENT_CONFIG"),
 		},
 		&cli.StringFlag{
 			Name:    "root",
 			Value:   "/",
 			Usage:   "directory every instance path is relative to (tests and demos use a temporary one)",
-			EnvVars: []string{"OPSAGENT_ROOT"},
+			Sources: cli.EnvVars("OPSAGENT_ROOT"),
 		},
 		&cli.StringFlag{
 			Name:    "log-level",
-			Value:   "",
 			Usage:   "debug, info, warn or error (default: [global] loglvl of the config, else info)",
-			EnvVars: []string{"OPSAGENT_LOG_LEVEL"},
+			Sources: cli.EnvVars("OPSAGENT_LOG_LEVEL"),
 		},
 	}
+}
+
+// placement is where this invocation works: the root and the config
+// file, resolved by the one rule every verb follows (see --config).
+type placement struct {
+	root       fsutil.Root
+	configFile string // host path
+}
+
+func placementOf(cmd *cli.Command) (placement, error) {
+	root, err := fsutil.NewRoot(cmd.String("root"))
+	if err != nil {
+		return placement{}, usageErrorf("--root: %v", err)
+	}
+	file := root.Path(config.DefaultPath)
+	if p := cmd.String("config"); p != "" {
+		if file, err = filepath.Abs(p); err != nil {
+			return placement{}, usageErrorf("--config %q: %v", p, err)
+		}
+	}
+	return placement{root: root, configFile: file}, nil
+}
+
+// layout is the installation's layout with the config's paths when it
+// loads, else the defaults (what `status` and `uninstall` need even when
+// the config is broken).
+func (p placement) layout(c *config.Config) config.Layout {
+	return config.NewLayout(p.root, p.configFile, c)
+}
+
+// noArgs refuses positional arguments for a verb that takes none.
+func noArgs(cmd *cli.Command) error {
+	if cmd.Args().Present() {
+		return usageErrorf("%s takes no arguments, got %q", cmd.Name, cmd.Args().First())
+	}
+	return nil
 }
 
 // usageError marks a command-line mistake (exit code 2).
@@ -145,4 +195,18 @@ func usageErrorf(format string, a ...any) error {
 // oneLine folds a multi-line error onto one line for stderr.
 func oneLine(s string) string {
 	return strings.Join(strings.Fields(strings.ReplaceAll(s, "\n", " ")), " ")
+}
+
+// terminalOrNil returns w when it is a terminal (progress bars, ✓ marks,
+// the agent's log mirrored when run by hand); nil otherwise.
+func terminalOrNil(w any) *os.File {
+	f, ok := w.(*os.File)
+	if !ok {
+		return nil
+	}
+	st, err := f.Stat()
+	if err != nil || st.Mode()&os.ModeCharDevice == 0 {
+		return nil
+	}
+	return f
 }

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"path/filepath"
 	"runtime"
 	"strings"
 	"testing"
@@ -66,5 +67,55 @@ func TestHelpSucceeds(t *testing.T) {
 	code, out, _ := runCLI(t)
 	if code != exitOK || !strings.Contains(out, "version") {
 		t.Fatalf("exit %d, out %q", code, out)
+	}
+}
+
+// Global flags work after the verb too, and --config is a host path
+// (relative to the current directory), never re-joined below --root.
+func TestGlobalFlagsAfterTheVerb(t *testing.T) {
+	dir := t.TempDir()
+	missing := filepath.Join(dir, "missing.conf")
+	for _, args := range [][]string{
+		{"run", "--config", missing},
+		{"--config", missing, "run"},
+		{"--root", dir, "run", "--config", missing},
+	} {
+		code, _, errs := runCLI(t, args...)
+		if code != exitFailure || !strings.Contains(errs, missing) || strings.Contains(errs, "flag provided but not defined") {
+			t.Errorf("%v: exit %d, stderr %q", args, code, errs)
+		}
+	}
+	code, out, errs := runCLI(t, "run", "--help")
+	for _, want := range []string{"--config", "--root", "--log-level"} {
+		if code != exitOK || !strings.Contains(out, want) {
+			t.Errorf("run --help lacks %s:\n%s%s", want, out, errs)
+		}
+	}
+	// A relative --config is taken from the current directory.
+	t.Chdir(dir)
+	code, _, errs = runCLI(t, "--root", "/nonexistent-root", "status", "--config", "rel.conf")
+	if !strings.Contains(errs, filepath.Join(dir, "rel.conf")) {
+		t.Errorf("relative --config: exit %d stderr %q", code, errs)
+	}
+}
+
+func TestLogLevelValidated(t *testing.T) {
+	code, _, errs := runCLI(t, "--log-level", "loud", "version")
+	if code != exitUsage || !strings.Contains(errs, "expected debug, info, warn or error") {
+		t.Errorf("exit %d stderr %q", code, errs)
+	}
+	for _, ok := range []string{"debug", "INFO", "warning", "Error"} {
+		if code, _, errs := runCLI(t, "version", "--log-level", ok); code != exitOK {
+			t.Errorf("--log-level %s: exit %d %q", ok, code, errs)
+		}
+	}
+}
+
+// A missing required flag is a usage error by its type, whatever the
+// library's message says.
+func TestRequiredFlagIsUsageError(t *testing.T) {
+	code, _, errs := runCLI(t, "backend")
+	if code != exitUsage || !strings.Contains(errs, "data") {
+		t.Errorf("exit %d stderr %q", code, errs)
 	}
 }

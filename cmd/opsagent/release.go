@@ -2,14 +2,16 @@ package main
 
 import (
 	"bufio"
+	"context"
 	"fmt"
 	"io"
 	"os"
 	"strings"
 	"sync/atomic"
 
-	"github.com/urfave/cli/v2"
+	"github.com/urfave/cli/v3"
 
+	"github.com/visualops/opsagent/internal/dist"
 	"github.com/visualops/opsagent/release"
 )
 
@@ -17,7 +19,7 @@ func releaseCommand() *cli.Command {
 	return &cli.Command{
 		Name:  "release",
 		Usage: "build, sign and publish opsagent.tgz",
-		Subcommands: []*cli.Command{
+		Commands: []*cli.Command{
 			{
 				Name:  "keygen",
 				Usage: "create a minisign key pair (minisign.pub, minisign.key) for signing releases",
@@ -25,7 +27,7 @@ func releaseCommand() *cli.Command {
 					&cli.StringFlag{Name: "out", Usage: "directory for the key files", Required: true},
 					&cli.BoolFlag{Name: "unencrypted", Usage: "store the secret key without a passphrase (CI keys)"},
 				},
-				Action: func(c *cli.Context) error {
+				Action: func(ctx context.Context, c *cli.Command) error {
 					pass := ""
 					if !c.Bool("unencrypted") {
 						var err error
@@ -33,11 +35,11 @@ func releaseCommand() *cli.Command {
 							return err
 						}
 					}
-					pub, err := release.Keygen(c.String("out"), pass, c.Bool("unencrypted"))
+					pub, err := dist.Keygen(c.String("out"), pass, c.Bool("unencrypted"))
 					if err != nil {
 						return err
 					}
-					fmt.Fprintf(c.App.Writer, "public key (put it in [userdata] pubkey / --pubkey):\n%s\n", pub)
+					fmt.Fprintf(c.Root().Writer, "public key (put it in [userdata] pubkey / --pubkey):\n%s\n", pub)
 					return nil
 				},
 			},
@@ -51,26 +53,32 @@ func releaseCommand() *cli.Command {
 					&cli.StringFlag{Name: "source", Value: ".", Usage: "repository root to build from"},
 					&cli.BoolFlag{Name: "allow-dirty", Usage: "build even with uncommitted changes"},
 				},
-				Action: func(c *cli.Context) error {
-					if err := release.CheckVersion(c.String("version")); err != nil {
+				Action: func(ctx context.Context, c *cli.Command) error {
+					if err := dist.CheckVersion(c.String("version")); err != nil {
 						return usageErrorf("%v", err)
 					}
 					pass := ""
-					if c.String("key") != "" {
-						if data, err := os.ReadFile(c.String("key")); err == nil && strings.Contains(string(data), "encrypted") {
-							pass, _ = passphrase(c, false)
+					if key := c.String("key"); key != "" {
+						encrypted, err := dist.IsEncryptedKeyFile(key)
+						if err != nil {
+							return err
+						}
+						if encrypted {
+							if pass, err = passphrase(c, false); err != nil {
+								return err
+							}
 						}
 					}
-					a, err := release.Build(c.Context, release.BuildOptions{
+					a, err := release.Build(ctx, release.BuildOptions{
 						Version: c.String("version"), SourceDir: c.String("source"), OutDir: c.String("out"),
 						KeyFile: c.String("key"), Passphrase: pass, AllowDirty: c.Bool("allow-dirty"),
 					})
 					if err != nil {
 						return err
 					}
-					fmt.Fprintf(c.App.Writer, "%s  %d bytes  sha256 %s  commit %s\n", a.Tarball, a.Size, a.SHA256, a.Commit)
+					fmt.Fprintf(c.Root().Writer, "%s  %d bytes  sha256 %s  commit %s\n", a.Tarball, a.Size, a.SHA256, a.Commit)
 					if a.Signature == "" {
-						fmt.Fprintln(c.App.ErrWriter, "opsagent: warning: not signed (no --key); instances will refuse it as an update")
+						fmt.Fprintln(c.Root().ErrWriter, "opsagent: warning: not signed (no --key); instances will refuse it as an update")
 					}
 					return nil
 				},
@@ -88,8 +96,8 @@ func releaseCommand() *cli.Command {
 					&cli.StringFlag{Name: "acl", Value: "public-read", Usage: "canned ACL of the objects, or none"},
 					&cli.BoolFlag{Name: "force", Usage: "overwrite an existing version"},
 				},
-				Action: func(c *cli.Context) error {
-					if err := release.CheckVersion(c.String("version")); err != nil {
+				Action: func(ctx context.Context, c *cli.Command) error {
+					if err := dist.CheckVersion(c.String("version")); err != nil {
 						return usageErrorf("%v", err)
 					}
 					opts := release.PublishOptions{
@@ -97,14 +105,14 @@ func releaseCommand() *cli.Command {
 						Region: c.String("region"), Prefix: c.String("prefix"), Dist: c.String("dist"),
 						ACL: c.String("acl"), Force: c.Bool("force"),
 					}
-					if f := terminalOrNil(c.App.ErrWriter); f != nil {
+					if f := terminalOrNil(c.Root().ErrWriter); f != nil {
 						opts.Progress = func(name string, size int64) io.Reader { return &progressBar{w: f, name: name, size: size} }
 					}
-					l, err := release.Publish(c.Context, opts)
+					l, err := release.Publish(ctx, opts)
 					if err != nil {
 						return err
 					}
-					fmt.Fprintf(c.App.Writer, "published %s (sha256 %s); latest.json updated\n", l.Version, l.SHA256)
+					fmt.Fprintf(c.Root().Writer, "published %s (sha256 %s); latest.json updated\n", l.Version, l.SHA256)
 					return nil
 				},
 			},
@@ -114,19 +122,19 @@ func releaseCommand() *cli.Command {
 
 // passphrase reads the signing passphrase from OPSAGENT_SIGNING_PASSPHRASE,
 // else from the command's input (asking twice when confirm).
-func passphrase(c *cli.Context, confirm bool) (string, error) {
+func passphrase(c *cli.Command, confirm bool) (string, error) {
 	if p := os.Getenv("OPSAGENT_SIGNING_PASSPHRASE"); p != "" {
 		return p, nil
 	}
-	in := bufio.NewReader(c.App.Reader)
-	fmt.Fprint(c.App.ErrWriter, "passphrase for the signing key: ")
+	in := bufio.NewReader(c.Root().Reader)
+	fmt.Fprint(c.Root().ErrWriter, "passphrase for the signing key: ")
 	p, err := in.ReadString('\n')
 	if err != nil && p == "" {
 		return "", fmt.Errorf("no passphrase: set OPSAGENT_SIGNING_PASSPHRASE, or pass --unencrypted for a CI key")
 	}
 	p = strings.TrimRight(p, "\r\n")
 	if confirm {
-		fmt.Fprint(c.App.ErrWriter, "again: ")
+		fmt.Fprint(c.Root().ErrWriter, "again: ")
 		q, _ := in.ReadString('\n')
 		if strings.TrimRight(q, "\r\n") != p {
 			return "", fmt.Errorf("the two passphrases differ")

@@ -2,14 +2,14 @@ package main
 
 import (
 	"context"
+	"fmt"
 	"os"
 	"os/signal"
 	"syscall"
 
-	"github.com/urfave/cli/v2"
+	"github.com/urfave/cli/v3"
 
 	"github.com/visualops/opsagent/agent"
-	"github.com/visualops/opsagent/internal/fsutil"
 	"github.com/visualops/opsagent/internal/version"
 )
 
@@ -17,31 +17,39 @@ func runCommand() *cli.Command {
 	return &cli.Command{
 		Name:  "run",
 		Usage: "run the agent: connect to the backend and apply recipes in rounds (the service's command)",
-		Description: "Reads --config, takes the single-instance lock, and runs until SIGTERM or SIGINT (exit 0).\n" +
-			"SIGHUP re-reads the config and restarts the connection and the current round with it.",
-		Action: func(c *cli.Context) error {
-			if c.Args().Present() {
-				return usageErrorf("run takes no arguments, got %q", c.Args().First())
+		Description: "Reads the config, takes the single-instance lock, and runs until SIGTERM or SIGINT (exit 0).\n" +
+			"SIGHUP re-reads the config and restarts the connection and the current round with it.\n" +
+			"After a self-update it re-executes the new binary with the same arguments, keeping the lock.",
+		Action: func(ctx context.Context, cmd *cli.Command) error {
+			if err := noArgs(cmd); err != nil {
+				return err
 			}
-			root, err := fsutil.NewRoot(c.String("root"))
+			p, err := placementOf(cmd)
 			if err != nil {
 				return err
 			}
-			ctx, stop := signal.NotifyContext(c.Context, syscall.SIGTERM, syscall.SIGINT)
+			ctx, stop := signal.NotifyContext(ctx, syscall.SIGTERM, syscall.SIGINT)
 			defer stop()
 			hup := make(chan os.Signal, 1)
 			signal.Notify(hup, syscall.SIGHUP)
 			defer signal.Stop(hup)
 			reload := make(chan struct{}, 1)
 			go forwardSignals(ctx, hup, reload)
-			return agent.Run(ctx, agent.Options{
-				Root:       root,
-				ConfigPath: c.String("config"),
-				LogLevel:   c.String("log-level"),
-				Stderr:     terminalOrNil(c.App.ErrWriter),
+			restart, err := agent.Run(ctx, agent.Options{
+				Root:       p.root,
+				ConfigFile: p.configFile,
+				LogLevel:   cmd.String("log-level"),
+				Stderr:     terminalOrNil(cmd.Root().ErrWriter),
 				Reload:     reload,
 				Version:    version.Version,
 			})
+			if err != nil {
+				return err
+			}
+			if restart != nil {
+				return &reexec{restart}
+			}
+			return nil
 		},
 	}
 }
@@ -60,17 +68,16 @@ func forwardSignals(ctx context.Context, in <-chan os.Signal, out chan<- struct{
 	}
 }
 
-// terminalOrNil returns w when it is a terminal, so that an agent run by
-// hand shows its log, while the service's stderr (the journal) is not fed
-// a second copy of agent.log.
-func terminalOrNil(w any) *os.File {
-	f, ok := w.(*os.File)
-	if !ok {
-		return nil
-	}
-	st, err := f.Stat()
-	if err != nil || st.Mode()&os.ModeCharDevice == 0 {
-		return nil
-	}
-	return f
+// reexec carries a restart request from `run` out to main, past every
+// deferred cleanup, so that exec is the process's very last step.
+type reexec struct{ r *agent.Restart }
+
+func (e *reexec) Error() string { return "restart into " + e.r.Binary }
+
+// exec replaces the process with the new binary, same arguments, same
+// environment plus the inherited lock. It returns only on failure.
+func (e *reexec) exec() error {
+	env := append(os.Environ(), e.r.Env...)
+	err := syscall.Exec(e.r.Binary, append([]string{e.r.Binary}, os.Args[1:]...), env)
+	return fmt.Errorf("re-executing %s after the update: %w (the watchdog restarts the agent)", e.r.Binary, err)
 }

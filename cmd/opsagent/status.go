@@ -1,15 +1,15 @@
 package main
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
-	"path/filepath"
 	"sort"
 	"time"
 
-	"github.com/urfave/cli/v2"
+	"github.com/urfave/cli/v3"
 
 	"github.com/visualops/opsagent/agent/statusfile"
 	"github.com/visualops/opsagent/internal/config"
@@ -25,35 +25,35 @@ func statusCommand() *cli.Command {
 		Name:  "status",
 		Usage: "show what the running agent is doing (exit 0: running, 3: not running)",
 		Flags: []cli.Flag{&cli.BoolFlag{Name: "json", Usage: "print as a JSON object"}},
-		Action: func(c *cli.Context) error {
-			if c.Args().Present() {
-				return usageErrorf("status takes no arguments, got %q", c.Args().First())
+		Action: func(_ context.Context, cmd *cli.Command) error {
+			if err := noArgs(cmd); err != nil {
+				return err
 			}
-			root, err := fsutil.NewRoot(c.String("root"))
+			p, err := placementOf(cmd)
 			if err != nil {
 				return err
 			}
-			stateDir := config.Default().Global.ConfPath
-			if cfg, err := config.Load(root.Path(c.String("config"))); err == nil {
-				stateDir = cfg.Global.ConfPath
-			} else {
-				fmt.Fprintf(c.App.ErrWriter, "opsagent: warning: %v; looking for the status in %s\n", oneLine(err.Error()), stateDir)
+			cfg, err := config.Load(p.configFile)
+			if err != nil {
+				fmt.Fprintf(cmd.Root().ErrWriter, "opsagent: warning: %v; looking for the status at the default paths\n", oneLine(err.Error()))
+				cfg = nil
 			}
-			dir := root.Path(stateDir)
-			pid, running, lockErr := fsutil.HolderPID(filepath.Join(dir, "lock"))
-			snap, readErr := statusfile.Read(filepath.Join(dir, statusfile.Name))
+			l := p.layout(cfg)
+			pid, running, lockErr := fsutil.HolderPID(l.LockFile())
+			snap, readErr := statusfile.Read(l.StatusFile())
 			report := statusReport{Running: running, PID: pid, Snapshot: snap}
 			if readErr != nil {
 				report.Error = readErr.Error()
 			}
-			if c.Bool("json") {
-				enc := json.NewEncoder(c.App.Writer)
+			w := cmd.Root().Writer
+			if cmd.Bool("json") {
+				enc := json.NewEncoder(w)
 				enc.SetIndent("", "  ")
 				if err := enc.Encode(report); err != nil {
 					return err
 				}
 			} else {
-				printStatus(c.App.Writer, report, time.Now())
+				printStatus(w, report, time.Now())
 			}
 			switch {
 			case lockErr != nil:

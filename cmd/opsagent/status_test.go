@@ -58,7 +58,7 @@ func TestStatusRunning(t *testing.T) {
 			PendingUpdate: "2.2"},
 		InitErrors: []string{"cannot create /var/log/visualops"},
 	}
-	if err := statusfile.Write(filepath.Join(stateDir, statusfile.Name), snap); err != nil {
+	if err := statusfile.Write(filepath.Join(stateDir, "status.json"), snap); err != nil {
 		t.Fatal(err)
 	}
 	code, out, errs := runCLI(t, "--root", root, "status")

@@ -1,9 +1,15 @@
 // Package archive creates reproducible .tar.gz files and extracts untrusted
-// ones safely, on mholt/archives. Extraction refuses absolute paths, ".."
-// segments, links that leave the destination, hard links and device or
-// fifo entries; caps the entry count, each file's size and the total; and
-// writes through an os.Root, so that even a symlink already inside the
-// destination cannot redirect a write outside it.
+// ones safely, on mholt/archives.
+//
+// Extraction refuses absolute paths, ".." segments, hard links, device and
+// fifo entries, duplicate entries, entries whose path goes through a symlink,
+// and any symlink whose target, resolved through the links the archive has
+// already made, leaves the destination. It caps the entry count, each file's
+// size, the total, and the decompressed stream itself (so a gzip bomb fails
+// fast), and requires a complete tar stream and an intact gzip stream with
+// nothing after it. Extract works in a temporary sibling directory that is
+// renamed into place only on success, and writes through an os.Root as a
+// second line of defence.
 package archive
 
 import (
@@ -12,7 +18,7 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
-	"os"
+	"math"
 	"path"
 	"sort"
 	"strings"
@@ -83,12 +89,23 @@ func (f *memFile) Stat() (fs.FileInfo, error) { return f.info, nil }
 func (f *memFile) Read(p []byte) (int, error) { return f.r.Read(p) }
 func (f *memFile) Close() error               { return nil }
 
-// Limits bound what Extract accepts.
+// Limits bound what Extract and ExtractFile accept. A zero or negative
+// field takes its DefaultLimits value.
+//
+// The decompressed stream may hold MaxTotalSize bytes of file content plus
+// headerAllowance bytes of tar headers and padding for each of MaxEntries
+// entries (and one more for the end of the archive); a stream that grows
+// past that is refused as a decompression bomb, and so is a compressed
+// stream much longer than that (a run of empty gzip members).
 type Limits struct {
 	MaxEntries   int
 	MaxFileSize  int64
 	MaxTotalSize int64
 }
+
+// headerAllowance is the tar overhead allowed per entry: its header block,
+// body padding and PAX or GNU long-name records, generously.
+const headerAllowance = 16 << 10
 
 // DefaultLimits suit a release tarball (two ~10 MiB binaries and a few
 // small files).
@@ -96,18 +113,65 @@ func DefaultLimits() Limits {
 	return Limits{MaxEntries: 64, MaxFileSize: 128 << 20, MaxTotalSize: 256 << 20}
 }
 
-// Error is a refused entry: it names the entry and the rule.
+// orDefault fills zero or negative fields from DefaultLimits, so that a
+// caller who sets one field does not silently get a zero cap on the others.
+func (l Limits) orDefault() Limits {
+	d := DefaultLimits()
+	if l.MaxEntries <= 0 {
+		l.MaxEntries = d.MaxEntries
+	}
+	if l.MaxFileSize <= 0 {
+		l.MaxFileSize = d.MaxFileSize
+	}
+	if l.MaxTotalSize <= 0 {
+		l.MaxTotalSize = d.MaxTotalSize
+	}
+	return l
+}
+
+// streamCap is how many decompressed bytes the limits allow in all,
+// saturating rather than overflowing for huge limits.
+func (l Limits) streamCap() int64 {
+	perEntries := (math.MaxInt64 - l.MaxTotalSize) / headerAllowance
+	if int64(l.MaxEntries) >= perEntries {
+		return math.MaxInt64
+	}
+	return l.MaxTotalSize + (int64(l.MaxEntries)+1)*headerAllowance
+}
+
+// inputCap is how many compressed bytes the limits allow: streamCap and
+// the little that deflate's stored blocks and gzip framing add to
+// incompressible data.
+func (l Limits) inputCap() int64 {
+	c := l.streamCap()
+	if c > math.MaxInt64/2 {
+		return math.MaxInt64
+	}
+	return c + c/64 + 64<<10
+}
+
+// Error is a refused archive: it names the entry (empty when the fault is
+// in the stream as a whole, such as a decompression bomb) and the rule.
 type Error struct {
 	Entry string
 	Rule  string
 }
 
-func (e *Error) Error() string { return fmt.Sprintf("archive entry %q refused: %s", e.Entry, e.Rule) }
+func (e *Error) Error() string {
+	if e.Entry == "" {
+		return "archive refused: " + e.Rule
+	}
+	return fmt.Sprintf("archive entry %q refused: %s", e.Entry, e.Rule)
+}
+
+// ErrNotFound is returned (wrapped) by ExtractFile when the archive is
+// sound but holds no entry of the requested name.
+var ErrNotFound = errors.New("no such file in the archive")
 
 // checkName refuses names that could land outside the destination.
 func checkName(name string) error {
 	switch {
-	case name == "" || name == "." || name == "./":
+	case name == "" || cleanName(name) == ".":
 		return errors.New("empty name")
 	case strings.HasPrefix(name, "/") || strings.HasPrefix(name, `\`):
 		return errors.New("absolute path")
@@ -122,150 +186,9 @@ func checkName(name string) error {
 	return nil
 }
 
-// Extract unpacks a .tar.gz from r into dest (which must exist).
-func Extract(ctx context.Context, r io.Reader, dest string, lim Limits) error {
-	root, err := os.OpenRoot(dest)
-	if err != nil {
-		return fmt.Errorf("archive: destination %s: %w", dest, err)
-	}
-	defer root.Close()
-	return walk(ctx, r, lim, func(name string, hdr *tar.Header, body io.Reader) error {
-		switch hdr.Typeflag {
-		case tar.TypeDir:
-			return root.MkdirAll(name, 0o755)
-		case tar.TypeSymlink:
-			if dir := path.Dir(name); dir != "." {
-				if err := root.MkdirAll(dir, 0o755); err != nil {
-					return err
-				}
-			}
-			_ = root.Remove(name)
-			return root.Symlink(hdr.Linkname, name)
-		default: // regular
-			if dir := path.Dir(name); dir != "." {
-				if err := root.MkdirAll(dir, 0o755); err != nil {
-					return err
-				}
-			}
-			f, err := root.OpenFile(name, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, fs.FileMode(hdr.Mode)&0o777)
-			if err != nil {
-				return err
-			}
-			if _, err := io.Copy(f, body); err != nil {
-				f.Close()
-				return err
-			}
-			if err := f.Close(); err != nil {
-				return err
-			}
-			// O_CREATE does not change the mode of a file that existed.
-			return root.Chmod(name, fs.FileMode(hdr.Mode)&0o777)
-		}
-	})
+// cleanName is the slash-separated, cleaned form of an entry name that
+// passed checkName: backslashes count as separators, as some Windows tools
+// write them.
+func cleanName(name string) string {
+	return path.Clean(strings.ReplaceAll(name, `\`, "/"))
 }
-
-// ExtractFile copies the regular file called name out of a .tar.gz into w,
-// applying the same rules to every entry it reads. It fails when the
-// archive has no such file.
-func ExtractFile(ctx context.Context, r io.Reader, name string, w io.Writer, lim Limits) error {
-	found := false
-	err := walk(ctx, r, lim, func(n string, hdr *tar.Header, body io.Reader) error {
-		if n != path.Clean(name) || hdr.Typeflag != tar.TypeReg {
-			return nil
-		}
-		found = true
-		_, err := io.Copy(w, body)
-		return err
-	})
-	if err != nil {
-		return err
-	}
-	if !found {
-		return fmt.Errorf("archive: no file %q in the archive", name)
-	}
-	return nil
-}
-
-// walk checks every entry against the rules and limits and hands the
-// acceptable ones to fn with a size-capped body.
-func walk(ctx context.Context, r io.Reader, lim Limits, fn func(name string, hdr *tar.Header, body io.Reader) error) error {
-	if lim == (Limits{}) {
-		lim = DefaultLimits()
-	}
-	format := archives.CompressedArchive{Compression: archives.Gz{}, Extraction: archives.Tar{}}
-	entries := 0
-	var total int64
-	err := format.Extract(ctx, r, func(ctx context.Context, f archives.FileInfo) error {
-		hdr, ok := f.Header.(*tar.Header)
-		if !ok {
-			return &Error{f.NameInArchive, "not a tar entry"}
-		}
-		entries++
-		if entries > lim.MaxEntries {
-			return &Error{hdr.Name, fmt.Sprintf("more than %d entries", lim.MaxEntries)}
-		}
-		if err := checkName(hdr.Name); err != nil {
-			return &Error{hdr.Name, err.Error()}
-		}
-		name := path.Clean(strings.ReplaceAll(hdr.Name, `\`, "/"))
-		switch hdr.Typeflag {
-		case tar.TypeReg, tar.TypeDir: // the reader already maps the old TypeRegA
-		case tar.TypeSymlink:
-			if err := checkLink(name, hdr.Linkname); err != nil {
-				return &Error{hdr.Name, err.Error()}
-			}
-		case tar.TypeLink:
-			return &Error{hdr.Name, "hard links are not allowed"}
-		case tar.TypeChar, tar.TypeBlock:
-			return &Error{hdr.Name, "device files are not allowed"}
-		case tar.TypeFifo:
-			return &Error{hdr.Name, "fifos are not allowed"}
-		default:
-			return &Error{hdr.Name, fmt.Sprintf("entry type %q is not allowed", hdr.Typeflag)}
-		}
-		if hdr.Size > lim.MaxFileSize {
-			return &Error{hdr.Name, fmt.Sprintf("%d bytes is over the %d-byte per-file limit", hdr.Size, lim.MaxFileSize)}
-		}
-		total += hdr.Size
-		if total > lim.MaxTotalSize {
-			return &Error{hdr.Name, fmt.Sprintf("archive content over the %d-byte total limit", lim.MaxTotalSize)}
-		}
-		var body io.Reader = eofReader{}
-		if hdr.Typeflag == tar.TypeReg {
-			rc, err := f.Open()
-			if err != nil {
-				return err
-			}
-			defer rc.Close()
-			body = io.LimitReader(rc, hdr.Size)
-		}
-		return fn(name, hdr, body)
-	})
-	if err != nil {
-		var ae *Error
-		if errors.As(err, &ae) {
-			return ae
-		}
-		return fmt.Errorf("archive: %w", err)
-	}
-	return nil
-}
-
-// checkLink refuses a symlink whose target leaves the destination.
-func checkLink(name, target string) error {
-	if target == "" {
-		return errors.New("symlink with an empty target")
-	}
-	if strings.HasPrefix(target, "/") {
-		return fmt.Errorf("symlink to the absolute path %q leaves the destination", target)
-	}
-	resolved := path.Join(path.Dir(name), target)
-	if resolved == ".." || strings.HasPrefix(resolved, "../") {
-		return fmt.Errorf("symlink to %q leaves the destination", target)
-	}
-	return nil
-}
-
-type eofReader struct{}
-
-func (eofReader) Read([]byte) (int, error) { return 0, io.EOF }

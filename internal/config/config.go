@@ -1,13 +1,22 @@
 // Package config loads, validates and saves /etc/opsagent.conf, the INI file
-// of spec/install-update.md. It keeps every section, key and comment it does
-// not know about, so a file written by the 2014 agent (package_path,
-// gpg_key_uri, platform, …) loads without error and survives a rewrite.
+// of spec/install-update.md, and answers where every file of an
+// installation lives (Layout). It keeps every section, key and comment it
+// does not know about, so a file written by the 2014 agent (gpg_key_uri,
+// scripts_path, …) loads without error and survives a rewrite, and it
+// writes `key=value` lines without spaces, because the states repository's
+// scripts/bootstrap.sh reads the file with `grep "^key=" | cut -d= -f2`.
+//
+// Exactly one value writes the file back: Owner. Components never hold a
+// *Config; they get read-only options built from it at start, and changes
+// reach them through Owner.OnChange.
 package config
 
 import (
 	"bytes"
 	"errors"
 	"fmt"
+	"log/slog"
+	"math"
 	"net/url"
 	"os"
 	"strconv"
@@ -19,41 +28,53 @@ import (
 	"github.com/visualops/opsagent/internal/fsutil"
 )
 
-// DefaultPath is where the installer writes the config (relative to the root).
+// DefaultPath is where the installer writes the config (an instance path).
 const DefaultPath = "/etc/opsagent.conf"
 
 // FileMode is the mode of the saved file: it names the token file and the
 // backend, so it is not world-readable.
 const FileMode = 0o640
 
+// MaxFileSize bounds what Load reads: a config is a few hundred bytes, and
+// a huge file (or a device linked in its place) must not be read whole.
+const MaxFileSize = 1 << 20
+
+// MinPause is the floor of the pauses between rounds ([salt] delay,
+// [agent] retry_delay): below it a failing recipe would loop thousands of
+// rounds a second.
+const MinPause = time.Second
+
 // Global is the [global] section: where things live on the instance. Every
-// path is an instance path, to be joined with the configured root.
+// path is an instance path; Layout maps it below the root.
 type Global struct {
-	EnvRoot  string // the Python virtualenv
-	ConfPath string // generated files: recipe.json, bridge.py, lock, …
-	LogPath  string
-	Token    string // the instance token file
-	Watch    string // checksums of watched files
-	LogFile  string
-	LogLevel string // DEBUG, INFO, WARNING or ERROR (2014 spellings accepted)
+	VenvDir     string // envroot: the Python virtualenv
+	StateDir    string // conf_path: generated files (recipe.json, bridge.py, lock, …)
+	LogDir      string // log_path
+	TokenFile   string // token: the instance token
+	WatchDir    string // watch: checksums of watched files
+	LogFile     string // logfile
+	LogLevel    string // loglvl: DEBUG, INFO, WARNING or ERROR (2014 spellings accepted)
+	PackagePath string // package_path: the virtualenv's site-packages (read by bootstrap.sh)
+	Platform    string // platform: APT or YUM (read by bootstrap.sh); empty: it detects
 }
 
 // Userdata is the [userdata] section: what the instance's userdata said.
 type Userdata struct {
-	WSURI      string
-	AppID      string
-	Version    string
-	BaseRemote string
-	PubKey     string // minisign public key (base64), for self-update
+	WSURI        string // ws_uri
+	AppID        string // app_id
+	Version      string // version: the release the installer installed
+	BaseRemote   string // base_remote: where releases are downloaded from
+	PubKey       string // pubkey: minisign public key (base64) trusted for self-update
+	EnrollSecret string // enroll_secret: the app's enrollment secret, for the first Handshake
 }
 
 // Module is the [module] section: the states repository.
 type Module struct {
-	Root      string
-	Name      string
-	Bootstrap string
-	Repo      string // mod_repo
-	Tag       string // mod_tag
+	ReposDir        string // root: where states repositories are cloned
+	RepoName        string // name: the clone's directory name
+	BootstrapScript string // bootstrap: relative to the clone; empty: none
+	Repo            string // mod_repo: used when a recipe names none
+	Tag             string // mod_tag
 }
 
 // Network is the [network] section.
@@ -65,20 +86,23 @@ type Network struct {
 
 // Salt is the [salt] section.
 type Salt struct {
-	Delay      time.Duration // pause between successful rounds; bare numbers are minutes
-	Wheelhouse string        // pip --find-links directory for offline installs
+	RoundDelay time.Duration // delay: pause between successful rounds; bare numbers are minutes
+	Wheelhouse string        // pip --find-links directory (or plain packages) for offline installs
+	Python     string        // interpreter for the virtualenv; empty: what the states repository needs
 }
 
 // Agent is the [agent] section (new in the Go agent).
 type Agent struct {
-	RetryDelay       time.Duration
-	StateTimeout     time.Duration // 0: none
-	KillGrace        time.Duration
-	AppNotReadyDelay time.Duration
-	HealthDeadline   time.Duration
-	Engine           string // auto, native or salt
-	OutboxLimit      int
-	OutputLimit      int // bytes kept of each state comment and stdout
+	RetryDelay          time.Duration
+	StateTimeout        time.Duration // 0: none
+	KillGrace           time.Duration
+	AppNotReadyDelay    time.Duration
+	UpdateHealthTimeout time.Duration // a new version must handshake within this, or it is rolled back
+	Engine              string        // auto, native or salt
+	OutboxLimit         int           // StateLogs kept while undelivered
+	OutboxMaxBytes      int           // bytes of StateLogs kept while undelivered
+	OutboxMaxAge        time.Duration // undelivered StateLogs older than this are dropped
+	OutputLimit         int           // bytes kept of each state comment and stdout
 }
 
 // Config is the whole file. The typed sections are what the agent uses;
@@ -91,8 +115,12 @@ type Config struct {
 	Salt     Salt
 	Agent    Agent
 
-	path string
-	doc  *ini.File
+	path     string
+	doc      *ini.File
+	warnings []string
+	// unsaved is set when the document changed in a way the typed values
+	// do not show (a new file, an unknown key set), so Owner saves it.
+	unsaved bool
 }
 
 // Default returns a config with every default set and no userdata.
@@ -106,12 +134,24 @@ func Default() *Config {
 	return c
 }
 
+// New returns a config with defaults for a file that does not exist yet
+// at path (the installer's first write goes through an Owner of it).
+func New(path string) *Config {
+	c := Default()
+	c.path, c.unsaved = path, true
+	return c
+}
+
 // Path is the file the config was loaded from or last saved to.
 func (c *Config) Path() string { return c.path }
 
-// Load reads and validates the config at path.
+// Warnings are problems that did not stop the load (a key given twice, …);
+// the agent logs them at start.
+func (c *Config) Warnings() []string { return append([]string(nil), c.warnings...) }
+
+// Load reads and validates the config at path (a host path).
 func Load(path string) (*Config, error) {
-	data, err := os.ReadFile(path)
+	data, err := fsutil.ReadFileLimit(path, MaxFileSize)
 	if err != nil {
 		if errors.Is(err, os.ErrNotExist) {
 			return nil, fmt.Errorf("config %s: file not found (run 'opsagent install', or pass --config): %w", path, err)
@@ -137,6 +177,7 @@ func Parse(name string, data []byte) (*Config, error) {
 	}
 	c := Default()
 	c.path, c.doc = name, doc
+	c.warnings = duplicates(name, data)
 	for _, f := range fields {
 		sec, err := doc.GetSection(f.section)
 		if err != nil || !sec.HasKey(f.key) {
@@ -163,8 +204,42 @@ var loadOptions = ini.LoadOptions{
 	PreserveSurroundedQuote:    false,
 }
 
-// Validate checks that required keys are present and values make sense
-// together.
+// duplicates finds sections and keys given twice: the INI reader merges
+// sections and keeps the last value of a key, which is rarely what the
+// person who added the second line meant, so say so.
+func duplicates(name string, data []byte) []string {
+	var out []string
+	section := ini.DefaultSection
+	sections := map[string]int{}
+	keys := map[string]int{}
+	for i, line := range strings.Split(string(data), "\n") {
+		n := i + 1
+		line = strings.TrimSpace(line)
+		switch {
+		case line == "" || line[0] == '#' || line[0] == ';':
+		case line[0] == '[' && strings.HasSuffix(line, "]"):
+			section = strings.TrimSpace(line[1 : len(line)-1])
+			if first, ok := sections[section]; ok {
+				out = append(out, fmt.Sprintf("config %s: section [%s] appears twice (lines %d and %d); their keys are merged", name, section, first, n))
+			} else {
+				sections[section] = n
+			}
+		default:
+			k, _, ok := strings.Cut(line, "=")
+			if !ok {
+				continue
+			}
+			id := section + "\x00" + strings.TrimSpace(k)
+			if first, ok := keys[id]; ok {
+				out = append(out, fmt.Sprintf("config %s: [%s] %s appears twice (lines %d and %d); line %d is used", name, section, strings.TrimSpace(k), first, n, n))
+			}
+			keys[id] = n
+		}
+	}
+	return out
+}
+
+// Validate checks that required keys are present.
 func (c *Config) Validate() error {
 	for _, f := range fields {
 		if f.required && strings.TrimSpace(f.get(c)) == "" {
@@ -174,10 +249,13 @@ func (c *Config) Validate() error {
 	return nil
 }
 
-// Get returns the raw value of any key, known or not ("" when absent).
+// Get returns the value of any key, known or not ("" when absent).
 func (c *Config) Get(section, key string) string {
 	if f := lookup(section, key); f != nil {
 		return f.get(c)
+	}
+	if c.doc == nil {
+		return ""
 	}
 	sec, err := c.doc.GetSection(section)
 	if err != nil || !sec.HasKey(key) {
@@ -187,22 +265,50 @@ func (c *Config) Get(section, key string) string {
 }
 
 // Set changes any key. Known keys are parsed (and refused when malformed);
-// unknown keys are kept as text.
+// unknown keys are kept as text. A value is one line.
 func (c *Config) Set(section, key, value string) error {
+	if strings.ContainsAny(value, "\r\n\x00") {
+		return fmt.Errorf("config: [%s] %s: a value must be one line", section, key)
+	}
 	if f := lookup(section, key); f != nil {
 		if err := f.set(c, value); err != nil {
 			return fmt.Errorf("config: [%s] %s = %q: %w", section, key, value, err)
 		}
 		return nil
 	}
-	c.doc.Section(section).Key(key).SetValue(value)
+	if !validName(section) || !validName(key) {
+		return fmt.Errorf("config: [%s] %s: section and key are letters, digits and _", section, key)
+	}
+	if c.doc == nil {
+		c.doc = ini.Empty()
+	}
+	c.doc.Section(section).Key(key).SetValue(strings.TrimSpace(value))
+	c.unsaved = true
 	return nil
 }
+
+func validName(s string) bool {
+	if s == "" {
+		return false
+	}
+	for _, r := range s {
+		if !(r == '_' || r == '-' || r == '.' || r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9') {
+			return false
+		}
+	}
+	return true
+}
+
+// Known reports whether section.key is a key the agent understands.
+func Known(section, key string) bool { return lookup(section, key) != nil }
 
 // Bytes renders the config: the original document with the typed values
 // written back. Keys that are absent from the file and still at their
 // default are not added, so the file stays as short as the user wrote it.
 func (c *Config) Bytes() ([]byte, error) {
+	if c.doc == nil {
+		return nil, errors.New("config: this is a read-only copy; save through its Owner")
+	}
 	for _, f := range fields {
 		v := f.get(c)
 		sec, err := c.doc.GetSection(f.section)
@@ -218,11 +324,7 @@ func (c *Config) Bytes() ([]byte, error) {
 			c.doc.Section(f.section).Key(f.key).SetValue(v)
 		}
 	}
-	var buf bytes.Buffer
-	if _, err := c.doc.WriteTo(&buf); err != nil {
-		return nil, fmt.Errorf("config %s: render: %w", c.path, err)
-	}
-	return buf.Bytes(), nil
+	return render(c.doc), nil
 }
 
 // sameValue reports whether old and new spell the same value (a file's
@@ -236,14 +338,15 @@ func sameValue(f *field, old, v string) bool {
 	return f.get(a) == f.get(b)
 }
 
-// Save writes the config atomically (temp file in the same directory,
-// fsync, rename) with mode 0640. An empty path means where it was loaded from.
-func (c *Config) Save(path string) error {
+// save writes the config atomically (temp file in the same directory,
+// fsync, rename) with mode 0640. Only Owner and the installer's first
+// write call it.
+func (c *Config) save(path string) error {
 	if path == "" {
 		path = c.path
 	}
 	if path == "" {
-		return errors.New("config: Save needs a path: this config was not loaded from a file")
+		return errors.New("config: save needs a path: this config was not loaded from a file")
 	}
 	data, err := c.Bytes()
 	if err != nil {
@@ -252,8 +355,17 @@ func (c *Config) Save(path string) error {
 	if err := fsutil.WriteFileAtomic(path, data, FileMode); err != nil {
 		return fmt.Errorf("config %s: save: %w", path, err)
 	}
-	c.path = path
+	c.path, c.unsaved = path, false
 	return nil
+}
+
+// copyValues returns a copy of the typed values with no document: what
+// readers get. Every section holds only values, so the copy is deep.
+func (c *Config) copyValues() *Config {
+	cp := *c
+	cp.doc = nil
+	cp.warnings = append([]string(nil), c.warnings...)
+	return &cp
 }
 
 // field describes one known key: its default, how to parse it into the
@@ -327,13 +439,23 @@ func duration(section, key, def string, unit time.Duration, p func(*Config) *tim
 	}
 }
 
+// maxDuration bounds every duration (about 290 years overflow int64
+// nanoseconds; a year is plenty for any pause).
+const maxDuration = 365 * 24 * time.Hour
+
 // ParseDuration reads a Go duration ("30s", "1m30s") or a bare non-negative
-// number counted in unit.
+// number counted in unit. NaN, infinities, negative values and values over
+// a year are refused.
 func ParseDuration(v string, unit time.Duration) (time.Duration, error) {
 	v = strings.TrimSpace(v)
-	if n, err := strconv.ParseFloat(v, 64); err == nil {
-		if n < 0 {
+	if n, err := strconv.ParseFloat(v, 64); err == nil || errors.Is(err, strconv.ErrRange) {
+		switch {
+		case math.IsNaN(n) || math.IsInf(n, 0) || errors.Is(err, strconv.ErrRange):
+			return 0, fmt.Errorf("expected a finite number of %s", unitName(unit))
+		case n < 0:
 			return 0, errors.New("must not be negative")
+		case n*float64(unit) > float64(maxDuration):
+			return 0, fmt.Errorf("must be at most %s", maxDuration)
 		}
 		return time.Duration(n * float64(unit)), nil
 	}
@@ -344,7 +466,19 @@ func ParseDuration(v string, unit time.Duration) (time.Duration, error) {
 	if d < 0 {
 		return 0, errors.New("must not be negative")
 	}
+	if d > maxDuration {
+		return 0, fmt.Errorf("must be at most %s", maxDuration)
+	}
 	return d, nil
+}
+
+// Pause returns d raised to MinPause, the floor of the pauses between
+// rounds, and whether it was raised (the caller warns).
+func Pause(d time.Duration) (time.Duration, bool) {
+	if d < MinPause {
+		return MinPause, true
+	}
+	return d, false
 }
 
 func unitName(unit time.Duration) string {
@@ -380,24 +514,27 @@ func integer(section, key, def string, min int, p func(*Config) *int) field {
 	}
 }
 
-// ParseSize reads an integer with an optional KiB/MiB (or K/M) suffix.
+// ParseSize reads an integer with an optional KiB/MiB/GiB (or K/M/G) suffix.
 func ParseSize(v string) (int, error) {
 	v = strings.TrimSpace(v)
-	mult := 1
+	mult := int64(1)
 	for _, s := range []struct {
 		suffix string
-		mult   int
-	}{{"KiB", 1 << 10}, {"MiB", 1 << 20}, {"K", 1 << 10}, {"M", 1 << 20}} {
+		mult   int64
+	}{{"KiB", 1 << 10}, {"MiB", 1 << 20}, {"GiB", 1 << 30}, {"K", 1 << 10}, {"M", 1 << 20}, {"G", 1 << 30}} {
 		if strings.HasSuffix(v, s.suffix) {
 			v, mult = strings.TrimSpace(strings.TrimSuffix(v, s.suffix)), s.mult
 			break
 		}
 	}
-	n, err := strconv.Atoi(v)
+	n, err := strconv.ParseInt(v, 10, 64)
 	if err != nil {
-		return 0, errors.New("expected a whole number, optionally with KiB or MiB")
+		return 0, errors.New("expected a whole number, optionally with KiB, MiB or GiB")
 	}
-	return n * mult, nil
+	if n > math.MaxInt32/mult {
+		return 0, fmt.Errorf("must be at most %d", math.MaxInt32)
+	}
+	return int(n * mult), nil
 }
 
 func oneOf(values ...string) func(string) error {
@@ -426,28 +563,60 @@ func urlWithScheme(schemes ...string) func(string) error {
 	}
 }
 
-// Log levels accepted in [global] loglvl (the 2014 agent used Python's names).
-var logLevels = []string{"DEBUG", "INFO", "WARNING", "WARN", "ERROR"}
+// CheckBackendURL is the one rule for a backend URL ([userdata] ws_uri):
+// ws:// or wss://, a host, and no user name or password (the agent
+// authenticates with its instance token; a password in the URL would be
+// refused by every connection attempt after loading fine).
+func CheckBackendURL(v string) error {
+	if err := urlWithScheme("wss", "ws")(v); err != nil {
+		return err
+	}
+	if u, _ := url.Parse(v); u.User != nil {
+		return errors.New("a user name or password in the URL is not allowed: the agent authenticates with its instance token")
+	}
+	return nil
+}
+
+// ParseLogLevel reads a log level: debug, info, warn (warning) or error,
+// in any case (the 2014 agent used Python's upper-case names).
+func ParseLogLevel(v string) (slog.Level, error) {
+	switch strings.ToUpper(strings.TrimSpace(v)) {
+	case "DEBUG":
+		return slog.LevelDebug, nil
+	case "INFO", "":
+		return slog.LevelInfo, nil
+	case "WARN", "WARNING":
+		return slog.LevelWarn, nil
+	case "ERROR":
+		return slog.LevelError, nil
+	}
+	return slog.LevelInfo, fmt.Errorf("log level %q: expected debug, info, warn or error", v)
+}
+
+func logLevel(v string) error { _, err := ParseLogLevel(v); return err }
 
 // fields is the table of known keys, in file order.
 var fields = []field{
-	path("global", "envroot", "/opt/visualops/env", func(c *Config) *string { return &c.Global.EnvRoot }),
-	path("global", "conf_path", "/var/lib/visualops/opsagent", func(c *Config) *string { return &c.Global.ConfPath }),
-	path("global", "log_path", "/var/log/visualops", func(c *Config) *string { return &c.Global.LogPath }),
-	path("global", "token", "/etc/opsagent.token", func(c *Config) *string { return &c.Global.Token }),
-	path("global", "watch", "/var/lib/visualops/opsagent/watch", func(c *Config) *string { return &c.Global.Watch }),
+	path("global", "envroot", "/opt/visualops/env", func(c *Config) *string { return &c.Global.VenvDir }),
+	path("global", "conf_path", "/var/lib/visualops/opsagent", func(c *Config) *string { return &c.Global.StateDir }),
+	path("global", "log_path", "/var/log/visualops", func(c *Config) *string { return &c.Global.LogDir }),
+	path("global", "token", "/etc/opsagent.token", func(c *Config) *string { return &c.Global.TokenFile }),
+	path("global", "watch", "/var/lib/visualops/opsagent/watch", func(c *Config) *string { return &c.Global.WatchDir }),
 	path("global", "logfile", "/var/log/visualops/agent.log", func(c *Config) *string { return &c.Global.LogFile }),
-	withCheck(str("global", "loglvl", "INFO", func(c *Config) *string { return &c.Global.LogLevel }), oneOf(logLevels...)),
+	withCheck(str("global", "loglvl", "INFO", func(c *Config) *string { return &c.Global.LogLevel }), logLevel),
+	path("global", "package_path", "", func(c *Config) *string { return &c.Global.PackagePath }),
+	str("global", "platform", "", func(c *Config) *string { return &c.Global.Platform }),
 
-	required(withCheck(str("userdata", "ws_uri", "", func(c *Config) *string { return &c.Userdata.WSURI }), urlWithScheme("wss", "ws"))),
+	required(withCheck(str("userdata", "ws_uri", "", func(c *Config) *string { return &c.Userdata.WSURI }), CheckBackendURL)),
 	required(str("userdata", "app_id", "", func(c *Config) *string { return &c.Userdata.AppID })),
 	str("userdata", "version", "", func(c *Config) *string { return &c.Userdata.Version }),
 	withCheck(str("userdata", "base_remote", "", func(c *Config) *string { return &c.Userdata.BaseRemote }), urlWithScheme("https", "http")),
 	str("userdata", "pubkey", "", func(c *Config) *string { return &c.Userdata.PubKey }),
+	str("userdata", "enroll_secret", "", func(c *Config) *string { return &c.Userdata.EnrollSecret }),
 
-	path("module", "root", "/opt/visualops/bootstrap", func(c *Config) *string { return &c.Module.Root }),
-	str("module", "name", "salt", func(c *Config) *string { return &c.Module.Name }),
-	str("module", "bootstrap", "scripts/bootstrap.sh", func(c *Config) *string { return &c.Module.Bootstrap }),
+	path("module", "root", "/opt/visualops/bootstrap", func(c *Config) *string { return &c.Module.ReposDir }),
+	str("module", "name", "salt", func(c *Config) *string { return &c.Module.RepoName }),
+	str("module", "bootstrap", "scripts/bootstrap.sh", func(c *Config) *string { return &c.Module.BootstrapScript }),
 	str("module", "mod_repo", "", func(c *Config) *string { return &c.Module.Repo }),
 	str("module", "mod_tag", "", func(c *Config) *string { return &c.Module.Tag }),
 
@@ -455,15 +624,81 @@ var fields = []field{
 	str("network", "instance_id", "", func(c *Config) *string { return &c.Network.InstanceID }),
 	path("network", "ca_file", "", func(c *Config) *string { return &c.Network.CAFile }),
 
-	duration("salt", "delay", "10", time.Minute, func(c *Config) *time.Duration { return &c.Salt.Delay }),
+	duration("salt", "delay", "10", time.Minute, func(c *Config) *time.Duration { return &c.Salt.RoundDelay }),
 	path("salt", "wheelhouse", "", func(c *Config) *string { return &c.Salt.Wheelhouse }),
+	path("salt", "python", "", func(c *Config) *string { return &c.Salt.Python }),
 
 	duration("agent", "retry_delay", "30s", time.Second, func(c *Config) *time.Duration { return &c.Agent.RetryDelay }),
 	duration("agent", "state_timeout", "0s", time.Second, func(c *Config) *time.Duration { return &c.Agent.StateTimeout }),
 	duration("agent", "kill_grace", "10s", time.Second, func(c *Config) *time.Duration { return &c.Agent.KillGrace }),
 	duration("agent", "app_not_ready_delay", "30s", time.Second, func(c *Config) *time.Duration { return &c.Agent.AppNotReadyDelay }),
-	duration("agent", "health_deadline", "2m0s", time.Second, func(c *Config) *time.Duration { return &c.Agent.HealthDeadline }),
+	duration("agent", "update_health_timeout", "2m0s", time.Second, func(c *Config) *time.Duration { return &c.Agent.UpdateHealthTimeout }),
 	withCheck(str("agent", "engine", "auto", func(c *Config) *string { return &c.Agent.Engine }), oneOf("auto", "native", "salt")),
 	integer("agent", "outbox_limit", "10000", 1, func(c *Config) *int { return &c.Agent.OutboxLimit }),
+	integer("agent", "outbox_max_bytes", "67108864", 64<<10, func(c *Config) *int { return &c.Agent.OutboxMaxBytes }),
+	duration("agent", "outbox_max_age", "24h0m0s", time.Second, func(c *Config) *time.Duration { return &c.Agent.OutboxMaxAge }),
 	integer("agent", "output_limit", "65536", 1024, func(c *Config) *int { return &c.Agent.OutputLimit }),
+}
+
+// Keys lists every known key as "section.key" with its default, in file
+// order: the README's table and `opsagent install --set` check against it.
+func Keys() [][2]string {
+	out := make([][2]string, len(fields))
+	for i, f := range fields {
+		out[i] = [2]string{f.section + "." + f.key, f.def}
+	}
+	return out
+}
+
+// render writes the document the 2014 way: `key=value`, no spaces around
+// the "=", comments and unknown sections kept. (ini.v1 aligns "=" with
+// spaces unless its package-level PrettyFormat switch is turned off; a
+// writer of our own avoids touching that global.)
+func render(doc *ini.File) []byte {
+	var buf bytes.Buffer
+	for _, sec := range doc.Sections() {
+		if sec.Name() == ini.DefaultSection && len(sec.Keys()) == 0 && sec.Comment == "" {
+			continue
+		}
+		if buf.Len() > 0 {
+			buf.WriteByte('\n')
+		}
+		writeComment(&buf, sec.Comment)
+		if sec.Name() != ini.DefaultSection {
+			fmt.Fprintf(&buf, "[%s]\n", sec.Name())
+		}
+		for _, k := range sec.Keys() {
+			writeComment(&buf, k.Comment)
+			fmt.Fprintf(&buf, "%s=%s\n", k.Name(), quote(k.Value()))
+		}
+	}
+	return buf.Bytes()
+}
+
+func writeComment(buf *bytes.Buffer, comment string) {
+	if comment == "" {
+		return
+	}
+	for _, line := range strings.Split(comment, "\n") {
+		line = strings.TrimSpace(line)
+		if line == "" {
+			continue
+		}
+		if line[0] != '#' && line[0] != ';' {
+			line = "; " + line
+		}
+		buf.WriteString(line + "\n")
+	}
+}
+
+// quote protects a value that would not read back as itself: surrounding
+// spaces, or a " #"/" ;" that would start an inline comment.
+func quote(v string) string {
+	if strings.TrimSpace(v) == v && !strings.Contains(v, " #") && !strings.Contains(v, " ;") && !strings.Contains(v, "\t#") && !strings.Contains(v, "\t;") {
+		return v
+	}
+	if !strings.Contains(v, "`") {
+		return "`" + v + "`"
+	}
+	return `"` + v + `"`
 }

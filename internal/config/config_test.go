@@ -1,9 +1,12 @@
 package config
 
 import (
+	"fmt"
+	"os/exec"
+
+	"github.com/visualops/opsagent/internal/fsutil"
 	"os"
 	"path/filepath"
-	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -83,7 +86,7 @@ func TestLoadSpecExample(t *testing.T) {
 		"pubkey":  {c.Userdata.PubKey, "RWQf6LRCGA9i53mlYecO4IzT51TGPpvWucNSCh1CBM0QTaLn73Y7GFO3"},
 		"repo":    {c.Module.Repo, "https://github.com/MadeiraCloud/salt.git"},
 		"tag":     {c.Module.Tag, "v2015-03-26"},
-		"token":   {c.Global.Token, "/etc/opsagent.token"},
+		"token":   {c.Global.TokenFile, "/etc/opsagent.token"},
 		"loglvl":  {c.Global.LogLevel, "INFO"},
 		"engine":  {c.Agent.Engine, "auto"},
 		"meta":    {c.Network.Metadata, "http://169.254.169.254"},
@@ -94,11 +97,11 @@ func TestLoadSpecExample(t *testing.T) {
 			t.Errorf("%s = %q, want %q", name, v[0], v[1])
 		}
 	}
-	if c.Salt.Delay != 10*time.Minute {
-		t.Errorf("salt delay = %v, want 10m (bare numbers are minutes)", c.Salt.Delay)
+	if c.Salt.RoundDelay != 10*time.Minute {
+		t.Errorf("salt delay = %v, want 10m (bare numbers are minutes)", c.Salt.RoundDelay)
 	}
 	if c.Agent.RetryDelay != 30*time.Second || c.Agent.KillGrace != 10*time.Second ||
-		c.Agent.StateTimeout != 0 || c.Agent.HealthDeadline != 2*time.Minute ||
+		c.Agent.StateTimeout != 0 || c.Agent.UpdateHealthTimeout != 2*time.Minute ||
 		c.Agent.AppNotReadyDelay != 30*time.Second {
 		t.Errorf("agent durations = %+v", c.Agent)
 	}
@@ -119,14 +122,16 @@ func TestLoad2014FileKeepsObsoleteKeys(t *testing.T) {
 	if got := c.Get("userdata", "gpg_key_uri"); !strings.HasSuffix(got, "madeira.gpg.public.key") {
 		t.Errorf("obsolete key not kept: %q", got)
 	}
-	c.Module.Repo = "https://example.com/states.git"
-	c.Module.Tag = "develop"
-	if err := c.Save(""); err != nil {
+	if _, err := NewOwner(c).Update(func(c *Config) error {
+		c.Module.Repo = "https://example.com/states.git"
+		c.Module.Tag = "develop"
+		return nil
+	}); err != nil {
 		t.Fatal(err)
 	}
-	data := squeeze(t, p)
+	data := read(t, p)
 	for _, want := range []string{"package_path", "gpg_key_uri", "platform", "scripts_path",
-		"mod_repo = https://example.com/states.git", "mod_tag = develop"} {
+		"mod_repo=https://example.com/states.git", "mod_tag=develop"} {
 		if !strings.Contains(string(data), want) {
 			t.Errorf("saved file lacks %q:\n%s", want, data)
 		}
@@ -151,13 +156,15 @@ func TestSaveKeepsCommentsUnknownSectionsAndMode(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	c.Userdata.AppID = "app-456"
-	c.Agent.RetryDelay = 45 * time.Second
-	if err := c.Save(""); err != nil {
+	if _, err := NewOwner(c).Update(func(c *Config) error {
+		c.Userdata.AppID = "app-456"
+		c.Agent.RetryDelay = 45 * time.Second
+		return nil
+	}); err != nil {
 		t.Fatal(err)
 	}
-	s := squeeze(t, p)
-	for _, want := range []string{"managed by opsagent install", "[custom]", "operator note", "foo = bar", "app-456", "45s", "replaces 2014"} {
+	s := read(t, p)
+	for _, want := range []string{"managed by opsagent install", "[custom]", "operator note", "foo=bar", "app_id=app-456", "retry_delay=45s", "replaces 2014"} {
 		if !strings.Contains(s, want) {
 			t.Errorf("saved file lacks %q:\n%s", want, s)
 		}
@@ -170,7 +177,7 @@ func TestSaveKeepsCommentsUnknownSectionsAndMode(t *testing.T) {
 		t.Errorf("mode = %v, want %v", st.Mode().Perm(), os.FileMode(FileMode))
 	}
 	// Unchanged values keep their spelling: "10" minutes is not rewritten.
-	if !strings.Contains(s, "delay = 10\n") {
+	if !strings.Contains(s, "delay=10\n") {
 		t.Errorf("salt delay respelled:\n%s", s)
 	}
 }
@@ -181,8 +188,9 @@ func TestSaveLeavesNoTempFiles(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	o := NewOwner(c)
 	for i := 0; i < 3; i++ {
-		if err := c.Save(""); err != nil {
+		if _, err := o.Update(func(c *Config) error { c.Agent.KillGrace = time.Duration(i+1) * time.Second; return nil }); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -196,14 +204,13 @@ func TestSaveLeavesNoTempFiles(t *testing.T) {
 	}
 }
 
-// squeeze reads a file with runs of spaces folded (the INI writer aligns "=").
-func squeeze(t *testing.T, p string) string {
+func read(t *testing.T, p string) string {
 	t.Helper()
 	data, err := os.ReadFile(p)
 	if err != nil {
 		t.Fatal(err)
 	}
-	return regexp.MustCompile(` +`).ReplaceAllString(string(data), " ")
+	return string(data)
 }
 
 func TestMissingRequiredKey(t *testing.T) {
@@ -233,12 +240,20 @@ func TestWrongTypes(t *testing.T) {
 		{"agent", "outbox_limit", "many", "expected a whole number"},
 		{"agent", "outbox_limit", "0", "must be at least 1"},
 		{"agent", "engine", "python", "expected one of auto, native, salt"},
-		{"global", "loglvl", "LOUD", "expected one of DEBUG"},
+		{"global", "loglvl", "LOUD", "expected debug, info, warn or error"},
 		{"global", "conf_path", "relative/dir", "expected an absolute path"},
 		{"userdata", "ws_uri", "http://api.example.com/agent/", "expected a wss or ws URL"},
 		{"userdata", "ws_uri", "not a url", "expected a URL"},
 		{"userdata", "base_remote", "ftp://x/y", "expected a https or http URL"},
 		{"network", "metadata", "169.254.169.254", "expected a URL"},
+		{"userdata", "ws_uri", "wss://user:secret@api.example.com/agent/", "user name or password"},
+		{"agent", "retry_delay", "NaN", "finite number"},
+		{"agent", "retry_delay", "Inf", "finite number"},
+		{"agent", "retry_delay", "-Inf", "finite number"},
+		{"salt", "delay", "1e300", "at most"},
+		{"salt", "delay", "99999999999", "at most"},
+		{"agent", "retry_delay", "9000h", "at most"},
+		{"agent", "outbox_max_bytes", "99999GiB", "at most"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.section+"."+tc.key+"="+tc.value, func(t *testing.T) {
@@ -284,7 +299,7 @@ func TestDurationsAndSizes(t *testing.T) {
 		}
 	}
 	c := Default()
-	c.Salt.Delay = 90 * time.Second
+	c.Salt.RoundDelay = 90 * time.Second
 	if got := c.Get("salt", "delay"); got != "1m30s" {
 		t.Errorf("non-whole minutes print as %q, want 1m30s", got)
 	}
@@ -325,22 +340,26 @@ func TestLoadErrors(t *testing.T) {
 	}
 }
 
-func TestSaveWithoutPath(t *testing.T) {
-	if err := Default().Save(""); err == nil {
-		t.Error("Save with no path succeeded")
-	}
+func TestNewFileRoundTrip(t *testing.T) {
 	p := filepath.Join(t.TempDir(), "new.conf")
-	c := Default()
-	c.Userdata.WSURI, c.Userdata.AppID = "ws://127.0.0.1:1/agent/", "demo"
-	if err := c.Save(p); err != nil {
-		t.Fatal(err)
+	o := NewOwner(New(p))
+	changed, err := o.Update(func(c *Config) error {
+		c.Userdata.WSURI, c.Userdata.AppID = "ws://127.0.0.1:1/agent/", "demo"
+		return nil
+	})
+	if err != nil || !changed {
+		t.Fatalf("first save: %v %v", changed, err)
 	}
 	back, err := Load(p)
 	if err != nil {
 		t.Fatal(err)
 	}
+	c := o.Current()
 	if back.Userdata != c.Userdata || back.Agent != c.Agent || back.Global != c.Global {
 		t.Errorf("round trip differs:\n%+v\n%+v", back, c)
+	}
+	if _, err := c.Bytes(); err == nil {
+		t.Error("a read-only copy rendered itself: only the Owner saves")
 	}
 }
 
@@ -367,4 +386,127 @@ func FuzzParse(f *testing.F) {
 			t.Fatalf("round trip differs:\n%+v\n%+v", back, c)
 		}
 	})
+}
+
+// The states repository's bootstrap.sh reads the file with
+// `grep "^key=" | cut -d '=' -f 2`: every key it reads must come out whole
+// from a file the agent wrote.
+func TestWrittenFileReadsWithBootstrapShGrepCut(t *testing.T) {
+	p := writeFile(t, specExample)
+	c, err := Load(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := NewOwner(c).Update(func(c *Config) error {
+		c.Global.PackagePath = "/opt/visualops/env/lib/python2.7/site-packages"
+		c.Global.Platform = "APT"
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	want := map[string]string{
+		"package_path": "/opt/visualops/env/lib/python2.7/site-packages",
+		"root":         "/opt/visualops/bootstrap",
+		"name":         "salt",
+		"conf_path":    "/var/lib/visualops/opsagent",
+		"base_remote":  "https://s3.amazonaws.com/opsagent",
+		"platform":     "APT",
+	}
+	for key, v := range want {
+		out, err := exec.Command("bash", "-c", `cat "$1" | grep "^$2=" | cut -d '=' -f 2`, "-", p, key).Output()
+		if err != nil || strings.TrimSpace(string(out)) != v {
+			t.Errorf("grep ^%s= | cut: %q %v, want %q", key, out, err, v)
+		}
+	}
+	if data := read(t, p); strings.Contains(data, " = ") {
+		t.Errorf("the file has spaced key = value lines:\n%s", data)
+	}
+}
+
+func TestDuplicatesWarn(t *testing.T) {
+	c, err := Parse("x.conf", []byte(specExample+"\n[agent]\nretry_delay = 45s\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	w := strings.Join(c.Warnings(), "\n")
+	if !strings.Contains(w, "[agent] appears twice") || !strings.Contains(w, "[agent] retry_delay appears twice") {
+		t.Errorf("warnings: %q", w)
+	}
+	if c.Agent.RetryDelay != 45*time.Second {
+		t.Errorf("the last value should win: %v", c.Agent.RetryDelay)
+	}
+}
+
+func TestPauseFloor(t *testing.T) {
+	for in, want := range map[time.Duration]time.Duration{0: MinPause, time.Millisecond: MinPause, 2 * time.Second: 2 * time.Second} {
+		if got, _ := Pause(in); got != want {
+			t.Errorf("Pause(%v) = %v, want %v", in, got, want)
+		}
+	}
+}
+
+// Readers never see a torn config while an Update runs, and every
+// subscriber sees every change in order (run with -race).
+func TestOwnerConcurrentReadersAndChanges(t *testing.T) {
+	c, err := Load(writeFile(t, specExample))
+	if err != nil {
+		t.Fatal(err)
+	}
+	o := NewOwner(c)
+	var seen []string
+	o.OnChange(func(before, after *Config) { seen = append(seen, after.Userdata.AppID) })
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for i := 0; i < 2000; i++ {
+			cur := o.Current()
+			if cur.Userdata.AppID == "" || cur.Userdata.WSURI == "" {
+				t.Error("torn read")
+				return
+			}
+		}
+	}()
+	for i := 0; i < 20; i++ {
+		id := fmt.Sprintf("app-%d", i)
+		if _, err := o.Update(func(c *Config) error { c.Userdata.AppID = id; return nil }); err != nil {
+			t.Fatal(err)
+		}
+	}
+	<-done
+	if len(seen) != 20 || seen[19] != "app-19" {
+		t.Errorf("subscriber saw %v", seen)
+	}
+	// No change: nothing saved, nobody told.
+	if changed, err := o.Update(func(c *Config) error { c.Userdata.AppID = "app-19"; return nil }); changed || err != nil {
+		t.Errorf("no-op update: %v %v", changed, err)
+	}
+	// A change that fails validation is not saved.
+	if _, err := o.Update(func(c *Config) error { c.Userdata.AppID = ""; return nil }); err == nil {
+		t.Error("invalid change saved")
+	}
+	if o.Current().Userdata.AppID != "app-19" || len(seen) != 20 {
+		t.Errorf("after refused change: %q, %d notifications", o.Current().Userdata.AppID, len(seen))
+	}
+}
+
+func TestLayoutFollowsTheConfig(t *testing.T) {
+	root, _ := fsutil.NewRoot(t.TempDir())
+	c := Default()
+	c.Global.StateDir = "/srv/state"
+	l := NewLayout(root, "", c)
+	checks := map[string]string{
+		l.LockFile():   "/srv/state/lock",
+		l.RecipeFile(): "/srv/state/recipe.json",
+		l.TokenFile():  "/etc/opsagent.token",
+		l.StatesDir():  "/opt/visualops/bootstrap/salt",
+		l.Binary():     "/opt/visualops/bin/opsagent",
+		l.OldBinary():  "/opt/visualops/bin/opsagent.old",
+		l.ConfigFile(): "/etc/opsagent.conf",
+		l.CronEntry():  "/etc/cron.d/opsagent",
+	}
+	for got, want := range checks {
+		if got != root.Path(want) {
+			t.Errorf("%s, want %s below the root", got, want)
+		}
+	}
 }

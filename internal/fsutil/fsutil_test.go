@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -140,4 +141,100 @@ func TestLock(t *testing.T) {
 	if _, err := Lock(filepath.Join(p, "sub", "lock")); err == nil {
 		t.Error("lock in a missing directory succeeded")
 	}
+}
+
+func TestReadFileLimit(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "f")
+	if err := os.WriteFile(p, []byte("12345"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if data, err := ReadFileLimit(p, 5); err != nil || string(data) != "12345" {
+		t.Fatalf("at the limit: %q %v", data, err)
+	}
+	if _, err := ReadFileLimit(p, 4); !errors.Is(err, ErrTooLarge) || !strings.Contains(err.Error(), p) {
+		t.Fatalf("over the limit: %v", err)
+	}
+	// An endless file is cut at the limit, not read forever.
+	if _, err := ReadFileLimit("/dev/zero", 1<<20); !errors.Is(err, ErrTooLarge) {
+		t.Fatalf("/dev/zero: %v", err)
+	}
+}
+
+// HolderPID only asks: while it runs in a loop, Lock always succeeds (with
+// flock, status took the lock for a moment and an agent starting then
+// exited "already running").
+func TestHolderPIDNeverTakesTheLock(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "lock")
+	if err := os.WriteFile(p, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	stop := make(chan struct{})
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+				if _, _, err := HolderPID(p); err != nil {
+					t.Error(err)
+					return
+				}
+			}
+		}
+	}()
+	for i := 0; i < 2000; i++ {
+		l, err := Lock(p)
+		if err != nil {
+			close(stop)
+			<-done
+			t.Fatalf("Lock refused while status queried, attempt %d: %v", i, err)
+		}
+		_ = l.Unlock()
+	}
+	close(stop)
+	<-done
+}
+
+// A lock handed over across exec stays held the whole time, and the new
+// image adopts it.
+func TestLockHandOverAcrossExec(t *testing.T) {
+	if os.Getenv("FSUTIL_HANDOVER_CHILD") != "" {
+		l, err := Lock(os.Getenv("FSUTIL_HANDOVER_CHILD"))
+		if err != nil {
+			fmt.Println("child:", err)
+			os.Exit(1)
+		}
+		fmt.Println("child: adopted")
+		_ = l.Unlock()
+		os.Exit(0)
+	}
+	p := filepath.Join(t.TempDir(), "lock")
+	l, err := Lock(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	env, err := l.HandOver()
+	if err != nil {
+		t.Fatal(err)
+	}
+	// A stranger is still refused after HandOver.
+	if _, err := Lock(p); !errors.Is(err, ErrLocked) {
+		t.Fatalf("stranger took a handed-over lock: %v", err)
+	}
+	cmd := exec.Command(os.Args[0], "-test.run=^TestLockHandOverAcrossExec$")
+	cmd.Env = append(os.Environ(), env, "FSUTIL_HANDOVER_CHILD="+p)
+	out, err := cmd.CombinedOutput()
+	if err != nil || !strings.Contains(string(out), "child: adopted") {
+		t.Fatalf("child: %v\n%s", err, out)
+	}
+	_ = l.Unlock()
+	// An inherited descriptor for another file is ignored, not adopted.
+	t.Setenv(LockFDEnv, "0")
+	l2, err := Lock(filepath.Join(t.TempDir(), "other"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	_ = l2.Unlock()
 }

@@ -3,6 +3,7 @@ package fsutil
 import (
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"strconv"
 	"strings"
@@ -12,9 +13,24 @@ import (
 // ErrLocked is wrapped by Lock's error when another process holds the lock.
 var ErrLocked = errors.New("already running")
 
-// LockFile is an exclusive advisory lock (flock) held for the life of the
-// process. The kernel releases it when the process dies, so a stale file
-// left by a crash never blocks a restart.
+// LockFDEnv names the environment variable through which a process that
+// re-executes itself (a self-update) hands its lock to the new image: the
+// descriptor stays open across exec, so the lock is never released and no
+// second agent can slip in between the two.
+const LockFDEnv = "OPSAGENT_LOCK_FD"
+
+// Open file description locks (fcntl F_OFD_*, Linux 3.15+). Unlike flock
+// they can be queried without being taken (F_OFD_GETLK), so `opsagent
+// status` never holds the agent's lock even for a moment; like flock they
+// belong to the open file, so they survive exec when the descriptor is
+// inherited, and the kernel drops them when the process dies.
+const (
+	fOFDGetLk = 36
+	fOFDSetLk = 37
+)
+
+// LockFile is an exclusive advisory lock held for the life of the process.
+// A stale file left by a crash never blocks a restart.
 type LockFile struct {
 	f    *os.File
 	path string
@@ -23,14 +39,18 @@ type LockFile struct {
 // Lock takes the exclusive lock on path without waiting and records this
 // process's pid in it. When another process holds it the error says which
 // pid, e.g. "lock /var/lib/visualops/opsagent/lock: already running as pid 42".
+// A lock handed over through LockFDEnv (see HandOver) is adopted.
 func Lock(path string) (*LockFile, error) {
+	if l := adopt(path); l != nil {
+		return l, nil
+	}
 	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
 	if err != nil {
 		return nil, fmt.Errorf("lock %s: %w", path, err)
 	}
-	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+	if err := ofdLock(f, syscall.F_WRLCK); err != nil {
 		defer f.Close()
-		if errors.Is(err, syscall.EWOULDBLOCK) {
+		if errors.Is(err, syscall.EAGAIN) || errors.Is(err, syscall.EACCES) {
 			if pid := readPID(f); pid > 0 {
 				return nil, fmt.Errorf("lock %s: %w as pid %d (stop that agent first, e.g. systemctl stop opsagent)", path, ErrLocked, pid)
 			}
@@ -45,11 +65,49 @@ func Lock(path string) (*LockFile, error) {
 	return &LockFile{f: f, path: path}, nil
 }
 
+// adopt takes over a lock descriptor inherited through LockFDEnv when it
+// names the same file as path; otherwise it returns nil and the variable
+// is ignored (it may be stale, or meant for another root).
+func adopt(path string) *LockFile {
+	v := os.Getenv(LockFDEnv)
+	if v == "" {
+		return nil
+	}
+	_ = os.Unsetenv(LockFDEnv) // not for our children
+	fd, err := strconv.Atoi(v)
+	if err != nil || fd < 3 {
+		return nil
+	}
+	f := os.NewFile(uintptr(fd), path)
+	if f == nil {
+		return nil
+	}
+	var got, want syscall.Stat_t
+	if syscall.Fstat(fd, &got) != nil || syscall.Stat(path, &want) != nil || got.Dev != want.Dev || got.Ino != want.Ino {
+		_ = f.Close()
+		return nil
+	}
+	// Our own open file description already holds the lock; setting it
+	// again succeeds and proves it.
+	if ofdLock(f, syscall.F_WRLCK) != nil {
+		_ = f.Close()
+		return nil
+	}
+	syscall.CloseOnExec(fd)
+	return &LockFile{f: f, path: path}
+}
+
+func ofdLock(f *os.File, typ int16) error {
+	lk := syscall.Flock_t{Type: typ, Whence: io.SeekStart}
+	return syscall.FcntlFlock(f.Fd(), fOFDSetLk, &lk)
+}
+
 // HolderPID returns the pid recorded in the lock file at path and whether a
-// live process still holds the lock. It is how `opsagent status` tells if
-// the agent runs.
+// live process holds the lock. It only asks the kernel (F_OFD_GETLK): it
+// never takes the lock, so an agent starting at the same moment is not
+// turned away. It is how `opsagent status` tells if the agent runs.
 func HolderPID(path string) (pid int, held bool, err error) {
-	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	f, err := os.Open(path)
 	if err != nil {
 		if errors.Is(err, os.ErrNotExist) {
 			return 0, false, nil
@@ -58,14 +116,11 @@ func HolderPID(path string) (pid int, held bool, err error) {
 	}
 	defer f.Close()
 	pid = readPID(f)
-	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
-		if errors.Is(err, syscall.EWOULDBLOCK) {
-			return pid, true, nil
-		}
+	lk := syscall.Flock_t{Type: syscall.F_WRLCK, Whence: io.SeekStart}
+	if err := syscall.FcntlFlock(f.Fd(), fOFDGetLk, &lk); err != nil {
 		return pid, false, fmt.Errorf("lock %s: %w", path, err)
 	}
-	_ = syscall.Flock(int(f.Fd()), syscall.LOCK_UN)
-	return pid, false, nil
+	return pid, lk.Type != syscall.F_UNLCK, nil
 }
 
 func readPID(f *os.File) int {
@@ -81,13 +136,28 @@ func readPID(f *os.File) int {
 // Path is the lock file's path.
 func (l *LockFile) Path() string { return l.path }
 
+// HandOver keeps the lock open across the exec that is about to happen and
+// returns the environment entry that tells the new image where it is
+// ("OPSAGENT_LOCK_FD=3"). The caller must exec right after; if the exec
+// fails, Unlock still releases the lock.
+func (l *LockFile) HandOver() (string, error) {
+	if l == nil || l.f == nil {
+		return "", errors.New("lock: nothing to hand over")
+	}
+	fd := int(l.f.Fd())
+	if _, _, errno := syscall.Syscall(syscall.SYS_FCNTL, uintptr(fd), syscall.F_SETFD, 0); errno != 0 {
+		return "", fmt.Errorf("lock %s: keep across exec: %w", l.path, errno)
+	}
+	return LockFDEnv + "=" + strconv.Itoa(fd), nil
+}
+
 // Unlock releases the lock. The file is left in place on purpose: removing
 // it would race with a process that opened it and is about to lock it.
 func (l *LockFile) Unlock() error {
 	if l == nil || l.f == nil {
 		return nil
 	}
-	err := syscall.Flock(int(l.f.Fd()), syscall.LOCK_UN)
+	err := ofdLock(l.f, syscall.F_UNLCK)
 	cerr := l.f.Close()
 	l.f = nil
 	if err != nil {

@@ -24,11 +24,15 @@ var ErrTimeout = errors.New("timed out")
 
 // Cmd is one command to run.
 type Cmd struct {
-	Path        string // program; looked up in PATH when it has no slash
-	Args        []string
-	Dir         string
-	Env         []string // nil: the agent's environment
-	Stdin       io.Reader
+	Path  string // program; looked up in PATH when it has no slash
+	Args  []string
+	Dir   string
+	Env   []string // nil: the agent's environment
+	Stdin io.Reader
+	// Stderr, when set, receives the standard error apart; Output then
+	// holds the standard output alone (git and go commands whose output
+	// is parsed). Nil: both streams interleaved in Output.
+	Stderr      io.Writer
 	Credential  *syscall.Credential // run as this uid/gid; nil: as the agent
 	OutputLimit int                 // bytes of combined output kept; default 64 KiB
 	KillGrace   time.Duration       // SIGTERM → SIGKILL; default 10 s
@@ -67,6 +71,9 @@ func (execRunner) Run(ctx context.Context, c Cmd) (Result, error) {
 	cmd := exec.Command(c.Path, c.Args...)
 	cmd.Dir, cmd.Env, cmd.Stdin = c.Dir, c.Env, c.Stdin
 	cmd.Stdout, cmd.Stderr = out, out
+	if c.Stderr != nil {
+		cmd.Stderr = c.Stderr
+	}
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Credential: c.Credential}
 	// A daemon started with `cmd &` keeps our output pipe open; do not wait
 	// for it once the command itself has exited.
@@ -91,10 +98,12 @@ func (execRunner) Run(ctx context.Context, c Cmd) (Result, error) {
 	case werr = <-waited:
 	case <-ctx.Done():
 		stopErr = ctx.Err()
-		werr = stopGroup(pgid, waited, c.KillGrace)
+		StopGroup(pgid, c.KillGrace)
+		werr = <-waited
 	case <-timeout:
 		stopErr = fmt.Errorf("%w after %v", ErrTimeout, c.Timeout)
-		werr = stopGroup(pgid, waited, c.KillGrace)
+		StopGroup(pgid, c.KillGrace)
+		werr = <-waited
 	}
 	res := Result{ExitCode: exitCode(cmd, werr), Duration: time.Since(start)}
 	res.Output, res.Dropped = out.result()
@@ -107,33 +116,26 @@ func (execRunner) Run(ctx context.Context, c Cmd) (Result, error) {
 	return res, nil
 }
 
-// stopGroup terminates the process group: SIGTERM, SIGKILL after grace,
-// and waits until no member is left.
-func stopGroup(pgid int, waited <-chan error, grace time.Duration) error {
-	_ = syscall.Kill(-pgid, syscall.SIGTERM)
-	var werr error
-	t := time.NewTimer(grace)
-	defer t.Stop()
-	select {
-	case werr = <-waited:
-	case <-t.C:
-		_ = syscall.Kill(-pgid, syscall.SIGKILL)
-		werr = <-waited
+// StopGroup stops process group pgid: SIGTERM to every member, SIGKILL to
+// whatever is left once grace has passed, and it returns when no live
+// member remains. Waiting is bounded (2 s after the SIGKILL) so that an
+// unkillable process (D state) cannot hang the agent. This is the one
+// place the agent stops a group: commands, Salt states, the bridge worker.
+func StopGroup(pgid int, grace time.Duration) {
+	if pgid <= 1 {
+		return // never signal group 0 (our own) or init's
 	}
-	// The leader is gone; members that ignored SIGTERM may remain until
-	// the grace period ends, then they are killed. Bounded, so that an
-	// unkillable process (D state) cannot hang the agent.
+	_ = syscall.Kill(-pgid, syscall.SIGTERM)
 	killAt := time.Now().Add(grace)
 	giveUp := killAt.Add(2 * time.Second)
 	killed := false
 	for GroupAlive(pgid) && time.Now().Before(giveUp) {
-		if !killed && time.Now().After(killAt) {
+		if !killed && !time.Now().Before(killAt) {
 			_ = syscall.Kill(-pgid, syscall.SIGKILL)
 			killed = true
 		}
 		time.Sleep(5 * time.Millisecond)
 	}
-	return werr
 }
 
 // GroupAlive reports whether a live (non-zombie) process of group pgid

@@ -62,7 +62,7 @@ func run(bin string, keep bool) error {
 
 	say("== 1. start the embedded backend")
 	addrFile := filepath.Join(dir, "addr")
-	backend := exec.Command(bin, "backend", "--listen", "127.0.0.1:0", "--data", filepath.Join(dir, "backend-data"), "--addr-file", addrFile)
+	backend := exec.Command(bin, "backend", "--listen", "127.0.0.1:0", "--data", filepath.Join(dir, "backend-data"), "--addr-file", addrFile, "--open-enrollment")
 	blog, _ := os.Create(filepath.Join(dir, "backend.log"))
 	backend.Stdout, backend.Stderr = blog, blog
 	if err := backend.Start(); err != nil {
@@ -184,6 +184,9 @@ type logEntry struct {
 
 func call(method, url, body string, out any) error {
 	req, err := http.NewRequest(method, url, strings.NewReader(body))
+	if err == nil && body != "" {
+		req.Header.Set("Content-Type", "application/json")
+	}
 	if err != nil {
 		return err
 	}

@@ -13,7 +13,7 @@ import (
 
 // Files is the fixture, path → content.
 var Files = map[string]string{
-	"compat.txt": ">= 2.0\n",
+	"compat.txt": "< 2.0\n",
 	"libs/fixturelib.py": `# TEST FIXTURE: a library the adaptor imports from libs/.
 def describe(parameter):
     return "fixture:" + ",".join(sorted(parameter))

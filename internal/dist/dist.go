@@ -1,0 +1,40 @@
+// Package dist is the one definition of an opsagent release as a set of
+// files: their names, latest.json, the minisign keys, signing, and the
+// verification the self-updater runs (the shape of Tailscale's
+// clientupdate/distsign). release/ builds and publishes with it and the
+// updater verifies with it, so a release that release/ signs is, by
+// construction, one the updater accepts (spec/install-update.md).
+package dist
+
+import (
+	"fmt"
+	"regexp"
+)
+
+// Artifact names, in dist/ after a build and under <prefix><version>/ in
+// the bucket (LatestName sits at <prefix>).
+const (
+	TarballName   = "opsagent.tgz"
+	ChecksumName  = TarballName + ".sha256"
+	SignatureName = TarballName + ".minisig"
+	LatestName    = "latest.json"
+)
+
+// Arches returns the architectures every release carries. It is a function,
+// not a variable, so no caller can change the list for everyone else.
+func Arches() []string { return []string{"amd64", "arm64"} }
+
+// BinaryName is the name of the agent binary for arch inside the tarball.
+func BinaryName(arch string) string { return "opsagent-linux-" + arch }
+
+var versionPattern = regexp.MustCompile(`^[0-9]+\.[0-9]+(\.[0-9]+)?$`)
+
+// CheckVersion refuses anything but MAJOR.MINOR[.PATCH]: the version is a
+// path segment in the bucket and a field of latest.json, so it must be
+// plain.
+func CheckVersion(v string) error {
+	if !versionPattern.MatchString(v) {
+		return fmt.Errorf("version %q: use MAJOR.MINOR or MAJOR.MINOR.PATCH, e.g. 2.1 or 2.1.3", v)
+	}
+	return nil
+}

@@ -1,0 +1,117 @@
+// Package saltfork gives tests the real states repository: a clone of
+// testdata/fixtures/salt-fork.bundle (MadeiraCloud/salt at tag
+// v2015-03-26: the 2014 adaptor and Salt 2014.1.0, Python 2 only), and a
+// Python 2.7 interpreter to run it, or a skip when the machine has none.
+package saltfork
+
+import (
+	"context"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sort"
+	"strings"
+	"testing"
+	"time"
+)
+
+// Tag is the fork's tag the bundle holds.
+const Tag = "v2015-03-26"
+
+// Root returns the project's root: the nearest directory above the working
+// directory (a package's, under go test) that holds go.mod.
+func Root(t testing.TB) string {
+	t.Helper()
+	dir, err := os.Getwd()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for {
+		if _, err := os.Stat(filepath.Join(dir, "go.mod")); err == nil {
+			return dir
+		}
+		parent := filepath.Dir(dir)
+		if parent == dir {
+			t.Fatal("saltfork: no go.mod above the working directory; run the test with go test inside the module")
+		}
+		dir = parent
+	}
+}
+
+// Libs returns testdata/fixtures/salt-py2-libs: PyYAML, Jinja2, MarkupSafe
+// and msgpack as plain package directories, in versions that run on
+// Python 2 (a wheelhouse for virtualenv.Env.InstallFromWheelhouse).
+func Libs(t testing.TB) string {
+	t.Helper()
+	return filepath.Join(Root(t), "testdata", "fixtures", "salt-py2-libs")
+}
+
+// Clone clones the bundle into a new temporary directory, checks out Tag
+// and returns the clone. Skips when git is not installed.
+func Clone(t testing.TB) string {
+	t.Helper()
+	git, err := exec.LookPath("git")
+	if err != nil {
+		t.Skip("saltfork: git is not installed; it is needed to clone testdata/fixtures/salt-fork.bundle")
+	}
+	bundle := filepath.Join(Root(t), "testdata", "fixtures", "salt-fork.bundle")
+	dir := filepath.Join(t.TempDir(), "salt")
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	for _, args := range [][]string{
+		{"clone", "--quiet", bundle, dir},
+		{"-C", dir, "checkout", "--quiet", Tag},
+	} {
+		cmd := exec.CommandContext(ctx, git, args...)
+		// Neither the user's nor the system's git configuration.
+		cmd.Env = append(os.Environ(), "GIT_CONFIG_NOSYSTEM=1", "GIT_CONFIG_GLOBAL=/dev/null", "GIT_TERMINAL_PROMPT=0")
+		if out, err := cmd.CombinedOutput(); err != nil {
+			t.Fatalf("saltfork: git %s: %v\n%s", strings.Join(args, " "), err, out)
+		}
+	}
+	return dir
+}
+
+// Python2 returns a Python 2.7 interpreter: pyenv's ($PYENV_ROOT or
+// ~/.pyenv, newest 2.7 first), then python2.7 and python2 on PATH, in
+// /usr/bin and /usr/local/bin. Each is run once to make sure it is 2.7 (a
+// pyenv shim exists but fails when 2.7 is not pyenv's global version).
+// Skips the test when there is none.
+func Python2(t testing.TB) string {
+	t.Helper()
+	var candidates []string
+	root := os.Getenv("PYENV_ROOT")
+	if root == "" {
+		if home, err := os.UserHomeDir(); err == nil {
+			root = filepath.Join(home, ".pyenv")
+		}
+	}
+	if root != "" {
+		versions, _ := filepath.Glob(filepath.Join(root, "versions", "2.7*"))
+		sort.Sort(sort.Reverse(sort.StringSlice(versions)))
+		for _, v := range versions {
+			candidates = append(candidates, filepath.Join(v, "bin", "python2.7"))
+		}
+	}
+	for _, name := range []string{"python2.7", "python2"} {
+		if p, err := exec.LookPath(name); err == nil {
+			candidates = append(candidates, p)
+		}
+	}
+	for _, d := range []string{"/usr/bin", "/usr/local/bin"} {
+		candidates = append(candidates, filepath.Join(d, "python2.7"), filepath.Join(d, "python2"))
+	}
+	for _, c := range candidates {
+		if _, err := os.Stat(c); err != nil {
+			continue
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		out, err := exec.CommandContext(ctx, c, "-c", `import sys; print("%d.%d" % sys.version_info[:2])`).Output()
+		cancel()
+		if err == nil && strings.TrimSpace(string(out)) == "2.7" {
+			return c
+		}
+	}
+	t.Skip("saltfork: no Python 2.7 found (pyenv's versions/2.7*, python2.7 or python2 on PATH, /usr/bin, /usr/local/bin); the 2014 Salt fork needs it: install python2.7 (or `pyenv install 2.7.18`) to run this test")
+	return ""
+}
