@@ -179,7 +179,11 @@ func runSession(ctx context.Context, opts Options, cfg *config.Config, layout co
 	if err := bridge.WriteScript(layout.BridgeScript()); err != nil {
 		s.addInitError(fmt.Sprintf("cannot write bridge.py: %v", err))
 	}
-	salt := newSaltExecutor(layout, cur, log.With("part", "salt"), s.setSaltError)
+	salt := newSaltExecutor(layout, cur, log.With("part", "salt"), s.setSaltError, func(p string) {
+		if _, err := owner.Update(func(c *config.Config) error { c.Global.PackagePath = p; return nil }); err != nil {
+			log.Error("cannot write [global] package_path back to the config", "err", err)
+		}
+	})
 	defer salt.Close()
 	executor := &rounds.Router{
 		Engine: strings.ToLower(cur.Agent.Engine),

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/visualops/opsagent/internal/testutil/gitserver"
+	"github.com/visualops/opsagent/internal/testutil/saltfork"
 	"github.com/visualops/opsagent/internal/testutil/statesrepo"
 )
 
@@ -71,20 +72,43 @@ func TestSaltPathEndToEnd(t *testing.T) {
 // BenchmarkAgentStartToFirstSaltState: with a warm virtualenv and an
 // existing clone, the time from starting `opsagent run` to the backend
 // holding the first StateLog of a Salt state (the persisted recipe is
-// resumed at once).
+// resumed at once): with the test fixture on python3, and with the real
+// 2014 fork (Salt 2014.1 on Python 2.7).
 func BenchmarkAgentStartToFirstSaltState(b *testing.B) {
-	if _, err := exec.LookPath("python3"); err != nil {
-		b.Skip("python3 not installed")
-	}
-	gs := gitserver.New(b)
-	url := gs.CreateRepo("states", statesrepo.With(nil))
-	gs.Tag("states", "v1")
+	b.Run("fixture", func(b *testing.B) {
+		if _, err := exec.LookPath("python3"); err != nil {
+			b.Skip("python3 not installed")
+		}
+		gs := gitserver.New(b)
+		url := gs.CreateRepo("states", statesrepo.With(nil))
+		gs.Tag("states", "v1")
+		benchStartToFirstState(b, url, "v1", "")
+	})
+	b.Run("real-fork", func(b *testing.B) {
+		saltfork.Python2(b)
+		gs := gitserver.New(b)
+		url := gs.FromBundle("salt", filepath.Join(saltfork.Root(b), "testdata", "fixtures", "salt-fork.bundle"))
+		benchStartToFirstState(b, url, saltfork.Tag, saltfork.Libs(b))
+	})
+}
+
+func benchStartToFirstState(b *testing.B, url, tag, wheelhouse string) {
 	be := startBackend(b, b.TempDir(), "127.0.0.1:0")
-	root := agentRoot(b, be.addr, "start", "i-start", "[agent]\nengine = salt\n[salt]\ndelay = 1h\n")
-	be.api(b, "PUT", "/api/apps/start/recipe", `{"module":{"repo":"`+url+`","tag":"v1"},"state":[
-	  {"id":"hello","module":"linux.cmd","parameter":{"cmd":"true"}}]}`)
+	extra := "[agent]\nengine = salt\n[salt]\ndelay = 1h\n[module]\nbootstrap =\n"
+	if wheelhouse != "" {
+		extra += "[salt]\nwheelhouse = /wheelhouse\n"
+	}
+	root := agentRoot(b, be.addr, "start", "i-start", extra)
+	if wheelhouse != "" {
+		copyDir(b, wheelhouse, filepath.Join(root, "wheelhouse"))
+	}
+	be.api(b, "PUT", "/api/apps/start/recipe", `{"module":{"repo":"`+url+`","tag":"`+tag+`"},"state":[
+	  {"id":"hello","module":"linux.cmd","parameter":{"cmd":"true","cwd":"/tmp"}}]}`)
 	first := start(b, "--root", root, "run")
 	eventually(b, "first run prepared the venv and clone", func() bool { return len(be.logs(nil, "start")) >= 1 })
+	if l := be.logs(nil, "start")[0]; !l.Result {
+		b.Fatalf("first state failed: %s", comment(l))
+	}
 	first.stop(nil, syscall.SIGTERM)
 	for i := 0; i < b.N; i++ {
 		n := len(be.logs(nil, "start"))

@@ -15,7 +15,6 @@ import (
 	"fmt"
 	"io/fs"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -26,24 +25,34 @@ import (
 	"github.com/visualops/opsagent/internal/archive"
 	"github.com/visualops/opsagent/internal/dist"
 	"github.com/visualops/opsagent/internal/fsutil"
+	"github.com/visualops/opsagent/internal/proc"
 	"github.com/visualops/opsagent/internal/userdata"
 )
 
-// Runner runs a command in dir and returns its standard output.
+// Runner runs a command in dir and returns its standard output: the seam
+// tests replace to answer git and go without running them.
 type Runner func(ctx context.Context, dir string, env []string, name string, args ...string) ([]byte, error)
 
-// ExecRunner is the real Runner.
-func ExecRunner(ctx context.Context, dir string, env []string, name string, args ...string) ([]byte, error) {
-	cmd := exec.CommandContext(ctx, name, args...)
-	cmd.Dir = dir
-	cmd.Env = append(os.Environ(), env...)
-	var stderr bytes.Buffer
-	cmd.Stderr = &stderr
-	out, err := cmd.Output()
-	if err != nil {
-		return out, fmt.Errorf("%s %s: %w: %s", name, strings.Join(args, " "), err, strings.TrimSpace(stderr.String()))
+// maxCommandOutput bounds what is kept of a git or go command's output.
+const maxCommandOutput = 4 << 20
+
+// ProcRunner adapts the agent's one process runner (internal/proc) to
+// Runner: standard output is returned, standard error goes into the error.
+func ProcRunner(r proc.Runner) Runner {
+	return func(ctx context.Context, dir string, env []string, name string, args ...string) ([]byte, error) {
+		var stderr bytes.Buffer
+		res, err := r.Run(ctx, proc.Cmd{
+			Path: name, Args: args, Dir: dir, Env: append(os.Environ(), env...),
+			Stderr: &stderr, OutputLimit: maxCommandOutput, KillGrace: 5 * time.Second,
+		})
+		if err == nil && res.ExitCode != 0 {
+			err = fmt.Errorf("exit code %d", res.ExitCode)
+		}
+		if err != nil {
+			return []byte(res.Output), fmt.Errorf("%s %s: %w: %s", name, strings.Join(args, " "), err, strings.TrimSpace(stderr.String()))
+		}
+		return []byte(res.Output), nil
 	}
-	return out, nil
 }
 
 // BuildOptions configures Build.
@@ -57,7 +66,7 @@ type BuildOptions struct {
 	// SourceDateEpoch fixes every timestamp; 0 = $SOURCE_DATE_EPOCH, else
 	// the commit time.
 	SourceDateEpoch int64
-	Run             Runner // default ExecRunner
+	Run             Runner // default ProcRunner(proc.New())
 }
 
 // Artifacts is what Build produced.
@@ -78,7 +87,7 @@ func Build(ctx context.Context, o BuildOptions) (*Artifacts, error) {
 		return nil, err
 	}
 	if o.Run == nil {
-		o.Run = ExecRunner
+		o.Run = ProcRunner(proc.New())
 	}
 	if o.OutDir == "" {
 		o.OutDir = "dist"

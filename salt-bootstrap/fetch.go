@@ -102,7 +102,12 @@ func (f *Fetcher) readState() state {
 // bootstrap modules" and went on), a failing script does not fail the
 // states, because the real fork's script ends with downloads that often
 // fail; the agent shows the warning in status and init_errors.
-func (f *Fetcher) Ensure(ctx context.Context, repo, tag string) (Result, error) {
+//
+// prepare, when not nil, runs after a changed checkout passed compat.txt
+// and before bootstrap.sh: the agent builds the virtualenv there, because
+// the interpreter depends on the repository and bootstrap.sh copies
+// libraries into the virtualenv's site-packages.
+func (f *Fetcher) Ensure(ctx context.Context, repo, tag string, prepare func(context.Context) error) (Result, error) {
 	if repo == "" {
 		return Result{}, &Error{Comment: "no states repository configured (set [module] mod_repo, or name one in the recipe)"}
 	}
@@ -133,7 +138,11 @@ func (f *Fetcher) Ensure(ctx context.Context, repo, tag string) (Result, error) 
 	next.Warning = cur.Warning
 	if res.Changed {
 		f.log.Info("states repository checked out", "repo", repo, "tag", tag, "commit", next.Commit)
-		if err := f.checkCompat(); err != nil {
+		err := f.checkCompat()
+		if err == nil && prepare != nil {
+			err = prepare(ctx)
+		}
+		if err != nil {
 			// Forget the checkout so that the next round tries again
 			// rather than trusting a tree that failed its checks.
 			_ = os.Remove(f.statePath())

@@ -10,7 +10,8 @@ import (
 	"sort"
 	"strconv"
 	"strings"
-	"time"
+
+	"github.com/visualops/opsagent/internal/proc"
 )
 
 // The first Salt release PythonFor runs on Python 3; older ones (the 2014
@@ -50,7 +51,7 @@ func SaltVersion(repoDir string) ([3]int, error) {
 // than 2018.3 (an error when none is installed); python3 otherwise,
 // including when the Salt version cannot be read (a repository that is not
 // the 2014 fork). why says which and why, for the log.
-func PythonFor(repoDir, override string) (python, why string, err error) {
+func PythonFor(ctx context.Context, r proc.Runner, repoDir, override string) (python, why string, err error) {
 	if override != "" {
 		return override, "set by [salt] python", nil
 	}
@@ -62,15 +63,29 @@ func PythonFor(repoDir, override string) (python, why string, err error) {
 	if v[0] > py3SaltYear || (v[0] == py3SaltYear && v[1] >= py3SaltMonth) {
 		return "python3", fmt.Sprintf("python3: the states repository bundles Salt %s", salt), nil
 	}
-	py, tried := findPython2(python2Candidates())
-	if py == "" {
-		return "", "", python2Missing(salt, tried)
+	py, err := FindPython2(ctx, r)
+	if err != nil {
+		return "", "", python2Missing(salt, err)
 	}
 	return py, fmt.Sprintf("%s: the states repository bundles Salt %s, which is Python 2 only", py, salt), nil
 }
 
-func python2Missing(salt string, tried []string) error {
-	return fmt.Errorf("the states repository needs Python 2.7 (Salt %s), which is not installed on this instance: install python2.7, or set [agent] engine = native (looked for %s)", salt, strings.Join(tried, ", "))
+func python2Missing(salt string, err error) error {
+	return fmt.Errorf("the states repository needs Python 2.7 (Salt %s), which is not installed on this instance: install python2.7, or set [agent] engine = native (%v)", salt, err)
+}
+
+// FindPython2 returns a working Python 2.7 interpreter: on PATH, in the
+// usual directories, then pyenv's versions; or an error saying where it
+// looked.
+func FindPython2(ctx context.Context, r proc.Runner) (string, error) {
+	if r == nil {
+		r = proc.New()
+	}
+	py, tried := findPython2(ctx, r, python2Candidates())
+	if py == "" {
+		return "", fmt.Errorf("no Python 2.7 in %s", strings.Join(tried, ", "))
+	}
+	return py, nil
 }
 
 // python2Candidates lists where Python 2.7 may be, best first: PATH, the
@@ -105,7 +120,7 @@ func python2Candidates() []string {
 // findPython2 returns the first candidate that runs and is 2.7 (a pyenv
 // shim on PATH exists but fails when 2.7 is not pyenv's global version),
 // and the candidates it looked at.
-func findPython2(candidates []string) (string, []string) {
+func findPython2(ctx context.Context, r proc.Runner, candidates []string) (string, []string) {
 	seen := map[string]bool{}
 	var tried []string
 	for _, c := range candidates {
@@ -117,10 +132,7 @@ func findPython2(candidates []string) (string, []string) {
 		if _, err := os.Stat(c); err != nil {
 			continue
 		}
-		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-		out, err := exec.CommandContext(ctx, c, "-c", `import sys; print("%d.%d" % sys.version_info[:2])`).Output()
-		cancel()
-		if err == nil && strings.TrimSpace(string(out)) == "2.7" {
+		if in, err := inspect(ctx, r, c); err == nil && majorMinor(in.version) == "2.7" {
 			return c, tried
 		}
 	}

@@ -1,9 +1,8 @@
-package virtualenv
+package virtualenv_test
 
 import (
-	"archive/zip"
 	"context"
-	"log/slog"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -11,6 +10,8 @@ import (
 	"strings"
 	"syscall"
 	"testing"
+
+	"github.com/visualops/opsagent/virtualenv"
 
 	"github.com/visualops/opsagent/internal/proc"
 	"github.com/visualops/opsagent/internal/testutil/saltfork"
@@ -42,7 +43,7 @@ func TestPython2EnvWithTheFixtureLibs(t *testing.T) {
 	py := saltfork.Python2(t)
 	dir := filepath.Join(t.TempDir(), "opt", "visualops", "env")
 	ctx := context.Background()
-	env, err := Ensure(ctx, Options{Dir: dir, Python: py})
+	env, err := virtualenv.Ensure(ctx, virtualenv.Options{Dir: dir, Python: py})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -80,7 +81,7 @@ func TestPython2EnvWithTheFixtureLibs(t *testing.T) {
 		t.Fatalf("second install: %v", err)
 	}
 	before := lino(t, env.Python)
-	again, err := Ensure(ctx, Options{Dir: dir, Python: py})
+	again, err := virtualenv.Ensure(ctx, virtualenv.Options{Dir: dir, Python: py})
 	if err != nil || again.Created || lino(t, again.Python) != before || again.SitePackages != env.SitePackages || again.Minimal != env.Minimal {
 		t.Fatalf("a healthy environment was rebuilt: %+v %v", again, err)
 	}
@@ -89,11 +90,11 @@ func TestPython2EnvWithTheFixtureLibs(t *testing.T) {
 	}
 	// The states repository now needs Python 3: rebuilt with it.
 	if _, err := exec.LookPath("python3"); err == nil {
-		py3, err := Ensure(ctx, Options{Dir: dir, Python: "python3"})
+		py3, err := virtualenv.Ensure(ctx, virtualenv.Options{Dir: dir, Python: "python3"})
 		if err != nil || !py3.Created || !strings.HasPrefix(py3.Version, "3.") || py3.Minimal {
 			t.Fatalf("rebuild with python3: %+v %v", py3, err)
 		}
-		if _, err := os.Stat(filepath.Join(dir, minimalMarker)); err == nil {
+		if _, err := os.Stat(filepath.Join(dir, virtualenv.MinimalMarker)); err == nil {
 			t.Error("the minimal environment's marker survived the rebuild")
 		}
 	}
@@ -101,11 +102,11 @@ func TestPython2EnvWithTheFixtureLibs(t *testing.T) {
 
 func TestPythonForTheFork(t *testing.T) {
 	repo := saltfork.Clone(t)
-	v, err := SaltVersion(repo)
+	v, err := virtualenv.SaltVersion(repo)
 	if err != nil || v != [3]int{2014, 1, 0} {
 		t.Fatalf("SaltVersion = %v, %v", v, err)
 	}
-	py, why, err := PythonFor(repo, "")
+	py, why, err := virtualenv.PythonFor(context.Background(), nil, repo, "")
 	if err != nil {
 		if strings.Contains(err.Error(), "not installed") {
 			saltfork.Python2(t) // skips when the machine has none; else a bug
@@ -119,7 +120,7 @@ func TestPythonForTheFork(t *testing.T) {
 	if !strings.Contains(why, "2014.1.0") {
 		t.Errorf("why = %q", why)
 	}
-	if py, why, err := PythonFor(repo, "/opt/python/bin/python2.7"); err != nil || py != "/opt/python/bin/python2.7" || !strings.Contains(why, "[salt] python") {
+	if py, why, err := virtualenv.PythonFor(context.Background(), nil, repo, "/opt/python/bin/python2.7"); err != nil || py != "/opt/python/bin/python2.7" || !strings.Contains(why, "[salt] python") {
 		t.Errorf("override: %s %q %v", py, why, err)
 	}
 }
@@ -128,22 +129,22 @@ func TestPythonForOtherRepos(t *testing.T) {
 	newer := t.TempDir()
 	os.MkdirAll(filepath.Join(newer, "sources", "salt"), 0o755)
 	os.WriteFile(filepath.Join(newer, "sources", "salt", "version.py"), []byte("__saltstack_version__ = SaltStackVersion(2018, 3, 0, 0, 0)\n"), 0o644)
-	if py, why, err := PythonFor(newer, ""); err != nil || py != "python3" || !strings.Contains(why, "2018.3.0") {
+	if py, why, err := virtualenv.PythonFor(context.Background(), nil, newer, ""); err != nil || py != "python3" || !strings.Contains(why, "2018.3.0") {
 		t.Errorf("Salt 2018.3: %s %q %v", py, why, err)
 	}
 	os.WriteFile(filepath.Join(newer, "sources", "salt", "version.py"), []byte("__version_info__ = (2017, 7, 8)\n"), 0o644)
-	if v, err := SaltVersion(newer); err != nil || v != [3]int{2017, 7, 8} {
+	if v, err := virtualenv.SaltVersion(newer); err != nil || v != [3]int{2017, 7, 8} {
 		t.Errorf("__version_info__ tuple: %v %v", v, err)
 	}
-	if py, why, err := PythonFor(t.TempDir(), ""); err != nil || py != "python3" || !strings.Contains(why, "version.py") {
+	if py, why, err := virtualenv.PythonFor(context.Background(), nil, t.TempDir(), ""); err != nil || py != "python3" || !strings.Contains(why, "version.py") {
 		t.Errorf("no Salt version: %s %q %v", py, why, err)
 	}
 	// No Python 2 anywhere: the error says what to do.
 	none := filepath.Join(t.TempDir(), "python2.7")
-	if py, tried := findPython2([]string{none, none}); py != "" || len(tried) != 1 {
+	if py, tried := virtualenv.FindPython2For(context.Background(), proc.New(), []string{none, none}); py != "" || len(tried) != 1 {
 		t.Fatalf("findPython2 = %q %v", py, tried)
 	}
-	err := python2Missing("2014.1.0", []string{none})
+	err := virtualenv.Python2Missing("2014.1.0", fmt.Errorf("no Python 2.7 in %s", none))
 	for _, want := range []string{"needs Python 2.7 (Salt 2014.1.0)", "not installed on this instance", "install python2.7", "[agent] engine = native", none} {
 		if !strings.Contains(err.Error(), want) {
 			t.Errorf("error %q lacks %q", err, want)
@@ -166,7 +167,7 @@ func TestSaltRequirementsMatchTheFixture(t *testing.T) {
 		"msgpack-python": strings.Join(regexp.MustCompile(`\((\d+), (\d+), (\d+)\)`).FindStringSubmatch(read("msgpack/_version.py"))[1:], "."),
 	}
 	got := map[string]string{}
-	for _, r := range SaltRequirements(2) {
+	for _, r := range virtualenv.SaltRequirements(2) {
 		name, version, ok := strings.Cut(r, "==")
 		if !ok {
 			t.Errorf("%q is not pinned", r)
@@ -175,130 +176,13 @@ func TestSaltRequirementsMatchTheFixture(t *testing.T) {
 	}
 	for name, v := range want {
 		if got[name] != v {
-			t.Errorf("SaltRequirements(2) pins %s %q; the fixture holds %q", name, got[name], v)
+			t.Errorf("virtualenv.SaltRequirements(2) pins %s %q; the fixture holds %q", name, got[name], v)
 		}
 	}
 	if _, ok := got["MarkupSafe"]; !ok {
 		t.Error("MarkupSafe missing")
 	}
-	if len(SaltRequirements(3)) != 4 {
-		t.Errorf("SaltRequirements(3) = %v", SaltRequirements(3))
-	}
-}
-
-// writeWheel writes a wheel with the given files (RECORD added).
-func writeWheel(t *testing.T, path string, files map[string]string) {
-	t.Helper()
-	f, err := os.Create(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	z := zip.NewWriter(f)
-	var record []string
-	for name, data := range files {
-		h := &zip.FileHeader{Name: name, Method: zip.Deflate}
-		h.SetMode(0o644)
-		if strings.Contains(name, ".data/scripts/") {
-			h.SetMode(0o755)
-		}
-		w, err := z.CreateHeader(h)
-		if err != nil {
-			t.Fatal(err)
-		}
-		w.Write([]byte(data))
-		record = append(record, name+",,")
-	}
-	parts := strings.Split(filepath.Base(path), "-")
-	info := parts[0] + "-" + parts[1] + ".dist-info/RECORD"
-	w, _ := z.Create(info)
-	w.Write([]byte(strings.Join(append(record, info+",,"), "\n") + "\n"))
-	if err := z.Close(); err != nil {
-		t.Fatal(err)
-	}
-	f.Close()
-}
-
-// TestUnpackWheelsWithoutPip installs wheels the way a minimal Python 2
-// environment does (no pip of its own): only those that fit its Python,
-// .data directories laid out like pip, an upgrade removing the old files.
-func TestUnpackWheelsWithoutPip(t *testing.T) {
-	dir := t.TempDir()
-	env := Env{Dir: dir, Python: filepath.Join(dir, "bin", "python"), Version: "2.7.18", Minimal: true,
-		SitePackages: filepath.Join(dir, "lib", "python2.7", "site-packages"), runner: proc.New(), log: slog.New(slog.DiscardHandler)}
-	os.MkdirAll(env.SitePackages, 0o755)
-	house := t.TempDir()
-	writeWheel(t, filepath.Join(house, "hello_two-1.0-py2-none-any.whl"), map[string]string{
-		"hello_two/__init__.py":                     "V = 1\n",
-		"hello_two/old.py":                          "gone = True\n",
-		"hello_two-1.0.data/scripts/hello-two":      "#!python\nprint('hi')\n",
-		"hello_two-1.0.data/purelib/hello_extra.py": "X = 1\n",
-		"hello_two-1.0.dist-info/METADATA":          "Name: hello-two\nVersion: 1.0\n",
-	})
-	writeWheel(t, filepath.Join(house, "only_three-1.0-py3-none-any.whl"), map[string]string{"only_three.py": ""})
-	writeWheel(t, filepath.Join(house, "native-1.0-cp27-cp27mu-win_amd64.whl"), map[string]string{"native.py": ""})
-	os.WriteFile(filepath.Join(house, "single.py"), []byte("S = 1\n"), 0o644)
-	os.WriteFile(filepath.Join(house, "README"), []byte("not a package\n"), 0o644)
-	ctx := context.Background()
-	if err := env.InstallFromWheelhouse(ctx, house); err != nil {
-		t.Fatal(err)
-	}
-	sp := env.SitePackages
-	for _, p := range []string{"hello_two/__init__.py", "hello_two/old.py", "hello_extra.py", "single.py", "hello_two-1.0.dist-info/INSTALLER"} {
-		if _, err := os.Stat(filepath.Join(sp, p)); err != nil {
-			t.Errorf("missing %s: %v", p, err)
-		}
-	}
-	for _, p := range []string{"only_three.py", "native.py", "README"} {
-		if _, err := os.Stat(filepath.Join(sp, p)); err == nil {
-			t.Errorf("%s installed, but it does not fit Python 2.7 on linux", p)
-		}
-	}
-	script, err := os.ReadFile(filepath.Join(dir, "bin", "hello-two"))
-	if err != nil || !strings.HasPrefix(string(script), "#!"+env.Python+"\n") {
-		t.Errorf("script: %q %v", script, err)
-	}
-	// An upgrade: the files of 1.0 that 1.1 lacks are gone.
-	os.Remove(filepath.Join(house, "hello_two-1.0-py2-none-any.whl"))
-	writeWheel(t, filepath.Join(house, "hello_two-1.1-py2.py3-none-any.whl"), map[string]string{
-		"hello_two/__init__.py":            "V = 2\n",
-		"hello_two-1.1.dist-info/METADATA": "Name: hello-two\nVersion: 1.1\n",
-	})
-	if err := env.InstallFromWheelhouse(ctx, house); err != nil {
-		t.Fatal(err)
-	}
-	if data, _ := os.ReadFile(filepath.Join(sp, "hello_two", "__init__.py")); string(data) != "V = 2\n" {
-		t.Errorf("upgrade: %q", data)
-	}
-	for _, p := range []string{"hello_two/old.py", "hello_two-1.0.dist-info"} {
-		if _, err := os.Stat(filepath.Join(sp, p)); err == nil {
-			t.Errorf("upgrade left %s behind", p)
-		}
-	}
-	// Two versions that both fit: refused, naming both.
-	writeWheel(t, filepath.Join(house, "hello_two-1.2-py27-none-any.whl"), map[string]string{"hello_two/__init__.py": ""})
-	err = env.InstallFromWheelhouse(ctx, house)
-	if err == nil || !strings.Contains(err.Error(), "hello_two-1.1") || !strings.Contains(err.Error(), "hello_two-1.2") || !strings.Contains(err.Error(), "keep one") {
-		t.Errorf("two fitting wheels: %v", err)
-	}
-	// A source archive needs pip, which a minimal environment lacks.
-	os.Remove(filepath.Join(house, "hello_two-1.2-py27-none-any.whl"))
-	os.WriteFile(filepath.Join(house, "thing-1.0.tar.gz"), []byte("x"), 0o644)
-	err = env.InstallFromWheelhouse(ctx, house)
-	if err == nil || !strings.Contains(err.Error(), "thing-1.0.tar.gz") || !strings.Contains(err.Error(), "needs pip") {
-		t.Errorf("sdist without pip: %v", err)
-	}
-}
-
-func TestWheelEntriesStayInside(t *testing.T) {
-	dir := t.TempDir()
-	env := Env{Dir: dir, Version: "2.7.18", Minimal: true, SitePackages: filepath.Join(dir, "sp"), runner: proc.New(), log: slog.New(slog.DiscardHandler)}
-	house := t.TempDir()
-	writeWheel(t, filepath.Join(house, "evil-1.0-py2-none-any.whl"), map[string]string{"../../escaped.py": "x"})
-	err := env.InstallFromWheelhouse(context.Background(), house)
-	if err == nil || !strings.Contains(err.Error(), "leaves its directory") {
-		t.Fatalf("err = %v", err)
-	}
-	if _, err := os.Stat(filepath.Join(filepath.Dir(dir), "escaped.py")); err == nil {
-		t.Fatal("a wheel wrote outside site-packages")
+	if len(virtualenv.SaltRequirements(3)) != 4 {
+		t.Errorf("virtualenv.SaltRequirements(3) = %v", virtualenv.SaltRequirements(3))
 	}
 }

@@ -327,6 +327,35 @@ func (e Env) InstallPackages(ctx context.Context, specs ...string) error {
 	return e.pip(ctx, strings.Join(specs, " "), specs...)
 }
 
+// Missing returns those of modules the environment's Python cannot
+// import (site-packages included, for a minimal environment), asking one
+// interpreter for all of them.
+func (e Env) Missing(ctx context.Context, modules ...string) []string {
+	if len(modules) == 0 {
+		return nil
+	}
+	code := missingProbe
+	if e.Minimal {
+		code = "import site; site.addsitedir(" + strconv.Quote(e.SitePackages) + ")\n" + code
+	}
+	res, err := e.runner.Run(ctx, proc.Cmd{Path: e.Python, Args: append([]string{"-c", code}, modules...), Timeout: time.Minute})
+	if err != nil || res.ExitCode != 0 {
+		return modules
+	}
+	return strings.Fields(res.Output)
+}
+
+// missingProbe prints the modules given as arguments that do not import.
+const missingProbe = `import sys
+missing = []
+for m in sys.argv[1:]:
+    try:
+        __import__(m)
+    except Exception:
+        missing.append(m)
+print(" ".join(missing))
+`
+
 // SaltRequirements are the pip requirements of the Salt a states
 // repository bundles, for the Python major version it runs on. For Python 2
 // they are the versions of the 2014 fork's time, pinned because later ones

@@ -76,6 +76,9 @@ func New(opts Options) *Bridge {
 	return &Bridge{opts: opts, log: log}
 }
 
+// Options returns the options the bridge was made with.
+func (b *Bridge) Options() Options { return b.opts }
+
 // SetRepo names the states repository checkout to load; a change (or
 // force, after the checkout was updated) reloads it before the next state.
 func (b *Bridge) SetRepo(dir string, force bool) {

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/visualops/opsagent/agent/state"
+	"github.com/visualops/opsagent/internal/config"
 	"github.com/visualops/opsagent/internal/proc"
 	"github.com/visualops/opsagent/internal/rootfs"
 )
@@ -17,7 +18,6 @@ import (
 // Defaults of linux.cmd (module.json).
 const (
 	defaultShell   = "/bin/sh"
-	defaultCwd     = "/opt/visualops/tmp/"
 	defaultTimeout = 600 // seconds
 )
 
@@ -45,7 +45,7 @@ func (e *Executor) cmd(ctx context.Context, fsys *rootfs.FS, p params) (state.Re
 		return state.Result{}, err
 	}
 	if strings.TrimSpace(cwd) == "" {
-		cwd = defaultCwd
+		cwd = config.CmdCwd
 	}
 	timeout, err := p.integer("timeout", defaultTimeout)
 	if err != nil {

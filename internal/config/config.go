@@ -320,7 +320,7 @@ func (c *Config) Bytes() ([]byte, error) {
 			sec.Key(f.key).SetValue(v)
 			continue
 		}
-		if v != f.def {
+		if v != f.def || f.written && v != "" {
 			c.doc.Section(f.section).Key(f.key).SetValue(v)
 		}
 	}
@@ -374,8 +374,11 @@ type field struct {
 	section, key string
 	def          string
 	required     bool
-	get          func(*Config) string
-	set          func(*Config, string) error
+	// written: the states repository's bootstrap.sh reads this key with
+	// grep, so the file always carries it, default or not.
+	written bool
+	get     func(*Config) string
+	set     func(*Config, string) error
 }
 
 func lookup(section, key string) *field {
@@ -408,6 +411,9 @@ func path(section, key, def string, p func(*Config) *string) field {
 }
 
 func required(f field) field { f.required = true; return f }
+
+// readByBootstrap marks the keys scripts/bootstrap.sh greps for.
+func readByBootstrap(f field) field { f.written = true; return f }
 
 func withCheck(f field, check func(string) error) field {
 	set := f.set
@@ -598,24 +604,24 @@ func logLevel(v string) error { _, err := ParseLogLevel(v); return err }
 // fields is the table of known keys, in file order.
 var fields = []field{
 	path("global", "envroot", "/opt/visualops/env", func(c *Config) *string { return &c.Global.VenvDir }),
-	path("global", "conf_path", "/var/lib/visualops/opsagent", func(c *Config) *string { return &c.Global.StateDir }),
+	readByBootstrap(path("global", "conf_path", "/var/lib/visualops/opsagent", func(c *Config) *string { return &c.Global.StateDir })),
 	path("global", "log_path", "/var/log/visualops", func(c *Config) *string { return &c.Global.LogDir }),
 	path("global", "token", "/etc/opsagent.token", func(c *Config) *string { return &c.Global.TokenFile }),
 	path("global", "watch", "/var/lib/visualops/opsagent/watch", func(c *Config) *string { return &c.Global.WatchDir }),
 	path("global", "logfile", "/var/log/visualops/agent.log", func(c *Config) *string { return &c.Global.LogFile }),
 	withCheck(str("global", "loglvl", "INFO", func(c *Config) *string { return &c.Global.LogLevel }), logLevel),
-	path("global", "package_path", "", func(c *Config) *string { return &c.Global.PackagePath }),
-	str("global", "platform", "", func(c *Config) *string { return &c.Global.Platform }),
+	readByBootstrap(path("global", "package_path", "", func(c *Config) *string { return &c.Global.PackagePath })),
+	readByBootstrap(str("global", "platform", "", func(c *Config) *string { return &c.Global.Platform })),
 
 	required(withCheck(str("userdata", "ws_uri", "", func(c *Config) *string { return &c.Userdata.WSURI }), CheckBackendURL)),
 	required(str("userdata", "app_id", "", func(c *Config) *string { return &c.Userdata.AppID })),
 	str("userdata", "version", "", func(c *Config) *string { return &c.Userdata.Version }),
-	withCheck(str("userdata", "base_remote", "", func(c *Config) *string { return &c.Userdata.BaseRemote }), urlWithScheme("https", "http")),
+	readByBootstrap(withCheck(str("userdata", "base_remote", "", func(c *Config) *string { return &c.Userdata.BaseRemote }), urlWithScheme("https", "http"))),
 	str("userdata", "pubkey", "", func(c *Config) *string { return &c.Userdata.PubKey }),
 	str("userdata", "enroll_secret", "", func(c *Config) *string { return &c.Userdata.EnrollSecret }),
 
-	path("module", "root", "/opt/visualops/bootstrap", func(c *Config) *string { return &c.Module.ReposDir }),
-	str("module", "name", "salt", func(c *Config) *string { return &c.Module.RepoName }),
+	readByBootstrap(path("module", "root", "/opt/visualops/bootstrap", func(c *Config) *string { return &c.Module.ReposDir })),
+	readByBootstrap(str("module", "name", "salt", func(c *Config) *string { return &c.Module.RepoName })),
 	str("module", "bootstrap", "scripts/bootstrap.sh", func(c *Config) *string { return &c.Module.BootstrapScript }),
 	str("module", "mod_repo", "", func(c *Config) *string { return &c.Module.Repo }),
 	str("module", "mod_tag", "", func(c *Config) *string { return &c.Module.Tag }),

@@ -25,7 +25,6 @@ const (
 	cronEntry   = "/etc/cron.d/opsagent"
 	unitFile    = "/etc/systemd/system/opsagent.service"
 	machineID   = "/etc/machine-id"
-	defaultCwd  = "/opt/visualops/tmp"
 	binaryName  = "opsagent"
 	osRelease   = "/etc/os-release"
 	systemdRun  = "/run/systemd/system"
@@ -129,8 +128,9 @@ func (l Layout) OldBinary() string { return l.Binary() + ".old" }
 // NewBinary is where an update's binary is smoke-tested before the swap.
 func (l Layout) NewBinary() string { return l.Binary() + ".new" }
 
-// TmpDir is linux.cmd's default working directory.
-func (l Layout) TmpDir() string { return l.root.Path(defaultCwd) }
+// CmdCwd is linux.cmd's default working directory (module.json), an
+// instance path: the native module maps it below the root itself.
+const CmdCwd = "/opt/visualops/tmp"
 
 // CronDir is /etc/cron.d; CronEntry the agent's file in it.
 func (l Layout) CronDir() string   { return l.root.Path(cronDirPath) }

@@ -6,6 +6,7 @@ package fsutil
 import (
 	"fmt"
 	"path/filepath"
+	"strings"
 )
 
 // Root is the directory every instance path is relative to. On an instance it
@@ -42,3 +43,14 @@ func (r Root) Path(p string) string {
 
 // IsHost reports whether the root is the real file system root.
 func (r Root) IsHost() bool { return r.Dir() == "/" }
+
+// Instance maps a host path below the root back to the instance path (the
+// form the config and the states repository's scripts use). It reports
+// false for a path outside the root.
+func (r Root) Instance(host string) (string, bool) {
+	rel, err := filepath.Rel(r.Dir(), host)
+	if err != nil || rel == ".." || strings.HasPrefix(rel, "../") {
+		return "", false
+	}
+	return filepath.Clean("/" + rel), true
+}

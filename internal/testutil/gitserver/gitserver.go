@@ -115,3 +115,12 @@ func (s *Server) git(dir string, args ...string) string {
 	}
 	return string(out)
 }
+
+// FromBundle serves a git bundle (all its branches and tags) as
+// repository name and returns its clone URL.
+func (s *Server) FromBundle(name, bundle string) string {
+	s.t.Helper()
+	bare := filepath.Join(s.Dir, name+".git")
+	s.git("", "clone", "-q", "--bare", bundle, bare)
+	return s.RepoURL(name)
+}

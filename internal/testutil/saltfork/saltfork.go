@@ -9,10 +9,11 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"sort"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/visualops/opsagent/virtualenv"
 )
 
 // Tag is the fork's tag the bundle holds.
@@ -72,46 +73,13 @@ func Clone(t testing.TB) string {
 	return dir
 }
 
-// Python2 returns a Python 2.7 interpreter: pyenv's ($PYENV_ROOT or
-// ~/.pyenv, newest 2.7 first), then python2.7 and python2 on PATH, in
-// /usr/bin and /usr/local/bin. Each is run once to make sure it is 2.7 (a
-// pyenv shim exists but fails when 2.7 is not pyenv's global version).
-// Skips the test when there is none.
+// Python2 returns a Python 2.7 interpreter, found as the agent finds it
+// (virtualenv.FindPython2), or skips the test when the machine has none.
 func Python2(t testing.TB) string {
 	t.Helper()
-	var candidates []string
-	root := os.Getenv("PYENV_ROOT")
-	if root == "" {
-		if home, err := os.UserHomeDir(); err == nil {
-			root = filepath.Join(home, ".pyenv")
-		}
+	py, err := virtualenv.FindPython2(context.Background(), nil)
+	if err != nil {
+		t.Skipf("saltfork: this test needs Python 2.7 (pyenv's 2.7.18 on the project's machines): %v", err)
 	}
-	if root != "" {
-		versions, _ := filepath.Glob(filepath.Join(root, "versions", "2.7*"))
-		sort.Sort(sort.Reverse(sort.StringSlice(versions)))
-		for _, v := range versions {
-			candidates = append(candidates, filepath.Join(v, "bin", "python2.7"))
-		}
-	}
-	for _, name := range []string{"python2.7", "python2"} {
-		if p, err := exec.LookPath(name); err == nil {
-			candidates = append(candidates, p)
-		}
-	}
-	for _, d := range []string{"/usr/bin", "/usr/local/bin"} {
-		candidates = append(candidates, filepath.Join(d, "python2.7"), filepath.Join(d, "python2"))
-	}
-	for _, c := range candidates {
-		if _, err := os.Stat(c); err != nil {
-			continue
-		}
-		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-		out, err := exec.CommandContext(ctx, c, "-c", `import sys; print("%d.%d" % sys.version_info[:2])`).Output()
-		cancel()
-		if err == nil && strings.TrimSpace(string(out)) == "2.7" {
-			return c
-		}
-	}
-	t.Skip("saltfork: no Python 2.7 found (pyenv's versions/2.7*, python2.7 or python2 on PATH, /usr/bin, /usr/local/bin); the 2014 Salt fork needs it: install python2.7 (or `pyenv install 2.7.18`) to run this test")
-	return ""
+	return py
 }
