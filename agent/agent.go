@@ -14,11 +14,13 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
 	"net/http"
 	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 	"time"
@@ -26,6 +28,7 @@ import (
 	"github.com/visualops/opsagent/agent/bridge"
 	"github.com/visualops/opsagent/agent/conn"
 	"github.com/visualops/opsagent/agent/native"
+	"github.com/visualops/opsagent/agent/outbox"
 	"github.com/visualops/opsagent/agent/rounds"
 	"github.com/visualops/opsagent/agent/state"
 	"github.com/visualops/opsagent/agent/statusfile"
@@ -43,7 +46,13 @@ type Options struct {
 	LogLevel   string    // overrides [global] loglvl when set
 	Stderr     io.Writer // also log here (a terminal); nil: the log file only
 	// Reload receives a value when the config should be re-read (SIGHUP).
-	Reload  <-chan struct{}
+	Reload <-chan struct{}
+	// UpdateNow receives a value when `opsagent update` left a request
+	// (SIGUSR1).
+	UpdateNow <-chan struct{}
+	// Binary is the running executable, resolved once at start: what a
+	// self-update replaces and re-executes. "": os.Executable.
+	Binary  string
 	Version string // agent version reported in Handshake
 	// StatusInterval is how often status.json is checked for changes;
 	// default 250 ms. It is rewritten only when something changed (or
@@ -82,6 +91,11 @@ func Run(ctx context.Context, opts Options) (*Restart, error) {
 	if opts.StatusInterval <= 0 {
 		opts.StatusInterval = 250 * time.Millisecond
 	}
+	if opts.Binary == "" {
+		if exe, err := os.Executable(); err == nil {
+			opts.Binary, _ = filepath.EvalSymlinks(exe)
+		}
+	}
 	cfg, err := config.Load(opts.ConfigFile)
 	if err != nil {
 		return nil, err
@@ -92,6 +106,9 @@ func Run(ctx context.Context, opts Options) (*Restart, error) {
 	}
 	lock, err := fsutil.Lock(layout.LockFile())
 	if err != nil {
+		if errors.Is(err, fsutil.ErrLocked) {
+			return nil, fmt.Errorf("%w (stop that agent first, e.g. systemctl stop opsagent)", err)
+		}
 		return nil, err
 	}
 	handedOver := false
@@ -156,6 +173,9 @@ type session struct {
 	mgr     *conn.Manager
 	started time.Time
 
+	update  *selfUpdate   // nil when Options.Updater replaces it (tests)
+	confirm *confirmation // this run's side of an update
+
 	mu         sync.Mutex
 	initErrors []string
 	saltError  string // the Salt path's current problem, "" when it is ready
@@ -172,6 +192,15 @@ func runSession(ctx context.Context, opts Options, cfg *config.Config, layout co
 		log.Warn("could not refresh identity from userdata", "err", err)
 	}
 	cur := owner.Current() // after userdata may have changed it
+	s.confirm = newConfirmation(layout, owner, opts.Version, log.With("part", "update"))
+	if msg := s.confirm.initError(); msg != "" {
+		s.addInitError(msg)
+	}
+	updater := opts.Updater
+	if updater == nil {
+		s.update = newSelfUpdate(layout, owner, opts.Version, opts.Binary, log.With("part", "update"))
+		updater = s.update
+	}
 	store := rounds.NewStore(rounds.Files{Recipe: layout.RecipeFile(), PendingUpdate: layout.PendingUpdateFile()}, clock.Real{}, log)
 
 	// bridge.py ships inside the binary: write it out at start (only when
@@ -203,11 +232,12 @@ func runSession(ctx context.Context, opts Options, cfg *config.Config, layout co
 		defMod = &protocol.ModuleSource{Repo: cur.Module.Repo, Tag: cur.Module.Tag}
 	}
 	s.engine = rounds.New(rounds.Options{
-		Executor: executor,
-		Link:     link,
-		Store:    store,
-		Logger:   log.With("part", "rounds"),
-		Updater:  opts.Updater,
+		Executor:       executor,
+		Link:           link,
+		Store:          store,
+		Logger:         log.With("part", "rounds"),
+		Updater:        updater,
+		CurrentVersion: opts.Version,
 		InstanceID: func() string {
 			id, _ := s.id.CachedInstanceID()
 			return id
@@ -226,13 +256,23 @@ func runSession(ctx context.Context, opts Options, cfg *config.Config, layout co
 			}
 		},
 	})
+	queue := outbox.Open(outbox.Options{
+		Dir: layout.OutboxDir(), MaxEntries: cur.Agent.OutboxLimit, MaxBytes: int64(cur.Agent.OutboxMaxBytes),
+		MaxAge: cur.Agent.OutboxMaxAge, Logger: log.With("part", "outbox"),
+	})
+	defer func() {
+		if err := queue.Close(); err != nil {
+			log.Error("outbox: the last StateLogs may not be on disk", "err", err)
+		}
+	}()
 	s.mgr = conn.New(conn.Options{
 		URL:              cur.Userdata.WSURI,
 		CAFile:           rootedOrEmpty(layout.Root(), cur.Network.CAFile),
 		Identity:         s.identity,
 		Handler:          s.engine,
 		Logger:           log.With("part", "conn"),
-		OutboxLimit:      cur.Agent.OutboxLimit,
+		Outbox:           queue,
+		OnEstablished:    s.confirm.established,
 		AppNotReadyDelay: cur.Agent.AppNotReadyDelay,
 	})
 	link.m = s.mgr
@@ -262,23 +302,52 @@ func runSession(ctx context.Context, opts Options, cfg *config.Config, layout co
 	log.Info("agent started", "version", opts.Version, "backend", conn.Redact(cur.Userdata.WSURI), "app_id", cur.Userdata.AppID, "engine", cur.Agent.Engine)
 
 	out := stopped
-	select {
-	case <-ctx.Done():
-		log.Info("agent stopping")
-	case <-opts.Reload:
-		out = reloading
-		log.Info("reloading the config")
-	case <-engineDone:
-		if restart != nil {
-			out = restarting
-		} else if ctx.Err() == nil {
-			log.Error("round engine ended unexpectedly; stopping")
+wait:
+	for {
+		select {
+		case <-ctx.Done():
+			log.Info("agent stopping")
+		case <-opts.Reload:
+			out = reloading
+			log.Info("reloading the config")
+		case <-opts.UpdateNow:
+			s.updateRequested(sctx)
+			continue
+		case <-engineDone:
+			if restart != nil {
+				out = restarting
+			} else if ctx.Err() == nil {
+				log.Error("round engine ended unexpectedly; stopping")
+			}
 		}
+		break wait
 	}
 	cancel()
 	wg.Wait()
+	if err := queue.Flush(context.Background()); err != nil {
+		log.Error("outbox: the last StateLogs may not be on disk", "err", err)
+	}
 	s.writeStatus(s.snapshot())
 	return out, restart, nil
+}
+
+// updateRequested hands a request left by `opsagent update` to the round
+// engine, which applies it when the round ends.
+func (s *session) updateRequested(ctx context.Context) {
+	r, err := takeUpdateRequest(s.layout)
+	if err != nil {
+		s.log.Error("update request refused", "err", err)
+		return
+	}
+	if r == nil {
+		return
+	}
+	if s.update == nil {
+		s.log.Warn("update request ignored: this agent has no updater", "version", r.Version)
+		return
+	}
+	s.log.Info("update requested by hand", "version", r.Version, "force", r.Force)
+	s.engine.Deliver(ctx, s.update.request(*r))
 }
 
 // pause applies the floor of the pauses between rounds, saying so when a
@@ -407,14 +476,34 @@ func (s *session) snapshot() statusfile.Snapshot {
 			Connected:     cs.Connected,
 			Since:         cs.Since,
 			Backend:       cs.Backend,
-			OutboxDepth:   cs.OutboxDepth,
+			Protocol:      cs.Protocol,
+			OutboxDepth:   cs.Outbox.Depth,
+			OutboxBytes:   cs.Outbox.Bytes,
+			OutboxStorage: cs.Outbox.Storage,
+			NextSeq:       cs.Outbox.NextSeq,
 			DroppedFrames: cs.DroppedFrames,
-			DroppedLogs:   cs.DroppedLogs,
+			DroppedLogs:   cs.Outbox.Dropped,
 			LastError:     cs.LastError,
 		},
 		Engine:     s.engine.Status(),
+		Update:     s.updateStatus(),
 		InitErrors: s.InitErrors(),
 	}
+}
+
+// updateStatus merges what this process's updater did (a download in
+// progress, a refusal) with the update state shared with the watchdog (a
+// confirmation, a rollback).
+func (s *session) updateStatus() *statusfile.Update {
+	if s.update != nil {
+		if st := s.update.status(); st.Phase != "" {
+			return &statusfile.Update{Phase: st.Phase, Version: st.Version, From: s.opts.Version, Bytes: st.Bytes, Total: st.Total, Reason: st.Reason}
+		}
+	}
+	if st := s.confirm.status(); st.Phase != "" {
+		return &statusfile.Update{Phase: st.Phase, Version: st.To, From: st.From, Reason: st.Reason, At: st.Updated}
+	}
+	return nil
 }
 
 func (s *session) writeStatus(snap statusfile.Snapshot) {

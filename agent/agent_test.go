@@ -41,7 +41,7 @@ func startInprocBackend(t *testing.T) *inprocBackend {
 		defer close(done)
 		_ = srv.ListenAndServe(ctx, "127.0.0.1:0", func(a net.Addr) { addrC <- a })
 	}()
-	b := &inprocBackend{addr: (<-addrC).String(), stop: func() { cancel(); <-done }}
+	b := &inprocBackend{addr: (<-addrC).String(), stop: func() { cancel(); <-done }} // ListenAndServe closes the server
 	t.Cleanup(b.stop)
 	return b
 }

@@ -3,11 +3,9 @@ package agent
 import (
 	"context"
 	"errors"
-	"fmt"
 	"log/slog"
 	"os"
 	"path/filepath"
-	"strings"
 	"sync"
 	"time"
 
@@ -30,7 +28,6 @@ type saltExecutor struct {
 	log        *slog.Logger
 	fetch      *saltbootstrap.Fetcher
 	layout     config.Layout
-	venvOpts   virtualenv.Options
 	python     string // [salt] python: overrides what the repository needs
 	wheelhouse string
 	repoDir    string
@@ -49,19 +46,14 @@ type saltExecutor struct {
 	bridge   *bridge.Bridge
 }
 
-// saltModules are what Salt 2014.1 imports beyond the standard library;
-// they are installed into the virtualenv when a repository bundles Salt.
-var saltModules = []string{"yaml", "jinja2", "markupsafe", "msgpack"}
-
 func newSaltExecutor(layout config.Layout, cfg *config.Config, log *slog.Logger, setError func(string), setPackagePath func(string)) *saltExecutor {
 	wheelhouse := ""
 	if cfg.Salt.Wheelhouse != "" {
 		wheelhouse = layout.Host(cfg.Salt.Wheelhouse)
 	}
-	python := ""
-	if cfg.Salt.Python != "" {
-		python = layout.Host(cfg.Salt.Python)
-	}
+	// [salt] python names a program, like linux.cmd's shell: a path on
+	// the host, not mapped below the root.
+	python := cfg.Salt.Python
 	return &saltExecutor{
 		log: log,
 		fetch: saltbootstrap.New(saltbootstrap.Options{
@@ -69,7 +61,6 @@ func newSaltExecutor(layout config.Layout, cfg *config.Config, log *slog.Logger,
 			InterfaceVersion: version.StatesInterface, BootstrapScript: cfg.Module.BootstrapScript, Logger: log,
 		}),
 		layout:     layout,
-		venvOpts:   virtualenv.Options{Dir: layout.VenvDir(), Logger: log},
 		python:     python,
 		wheelhouse: wheelhouse,
 		repoDir:    layout.StatesDir(),
@@ -162,28 +153,11 @@ func (s *saltExecutor) prepareSteps(ctx context.Context) error {
 // its requirements.txt, and (re)starts the bridge when the interpreter
 // changed. Callers hold mu.
 func (s *saltExecutor) prepareEnv(ctx context.Context) error {
-	python, why, err := virtualenv.PythonFor(ctx, nil, s.repoDir, s.python)
+	env, err := virtualenv.ForRepo(ctx, virtualenv.RepoOptions{
+		Dir: s.layout.VenvDir(), RepoDir: s.repoDir, Python: s.python, Wheelhouse: s.wheelhouse, Logger: s.log,
+	})
 	if err != nil {
-		return &saltbootstrap.Error{Comment: err.Error(), Err: err}
-	}
-	opts := s.venvOpts
-	opts.Python = python
-	env, err := virtualenv.Ensure(ctx, opts)
-	if err != nil {
-		return err
-	}
-	if env.Created {
-		s.log.Info("virtualenv ready", "python", env.Version, "why", why)
-	}
-	if _, err := virtualenv.SaltVersion(s.repoDir); err == nil {
-		if missing := env.Missing(ctx, saltModules...); len(missing) > 0 {
-			if err := s.installSaltLibraries(ctx, env, missing); err != nil {
-				return err
-			}
-		}
-	}
-	if err := env.InstallRequirements(ctx, filepath.Join(s.repoDir, "requirements.txt"), s.wheelhouse); err != nil {
-		return err
+		return err // its message is the failed state's comment
 	}
 	if p, ok := s.layout.Root().Instance(env.SitePackages); ok && s.setPackagePath != nil {
 		s.setPackagePath(p)
@@ -205,26 +179,6 @@ func (s *saltExecutor) prepareEnv(ctx context.Context) error {
 		s.bridge = bridge.New(opts)
 	}
 	s.venv = &env
-	return nil
-}
-
-// installSaltLibraries installs the libraries Salt needs: offline from
-// [salt] wheelhouse (wheels or plain package directories), else with pip
-// at the versions of the Salt's time.
-func (s *saltExecutor) installSaltLibraries(ctx context.Context, env virtualenv.Env, missing []string) error {
-	s.log.Info("installing Salt's libraries into the virtualenv", "missing", strings.Join(missing, ","), "wheelhouse", s.wheelhouse)
-	var err error
-	if s.wheelhouse != "" {
-		err = env.InstallFromWheelhouse(ctx, s.wheelhouse)
-	} else {
-		err = env.InstallPackages(ctx, virtualenv.SaltRequirements(env.Major())...)
-	}
-	if err != nil {
-		return err
-	}
-	if still := env.Missing(ctx, missing...); len(still) > 0 {
-		return fmt.Errorf("virtualenv %s: %s still cannot be imported after installing Salt's libraries (check [salt] wheelhouse)", env.Dir, strings.Join(still, ", "))
-	}
 	return nil
 }
 

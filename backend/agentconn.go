@@ -1,7 +1,6 @@
 package backend
 
 import (
-	"context"
 	"errors"
 	"log/slog"
 	"net"
@@ -31,6 +30,14 @@ type agentConn struct {
 	agentVersion  string
 	since         time.Time
 	recipeVersion atomic.Int64 // last recipe version sent to it
+	// logStream is the protocol-2 log stream named by the Handshake, or ""
+	// (protocol 1: StateLogs are stored, never acknowledged).
+	logStream string
+	// storeFailed is set when some of its StateLogs could not be stored:
+	// the connection is being closed and no more of its StateLogs are
+	// stored or acknowledged, so that no acknowledgement covers the lost
+	// ones; the agent sends them again after reconnecting.
+	storeFailed atomic.Bool
 }
 
 func (c *agentConn) send(frame []byte) {
@@ -287,6 +294,12 @@ func (s *Server) handshake(c *agentConn, m *protocol.Handshake) hsResult {
 		return hsRefused
 	}
 	c.app, c.instance, c.agentVersion = m.AppID, m.InstanceID, m.AgentVersion
+	if m.ProtocolVersion >= 2 && m.LogStream != "" {
+		// Queued before the connection is registered, so that no broadcast
+		// can come first: the agent tells the protocol by the first frame.
+		c.logStream = m.LogStream
+		c.sendAck(c.logStream, s.logs.highSeq(c.app, c.instance, c.logStream))
+	}
 	old := s.register(c)
 	frames := s.welcome(app, c, m.AgentVersion)
 	s.mu.Unlock()
@@ -378,31 +391,45 @@ func (s *Server) unregister(c *agentConn) {
 	s.log.Info("agent disconnected", "instance_id", c.instance, "app_id", c.app)
 }
 
+// stateLog hands a StateLog to the log writer and goes on reading: the
+// writer stores it durably and, for a protocol-2 connection, acknowledges it
+// (logstore.go). A seq without a log stream cannot be deduplicated: it is
+// kept for the record but not acknowledged.
 func (s *Server) stateLog(c *agentConn, m *protocol.StateLog) {
 	if m.AppID != "" && m.AppID != c.app || m.InstanceID != "" && m.InstanceID != c.instance {
 		s.log.Warn("StateLog names another instance or app; ignored", "instance_id", c.instance, "claimed", m.InstanceID+"/"+m.AppID)
 		return
 	}
-	s.mu.Lock()
-	app := s.apps[c.app]
-	app.LogSeq++
-	e := LogEntry{Seq: app.LogSeq, ReceivedAt: time.Now().UTC(), InstanceID: c.instance, RecipeVersion: m.RecipeVersion,
+	e := LogEntry{ReceivedAt: time.Now().UTC(), InstanceID: c.instance, AgentSeq: m.Seq, RecipeVersion: m.RecipeVersion,
 		StateID: m.StateID, Result: m.Result, Comment: m.Comment, Stdout: m.Stdout}
-	err := s.store.appendLog(c.app, e)
-	s.mu.Unlock()
+	var ack *agentConn
+	if m.Seq > 0 && c.logStream != "" {
+		e.LogStream, ack = c.logStream, c
+	}
+	if err := s.logs.submit(c.app, e, ack); err != nil {
+		s.log.Error("cannot store a StateLog", "app_id", c.app, "instance_id", c.instance, "err", err)
+	}
+}
+
+// sendAck queues a StateLogAck. It never blocks: the log writer calls it,
+// and a full queue (an agent that reads nothing) is closed from another
+// goroutine, as closing writes a frame.
+func (c *agentConn) sendAck(stream string, seq int64) {
+	frame, err := protocol.Encode(&protocol.StateLogAck{LogStream: stream, Seq: seq})
 	if err != nil {
-		s.log.Error("cannot store a StateLog", "app_id", c.app, "err", err)
 		return
 	}
-	lvl := slog.LevelInfo
-	if !m.Result {
-		lvl = slog.LevelWarn
+	pm, err := websocket.NewPreparedMessage(websocket.TextMessage, frame)
+	if err != nil {
+		return
 	}
-	comment := ""
-	if m.Comment != nil {
-		comment = firstLine(*m.Comment)
+	select {
+	case c.queue <- pm:
+	case <-c.done:
+	default:
+		c.log.Warn("agent send queue full; disconnecting it", "instance_id", c.instance)
+		go c.close(websocket.CloseTryAgainLater, "send queue full")
 	}
-	s.log.Log(context.Background(), lvl, "StateLog", "instance_id", c.instance, "recipe_version", m.RecipeVersion, "state_id", m.StateID, "result", m.Result, "comment", comment)
 }
 
 func (s *Server) waitQuery(c *agentConn, m *protocol.WaitQuery) {

@@ -181,7 +181,8 @@ func (s *Server) listApps(w http.ResponseWriter, _ *http.Request) {
 	out := []map[string]any{}
 	for _, id := range sortedKeys(s.apps) {
 		a := s.apps[id]
-		out = append(out, map[string]any{"app_id": id, "recipe_version": a.RecipeVersion, "connected": len(s.agents[id])})
+		out = append(out, map[string]any{"app_id": id, "recipe_version": a.RecipeVersion, "connected": len(s.agents[id]),
+			"log_seq": s.logs.lastSeq(id)})
 	}
 	s.mu.Unlock()
 	writeJSON(w, http.StatusOK, map[string]any{"apps": out})
@@ -277,7 +278,8 @@ func (s *Server) getRecipe(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, body)
 }
 
-// Instance is one row of GET /api/apps/{app}/instances.
+// Instance is one row of GET /api/apps/{app}/instances. The StateLog
+// fields come from in-memory summaries (summary.go), never from the logs.
 type Instance struct {
 	InstanceID     string     `json:"instance_id"`
 	Connected      bool       `json:"connected"`
@@ -285,6 +287,11 @@ type Instance struct {
 	ConnectedSince *time.Time `json:"connected_since,omitempty"`
 	RecipeVersion  int64      `json:"recipe_version,omitempty"`
 	LastStateLog   *LogEntry  `json:"last_state_log,omitempty"`
+	// StateLogs is how many of its StateLogs are retained.
+	StateLogs      int64      `json:"state_logs"`
+	LastReceivedAt *time.Time `json:"last_received_at,omitempty"`
+	// LogStreams maps each protocol-2 log stream to the highest seq stored.
+	LogStreams map[string]int64 `json:"log_streams,omitempty"`
 }
 
 func (s *Server) listInstances(w http.ResponseWriter, r *http.Request) {
@@ -292,19 +299,12 @@ func (s *Server) listInstances(w http.ResponseWriter, r *http.Request) {
 	if !ok {
 		return
 	}
-	logs, err := s.store.readLogs(r.PathValue("app"), 0, int(^uint(0)>>1))
-	if err != nil {
-		apiError(w, http.StatusInternalServerError, "cannot read the logs: %v", err)
-		return
-	}
-	last := map[string]*LogEntry{}
-	for i := range logs {
-		last[logs[i].InstanceID] = &logs[i]
-	}
+	sums := s.logs.summaries(a.AppID)
 	s.mu.Lock()
 	out := []Instance{}
 	for _, id := range sortedKeys(a.TokenHashes) {
-		in := Instance{InstanceID: id, LastStateLog: last[id]}
+		in := Instance{InstanceID: id}
+		in.addSummary(sums[id])
 		if c := s.agents[a.AppID][id]; c != nil {
 			since := c.since
 			in.Connected, in.AgentVersion, in.ConnectedSince, in.RecipeVersion = true, c.agentVersion, &since, c.recipeVersion.Load()
@@ -313,6 +313,17 @@ func (s *Server) listInstances(w http.ResponseWriter, r *http.Request) {
 	}
 	s.mu.Unlock()
 	writeJSON(w, http.StatusOK, map[string]any{"instances": out})
+}
+
+func (in *Instance) addSummary(sum instSummary) {
+	in.LastStateLog, in.StateLogs = sum.last, sum.count
+	if !sum.lastRecv.IsZero() {
+		t := sum.lastRecv
+		in.LastReceivedAt = &t
+	}
+	if len(sum.streams) > 0 {
+		in.LogStreams = sum.streams
+	}
 }
 
 func (s *Server) getLogs(w http.ResponseWriter, r *http.Request) {
@@ -336,7 +347,7 @@ func (s *Server) getLogs(w http.ResponseWriter, r *http.Request) {
 		}
 		limit = n
 	}
-	logs, err := s.store.readLogs(r.PathValue("app"), after, limit)
+	logs, err := s.logs.read(r.PathValue("app"), after, limit)
 	if err != nil {
 		apiError(w, http.StatusInternalServerError, "cannot read the logs: %v", err)
 		return

@@ -11,6 +11,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -20,17 +21,18 @@ import (
 )
 
 type env struct {
-	t     *testing.T
+	t     testing.TB
 	dir   string
 	srv   *Server
 	http  *httptest.Server
 	token string // API token, when the server has one
+	halt  func() // stops the server (idempotent); a restart on the same dir needs it first
 }
 
 // newEnv serves a Server on a loopback httptest server. The listener is
 // made first so that its address can be an allowed host (Handler on its
 // own knows no listen address).
-func newEnv(t *testing.T, dir string, tweak func(*Options)) *env {
+func newEnv(t testing.TB, dir string, tweak func(*Options)) *env {
 	t.Helper()
 	if dir == "" {
 		dir = t.TempDir()
@@ -50,8 +52,18 @@ func newEnv(t *testing.T, dir string, tweak func(*Options)) *env {
 	}
 	hs := &httptest.Server{Listener: ln, Config: &http.Server{Handler: srv.Handler()}}
 	hs.Start()
-	t.Cleanup(func() { srv.CloseAgents(); hs.Close() })
-	return &env{t: t, dir: dir, srv: srv, http: hs, token: opts.APIToken}
+	var once sync.Once
+	stop := func() {
+		once.Do(func() {
+			srv.CloseAgents()
+			hs.Close()
+			if err := srv.Close(); err != nil {
+				t.Error(err)
+			}
+		})
+	}
+	t.Cleanup(stop)
+	return &env{t: t, dir: dir, srv: srv, http: hs, token: opts.APIToken, halt: stop}
 }
 
 // request is a well-formed API call: JSON Content-Type on PUT/POST and the
@@ -96,7 +108,7 @@ const recipeJSON = `{"module":{"repo":"https://example.com/states.git","tag":"v1
  "state":[{"id":"s1","module":"linux.cmd","parameter":{"cmd":"true"}},{"id":"w1","module":"meta.wait","parameter":{}}]}`
 
 type agent struct {
-	t  *testing.T
+	t  testing.TB
 	ws *websocket.Conn
 }
 
@@ -350,7 +362,13 @@ func TestPersistenceAcrossRestart(t *testing.T) {
 		return len(out["logs"].([]any)) == 1
 	})
 	// Simulate a torn last line from a crash.
-	f, _ := os.OpenFile(filepath.Join(dir, "apps/app1/logs.jsonl"), os.O_APPEND|os.O_WRONLY, 0)
+	if err := e.srv.Close(); err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.OpenFile(segmentPath(filepath.Join(dir, "apps/app1/logs"), 1), os.O_APPEND|os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
 	f.WriteString(`{"seq":2,"instance_`)
 	f.Close()
 

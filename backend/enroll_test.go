@@ -83,7 +83,7 @@ func TestFirstHandshakeNeedsTheEnrollmentSecret(t *testing.T) {
 	e := newEnv(t, "", nil)
 	e.api("PUT", "/api/apps/app1/recipe", recipeJSON)
 	secret := e.secret("app1")
-	for _, wrong := range []string{"", "0" + secret[1:], secret + "0", strings.ToUpper(secret)} {
+	for _, wrong := range []string{"", flipFirst(secret), secret + "0", strings.ToUpper(secret)} {
 		a := e.handshake(identity("i-new", "app1", tok("t"), "2.1", wrong))
 		a.expectClose(websocket.ClosePolicyViolation, "enrollment secret missing or wrong (set [userdata] enroll_secret")
 	}
@@ -115,10 +115,12 @@ func TestRotateKeepsEnrolledInstances(t *testing.T) {
 	e.handshake(identity("i-2", "app1", tok("2"), "2.1", fresh)).expectRecipe()
 	e.handshake(identity("i-1", "app1", tok("1"), "2.1", "")).expectRecipe()
 	// The rotation survives a restart.
+	e.stop()
 	e2 := newEnv(t, e.dir, nil)
 	if e2.secret("app1") != fresh {
 		t.Error("rotated secret lost across a restart")
 	}
+	e = e2
 	if code, _ := e.api("POST", "/api/apps/ghost/enrollment/rotate", "{}"); code != 404 {
 		t.Errorf("rotate a missing app: %d", code)
 	}
@@ -137,6 +139,7 @@ func TestAppsLoadedWithoutASecretGetOne(t *testing.T) {
 	if err := os.Remove(filepath.Join(dir, "apps", "app1", "enroll.secret")); err != nil {
 		t.Fatal(err)
 	}
+	e.stop()
 	e2 := newEnv(t, dir, nil)
 	secret := e2.secret("app1")
 	if len(secret) != 64 {
@@ -202,4 +205,12 @@ func TestCloseReasonFitsAFrame(t *testing.T) {
 	if got := truncateUTF8(strings.Repeat("é", 100), maxCloseReason); len(got) != 122 || !strings.HasSuffix(got, "é") {
 		t.Errorf("truncateUTF8 split a character: %d bytes", len(got))
 	}
+}
+
+// flipFirst changes the first character, so the result always differs.
+func flipFirst(s string) string {
+	if s[0] == '0' {
+		return "1" + s[1:]
+	}
+	return "0" + s[1:]
 }

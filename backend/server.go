@@ -2,10 +2,11 @@
 // small but real control plane speaking spec/protocol.md to agents over
 // WebSocket, with a JSON API to put recipes, read StateLogs, release waits
 // and roll out updates. It keeps its state in a data directory (atomic JSON
-// files, StateLogs appended to a JSONL file per app) so a restart loses
-// nothing. A new instance id enrolls only with its app's enrollment secret
-// (enroll.go); browsers are kept out by Host and Origin checks
-// (httpguard.go).
+// files; StateLogs in bounded, fsynced JSONL segments per app, see
+// logstore.go) so a restart loses nothing, and acknowledges protocol-2
+// StateLogs only once they are durable (protocol/PROTOCOL-2.md). A new
+// instance id enrolls only with its app's enrollment secret (enroll.go);
+// browsers are kept out by Host and Origin checks (httpguard.go).
 package backend
 
 import (
@@ -16,12 +17,14 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"path/filepath"
 	"sync"
 	"sync/atomic"
 	"time"
 
 	"github.com/gorilla/websocket"
 
+	"github.com/visualops/opsagent/internal/fsutil"
 	"github.com/visualops/opsagent/protocol"
 )
 
@@ -48,6 +51,23 @@ type Options struct {
 	HandshakeTimeout time.Duration // first frame must arrive within; default 10 s
 	SendQueue        int           // frames buffered per agent; default 64
 
+	// StateLog storage (apps/<app>/logs/<first seq>.jsonl segments).
+	// LogSegmentBytes is where a segment is closed and a new one started
+	// (default 16 MiB). Whole old segments are deleted once an app's
+	// StateLogs exceed LogRetentionBytes (default 1 GiB) or are older than
+	// LogRetentionAge (default 30 days); checked at each new segment and at
+	// start. MaxOutputBytes caps each StateLog's comment and stdout
+	// (default 64 KiB, the agent's own output limit; at least 64), with a
+	// "[… truncated N bytes]" marker.
+	LogSegmentBytes   int64
+	LogRetentionBytes int64
+	LogRetentionAge   time.Duration
+	MaxOutputBytes    int
+
+	// logCommitDelay is how long the log writer gathers StateLogs before
+	// one write and fsync; default 2 ms. Unexported: only tests change it.
+	logCommitDelay time.Duration
+
 	// badFrameEvery spaces the log lines about one connection's bad frames;
 	// default 10 s. Unexported: only tests change it.
 	badFrameEvery time.Duration
@@ -57,8 +77,10 @@ type Options struct {
 // ListenAndServe.
 type Server struct {
 	opts  Options
+	lock  *fsutil.LockFile // the data directory's
 	log   *slog.Logger
 	store store
+	logs  *logStore
 	up    websocket.Upgrader
 	hosts atomic.Pointer[hostSet] // replaced once ListenAndServe knows its address
 
@@ -89,6 +111,9 @@ func New(opts Options) (*Server, error) {
 	if opts.SendQueue <= 0 {
 		opts.SendQueue = 64
 	}
+	if err := logDefaults(&opts); err != nil {
+		return nil, err
+	}
 	log := opts.Logger
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
@@ -96,7 +121,13 @@ func New(opts Options) (*Server, error) {
 	if err := os.MkdirAll(opts.DataDir, 0o700); err != nil {
 		return nil, fmt.Errorf("backend: data dir %s: %w", opts.DataDir, err)
 	}
+	// Two backends on one data directory would interleave their writes.
+	lock, err := fsutil.Lock(filepath.Join(opts.DataDir, "lock"))
+	if err != nil {
+		return nil, fmt.Errorf("backend: data dir %s is in use: %w", opts.DataDir, err)
+	}
 	s := &Server{
+		lock:  lock,
 		opts:  opts,
 		log:   log,
 		store: store{dir: opts.DataDir},
@@ -114,10 +145,61 @@ func New(opts Options) (*Server, error) {
 		log.Error("backend: cannot load an app; it is skipped", "err", err)
 	}
 	s.apps = apps
+	s.openLogs()
 	if err := s.loadSecrets(); err != nil {
+		_ = s.logs.close()
+		_ = lock.Unlock()
 		return nil, err
 	}
 	return s, nil
+}
+
+// logDefaults fills in and checks the StateLog storage options.
+func logDefaults(o *Options) error {
+	if o.MaxOutputBytes < 0 || o.MaxOutputBytes > 0 && o.MaxOutputBytes < minOutputBytes {
+		return fmt.Errorf("backend: MaxOutputBytes %d: use 0 for the default (64 KiB) or at least %d, room for the truncation marker", o.MaxOutputBytes, minOutputBytes)
+	}
+	if o.MaxOutputBytes == 0 {
+		o.MaxOutputBytes = defaultOutput
+	}
+	if o.LogSegmentBytes <= 0 {
+		o.LogSegmentBytes = defaultSegment
+	}
+	if o.LogRetentionBytes <= 0 {
+		o.LogRetentionBytes = defaultRetention
+	}
+	if o.LogRetentionAge <= 0 {
+		o.LogRetentionAge = defaultAge
+	}
+	if o.logCommitDelay <= 0 {
+		o.logCommitDelay = defaultCommit
+	}
+	return nil
+}
+
+// openLogs loads every app's StateLogs and starts the log writer. An app
+// whose logs cannot be loaded is skipped, like an unreadable app.json.
+func (s *Server) openLogs() {
+	lo := logOptions{segmentBytes: s.opts.LogSegmentBytes, retentionBytes: s.opts.LogRetentionBytes,
+		retentionAge: s.opts.LogRetentionAge, maxOutput: s.opts.MaxOutputBytes, commitDelay: s.opts.logCommitDelay}
+	ls, errs := openLogStore(filepath.Join(s.opts.DataDir, "apps"), sortedKeys(s.apps), lo, s.log)
+	for id, err := range errs {
+		s.log.Error("backend: cannot load an app's StateLogs; the app is skipped", "app_id", id, "err", err)
+		delete(s.apps, id)
+	}
+	s.logs = ls
+}
+
+// Close stores the StateLogs already received (write, fsync) and stops
+// the log writer; StateLogs arriving later are refused. ListenAndServe
+// calls it on shutdown; a caller serving Handler itself calls it once
+// agents are closed.
+func (s *Server) Close() error {
+	defer s.lock.Unlock()
+	if err := s.logs.close(); err != nil {
+		return fmt.Errorf("backend: closing the StateLog store: %w", err)
+	}
+	return nil
 }
 
 // Handler serves the agent WebSocket at /agent/ and the API under /api/.
@@ -151,14 +233,16 @@ func (s *Server) ListenAndServe(ctx context.Context, addr string, ready func(net
 	go func() { errc <- srv.Serve(ln) }()
 	select {
 	case err := <-errc:
-		return err
+		return errors.Join(err, s.Close())
 	case <-ctx.Done():
 	}
 	s.CloseAgents()
 	sctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
 	defer cancel()
 	_ = srv.Shutdown(sctx)
-	return nil
+	// Last: a connection may still hand over a StateLog read before its
+	// close; Close waits for it and fsyncs.
+	return s.Close()
 }
 
 // CheckExposure refuses to serve the API on a non-loopback address without

@@ -33,8 +33,6 @@ type appState struct {
 	TokenHashes map[string]string `json:"-"`
 	// Waits maps instance id → released wait state ids of RecipeVersion.
 	Waits map[string][]string `json:"waits"`
-	// LogSeq is the sequence number of the last StateLog in logs.jsonl.
-	LogSeq int64 `json:"-"`
 }
 
 type stateJSON struct {
@@ -51,11 +49,16 @@ func (a *appState) recipe() *protocol.RecipeMetadata {
 	return m
 }
 
-// LogEntry is one StateLog as stored and served by the API.
+// LogEntry is one StateLog as stored (one line of a segment) and served by
+// the API. Seq is the backend's own per-app cursor; AgentSeq and LogStream
+// are what a protocol-2 agent numbered it. Seq must stay the first field:
+// the writer adds it to lines encoded before it is known (encodeRest).
 type LogEntry struct {
 	Seq           int64     `json:"seq"`
 	ReceivedAt    time.Time `json:"received_at"`
 	InstanceID    string    `json:"instance_id"`
+	LogStream     string    `json:"log_stream,omitempty"`
+	AgentSeq      int64     `json:"agent_seq,omitempty"`
 	RecipeVersion int64     `json:"recipe_version"`
 	StateID       string    `json:"state_id"`
 	Result        bool      `json:"result"`
@@ -123,64 +126,9 @@ func (s store) loadAll() (map[string]*appState, []error) {
 			errs = append(errs, err)
 			continue
 		}
-		a.LogSeq = s.lastSeq(a.AppID)
 		apps[a.AppID] = a
 	}
 	return apps, errs
-}
-
-func (s store) logPath(app string) string { return filepath.Join(s.appDir(app), "logs.jsonl") }
-
-// appendLog appends one entry. A torn last line (crash mid-write) is
-// skipped by readers, so appends need no fsync each.
-func (s store) appendLog(app string, e LogEntry) error {
-	data, err := json.Marshal(e)
-	if err != nil {
-		return err
-	}
-	f, err := os.OpenFile(s.logPath(app), os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o600)
-	if err != nil {
-		return err
-	}
-	defer f.Close()
-	_, err = f.Write(append(data, '\n'))
-	return err
-}
-
-// readLogs returns entries with seq > after, at most limit of them.
-func (s store) readLogs(app string, after int64, limit int) ([]LogEntry, error) {
-	f, err := os.Open(s.logPath(app))
-	if err != nil {
-		if errors.Is(err, os.ErrNotExist) {
-			return []LogEntry{}, nil
-		}
-		return nil, err
-	}
-	defer f.Close()
-	out := []LogEntry{}
-	sc := bufio.NewScanner(f)
-	sc.Buffer(make([]byte, 0, 64<<10), 64<<20)
-	for sc.Scan() {
-		var e LogEntry
-		if json.Unmarshal(sc.Bytes(), &e) != nil {
-			continue // torn line
-		}
-		if e.Seq > after {
-			out = append(out, e)
-			if len(out) >= limit {
-				break
-			}
-		}
-	}
-	return out, sc.Err()
-}
-
-func (s store) lastSeq(app string) int64 {
-	entries, _ := s.readLogs(app, 0, int(^uint(0)>>1))
-	if len(entries) == 0 {
-		return 0
-	}
-	return entries[len(entries)-1].Seq
 }
 
 type tokenLine struct {

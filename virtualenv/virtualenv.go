@@ -15,6 +15,7 @@ package virtualenv
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -66,19 +67,17 @@ func (e Env) Major() int {
 // interpreter the bin/python symlink points to.
 const minimalMarker = "opsagent-env.cfg"
 
-// probe prints the interpreter's version and its real executable (a pyenv
-// shim or a /usr/bin/python2 symlink resolves to the binary).
-const probe = `import sys; print("%d.%d.%d" % tuple(sys.version_info[:3])); print(sys.executable)`
-
-// sitePackagesProbe asks an interpreter of a venv or virtualenv for its
-// site-packages: sysconfig works on Python 2.7 and every Python 3, where
-// distutils is gone since 3.12.
-const sitePackagesProbe = `import sysconfig; print(sysconfig.get_paths()["purelib"])`
+// probe prints, one per line, the interpreter's version, its real
+// executable (a pyenv shim or a /usr/bin/python3 symlink resolves to the
+// binary) and its site-packages (sysconfig works on Python 2.7 and every
+// Python 3; distutils is gone since 3.12). One process answers all three.
+const probe = `import sys, sysconfig; print("%d.%d.%d" % tuple(sys.version_info[:3])); print(sys.executable); print(sysconfig.get_paths()["purelib"])`
 
 type interpreter struct {
 	path    string // as given
 	exe     string // sys.executable
 	version string
+	purelib string // its site-packages
 }
 
 func (i interpreter) major() int {
@@ -111,7 +110,7 @@ func Ensure(ctx context.Context, opts Options) (Env, error) {
 	if err != nil {
 		return Env{}, err
 	}
-	want, err := inspect(ctx, opts.Runner, system)
+	want, err := wanted(ctx, opts, system)
 	if err != nil {
 		return Env{}, fmt.Errorf("virtualenv: python %s does not run (install it, or set [salt] python): %w", system, err)
 	}
@@ -121,6 +120,7 @@ func Ensure(ctx context.Context, opts Options) (Env, error) {
 	case err == nil && have.version == want.version:
 		err = env.describe(ctx, have)
 		if err == nil {
+			rememberInterpreter(opts.Dir, system, want)
 			return env, nil
 		}
 		log.Warn("virtualenv has no usable site-packages; rebuilding it", "dir", opts.Dir, "err", err)
@@ -139,6 +139,7 @@ func Ensure(ctx context.Context, opts Options) (Env, error) {
 		if err == nil && res.ExitCode == 0 {
 			built, berr := env.built(ctx, want)
 			if berr == nil {
+				rememberInterpreter(opts.Dir, system, want)
 				log.Info("virtualenv built", "dir", opts.Dir, "python", built.Version, "with", strings.Join(c[:min(3, len(c))], " "))
 				return built, nil
 			}
@@ -156,6 +157,7 @@ func Ensure(ctx context.Context, opts Options) (Env, error) {
 		if err != nil {
 			return Env{}, fmt.Errorf("virtualenv %s: the minimal Python 2 environment does not run: %w", opts.Dir, err)
 		}
+		rememberInterpreter(opts.Dir, system, want)
 		log.Info("virtualenv built (minimal: virtualenv not available for Python 2)", "dir", opts.Dir, "python", built.Version, "interpreter", want.exe)
 		return built, nil
 	}
@@ -187,11 +189,7 @@ func (e *Env) describe(ctx context.Context, have interpreter) error {
 		// Cheap to repair, so not a reason to rebuild.
 		return os.MkdirAll(e.SitePackages, 0o755)
 	}
-	res, err := e.runner.Run(ctx, proc.Cmd{Path: e.Python, Args: []string{"-c", sitePackagesProbe}, Timeout: time.Minute})
-	if err != nil || res.ExitCode != 0 {
-		return fmt.Errorf("cannot ask %s for its site-packages: %s", e.Python, lastLines(res.Output, err, 3))
-	}
-	sp := strings.TrimSpace(res.Output)
+	sp := have.purelib
 	if !filepath.IsAbs(sp) {
 		return fmt.Errorf("%s names %q as its site-packages", e.Python, sp)
 	}
@@ -204,7 +202,9 @@ func (e *Env) describe(ctx context.Context, have interpreter) error {
 func builders(py interpreter, dir string) [][]string {
 	var cmds [][]string
 	if py.major() >= 3 {
-		cmds = append(cmds, []string{py.path, "-m", "venv", dir})
+		// Without pip: ensurepip takes seconds and most environments
+		// never install anything with pip; pip is added when needed.
+		cmds = append(cmds, []string{py.path, "-m", "venv", "--without-pip", dir})
 	}
 	if v, err := exec.LookPath("virtualenv"); err == nil {
 		cmds = append(cmds, []string{v, "-p", py.exe, dir})
@@ -266,8 +266,11 @@ func inspect(ctx context.Context, r proc.Runner, python string) (interpreter, er
 	}
 	lines := strings.Split(strings.TrimSpace(res.Output), "\n")
 	in := interpreter{path: python, exe: python, version: strings.TrimSpace(lines[0])}
-	if len(lines) > 1 && filepath.IsAbs(strings.TrimSpace(lines[len(lines)-1])) {
-		in.exe = strings.TrimSpace(lines[len(lines)-1])
+	if len(lines) > 1 && filepath.IsAbs(strings.TrimSpace(lines[1])) {
+		in.exe = strings.TrimSpace(lines[1])
+	}
+	if len(lines) > 2 {
+		in.purelib = strings.TrimSpace(lines[2])
 	}
 	return in, nil
 }
@@ -282,6 +285,13 @@ func (e Env) hasPip(ctx context.Context) bool {
 // pip runs `python -m pip install ARGS`, into SitePackages for a minimal
 // environment (never into the host interpreter's own site-packages).
 func (e Env) pip(ctx context.Context, what string, args ...string) error {
+	if !e.Minimal && !e.hasPip(ctx) {
+		// A venv made --without-pip gets it the first time it is needed.
+		res, err := e.runner.Run(ctx, proc.Cmd{Path: e.Python, Args: []string{"-m", "ensurepip", "--default-pip"}, Timeout: 10 * time.Minute})
+		if err != nil || res.ExitCode != 0 {
+			return fmt.Errorf("virtualenv %s: no pip to install %s, and ensurepip failed (install python3-venv, or give a wheelhouse): %s", e.Dir, what, lastLines(res.Output, err, 3))
+		}
+	}
 	full := []string{"-m", "pip", "install", "--disable-pip-version-check"}
 	if e.Minimal {
 		full = append(full, "--target", e.SitePackages, "--upgrade")
@@ -321,7 +331,7 @@ func (e Env) InstallPackages(ctx context.Context, specs ...string) error {
 	if len(specs) == 0 {
 		return nil
 	}
-	if !e.hasPip(ctx) {
+	if e.Minimal && !e.hasPip(ctx) {
 		return fmt.Errorf("virtualenv %s: python %s has no pip to install %s: install pip for it (python-pip), or give the agent a wheelhouse ([salt] wheelhouse)", e.Dir, e.Version, strings.Join(specs, " "))
 	}
 	return e.pip(ctx, strings.Join(specs, " "), specs...)
@@ -379,4 +389,57 @@ func lastLines(out string, err error, n int) string {
 		s = strings.TrimSpace(err.Error() + " " + s)
 	}
 	return s
+}
+
+// interpreterCache remembers, inside the environment, what the system
+// interpreter was when the environment was last checked, so that the next
+// Ensure (every agent start, every install) need not start it again. It
+// is trusted only while the name still leads, through its symlinks, to
+// the same executable file, unchanged: an OS upgrade that repoints
+// /usr/bin/python3 or replaces the binary is noticed. (A pyenv shim is a
+// script, never the executable: it is probed every time.)
+type interpreterCache struct {
+	Name    string    `json:"name"` // as resolved on PATH
+	Exe     string    `json:"exe"`
+	Version string    `json:"version"`
+	Size    int64     `json:"size"`
+	ModTime time.Time `json:"mtime"`
+}
+
+const interpreterCacheFile = "opsagent-python.json"
+
+func resolveName(name string) string {
+	if !strings.Contains(name, "/") {
+		if p, err := exec.LookPath(name); err == nil {
+			return p
+		}
+	}
+	return name
+}
+
+// wanted is the system interpreter's identity: from the cache when still
+// valid, else by running it.
+func wanted(ctx context.Context, opts Options, system string) (interpreter, error) {
+	name := resolveName(system)
+	if data, err := os.ReadFile(filepath.Join(opts.Dir, interpreterCacheFile)); err == nil {
+		var c interpreterCache
+		if json.Unmarshal(data, &c) == nil && c.Name == name {
+			real, err1 := filepath.EvalSymlinks(name)
+			st, err2 := os.Stat(c.Exe)
+			if err1 == nil && err2 == nil && real == c.Exe && st.Size() == c.Size && st.ModTime().Equal(c.ModTime) {
+				return interpreter{path: system, exe: c.Exe, version: c.Version}, nil
+			}
+		}
+	}
+	return inspect(ctx, opts.Runner, system)
+}
+
+// rememberInterpreter writes the cache; failing to is harmless.
+func rememberInterpreter(dir, system string, in interpreter) {
+	st, err := os.Stat(in.exe)
+	if err != nil {
+		return
+	}
+	data, _ := json.Marshal(interpreterCache{Name: resolveName(system), Exe: in.exe, Version: in.version, Size: st.Size(), ModTime: st.ModTime()})
+	_ = os.WriteFile(filepath.Join(dir, interpreterCacheFile), data, 0o644)
 }

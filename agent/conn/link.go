@@ -4,10 +4,12 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sync"
 	"time"
 
 	"github.com/gorilla/websocket"
 
+	"github.com/visualops/opsagent/agent/outbox"
 	"github.com/visualops/opsagent/protocol"
 )
 
@@ -40,7 +42,7 @@ func (m *Manager) session(ctx context.Context, refresh bool) error {
 	// It cannot skip just that frame, as the rest of it is still in flight.
 	ws.SetReadLimit(int64(m.opts.MaxFrame))
 
-	hs, err := protocol.Encode(&protocol.Handshake{Identity: id.wire()})
+	hs, err := protocol.Encode(&protocol.Handshake{Identity: id.wire(m.out.Stream())})
 	if err != nil {
 		return err
 	}
@@ -54,7 +56,12 @@ func (m *Manager) session(ctx context.Context, refresh bool) error {
 		m.opts.Handler.Connected()
 	}
 
-	c := &link{m: m, ws: ws, control: make(chan []byte, 16), done: make(chan struct{})}
+	c := &link{m: m, ws: ws, control: make(chan []byte, 16), done: make(chan struct{}), negotiated: make(chan struct{})}
+	// Which protocol the backend speaks shows in its first frame: a
+	// StateLogAck (2), anything else or nothing within AckWait (1). No
+	// StateLog is sent before that is known.
+	ackTimer := time.AfterFunc(m.opts.AckWait, func() { c.negotiate(1, 0) })
+	defer ackTimer.Stop()
 	readErr := make(chan error, 1)
 	go func() { readErr <- c.read(ctx) }()
 	writeErr := make(chan error, 1)
@@ -111,6 +118,30 @@ type link struct {
 	ws      *websocket.Conn
 	control chan []byte   // frames the reader wants sent (Test answers)
 	done    chan struct{} // closed when the session ends
+
+	once       sync.Once
+	negotiated chan struct{} // closed once the protocol is known
+	protocol   int           // 1 or 2, set before negotiated is closed
+	acked      int64         // protocol 2: the backend's first acknowledgement
+}
+
+// negotiate records what the backend speaks; only the first call counts.
+func (c *link) negotiate(version int, acked int64) {
+	c.once.Do(func() {
+		c.protocol, c.acked = version, acked
+		c.m.mu.Lock()
+		c.m.protocol = version
+		c.m.mu.Unlock()
+		if version == 2 {
+			c.m.out.AckThrough(acked)
+		} else {
+			c.m.log.Info("the backend speaks protocol 1: StateLogs leave the outbox once written to the socket")
+		}
+		close(c.negotiated)
+		if f := c.m.opts.OnEstablished; f != nil {
+			f()
+		}
+	})
 }
 
 func (c *link) read(ctx context.Context) error {
@@ -152,9 +183,15 @@ func (c *link) read(ctx context.Context) error {
 			m.badFrame(err)
 			continue
 		}
+		if ack, ok := msg.(*protocol.StateLogAck); ok {
+			c.acknowledged(ack)
+			continue
+		}
+		if _, ok := msg.(*protocol.AppNotReady); ok {
+			return errAppNotReady // not an accepted Handshake
+		}
+		c.negotiate(1, 0) // the first frame was not a StateLogAck
 		switch msg := msg.(type) {
-		case *protocol.AppNotReady:
-			return errAppNotReady
 		case *protocol.Test:
 			c.answerTest()
 		case *protocol.TestAns:
@@ -173,6 +210,45 @@ func (c *link) read(ctx context.Context) error {
 	}
 }
 
+// nextLog returns the next StateLog to write: none before the protocol is
+// known; with protocol 2, the first above the backend's acknowledgement
+// (everything it has not stored is sent again after a reconnect).
+func (c *link) nextLog(sent *int64) (outbox.Entry, bool) {
+	select {
+	case <-c.negotiated:
+	default:
+		return outbox.Entry{}, false
+	}
+	if *sent < c.acked {
+		*sent = c.acked
+	}
+	return c.m.out.After(*sent)
+}
+
+// acknowledged handles a StateLogAck: the first one after the Handshake
+// says the backend speaks protocol 2; every one removes what it covers.
+func (c *link) acknowledged(ack *protocol.StateLogAck) {
+	m := c.m
+	if ack.LogStream != m.out.Stream() {
+		m.badFrame(fmt.Errorf("StateLogAck for log stream %q, not ours (%q)", ack.LogStream, m.out.Stream()))
+		return
+	}
+	select {
+	case <-c.negotiated:
+		if c.protocol != 2 {
+			m.badFrame(errors.New("StateLogAck from a backend that did not start with one; ignored"))
+			return
+		}
+		if next := m.out.Status().NextSeq; ack.Seq >= next {
+			m.badFrame(fmt.Errorf("StateLogAck for seq %d, beyond the last StateLog (%d)", ack.Seq, next-1))
+			return
+		}
+		m.out.AckThrough(ack.Seq)
+	default:
+		c.negotiate(2, ack.Seq)
+	}
+}
+
 func (m *Manager) badFrame(err error) {
 	m.mu.Lock()
 	m.droppedFrames++
@@ -184,7 +260,7 @@ func (c *link) answerTest() {
 	c.m.mu.Lock()
 	id := c.m.id
 	c.m.mu.Unlock()
-	frame, err := protocol.Encode(&protocol.Test{Identity: id.wire()})
+	frame, err := protocol.Encode(&protocol.Test{Identity: id.wire(c.m.out.Stream())})
 	if err != nil {
 		return
 	}
@@ -204,6 +280,8 @@ func (c *link) write(ctx context.Context) error {
 		_ = c.ws.SetWriteDeadline(time.Now().Add(m.opts.DeadAfter))
 		return c.ws.WriteMessage(websocket.TextMessage, frame)
 	}
+	var sent int64 // seq of the last StateLog written on this connection
+	negotiated := c.negotiated
 	for {
 		// Drain what is ready before sleeping; pings go out even while a
 		// long backlog is flushed, so the backend's pongs keep us alive.
@@ -236,16 +314,22 @@ func (c *link) write(ctx context.Context) error {
 			}
 			continue
 		}
-		if e, ok := m.out.peek(); ok {
-			sl := *e.msg
+		if e, ok := c.nextLog(&sent); ok {
+			sl := e.Log
 			sl.InstanceID, sl.AppID = m.currentIDs(&sl)
+			if c.protocol != 2 {
+				sl.Seq = 0 // a protocol-1 backend knows no seq
+			}
 			frame, err := protocol.Encode(&sl)
 			if err == nil {
 				if err := send(frame); err != nil {
 					return fmt.Errorf("write: %w", err)
 				}
 			}
-			m.out.ack(e.seq)
+			sent = e.Seq
+			if c.protocol != 2 {
+				m.out.AckThrough(e.Seq) // protocol 1: written is delivered
+			}
 			continue
 		}
 		select {
@@ -262,7 +346,9 @@ func (c *link) write(ctx context.Context) error {
 				return fmt.Errorf("write: %w", err)
 			}
 		case <-m.wqNotify:
-		case <-m.out.notify:
+		case <-m.out.Notify():
+		case <-negotiated:
+			negotiated = nil
 		case <-ping.C:
 			if err := c.ws.WriteControl(websocket.PingMessage, nil, time.Now().Add(m.opts.DeadAfter)); err != nil {
 				return fmt.Errorf("ping: %w", err)

@@ -1,17 +1,20 @@
 // Package conn is the agent's side of the WebSocket to the backend
 // (spec/protocol.md): it connects, sends Handshake, keeps the link alive
 // with pings, reconnects forever with exponential backoff and full jitter,
-// and queues StateLogs in an ordered, bounded outbox that survives
-// reconnects. Messages for the round engine go to a Handler.
+// and delivers StateLogs from the durable outbox (agent/outbox).
+// Messages for the round engine go to a Handler.
 //
 // Each connection has exactly one reader and one writer goroutine, as
 // gorilla/websocket requires; everything else hands frames to the writer.
 //
-// Delivery of StateLogs is at-least-once: an entry leaves the outbox only
-// after it was written to the socket, so a connection that dies between the
-// write and the backend reading it loses nothing, but a frame written just
-// before the loss may in rare cases be sent again after the reconnect. The
-// backend must tolerate that duplicate (same version, state id, result).
+// Delivery of StateLogs follows protocol 2 (protocol/PROTOCOL-2.md): the
+// Handshake carries protocol_version 2 and the outbox's log stream; a
+// backend whose first answer is a StateLogAck speaks 2, and then every
+// StateLog stays queued (on disk) until an acknowledgement covers it and
+// is sent again after a reconnect, so each is stored exactly once, in
+// order. A backend that answers anything else first, or nothing within
+// AckWait, speaks 1: a StateLog then leaves the outbox once written to the
+// socket, as the 2014 protocol did.
 //
 // AppNotReady is handled by closing the connection (1000) and connecting
 // anew after the jittered delay, with a refreshed identity: the same
@@ -36,6 +39,7 @@ import (
 
 	"github.com/gorilla/websocket"
 
+	"github.com/visualops/opsagent/agent/outbox"
 	"github.com/visualops/opsagent/agent/state"
 	"github.com/visualops/opsagent/internal/config"
 	"github.com/visualops/opsagent/protocol"
@@ -53,7 +57,7 @@ type Identity struct {
 
 // wire is the identity as Handshake and Test carry it: init errors joined
 // by "; ", or null when there are none.
-func (id Identity) wire() protocol.Identity {
+func (id Identity) wire(stream string) protocol.Identity {
 	var initErrs *string
 	if len(id.InitErrors) > 0 {
 		s := strings.Join(id.InitErrors, "; ")
@@ -61,8 +65,8 @@ func (id Identity) wire() protocol.Identity {
 	}
 	return protocol.Identity{
 		InstanceID: id.InstanceID, AppID: id.AppID, AgentVersion: id.AgentVersion,
-		ProtocolVersion: 1, InstanceToken: id.Token, InitErrors: initErrs,
-		EnrollmentSecret: id.EnrollSecret,
+		ProtocolVersion: protocol.Version, InstanceToken: id.Token, InitErrors: initErrs,
+		EnrollmentSecret: id.EnrollSecret, LogStream: stream,
 	}
 }
 
@@ -86,7 +90,13 @@ type Options struct {
 	Handler  Handler
 	Logger   *slog.Logger
 
-	OutboxLimit      int           // StateLogs kept while disconnected; default 10 000
+	// Outbox holds the StateLogs; nil: an outbox in memory (tests).
+	Outbox  *outbox.Outbox
+	AckWait time.Duration // how long to wait for a StateLogAck after Handshake; default 2 s
+	// OnEstablished is called when the backend has accepted a Handshake
+	// (its first answer, or AckWait without a refusal): a new version
+	// confirms its update there.
+	OnEstablished    func()
 	PingInterval     time.Duration // default 25 s
 	DeadAfter        time.Duration // no frame nor pong for this long: dead; default 60 s
 	BackoffMin       time.Duration // default 1 s
@@ -104,9 +114,9 @@ type Status struct {
 	Connected     bool
 	Since         time.Time // of the current state (connected or not)
 	Backend       string    // URL without credentials or query
-	OutboxDepth   int
+	Protocol      int       // what the current (or last) connection speaks: 1 or 2; 0 before any
 	DroppedFrames int64
-	DroppedLogs   int64
+	Outbox        outbox.Status
 	LastError     string
 }
 
@@ -114,7 +124,7 @@ type Status struct {
 type Manager struct {
 	opts   Options
 	log    *slog.Logger
-	out    *outbox
+	out    *outbox.Outbox
 	dialer *websocket.Dialer
 	caErr  error         // bad CA file: every attempt fails with it
 	kick   chan struct{} // the backend URL changed: drop the link now
@@ -128,13 +138,14 @@ type Manager struct {
 	lastErr       string
 	droppedFrames int64
 	waitQuery     int64 // recipe version to ask about after the next Handshake; 0: none
+	protocol      int   // of the current connection, once known
 	wqNotify      chan struct{}
 }
 
 // New returns a Manager.
 func New(opts Options) *Manager {
-	if opts.OutboxLimit <= 0 {
-		opts.OutboxLimit = 10000
+	if opts.Outbox == nil {
+		opts.Outbox = outbox.Open(outbox.Options{Logger: opts.Logger})
 	}
 	def := func(d *time.Duration, v time.Duration) {
 		if *d <= 0 {
@@ -148,6 +159,7 @@ func New(opts Options) *Manager {
 	def(&opts.StableAfter, 60*time.Second)
 	def(&opts.AppNotReadyDelay, 30*time.Second)
 	def(&opts.HandshakeTimeout, 10*time.Second)
+	def(&opts.AckWait, 2*time.Second)
 	if opts.MaxFrame <= 0 {
 		opts.MaxFrame = protocol.DefaultMaxFrame
 	}
@@ -158,7 +170,7 @@ func New(opts Options) *Manager {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	m := &Manager{opts: opts, log: log, out: newOutbox(opts.OutboxLimit), since: time.Now(),
+	m := &Manager{opts: opts, log: log, out: opts.Outbox, since: time.Now(),
 		wqNotify: make(chan struct{}, 1), kick: make(chan struct{}, 1)}
 	m.dialer, m.caErr = newDialer(opts)
 	m.url, m.urlErr = opts.URL, checkURL(opts.URL)
@@ -201,9 +213,7 @@ func (m *Manager) Report(version int64, stateID string, res state.Result) {
 		StateID: stateID, Result: res.OK,
 		Comment: nilIfEmpty(res.Comment), Stdout: nilIfEmpty(res.Stdout),
 	}
-	if m.out.push(sl) {
-		m.log.Warn("outbox full: oldest StateLog dropped", "limit", m.opts.OutboxLimit)
-	}
+	m.out.Push(*sl)
 }
 
 // QueryWaits asks, now or after the next Handshake, which waits of version
@@ -220,7 +230,7 @@ func (m *Manager) QueryWaits(version int64) {
 
 // Supersede drops queued StateLogs of any version but current (rounds.Link).
 func (m *Manager) Supersede(current int64) {
-	if n := m.out.supersede(current); n > 0 {
+	if n := m.out.Supersede(current); n > 0 {
 		m.log.Info("dropped queued StateLogs of a replaced recipe", "count", n, "recipe_version", current)
 	}
 }
@@ -231,8 +241,7 @@ func (m *Manager) Status() Status {
 	defer m.mu.Unlock()
 	return Status{
 		Connected: m.connected, Since: m.since, Backend: Redact(m.url),
-		OutboxDepth: m.out.depth(), DroppedFrames: m.droppedFrames,
-		DroppedLogs: m.out.droppedCount(), LastError: m.lastErr,
+		Protocol: m.protocol, DroppedFrames: m.droppedFrames, Outbox: m.out.Status(), LastError: m.lastErr,
 	}
 }
 

@@ -19,6 +19,7 @@ import (
 
 	"github.com/gorilla/websocket"
 
+	"github.com/visualops/opsagent/agent/outbox"
 	"github.com/visualops/opsagent/agent/state"
 	"github.com/visualops/opsagent/internal/testutil/wait"
 	"github.com/visualops/opsagent/protocol"
@@ -174,6 +175,7 @@ func startManager(t *testing.T, url string, tweak func(*Options)) *harness {
 		},
 		Handler:          h.rec,
 		Logger:           slog.New(slog.NewTextHandler(h.logs, &slog.HandlerOptions{Level: slog.LevelDebug})),
+		AckWait:          50 * time.Millisecond, // the fake backend speaks protocol 1
 		BackoffMin:       10 * time.Millisecond,
 		BackoffMax:       50 * time.Millisecond,
 		AppNotReadyDelay: 20 * time.Millisecond,
@@ -228,7 +230,7 @@ func TestHandshakeFields(t *testing.T) {
 	fb := newFakeBackend(t, false)
 	h := startManager(t, fb.url(), nil)
 	c := fb.accept(t)
-	want := protocol.Identity{InstanceID: "i-0abc", AppID: "app-123", AgentVersion: "2.1", ProtocolVersion: 1, InstanceToken: testToken}
+	want := protocol.Identity{InstanceID: "i-0abc", AppID: "app-123", AgentVersion: "2.1", ProtocolVersion: 2, InstanceToken: testToken, LogStream: h.m.out.Stream()}
 	got := c.handshake.Identity
 	if got.InitErrors == nil || *got.InitErrors != "a; b" {
 		t.Errorf("init_errors = %v, want \"a; b\"", got.InitErrors)
@@ -256,7 +258,7 @@ func TestStateLogsSurviveReconnectInOrder(t *testing.T) {
 	for i := 2; i <= 5; i++ {
 		h.m.Report(7, "s-"+string(rune('0'+i)), state.Result{OK: i%2 == 0, Stdout: "out"})
 	}
-	if d := h.m.Status().OutboxDepth; d != 4 {
+	if d := h.m.Status().Outbox.Depth; d != 4 {
 		t.Errorf("outbox depth %d while down, want 4", d)
 	}
 	fb.down.Store(false)
@@ -267,29 +269,31 @@ func TestStateLogsSurviveReconnectInOrder(t *testing.T) {
 			t.Fatalf("after reconnect got %+v, want s-%d", m, i)
 		}
 	}
-	eventually(t, "an empty outbox after the flush", func() bool { return h.m.Status().OutboxDepth == 0 })
+	eventually(t, "an empty outbox after the flush", func() bool { return h.m.Status().Outbox.Depth == 0 })
 }
 
 func TestOutboxBoundAndSupersede(t *testing.T) {
 	// Nothing listens: everything stays queued.
-	h := startManager(t, "ws://127.0.0.1:1/agent/", func(o *Options) { o.OutboxLimit = 3 })
+	h := startManager(t, "ws://127.0.0.1:1/agent/", func(o *Options) {
+		o.Outbox = outbox.Open(outbox.Options{MaxEntries: 3, Logger: o.Logger})
+	})
 	for i := 1; i <= 5; i++ {
 		h.m.Report(int64(i), "s", state.Result{OK: true})
 	}
 	st := h.m.Status()
-	if st.OutboxDepth != 3 || st.DroppedLogs != 2 {
-		t.Fatalf("depth %d dropped %d, want 3 and 2", st.OutboxDepth, st.DroppedLogs)
+	if st.Outbox.Depth != 3 || st.Outbox.Dropped != 2 {
+		t.Fatalf("depth %d dropped %d, want 3 and 2", st.Outbox.Depth, st.Outbox.Dropped)
 	}
-	if !strings.Contains(h.logs.String(), "oldest StateLog dropped") {
+	if !strings.Contains(h.logs.String(), "oldest StateLogs dropped") {
 		t.Error("no warning for a dropped StateLog")
 	}
 	h.m.Supersede(5)
-	if d := h.m.Status().OutboxDepth; d != 1 {
+	if d := h.m.Status().Outbox.Depth; d != 1 {
 		t.Fatalf("after Supersede(5) depth %d, want 1", d)
 	}
-	e, _ := h.m.out.peek()
-	if e.msg.RecipeVersion != 5 {
-		t.Errorf("kept version %d", e.msg.RecipeVersion)
+	e, _ := h.m.out.After(0)
+	if e.Log.RecipeVersion != 5 {
+		t.Errorf("kept version %d", e.Log.RecipeVersion)
 	}
 	eventually(t, "connect error recorded", func() bool {
 		return strings.Contains(h.m.Status().LastError, "connect ws://127.0.0.1:1/agent/")
@@ -385,7 +389,7 @@ func TestTestIsAnswered(t *testing.T) {
 	c := fb.accept(t)
 	c.send(t, &protocol.Test{})
 	m, ok := c.next(t).(*protocol.Test)
-	if !ok || m.InstanceID != "i-0abc" || m.ProtocolVersion != 1 {
+	if !ok || m.InstanceID != "i-0abc" || m.ProtocolVersion != 2 {
 		t.Fatalf("answer %#v", m)
 	}
 }
@@ -533,18 +537,75 @@ func TestTokenNeverLogged(t *testing.T) {
 	}
 }
 
-func TestOutboxAckAfterDrop(t *testing.T) {
-	o := newOutbox(2)
-	o.push(&protocol.StateLog{RecipeVersion: 1, StateID: "a"})
-	e, _ := o.peek()
-	// While "a" is being written, two more arrive and push it out.
-	o.push(&protocol.StateLog{RecipeVersion: 1, StateID: "b"})
-	if !o.push(&protocol.StateLog{RecipeVersion: 1, StateID: "c"}) {
-		t.Fatal("third push into a 2-entry outbox did not drop")
+// Protocol 2: a backend that answers the Handshake with a StateLogAck gets
+// StateLogs with seq, acknowledges them, and after a reconnect receives
+// again exactly those it had not acknowledged, in order.
+func TestProtocol2AcknowledgedAndResent(t *testing.T) {
+	fb := newFakeBackend(t, false)
+	h := startManager(t, fb.url(), func(o *Options) { o.AckWait = time.Minute })
+	c := fb.accept(t)
+	if c.handshake.ProtocolVersion != 2 || c.handshake.LogStream == "" {
+		t.Fatalf("handshake %+v", c.handshake.Identity)
 	}
-	o.ack(e.seq) // must not remove "b"
-	if e, _ := o.peek(); e.msg.StateID != "b" || o.depth() != 2 || o.droppedCount() != 1 {
-		t.Fatalf("head %q depth %d dropped %d", e.msg.StateID, o.depth(), o.droppedCount())
+	stream := c.handshake.LogStream
+	for i := 1; i <= 3; i++ {
+		h.m.Report(7, fmt.Sprintf("s-%d", i), state.Result{OK: true})
+	}
+	// Nothing is sent before the backend has said which protocol it speaks.
+	_ = c.ws.SetReadDeadline(time.Now().Add(200 * time.Millisecond))
+	if _, data, err := c.ws.ReadMessage(); err == nil {
+		t.Fatalf("a frame before the backend's first answer: %s", data)
+	}
+	c.ws.Close()
+	c = fb.accept(t)
+	c.send(t, &protocol.StateLogAck{LogStream: stream, Seq: 0})
+	for i := 1; i <= 3; i++ {
+		m := c.next(t).(*protocol.StateLog)
+		if m.Seq != int64(i) || m.StateID != fmt.Sprintf("s-%d", i) {
+			t.Fatalf("got seq %d %s, want %d", m.Seq, m.StateID, i)
+		}
+	}
+	c.send(t, &protocol.StateLogAck{LogStream: stream, Seq: 2})
+	eventually(t, "seq 1-2 acknowledged", func() bool { return h.m.Status().Outbox.Depth == 1 })
+	// A reconnect: the backend says it has 2; 3 comes again, then 4.
+	c.ws.Close()
+	h.m.Report(7, "s-4", state.Result{OK: true})
+	c = fb.accept(t)
+	c.send(t, &protocol.StateLogAck{LogStream: stream, Seq: 2})
+	for _, want := range []int64{3, 4} {
+		if m := c.next(t).(*protocol.StateLog); m.Seq != want {
+			t.Fatalf("after reconnect seq %d, want %d", m.Seq, want)
+		}
+	}
+	// Acknowledgements for another stream or beyond what was sent are
+	// ignored as bad frames.
+	c.send(t, &protocol.StateLogAck{LogStream: "someone-else", Seq: 4})
+	c.send(t, &protocol.StateLogAck{LogStream: stream, Seq: 99})
+	eventually(t, "two bad frames", func() bool { return h.m.Status().DroppedFrames == 2 })
+	if d := h.m.Status().Outbox.Depth; d != 2 {
+		t.Fatalf("depth %d, want 2 (3 and 4 unacknowledged)", d)
+	}
+	c.send(t, &protocol.StateLogAck{LogStream: stream, Seq: 4})
+	eventually(t, "everything acknowledged", func() bool { return h.m.Status().Outbox.Depth == 0 })
+	if h.m.Status().Protocol != 2 {
+		t.Errorf("status protocol %d", h.m.Status().Protocol)
+	}
+}
+
+// A backend whose first frame is not a StateLogAck speaks protocol 1:
+// StateLogs carry no seq and leave the outbox once written.
+func TestProtocol1WhenTheFirstFrameIsNotAnAck(t *testing.T) {
+	fb := newFakeBackend(t, false)
+	h := startManager(t, fb.url(), func(o *Options) { o.AckWait = time.Minute })
+	c := fb.accept(t)
+	c.send(t, &protocol.RecipeMetadata{RecipeVersion: 1, States: []protocol.RecipeState{}})
+	h.m.Report(1, "a", state.Result{OK: true})
+	if m := c.next(t).(*protocol.StateLog); m.Seq != 0 || m.StateID != "a" {
+		t.Fatalf("protocol 1 StateLog %+v", m)
+	}
+	eventually(t, "the written StateLog gone", func() bool { return h.m.Status().Outbox.Depth == 0 })
+	if h.m.Status().Protocol != 1 {
+		t.Errorf("status protocol %d", h.m.Status().Protocol)
 	}
 }
 
@@ -589,8 +650,9 @@ func BenchmarkStateLogFlush(b *testing.B) {
 	}))
 	defer srv.Close()
 	m := New(Options{
-		URL:         "ws" + strings.TrimPrefix(srv.URL, "http") + "/",
-		OutboxLimit: b.N + 1,
+		URL:     "ws" + strings.TrimPrefix(srv.URL, "http") + "/",
+		Outbox:  outbox.Open(outbox.Options{MaxEntries: b.N + 1}),
+		AckWait: time.Millisecond,
 		Identity: func(context.Context, bool) (Identity, error) {
 			return Identity{InstanceID: "i-1", AppID: "a", AgentVersion: "1", Token: "t"}, nil
 		},

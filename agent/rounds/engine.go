@@ -71,6 +71,9 @@ type Options struct {
 	Clock    clock.Clock
 	Logger   *slog.Logger
 	Updater  Updater // nil: self-update not available in this build
+	// CurrentVersion is the running version: a persisted pending update
+	// for it (the one that just restarted into it) is done.
+	CurrentVersion string
 	// InstanceID returns this instance's id, to pick our entries out of a
 	// WaitList (a function: the id may become known after the engine starts).
 	InstanceID func() string

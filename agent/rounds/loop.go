@@ -56,6 +56,9 @@ func (e *Engine) Run(ctx context.Context) (*Restart, error) {
 	}
 	if u, err := e.opts.Store.LoadUpdate(); err != nil {
 		e.log.Error("cannot read the persisted pending update", "err", err)
+	} else if u != nil && u.Version == e.opts.CurrentVersion {
+		e.log.Info("the pending update is the running version; done with it", "version", u.Version)
+		l.setPending(nil)
 	} else if u != nil {
 		l.setPending(u)
 		l.applyUpdate()
@@ -281,15 +284,24 @@ func (l *loop) applyUpdate() {
 		return
 	}
 	u := *l.pending
-	l.setPending(nil)
 	if e.opts.Updater == nil {
+		l.setPending(nil)
 		note := fmt.Sprintf("self-update is not available in this build; update to %s dropped", u.Version)
 		e.log.Warn(note)
 		e.setStatus(func(s *Status) { s.UpdateNote = note })
 		return
 	}
 	e.log.Info("applying update", "version", u.Version, "url", u.URL)
+	// The pending update stays persisted while it is applied: killed in
+	// the middle (during the download, say), the agent applies it again at
+	// its next start. The new version drops it (CurrentVersion).
 	restart, err := e.opts.Updater.Apply(l.ctx, u)
+	if l.ctx.Err() != nil {
+		return // stopping: keep it for the next start
+	}
+	if restart == nil {
+		l.setPending(nil)
+	}
 	if err != nil {
 		note := fmt.Sprintf("update to %s refused: %v", u.Version, err)
 		e.log.Error("update refused; keeping the running version", "version", u.Version, "err", err)

@@ -22,9 +22,13 @@ type Connection struct {
 	Connected     bool      `json:"connected"`
 	Since         time.Time `json:"since,omitzero"` // connected (or disconnected) since
 	Backend       string    `json:"backend"`
-	OutboxDepth   int       `json:"outbox_depth"`
+	Protocol      int       `json:"protocol,omitempty"` // 1 or 2, of the current or last connection
+	OutboxDepth   int       `json:"outbox_depth"`       // StateLogs not yet delivered
+	OutboxBytes   int64     `json:"outbox_bytes"`
+	OutboxStorage string    `json:"outbox_storage"` // "disk", or "memory: why"
+	NextSeq       int64     `json:"next_seq"`       // seq the next StateLog gets
 	DroppedFrames int64     `json:"dropped_frames"`
-	DroppedLogs   int64     `json:"dropped_logs"`
+	DroppedLogs   int64     `json:"dropped_logs"` // by the outbox's bounds, oldest first, this run
 	LastError     string    `json:"last_error,omitempty"`
 }
 
@@ -38,7 +42,21 @@ type Snapshot struct {
 	UpdatedAt    time.Time     `json:"updated_at"`
 	Connection   Connection    `json:"connection"`
 	Engine       rounds.Status `json:"engine"`
+	Update       *Update       `json:"update,omitempty"`
 	InitErrors   []string      `json:"init_errors,omitempty"`
+}
+
+// Update is where the current or last self-update stands: downloading
+// (with bytes), verifying, extracting, smoke-testing, swapping, confirming,
+// done, refused, rolled-back or failed, with the reason.
+type Update struct {
+	Phase   string    `json:"phase"`
+	Version string    `json:"version,omitempty"`
+	From    string    `json:"from,omitempty"`
+	Bytes   int64     `json:"bytes,omitempty"`
+	Total   int64     `json:"total,omitempty"`
+	Reason  string    `json:"reason,omitempty"`
+	At      time.Time `json:"at,omitzero"`
 }
 
 // Write replaces the file atomically (mode 0640: operators in the agent's

@@ -9,6 +9,7 @@ import (
 	"os/signal"
 	"strings"
 	"syscall"
+	"time"
 
 	"github.com/urfave/cli/v3"
 
@@ -34,6 +35,9 @@ func backendCommand() *cli.Command {
 			&cli.StringFlag{Name: "api-token-file", Usage: "read the API token from this file (first line)"},
 			&cli.StringSliceFlag{Name: "allow-host", Usage: "a host name clients may use to reach this server besides its listen address (repeatable)"},
 			&cli.BoolFlag{Name: "open-enrollment", Usage: "let any agent that knows an app id enroll without the app's enrollment secret (the 2014 behaviour)"},
+			&cli.StringFlag{Name: "log-retention-size", Value: "1GiB", Usage: "StateLogs kept per app; the oldest segments go first"},
+			&cli.DurationFlag{Name: "log-retention-age", Value: 30 * 24 * time.Hour, Usage: "StateLogs older than this are deleted (whole segments)"},
+			&cli.StringFlag{Name: "log-segment-size", Value: "16MiB", Usage: "size at which a StateLog segment file is closed and a new one started"},
 			&cli.StringFlag{Name: "addr-file", Usage: "write the bound address (host:port) to this file once listening"},
 		},
 		Action: func(ctx context.Context, cmd *cli.Command) error {
@@ -49,9 +53,18 @@ func backendCommand() *cli.Command {
 			if err := backend.CheckExposure(cmd.String("listen"), token); err != nil {
 				return usageErrorf("%v", err)
 			}
+			retention, err := config.ParseSize(cmd.String("log-retention-size"))
+			if err != nil {
+				return usageErrorf("--log-retention-size: %v", err)
+			}
+			segment, err := config.ParseSize(cmd.String("log-segment-size"))
+			if err != nil {
+				return usageErrorf("--log-segment-size: %v", err)
+			}
 			srv, err := backend.New(backend.Options{
 				DataDir: cmd.String("data"), APIToken: token, Logger: log,
 				AllowedHosts: cmd.StringSlice("allow-host"), OpenEnrollment: cmd.Bool("open-enrollment"),
+				LogRetentionBytes: int64(retention), LogRetentionAge: cmd.Duration("log-retention-age"), LogSegmentBytes: int64(segment),
 			})
 			if err != nil {
 				return err

@@ -19,6 +19,7 @@ func runCommand() *cli.Command {
 		Usage: "run the agent: connect to the backend and apply recipes in rounds (the service's command)",
 		Description: "Reads the config, takes the single-instance lock, and runs until SIGTERM or SIGINT (exit 0).\n" +
 			"SIGHUP re-reads the config and restarts the connection and the current round with it.\n" +
+			"SIGUSR1 takes a request left by 'opsagent update'.\n" +
 			"After a self-update it re-executes the new binary with the same arguments, keeping the lock.",
 		Action: func(ctx context.Context, cmd *cli.Command) error {
 			if err := noArgs(cmd); err != nil {
@@ -35,12 +36,18 @@ func runCommand() *cli.Command {
 			defer signal.Stop(hup)
 			reload := make(chan struct{}, 1)
 			go forwardSignals(ctx, hup, reload)
+			usr1 := make(chan os.Signal, 1)
+			signal.Notify(usr1, syscall.SIGUSR1)
+			defer signal.Stop(usr1)
+			updateNow := make(chan struct{}, 1)
+			go forwardSignals(ctx, usr1, updateNow)
 			restart, err := agent.Run(ctx, agent.Options{
 				Root:       p.root,
 				ConfigFile: p.configFile,
 				LogLevel:   cmd.String("log-level"),
 				Stderr:     terminalOrNil(cmd.Root().ErrWriter),
 				Reload:     reload,
+				UpdateNow:  updateNow,
 				Version:    version.Version,
 			})
 			if err != nil {

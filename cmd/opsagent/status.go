@@ -101,7 +101,14 @@ func printStatus(w io.Writer, r statusReport, now time.Time) {
 	if s.Connection.LastError != "" {
 		fmt.Fprintf(w, "last error: %s\n", s.Connection.LastError)
 	}
-	fmt.Fprintf(w, "outbox:     %d StateLogs queued, %d dropped; %d bad frames ignored\n", s.Connection.OutboxDepth, s.Connection.DroppedLogs, s.Connection.DroppedFrames)
+	c := s.Connection
+	fmt.Fprintf(w, "outbox:     %d StateLogs queued (%s), %d dropped; %d bad frames ignored\n", c.OutboxDepth, byteSize(c.OutboxBytes), c.DroppedLogs, c.DroppedFrames)
+	if c.OutboxStorage != "" && c.OutboxStorage != "disk" {
+		fmt.Fprintf(w, "outbox:     in %s (StateLogs will not survive a restart)\n", c.OutboxStorage)
+	}
+	if c.Protocol == 1 {
+		fmt.Fprintln(w, "delivery:   protocol 1 (the backend does not acknowledge StateLogs)")
+	}
 	e := s.Engine
 	if e.RecipeVersion == 0 {
 		fmt.Fprintln(w, "recipe:     none yet")
@@ -135,13 +142,38 @@ func printStatus(w io.Writer, r statusReport, now time.Time) {
 		}
 		fmt.Fprintf(w, "  %s %-*s  %s\n", mark, width, id, oneLine(res.Comment))
 	}
-	switch {
+	switch u := s.Update; {
 	case e.PendingUpdate != "":
 		fmt.Fprintf(w, "update:     %s pending (applied when the round ends)\n", e.PendingUpdate)
+	case u != nil:
+		line := fmt.Sprintf("%s %s", u.Version, u.Phase)
+		if u.From != "" {
+			line = fmt.Sprintf("%s → %s: %s", u.From, u.Version, u.Phase)
+		}
+		if u.Phase == "downloading" && u.Bytes > 0 {
+			line += " " + byteSize(u.Bytes)
+			if u.Total > 0 {
+				line += " of " + byteSize(u.Total)
+			}
+		}
+		if u.Reason != "" {
+			line += " (" + u.Reason + ")"
+		}
+		fmt.Fprintf(w, "update:     %s\n", line)
 	case e.UpdateNote != "":
 		fmt.Fprintf(w, "update:     %s\n", e.UpdateNote)
 	}
 	for _, ie := range s.InitErrors {
 		fmt.Fprintf(w, "init error: %s\n", ie)
 	}
+}
+
+func byteSize(n int64) string {
+	switch {
+	case n >= 1<<20:
+		return fmt.Sprintf("%.1f MiB", float64(n)/(1<<20))
+	case n >= 1<<10:
+		return fmt.Sprintf("%.1f KiB", float64(n)/(1<<10))
+	}
+	return fmt.Sprintf("%d B", n)
 }

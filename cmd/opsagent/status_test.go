@@ -66,7 +66,7 @@ func TestStatusRunning(t *testing.T) {
 		t.Fatalf("exit %d err %q", code, errs)
 	}
 	for _, want := range []string{"running as pid", "connected since", "version 7, 3 states; round 4",
-		"running state 2/3 state-2", "ok   state-1  File /x updated", "2 StateLogs queued, 1 dropped",
+		"running state 2/3 state-2", "ok   state-1  File /x updated", "2 StateLogs queued (0 B), 1 dropped",
 		"2.2 pending", "init error: cannot create /var/log/visualops"} {
 		if !strings.Contains(out, want) {
 			t.Errorf("status output lacks %q:\n%s", want, out)

@@ -88,7 +88,7 @@ type Network struct {
 type Salt struct {
 	RoundDelay time.Duration // delay: pause between successful rounds; bare numbers are minutes
 	Wheelhouse string        // pip --find-links directory (or plain packages) for offline installs
-	Python     string        // interpreter for the virtualenv; empty: what the states repository needs
+	Python     string        // interpreter for the virtualenv, a host path (not below the root); empty: what the states repository needs
 }
 
 // Agent is the [agent] section (new in the Go agent).
@@ -282,7 +282,11 @@ func (c *Config) Set(section, key, value string) error {
 	if c.doc == nil {
 		c.doc = ini.Empty()
 	}
-	c.doc.Section(section).Key(key).SetValue(strings.TrimSpace(value))
+	value = strings.TrimSpace(value)
+	if sec, err := c.doc.GetSection(section); err == nil && sec.HasKey(key) && sec.Key(key).String() == value {
+		return nil // the same value: nothing to save
+	}
+	c.doc.Section(section).Key(key).SetValue(value)
 	c.unsaved = true
 	return nil
 }

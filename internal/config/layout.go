@@ -67,9 +67,17 @@ func (l Layout) RecipeFile() string { return l.state("recipe.json") }
 // PendingUpdateFile is an AgentUpdate received but not applied yet.
 func (l Layout) PendingUpdateFile() string { return l.state("pending-update.json") }
 
-// UpdateStateFile records an update in progress (steps, health deadline,
-// failures), read by the new binary, the watchdog and `status`.
-func (l Layout) UpdateStateFile() string { return l.state("update.json") }
+// UpdateStateFile records an update in progress (phase, deadline, starts,
+// reason) as key=value lines, shared by the updater, the new binary, the
+// shell watchdog and `status`.
+func (l Layout) UpdateStateFile() string { return l.state("update.state") }
+
+// UpdateStateLockFile orders every change of the update state between the
+// Go side and the watchdog.
+func (l Layout) UpdateStateLockFile() string { return l.UpdateStateFile() + ".lock" }
+
+// UpdateRequestFile is what `opsagent update` leaves for a running agent.
+func (l Layout) UpdateRequestFile() string { return l.state("update-request.json") }
 
 // DownloadDir holds update downloads (the .unverified tarball).
 func (l Layout) DownloadDir() string { return l.state("update") }
@@ -85,6 +93,10 @@ func (l Layout) BridgeScript() string { return l.state("bridge.py") }
 
 // CronScript is the watchdog the cron entry runs.
 func (l Layout) CronScript() string { return l.state("cron.sh") }
+
+// WatchdogLockFile keeps a cron pass and a watch pass of the watchdog from
+// acting at once.
+func (l Layout) WatchdogLockFile() string { return l.CronScript() + ".lock" }
 
 // WatchDir keeps checksums of watched files ([global] watch).
 func (l Layout) WatchDir() string { return l.root.Path(l.g.WatchDir) }

@@ -52,7 +52,7 @@ func Lock(path string) (*LockFile, error) {
 		defer f.Close()
 		if errors.Is(err, syscall.EAGAIN) || errors.Is(err, syscall.EACCES) {
 			if pid := readPID(f); pid > 0 {
-				return nil, fmt.Errorf("lock %s: %w as pid %d (stop that agent first, e.g. systemctl stop opsagent)", path, ErrLocked, pid)
+				return nil, fmt.Errorf("lock %s: %w as pid %d", path, ErrLocked, pid)
 			}
 			return nil, fmt.Errorf("lock %s: %w (held by another process)", path, ErrLocked)
 		}

@@ -1,0 +1,512 @@
+// Package installer is `opsagent install`, `opsagent uninstall` and
+// `opsagent userdata`: it lays out an instance as spec/install-update.md
+// describes (directories and modes, /etc/opsagent.conf, the token, the
+// binary), installs the OS prerequisites that are missing, builds the
+// virtualenv and clones the states repository, installs the supervision
+// (a systemd unit when systemd runs, and in all cases the cron watchdog)
+// and starts the agent.
+//
+// Every step first checks what is there and changes only what differs, so
+// re-running it (the userdata again, by hand on a custom AMI) repairs and
+// never duplicates; with nothing to do it writes nothing and says
+// "already installed, nothing to do". --dry-run prints the plan.
+package installer
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/visualops/opsagent/internal/config"
+	"github.com/visualops/opsagent/internal/fsutil"
+	"github.com/visualops/opsagent/internal/metadata"
+	"github.com/visualops/opsagent/internal/proc"
+	"github.com/visualops/opsagent/internal/token"
+)
+
+// Options configures Install.
+type Options struct {
+	Root       fsutil.Root
+	ConfigFile string // host path of the config; "" = /etc/opsagent.conf below Root
+	Flags      Params
+	Sets       []string // --set section.key=value
+	Env        func(string) string
+	// Self is the running binary, copied to /opt/visualops/bin/opsagent.
+	Self string
+	// SkipPackages never calls a package manager. A root other than the
+	// host's always skips them.
+	SkipPackages bool
+	// Start starts (or restarts) the agent even below a root other than
+	// the host's, where it is otherwise left stopped.
+	Start  bool
+	DryRun bool
+	Out    io.Writer
+	// Terminal: lines with ✓ and ✗ instead of timestamps.
+	Terminal bool
+	Runner   proc.Runner
+	Logger   *slog.Logger
+	// MetadataTimeout bounds the userdata lookup; default 20 s.
+	MetadataTimeout time.Duration
+}
+
+// Result is what Install did.
+type Result struct {
+	Lines   []Line
+	Changed bool // anything was created, repaired or updated
+	PID     int  // the running agent, when known
+	Layout  config.Layout
+	Params  Params
+	Summary string // the closing line
+}
+
+// ErrStepsFailed is wrapped by Install's error when steps failed but the
+// install went on (the agent retries what it can, e.g. the states
+// repository at every round).
+var ErrStepsFailed = errors.New("install finished with failed steps")
+
+// installation carries one run's state between steps.
+type installation struct {
+	opts     Options
+	rep      *reporter
+	layout   config.Layout
+	cfg      *config.Config // as it will be written (a throwaway copy)
+	apply    func(*config.Config) error
+	params   Params
+	prevApp  string // the app id of an earlier install
+	existing bool   // a config that loads was there
+
+	binaryChanged bool
+	configChanged bool
+	tokenChanged  bool
+}
+
+// Install lays out, configures and starts the agent. The error is a
+// parameter or config problem that stopped it before anything was
+// written, or ErrStepsFailed after a complete run with failures.
+func Install(ctx context.Context, opts Options) (*Result, error) {
+	if opts.ConfigFile == "" {
+		opts.ConfigFile = opts.Root.Path(config.DefaultPath)
+	}
+	if opts.Out == nil {
+		opts.Out = io.Discard
+	}
+	if opts.Runner == nil {
+		opts.Runner = proc.New()
+	}
+	if opts.Logger == nil {
+		opts.Logger = slog.New(slog.DiscardHandler)
+	}
+	if opts.Env == nil {
+		opts.Env = func(string) string { return "" }
+	}
+	if !opts.Root.IsHost() {
+		opts.SkipPackages = true
+	}
+	existing := loadExisting(opts.ConfigFile)
+	in := &installation{opts: opts, existing: existing != nil}
+	if existing != nil {
+		in.prevApp = existing.Userdata.AppID
+	}
+	in.layout = config.NewLayout(opts.Root, opts.ConfigFile, existing)
+	logFile := in.layout.BootstrapLog()
+	if opts.DryRun {
+		logFile = ""
+	}
+	in.rep = &reporter{out: opts.Out, terminal: opts.Terminal, logFile: logFile, now: time.Now}
+
+	sets, err := ParseSets(opts.Sets)
+	if err != nil {
+		return nil, err
+	}
+	var meta *metadata.Client
+	if m := metadataURL(existing, sets); m != "" {
+		meta = metadata.New(metadata.Options{BaseURL: m, Logger: opts.Logger, Attempts: 2})
+	}
+	p, from, err := Resolve(ctx, Sources{Flags: opts.Flags, Env: opts.Env, Metadata: meta, Existing: existing})
+	if err != nil {
+		in.rep.add("parameters", Failed, "%v", err)
+		return nil, err
+	}
+	in.params = p
+	in.rep.add("parameters", Unchanged, "app %s, backend %s, version %s (from %s)", p.AppID, p.WSURI, p.Version, describeSources(from))
+	if err := in.buildConfig(existing, sets); err != nil {
+		in.rep.add("config", Failed, "%v", err)
+		return nil, err
+	}
+	in.layout = config.NewLayout(opts.Root, opts.ConfigFile, in.cfg)
+
+	in.stepLayout()
+	in.stepConfig()
+	in.stepToken()
+	in.stepBinary()
+	in.stepPackages(ctx)
+	in.stepSaltPath(ctx)
+	in.stepService(ctx)
+	pid := in.stepStart(ctx)
+
+	res := &Result{Lines: in.rep.lines, PID: pid, Layout: in.layout, Params: p}
+	failed := in.rep.count(Failed)
+	res.Changed = in.rep.count(Changed) > 0
+	switch {
+	case opts.DryRun:
+		res.Summary = fmt.Sprintf("dry run: %d steps would change something; nothing was written", in.rep.count(Planned))
+	case failed > 0:
+		res.Summary = fmt.Sprintf("installed, but %d steps failed (see above; the agent retries what it can)", failed)
+	case !res.Changed:
+		res.Summary = "already installed, nothing to do"
+	default:
+		res.Summary = fmt.Sprintf("installed: %d steps changed something", in.rep.count(Changed))
+	}
+	in.rep.note(res.Summary)
+	if failed > 0 && !opts.DryRun {
+		return res, fmt.Errorf("%w: %d (see %s)", ErrStepsFailed, failed, in.layout.BootstrapLog())
+	}
+	return res, nil
+}
+
+func loadExisting(path string) *config.Config {
+	c, err := config.Load(path)
+	if err != nil {
+		return nil
+	}
+	return c
+}
+
+// metadataURL is where userdata is looked up: --set network.metadata, else
+// the existing config's, else the default. A fixed instance id means a
+// host without a metadata service: none.
+func metadataURL(existing *config.Config, sets []Setting) string {
+	url, fixedID := config.Default().Network.Metadata, ""
+	if existing != nil {
+		url, fixedID = existing.Network.Metadata, existing.Network.InstanceID
+	}
+	for _, s := range sets {
+		switch s.Section + "." + s.Key {
+		case "network.metadata":
+			url = s.Value
+		case "network.instance_id":
+			fixedID = s.Value
+		}
+	}
+	if fixedID != "" {
+		return ""
+	}
+	return url
+}
+
+func describeSources(from map[string]string) string {
+	seen := map[string]bool{}
+	var out []string
+	for _, k := range []string{"WS_URI", "APP_ID", "VERSION", "BASE_REMOTE"} {
+		if f := from[k]; f != "" && !seen[f] {
+			seen[f] = true
+			out = append(out, f)
+		}
+	}
+	if len(out) == 0 {
+		return "nowhere"
+	}
+	s := out[0]
+	for _, o := range out[1:] {
+		s += ", " + o
+	}
+	return s
+}
+
+// buildConfig decides the config's values: the parameters and --set, on
+// top of the existing file (unknown keys and comments kept). It checks
+// them on a throwaway copy; stepConfig saves them through the config's
+// Owner, the one writer of the file.
+func (in *installation) buildConfig(_ *config.Config, sets []Setting) error {
+	p := in.params
+	platform := ""
+	if in.opts.Root.IsHost() {
+		platform = detectPlatform()
+	}
+	in.apply = func(c *config.Config) error {
+		for _, kv := range [][3]string{
+			{"userdata", "ws_uri", p.WSURI}, {"userdata", "app_id", p.AppID}, {"userdata", "version", p.Version},
+			{"userdata", "base_remote", p.BaseRemote}, {"userdata", "pubkey", p.PubKey}, {"userdata", "enroll_secret", p.EnrollSecret},
+			{"module", "mod_repo", p.ModRepo}, {"module", "mod_tag", p.ModTag},
+		} {
+			if kv[2] == "" {
+				continue
+			}
+			if err := c.Set(kv[0], kv[1], kv[2]); err != nil {
+				return err
+			}
+		}
+		for _, s := range sets {
+			if err := c.Set(s.Section, s.Key, s.Value); err != nil {
+				return fmt.Errorf("--set %s.%s: %w", s.Section, s.Key, err)
+			}
+		}
+		if c.Global.Platform == "" && platform != "" {
+			c.Global.Platform = platform
+		}
+		return nil
+	}
+	c := in.freshConfig()
+	if err := in.apply(c); err != nil {
+		return err
+	}
+	if err := c.Validate(); err != nil {
+		return err
+	}
+	in.cfg = c
+	return nil
+}
+
+// freshConfig loads the config file anew (or starts a new one): each call
+// gives a separate copy.
+func (in *installation) freshConfig() *config.Config {
+	if c := loadExisting(in.opts.ConfigFile); c != nil {
+		return c
+	}
+	return config.New(in.opts.ConfigFile)
+}
+
+// dirSpec is a directory of the layout and its mode.
+type dirSpec struct {
+	path string
+	mode fs.FileMode
+}
+
+func (in *installation) stepLayout() {
+	l := in.layout
+	var changes []string
+	for _, d := range []dirSpec{
+		{l.OptDir(), 0o755}, {l.BinDir(), 0o755}, {l.StateDir(), 0o700}, {l.WatchDir(), 0o700},
+		{l.LogDir(), 0o750}, {filepath.Dir(l.ConfigFile()), 0o755}, {filepath.Dir(l.TokenFile()), 0o755},
+	} {
+		what, err := in.ensureDir(d.path, d.mode)
+		if err != nil {
+			in.rep.add("layout", Failed, "%v (is the root writable? run as root)", err)
+			return
+		}
+		if what != "" {
+			changes = append(changes, what)
+		}
+	}
+	in.report("layout", changes, "directories present with their modes")
+}
+
+// ensureDir creates dir with mode, or repairs its mode; it returns what it
+// did ("" for nothing).
+func (in *installation) ensureDir(dir string, mode fs.FileMode) (string, error) {
+	st, err := os.Stat(dir)
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+		if in.opts.DryRun {
+			return fmt.Sprintf("create %s (%04o)", dir, mode), nil
+		}
+		if err := os.MkdirAll(dir, mode); err != nil {
+			return "", err
+		}
+		if err := os.Chmod(dir, mode); err != nil { // umask
+			return "", err
+		}
+		return fmt.Sprintf("created %s (%04o)", dir, mode), nil
+	case err != nil:
+		return "", err
+	case !st.IsDir():
+		return "", fmt.Errorf("%s is not a directory: move it away", dir)
+	case st.Mode().Perm() != mode:
+		if in.opts.DryRun {
+			return fmt.Sprintf("set %s to %04o (is %04o)", dir, mode, st.Mode().Perm()), nil
+		}
+		if err := os.Chmod(dir, mode); err != nil {
+			return "", err
+		}
+		return fmt.Sprintf("%s mode %04o (was %04o)", dir, mode, st.Mode().Perm()), nil
+	}
+	return "", nil
+}
+
+// ensureFile writes data with mode when the file differs; it returns what
+// it did ("" for nothing).
+func (in *installation) ensureFile(path string, data []byte, mode fs.FileMode) (string, error) {
+	old, err := fsutil.ReadFileLimit(path, 64<<20)
+	st, statErr := os.Stat(path)
+	switch {
+	case err == nil && bytes.Equal(old, data) && statErr == nil && st.Mode().Perm() == mode:
+		return "", nil
+	case err == nil && bytes.Equal(old, data) && statErr == nil:
+		if in.opts.DryRun {
+			return fmt.Sprintf("set %s to %04o", path, mode), nil
+		}
+		if err := os.Chmod(path, mode); err != nil {
+			return "", err
+		}
+		return fmt.Sprintf("%s mode %04o (was %04o)", path, mode, st.Mode().Perm()), nil
+	case err != nil && !errors.Is(err, fs.ErrNotExist):
+		return "", err
+	}
+	verb := "updated"
+	if errors.Is(err, fs.ErrNotExist) {
+		verb = "created"
+	}
+	if in.opts.DryRun {
+		return fmt.Sprintf("%s %s", map[string]string{"updated": "update", "created": "create"}[verb], path), nil
+	}
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		return "", err
+	}
+	if err := fsutil.WriteFileAtomic(path, data, mode); err != nil {
+		return "", err
+	}
+	return verb + " " + path, nil
+}
+
+// report adds a step's line: what changed, or that it was already right.
+func (in *installation) report(step string, changes []string, unchanged string) {
+	if len(changes) == 0 {
+		in.rep.add(step, Unchanged, "%s", unchanged)
+		return
+	}
+	o := Changed
+	if in.opts.DryRun {
+		o = Planned
+	}
+	in.rep.add(step, o, "%s", joinChanges(changes))
+}
+
+func joinChanges(c []string) string {
+	s := c[0]
+	for _, x := range c[1:] {
+		s += "; " + x
+	}
+	return s
+}
+
+func (in *installation) stepConfig() {
+	path := in.layout.ConfigFile()
+	var changes []string
+	if in.opts.DryRun {
+		old, _ := fsutil.ReadFileLimit(path, config.MaxFileSize)
+		data, err := in.cfg.Bytes()
+		if err != nil {
+			in.rep.add("config", Failed, "%v", err)
+			return
+		}
+		if !bytes.Equal(old, data) {
+			changes = append(changes, "write "+path)
+		}
+		in.report("config", changes, path+" is current")
+		return
+	}
+	if !in.existing {
+		if _, err := os.Stat(path); err == nil {
+			changes = append(changes, "replaced "+path+", which did not load")
+		}
+	}
+	changed, err := config.NewOwner(in.freshConfig()).Update(in.apply)
+	if err != nil {
+		in.rep.add("config", Failed, "%v", err)
+		return
+	}
+	if changed {
+		in.configChanged = true
+		if len(changes) == 0 {
+			changes = append(changes, "wrote "+path)
+		}
+	}
+	if st, err := os.Stat(path); err == nil && st.Mode().Perm() != config.FileMode {
+		if err := os.Chmod(path, config.FileMode); err != nil {
+			in.rep.add("config", Failed, "%v", err)
+			return
+		}
+		changes = append(changes, fmt.Sprintf("%s mode %04o (was %04o)", path, config.FileMode, st.Mode().Perm()))
+	}
+	in.report("config", changes, path+" is current")
+}
+
+func (in *installation) stepToken() {
+	p := in.layout.TokenFile()
+	var changes []string
+	appChanged := in.prevApp != "" && in.prevApp != in.params.AppID
+	switch err := token.Problem(p); {
+	case errors.Is(err, token.ErrMissing) || appChanged:
+		why := "created " + p
+		if appChanged {
+			why = "replaced " + p + " (the app id changed)"
+		}
+		if in.opts.DryRun {
+			changes = append(changes, "create "+p)
+			break
+		}
+		if err := token.Create(p); err != nil {
+			in.rep.add("token", Failed, "%v", err)
+			return
+		}
+		in.tokenChanged = true
+		changes = append(changes, why)
+	case errors.Is(err, token.ErrTooOpen):
+		if !in.opts.DryRun {
+			if err := os.Chmod(p, token.Mode); err != nil {
+				in.rep.add("token", Failed, "%v", err)
+				return
+			}
+		}
+		changes = append(changes, fmt.Sprintf("%s mode %04o", p, token.Mode))
+	case err != nil:
+		in.rep.add("token", Failed, "%v", err)
+		return
+	}
+	in.report("token", changes, p+" kept")
+}
+
+func (in *installation) stepBinary() {
+	dst := in.layout.Binary()
+	if in.opts.Self == "" {
+		in.rep.add("binary", Skipped, "the running binary is unknown; not copied to %s", dst)
+		return
+	}
+	if same(in.opts.Self, dst) {
+		in.report("binary", in.chmodOnly(dst), dst+" is this binary")
+		return
+	}
+	data, err := os.ReadFile(in.opts.Self)
+	if err != nil {
+		in.rep.add("binary", Failed, "cannot read the running binary %s: %v", in.opts.Self, err)
+		return
+	}
+	what, err := in.ensureFile(dst, data, 0o755)
+	if err != nil {
+		in.rep.add("binary", Failed, "%v", err)
+		return
+	}
+	var changes []string
+	if what != "" {
+		in.binaryChanged = true
+		sum := sha256.Sum256(data)
+		changes = append(changes, fmt.Sprintf("%s (sha256 %x…)", what, sum[:6]))
+	}
+	in.report("binary", changes, dst+" is current")
+}
+
+func (in *installation) chmodOnly(path string) []string {
+	st, err := os.Stat(path)
+	if err != nil || st.Mode().Perm() == 0o755 {
+		return nil
+	}
+	if !in.opts.DryRun {
+		_ = os.Chmod(path, 0o755)
+	}
+	return []string{fmt.Sprintf("%s mode 0755", path)}
+}
+
+// same reports whether a and b are the same file.
+func same(a, b string) bool {
+	sa, err1 := os.Stat(a)
+	sb, err2 := os.Stat(b)
+	return err1 == nil && err2 == nil && os.SameFile(sa, sb)
+}

@@ -1,0 +1,110 @@
+package installer
+
+import (
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"time"
+)
+
+// Outcome of one step.
+type Outcome int
+
+const (
+	Unchanged Outcome = iota // already as it should be
+	Changed                  // created, repaired or updated
+	Skipped                  // not applicable here (e.g. no systemd)
+	Failed                   // did not work; the line says what to do
+	Planned                  // --dry-run: would change
+)
+
+// Line is one step's report.
+type Line struct {
+	Step    string
+	Outcome Outcome
+	Detail  string
+}
+
+// reporter prints one line per step for a person: a ✓ or ✗ on a
+// terminal, timestamped plain lines otherwise, and appends the same
+// timestamped lines to bootstrap.log.
+type reporter struct {
+	mu       sync.Mutex
+	out      io.Writer
+	terminal bool
+	logFile  string // "" when nothing may be written (--dry-run)
+	now      func() time.Time
+	lines    []Line
+}
+
+func (r *reporter) add(step string, o Outcome, format string, a ...any) {
+	l := Line{Step: step, Outcome: o, Detail: fmt.Sprintf(format, a...)}
+	r.mu.Lock()
+	r.lines = append(r.lines, l)
+	r.mu.Unlock()
+	r.print(l)
+}
+
+func (r *reporter) print(l Line) {
+	mark, word := "✓", "ok"
+	switch l.Outcome {
+	case Changed:
+		word = "changed"
+	case Skipped:
+		mark, word = "-", "skipped"
+	case Failed:
+		mark, word = "✗", "FAILED"
+	case Planned:
+		mark, word = "→", "would"
+	}
+	stamp := r.now().UTC().Format(time.RFC3339)
+	plain := fmt.Sprintf("%s %-7s %-12s %s", stamp, word, l.Step, l.Detail)
+	if r.terminal {
+		fmt.Fprintf(r.out, "%s %-12s %s\n", mark, l.Step, l.Detail)
+	} else {
+		fmt.Fprintln(r.out, plain)
+	}
+	r.log(plain)
+}
+
+// note prints a line that is not a step (the summary).
+func (r *reporter) note(msg string) {
+	stamp := r.now().UTC().Format(time.RFC3339)
+	if r.terminal {
+		fmt.Fprintln(r.out, msg)
+	} else {
+		fmt.Fprintf(r.out, "%s %s\n", stamp, msg)
+	}
+	r.log(stamp + " " + msg)
+}
+
+func (r *reporter) log(line string) {
+	if r.logFile == "" {
+		return
+	}
+	if err := os.MkdirAll(filepath.Dir(r.logFile), 0o750); err != nil {
+		return
+	}
+	f, err := os.OpenFile(r.logFile, os.O_APPEND|os.O_CREATE|os.O_WRONLY, 0o640)
+	if err != nil {
+		return
+	}
+	defer f.Close()
+	fmt.Fprintln(f, "opsagent install: "+strings.TrimSpace(line))
+}
+
+// count reports how many steps had each outcome.
+func (r *reporter) count(o Outcome) int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	n := 0
+	for _, l := range r.lines {
+		if l.Outcome == o {
+			n++
+		}
+	}
+	return n
+}

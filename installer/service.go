@@ -1,0 +1,344 @@
+package installer
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/visualops/opsagent/internal/config"
+	"github.com/visualops/opsagent/internal/fsutil"
+	"github.com/visualops/opsagent/internal/proc"
+	"github.com/visualops/opsagent/internal/service"
+	"github.com/visualops/opsagent/internal/version"
+	saltbootstrap "github.com/visualops/opsagent/salt-bootstrap"
+	"github.com/visualops/opsagent/virtualenv"
+)
+
+// systemdRuns reports whether systemd is the running init of the root:
+// /run/systemd/system exists (as sd_booted checks). Below a temporary root
+// it never does.
+func systemdRuns(l config.Layout) bool {
+	st, err := os.Stat(l.SystemdRunDir())
+	return err == nil && st.IsDir()
+}
+
+// cronRuns reports whether a cron daemon runs on this host (and so reads
+// /etc/cron.d). Below a temporary root the host's cron reads nothing of
+// ours.
+func cronRuns(l config.Layout) bool {
+	if !l.Root().IsHost() {
+		return false
+	}
+	entries, _ := os.ReadDir("/proc")
+	for _, e := range entries {
+		comm, err := os.ReadFile(filepath.Join("/proc", e.Name(), "comm"))
+		if err != nil {
+			continue
+		}
+		switch strings.TrimSpace(string(comm)) {
+		case "cron", "crond", "cronie", "busybox-crond":
+			return true
+		}
+	}
+	return false
+}
+
+// stepSaltPath builds the virtualenv and, when a states repository is
+// configured, clones it (running its bootstrap.sh); the agent would do the
+// same before its first Salt state, so a failure here is reported and the
+// install goes on.
+func (in *installation) stepSaltPath(ctx context.Context) {
+	c, l := in.cfg, in.layout
+	if strings.EqualFold(c.Agent.Engine, "native") {
+		in.rep.add("salt", Skipped, "[agent] engine = native: no virtualenv or states repository needed")
+		return
+	}
+	if in.opts.DryRun {
+		what := "build or check the virtualenv " + l.VenvDir()
+		if c.Module.Repo != "" {
+			what += fmt.Sprintf("; clone %s at %s into %s", c.Module.Repo, c.Module.Tag, l.StatesDir())
+		}
+		in.rep.add("salt", Planned, "%s", what)
+		return
+	}
+	wheelhouse := ""
+	if c.Salt.Wheelhouse != "" {
+		wheelhouse = l.Host(c.Salt.Wheelhouse)
+	}
+	var env virtualenv.Env
+	prepare := func(ctx context.Context) error {
+		var err error
+		env, err = virtualenv.ForRepo(ctx, virtualenv.RepoOptions{Dir: l.VenvDir(), RepoDir: l.StatesDir(), Python: c.Salt.Python,
+			Wheelhouse: wheelhouse, Logger: in.opts.Logger})
+		return err
+	}
+	var changes []string
+	if c.Module.Repo != "" {
+		f := saltbootstrap.New(saltbootstrap.Options{Dir: l.StatesDir(), StampFile: l.StatesStampFile(), ConfigPath: l.ConfigFile(),
+			InterfaceVersion: version.StatesInterface, BootstrapScript: c.Module.BootstrapScript, Runner: in.opts.Runner, Logger: in.opts.Logger})
+		res, err := f.Ensure(ctx, c.Module.Repo, c.Module.Tag, prepare)
+		if err != nil {
+			in.rep.add("salt", Failed, "%s (the agent tries again before its first Salt state)", errorComment(err))
+			return
+		}
+		if res.Changed {
+			changes = append(changes, fmt.Sprintf("cloned %s at %s", c.Module.Repo, c.Module.Tag))
+		}
+		if res.Warning != "" {
+			in.rep.add("bootstrap", Failed, "%s (a warning: states run anyway)", res.Warning)
+		}
+	}
+	if env.Dir == "" {
+		if err := prepare(ctx); err != nil {
+			in.rep.add("salt", Failed, "%v", err)
+			return
+		}
+	}
+	if env.Created {
+		changes = append(changes, fmt.Sprintf("built the virtualenv %s (python %s)", env.Dir, env.Version))
+	}
+	if p, ok := l.Root().Instance(env.SitePackages); ok {
+		changed, err := config.NewOwner(in.freshConfig()).Update(func(c *config.Config) error {
+			c.Global.PackagePath = p
+			return nil
+		})
+		if err != nil {
+			in.rep.add("salt", Failed, "cannot write [global] package_path: %v", err)
+			return
+		}
+		if changed {
+			in.configChanged = true
+			changes = append(changes, "[global] package_path = "+p)
+		}
+	}
+	in.report("salt", changes, "virtualenv "+l.VenvDir()+" is healthy")
+}
+
+func errorComment(err error) string {
+	var fe *saltbootstrap.Error
+	if errors.As(err, &fe) {
+		return fe.Comment
+	}
+	return err.Error()
+}
+
+// stepService writes the watchdog, its cron entry and, when systemd runs,
+// the unit (enabled).
+func (in *installation) stepService(ctx context.Context) {
+	l := in.layout
+	var changes []string
+	files := []struct {
+		path string
+		data []byte
+		mode os.FileMode
+	}{
+		{l.CronScript(), service.RenderWatchdog(l), 0o755},
+		{l.CronEntry(), service.RenderCronEntry(l), 0o644},
+	}
+	systemd := systemdRuns(l)
+	if systemd {
+		files = append(files, struct {
+			path string
+			data []byte
+			mode os.FileMode
+		}{l.UnitFile(), service.RenderUnit(l), 0o644})
+	}
+	unitChanged := false
+	for _, f := range files {
+		what, err := in.ensureFile(f.path, f.data, f.mode)
+		if err != nil {
+			in.rep.add("service", Failed, "%v", err)
+			return
+		}
+		if what != "" {
+			changes = append(changes, what)
+			unitChanged = unitChanged || f.path == l.UnitFile()
+		}
+	}
+	if systemd && !in.opts.DryRun {
+		if unitChanged {
+			if err := in.systemctl(ctx, "daemon-reload"); err != nil {
+				in.rep.add("service", Failed, "%v", err)
+				return
+			}
+		}
+		if err := in.systemctl(ctx, "is-enabled", "--quiet", "opsagent.service"); err != nil {
+			if err := in.systemctl(ctx, "enable", "opsagent.service"); err != nil {
+				in.rep.add("service", Failed, "%v", err)
+				return
+			}
+			changes = append(changes, "enabled opsagent.service")
+		}
+	}
+	how := "the cron watchdog"
+	if systemd {
+		how = "opsagent.service and the cron watchdog"
+	}
+	in.report("service", changes, how+" in place")
+}
+
+func (in *installation) systemctl(ctx context.Context, args ...string) error {
+	res, err := in.opts.Runner.Run(ctx, proc.Cmd{Path: "systemctl", Args: args, Timeout: 2 * time.Minute})
+	if err == nil && res.ExitCode != 0 {
+		err = fmt.Errorf("exit code %d: %s", res.ExitCode, lastLine(res.Output))
+	}
+	if err != nil {
+		return fmt.Errorf("systemctl %s: %w", strings.Join(args, " "), err)
+	}
+	return nil
+}
+
+// stepStart makes sure the agent runs with what was installed: started
+// when it does not run, restarted after a new binary, told to reload after
+// a new config or token. It returns the agent's pid when known.
+func (in *installation) stepStart(ctx context.Context) int {
+	l := in.layout
+	if !l.Root().IsHost() && !in.opts.Start {
+		in.rep.add("start", Skipped, "not started below a root other than / (pass --start to start it)")
+		return 0
+	}
+	pid, running, _ := fsutil.HolderPID(l.LockFile())
+	restart := in.binaryChanged
+	reload := in.configChanged || in.tokenChanged
+	if in.opts.DryRun {
+		switch {
+		case !running:
+			in.rep.add("start", Planned, "start the agent")
+		case restart:
+			in.rep.add("start", Planned, "restart the agent (pid %d) on the new binary", pid)
+		case reload:
+			in.rep.add("start", Planned, "tell the agent (pid %d) to reload its config", pid)
+		default:
+			in.rep.add("start", Unchanged, "the agent runs as pid %d", pid)
+		}
+		return pid
+	}
+	if systemdRuns(l) {
+		verb := ""
+		switch {
+		case running && (restart || reload):
+			verb = "restart"
+		case !running:
+			verb = "start"
+		}
+		if verb == "" {
+			in.rep.add("start", Unchanged, "opsagent.service runs (pid %d)", pid)
+			return pid
+		}
+		if err := in.systemctl(ctx, verb, "opsagent.service"); err != nil {
+			in.rep.add("start", Failed, "%v (see journalctl -u opsagent)", err)
+			return 0
+		}
+		pid = in.waitRunning(pid)
+		in.rep.add("start", Changed, "systemctl %s opsagent.service: running as pid %d", verb, pid)
+		return pid
+	}
+	switch {
+	case running && restart:
+		if err := stopPID(pid, 15*time.Second); err != nil {
+			in.rep.add("start", Failed, "cannot stop the old agent (pid %d): %v", pid, err)
+			return 0
+		}
+	case running && reload:
+		if err := syscall.Kill(pid, syscall.SIGHUP); err != nil {
+			in.rep.add("start", Failed, "cannot tell the agent (pid %d) to reload: %v", pid, err)
+			return pid
+		}
+		in.rep.add("start", Changed, "the agent (pid %d) reloads its config", pid)
+		return pid
+	case running:
+		in.rep.add("start", Unchanged, "the agent runs as pid %d", pid)
+		return pid
+	}
+	newPID, err := in.startDetached()
+	if err != nil {
+		in.rep.add("start", Failed, "%v", err)
+		return 0
+	}
+	who := "the cron watchdog keeps it running"
+	if !cronRuns(l) {
+		who = "no systemd and no cron daemon here: nothing restarts it if it stops (run opsagent under a supervisor)"
+	}
+	in.rep.add("start", Changed, "started the agent as pid %d (%s)", newPID, who)
+	return newPID
+}
+
+// startDetached starts the installed binary in a session of its own, its
+// output appended to bootstrap.log (the agent logs to agent.log; only a
+// failure to start prints here), and waits until it holds its lock.
+func (in *installation) startDetached() (int, error) {
+	l := in.layout
+	logf, err := os.OpenFile(l.BootstrapLog(), os.O_APPEND|os.O_CREATE|os.O_WRONLY, 0o640)
+	if err != nil {
+		return 0, fmt.Errorf("start the agent: %w", err)
+	}
+	defer logf.Close()
+	devnull, err := os.Open(os.DevNull)
+	if err != nil {
+		return 0, err
+	}
+	defer devnull.Close()
+	cmd := exec.Command(l.Binary(), service.RunArgs(l)...)
+	cmd.Stdin, cmd.Stdout, cmd.Stderr = devnull, logf, logf
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	if err := cmd.Start(); err != nil {
+		return 0, fmt.Errorf("start %s: %w", l.Binary(), err)
+	}
+	exited := make(chan error, 1)
+	go func() { exited <- cmd.Wait() }()
+	deadline := time.After(15 * time.Second)
+	for {
+		if pid, held, _ := fsutil.HolderPID(l.LockFile()); held {
+			return pid, nil
+		}
+		select {
+		case err := <-exited:
+			return 0, fmt.Errorf("the agent exited at once (%v): see %s and %s", err, l.BootstrapLog(), l.LogFile())
+		case <-deadline:
+			return cmd.Process.Pid, nil
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+}
+
+// waitRunning returns the agent's pid once it holds its lock (up to 15 s),
+// else the pid it had.
+func (in *installation) waitRunning(old int) int {
+	deadline := time.Now().Add(15 * time.Second)
+	for time.Now().Before(deadline) {
+		if pid, held, _ := fsutil.HolderPID(in.layout.LockFile()); held && pid != old {
+			return pid
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	return old
+}
+
+// stopPID sends SIGTERM to pid and waits until it is gone, SIGKILL after
+// grace.
+func stopPID(pid int, grace time.Duration) error {
+	if err := syscall.Kill(pid, syscall.SIGTERM); err != nil {
+		if errors.Is(err, syscall.ESRCH) {
+			return nil
+		}
+		return err
+	}
+	deadline := time.Now().Add(grace)
+	for time.Now().Before(deadline) {
+		if syscall.Kill(pid, 0) != nil {
+			return nil
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	_ = syscall.Kill(pid, syscall.SIGKILL)
+	for i := 0; i < 100 && syscall.Kill(pid, 0) == nil; i++ {
+		time.Sleep(20 * time.Millisecond)
+	}
+	return nil
+}

@@ -1,0 +1,127 @@
+package installer
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"log/slog"
+	"os"
+	"time"
+
+	"github.com/visualops/opsagent/internal/config"
+	"github.com/visualops/opsagent/internal/fsutil"
+	"github.com/visualops/opsagent/internal/proc"
+)
+
+// UninstallOptions configures Uninstall.
+type UninstallOptions struct {
+	Root       fsutil.Root
+	ConfigFile string
+	// Purge also removes the config, the token, the logs and the state.
+	Purge    bool
+	Out      io.Writer
+	Terminal bool
+	Runner   proc.Runner
+	Logger   *slog.Logger
+}
+
+// Uninstall stops the agent and removes the unit, the cron entry, the
+// state and /opt/visualops. It keeps /var/log/visualops, the config and
+// the token (an instance re-installed later keeps its identity) unless
+// Purge. Removing what is already gone is not an error.
+func Uninstall(ctx context.Context, o UninstallOptions) error {
+	if o.ConfigFile == "" {
+		o.ConfigFile = o.Root.Path(config.DefaultPath)
+	}
+	if o.Out == nil {
+		o.Out = io.Discard
+	}
+	if o.Runner == nil {
+		o.Runner = proc.New()
+	}
+	l := config.NewLayout(o.Root, o.ConfigFile, loadExisting(o.ConfigFile))
+	in := &installation{opts: Options{Root: o.Root, Runner: o.Runner, Logger: o.Logger}, layout: l}
+	logFile := l.BootstrapLog()
+	if o.Purge {
+		logFile = ""
+	}
+	in.rep = &reporter{out: o.Out, terminal: o.Terminal, logFile: logFile, now: time.Now}
+
+	in.stopAgent(ctx)
+	var removed []string
+	remove := func(path string, all bool) {
+		var err error
+		if all {
+			_, statErr := os.Lstat(path)
+			if errors.Is(statErr, fs.ErrNotExist) {
+				return
+			}
+			err = os.RemoveAll(path)
+		} else {
+			err = os.Remove(path)
+			if errors.Is(err, fs.ErrNotExist) {
+				return
+			}
+		}
+		if err != nil {
+			in.rep.add("remove", Failed, "%v", err)
+			return
+		}
+		removed = append(removed, path)
+	}
+	remove(l.UnitFile(), false)
+	remove(l.CronEntry(), false)
+	remove(l.StateDir(), true)
+	remove(l.OptDir(), true)
+	if systemdRuns(l) {
+		_ = in.systemctl(ctx, "daemon-reload")
+	}
+	if o.Purge {
+		remove(l.ConfigFile(), false)
+		remove(l.TokenFile(), false)
+		remove(l.LogDir(), true)
+		remove(l.WatchDir(), true)
+	}
+	if len(removed) == 0 {
+		in.rep.add("remove", Unchanged, "nothing left to remove")
+	} else {
+		in.rep.add("remove", Changed, "removed %s", joinChanges(removed))
+	}
+	if in.rep.count(Failed) > 0 {
+		return fmt.Errorf("uninstall: %d steps failed (see above)", in.rep.count(Failed))
+	}
+	kept := "kept the config, the token and the logs (--purge removes them)"
+	if o.Purge {
+		kept = "purged: nothing of opsagent is left"
+	}
+	in.rep.note("uninstalled; " + kept)
+	return nil
+}
+
+// stopAgent stops the service (systemd: disable --now) or the process
+// holding the lock.
+func (in *installation) stopAgent(ctx context.Context) {
+	l := in.layout
+	if systemdRuns(l) {
+		if _, err := os.Stat(l.UnitFile()); err == nil {
+			if err := in.systemctl(ctx, "disable", "--now", "opsagent.service"); err != nil {
+				in.rep.add("stop", Failed, "%v", err)
+				return
+			}
+			in.rep.add("stop", Changed, "stopped and disabled opsagent.service")
+			return
+		}
+	}
+	pid, running, _ := fsutil.HolderPID(l.LockFile())
+	if !running {
+		in.rep.add("stop", Unchanged, "the agent is not running")
+		return
+	}
+	if err := stopPID(pid, 15*time.Second); err != nil {
+		in.rep.add("stop", Failed, "cannot stop the agent (pid %d): %v", pid, err)
+		return
+	}
+	in.rep.add("stop", Changed, "stopped the agent (pid %d)", pid)
+}

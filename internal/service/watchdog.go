@@ -1,0 +1,149 @@
+package service
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"os/exec"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/visualops/opsagent/internal/config"
+	"github.com/visualops/opsagent/internal/fsutil"
+)
+
+// Watchdog modes: the argument cron.sh takes (none for cron).
+const (
+	// ModePreStart is systemd's ExecStartPre: the rollback check and start
+	// counting only, never a start.
+	ModePreStart = "pre-start"
+	// ModeWatch loops until no update is being confirmed.
+	ModeWatch = "watch"
+)
+
+// WatchdogOptions tune the watchdog; the zero value of a field means its
+// default. Only tests change them: the installer and the updater render
+// the defaults (RenderWatchdog).
+type WatchdogOptions struct {
+	Interval  time.Duration // watch mode's pause between passes; default 5 s
+	KillGrace time.Duration // SIGTERM → SIGKILL when stopping a rolled-back agent; default 10 s
+	MaxStarts int           // starts of a new version that exit before it is rolled back; default 3
+	WatchMax  time.Duration // watch mode gives up (leaving it to cron) after; default 24 h
+}
+
+// Watchdog defaults.
+const (
+	DefaultWatchInterval = 5 * time.Second
+	DefaultKillGrace     = 10 * time.Second
+	DefaultMaxStarts     = 3
+	DefaultWatchMax      = 24 * time.Hour
+)
+
+// The bootstrap log is cut back to its last BootstrapLogKeep bytes once it
+// is over BootstrapLogMax.
+const (
+	BootstrapLogMax  = 1 << 20
+	BootstrapLogKeep = 256 << 10
+)
+
+// RenderWatchdog returns the watchdog script (Layout.CronScript) for l with
+// the default options.
+func RenderWatchdog(l config.Layout) []byte {
+	return RenderWatchdogWith(l, WatchdogOptions{})
+}
+
+// RenderWatchdogWith returns the watchdog script for l with o. Every path
+// is baked in as a host path, so the script needs neither the config nor
+// the binary to run.
+func RenderWatchdogWith(l config.Layout, o WatchdogOptions) []byte {
+	args := RunArgs(l)
+	for i, a := range args {
+		args[i] = shellQuote(a)
+	}
+	return render("cron.sh.tmpl", map[string]string{
+		"Binary":        shellQuote(l.Binary()),
+		"OldBinary":     shellQuote(l.OldBinary()),
+		"AgentLock":     shellQuote(l.LockFile()),
+		"StateFile":     shellQuote(UpdateStatePath(l)),
+		"StateLock":     shellQuote(stateLockPath(UpdateStatePath(l))),
+		"WatchdogLock":  shellQuote(WatchdogLockPath(l)),
+		"BootstrapLog":  shellQuote(l.BootstrapLog()),
+		"SystemdRunDir": shellQuote(l.SystemdRunDir()),
+		"UnitFile":      shellQuote(l.UnitFile()),
+		"UnitName":      shellQuote(UnitName),
+		"AgentArgs":     strings.Join(args, " "),
+		"MaxStarts":     strconv.Itoa(orDefault(o.MaxStarts, DefaultMaxStarts)),
+		"KillGrace":     seconds(o.KillGrace, DefaultKillGrace),
+		"WatchInterval": seconds(o.Interval, DefaultWatchInterval),
+		"WatchMax":      seconds(o.WatchMax, DefaultWatchMax),
+		"LogMax":        strconv.Itoa(BootstrapLogMax),
+		"LogKeep":       strconv.Itoa(BootstrapLogKeep),
+	})
+}
+
+func orDefault(v, def int) int {
+	if v <= 0 {
+		return def
+	}
+	return v
+}
+
+// seconds renders d in whole seconds, at least 1 (sleep and date +%s
+// count in seconds).
+func seconds(d, def time.Duration) string {
+	if d <= 0 {
+		d = def
+	}
+	return strconv.Itoa(max(1, int(d.Round(time.Second)/time.Second)))
+}
+
+// WatchdogLockPath is the watchdog's own lock, beside cron.sh, which a
+// cron pass and a watch pass take so that they never act at once.
+func WatchdogLockPath(l config.Layout) string { return l.WatchdogLockFile() }
+
+// EnsureWatchdog writes the watchdog script for l (mode 0755, atomically)
+// unless it is already byte for byte what RenderWatchdog returns, and
+// reports whether it wrote it. A confirmed update calls it, so that
+// watchdog fixes ship with releases.
+func EnsureWatchdog(l config.Layout) (changed bool, err error) {
+	want := RenderWatchdog(l)
+	path := l.CronScript()
+	have, err := fsutil.ReadFileLimit(path, int64(len(want))+1)
+	if err == nil && bytes.Equal(have, want) {
+		if st, err := os.Stat(path); err == nil && st.Mode().Perm() == 0o755 {
+			return false, nil
+		}
+	}
+	if err != nil && !errors.Is(err, fs.ErrNotExist) && !errors.Is(err, fsutil.ErrTooLarge) {
+		return false, fmt.Errorf("watchdog %s: %w", path, err)
+	}
+	if err := fsutil.WriteFileAtomic(path, want, 0o755); err != nil {
+		return false, fmt.Errorf("watchdog: %w (is the state directory %s there? opsagent install creates it)", err, l.StateDir())
+	}
+	return true, nil
+}
+
+// StartWatch starts `cron.sh watch` for l detached: in a session of its own
+// and through an intermediate shell that exits at once, so the watchdog is
+// nobody's child (no zombie of the agent's pid, which re-executes itself)
+// and survives the agent. The updater calls it once the update state says
+// "confirming" and before it hands its lock over (fsutil.LockFile.HandOver
+// clears close-on-exec, and an inherited lock descriptor would keep the
+// agent's lock held by the watchdog).
+func StartWatch(l config.Layout) error {
+	script := l.CronScript()
+	if _, err := os.Stat(script); err != nil {
+		return fmt.Errorf("start the watchdog: %w (opsagent install writes it)", err)
+	}
+	cmd := exec.Command("/bin/sh", "-c", `/bin/sh "$0" watch </dev/null >/dev/null 2>&1 &`, script)
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	cmd.WaitDelay = 5 * time.Second
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return fmt.Errorf("start the watchdog %s watch: %w: %s", script, err, bytes.TrimSpace(out))
+	}
+	return nil
+}

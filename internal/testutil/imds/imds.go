@@ -1,0 +1,73 @@
+// Package imds is a loopback instance metadata service for tests: EC2's
+// IMDSv2 (token PUT first) or IMDSv1 only, serving an instance id and a
+// userdata the test sets. No test talks to 169.254.169.254.
+package imds
+
+import (
+	"net/http"
+	"net/http/httptest"
+	"sync"
+	"sync/atomic"
+	"testing"
+)
+
+// Server is a fake metadata service.
+type Server struct {
+	URL string
+	// V1Only refuses the token PUT (an instance with IMDSv1 only); by
+	// default only IMDSv2 is served (requests without a token get 401).
+	V1Only bool
+
+	mu         sync.Mutex
+	userdata   string
+	instanceID string
+	Reads      atomic.Int64 // userdata requests answered
+}
+
+const token = "test-imds-token"
+
+// New starts a server for the life of the test.
+func New(t testing.TB, instanceID, userdata string, v1only bool) *Server {
+	s := &Server{instanceID: instanceID, userdata: userdata, V1Only: v1only}
+	srv := httptest.NewServer(http.HandlerFunc(s.serve))
+	t.Cleanup(srv.Close)
+	s.URL = srv.URL
+	return s
+}
+
+// SetUserdata changes what /latest/user-data returns.
+func (s *Server) SetUserdata(u string) {
+	s.mu.Lock()
+	s.userdata = u
+	s.mu.Unlock()
+}
+
+func (s *Server) serve(w http.ResponseWriter, r *http.Request) {
+	if r.URL.Path == "/latest/api/token" {
+		if s.V1Only || r.Method != http.MethodPut {
+			http.Error(w, "forbidden", http.StatusForbidden)
+			return
+		}
+		_, _ = w.Write([]byte(token))
+		return
+	}
+	if !s.V1Only && r.Header.Get("X-aws-ec2-metadata-token") != token {
+		http.Error(w, "unauthorized", http.StatusUnauthorized)
+		return
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	switch r.URL.Path {
+	case "/latest/meta-data/instance-id":
+		_, _ = w.Write([]byte(s.instanceID))
+	case "/latest/user-data":
+		s.Reads.Add(1)
+		if s.userdata == "" {
+			http.NotFound(w, r)
+			return
+		}
+		_, _ = w.Write([]byte(s.userdata))
+	default:
+		http.NotFound(w, r)
+	}
+}

@@ -1,0 +1,335 @@
+// Package updater is the agent's self-update (spec/install-update.md,
+// "Self-update"): between rounds it downloads a release, verifies its
+// minisign signature before anything is extracted, takes the binary for
+// this architecture with the safe extractor, smoke-tests it, swaps it in
+// with minio/selfupdate (keeping the previous binary as opsagent.old) and
+// asks the caller to re-execute it. It never execs or exits by itself.
+//
+// Rollback is done by something that is not the new binary: before the
+// swap the updater records "confirming" with a deadline in the update
+// state and starts the watchdog (cron.sh watch, plain shell) detached; the
+// new version confirms after its first successful Handshake. Until then
+// the watchdog, cron and the systemd unit restore opsagent.old when the
+// deadline passes or the new binary keeps exiting.
+package updater
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"os"
+	"path/filepath"
+	"runtime"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/minio/selfupdate"
+
+	"github.com/visualops/opsagent/internal/archive"
+	"github.com/visualops/opsagent/internal/config"
+	"github.com/visualops/opsagent/internal/dist"
+	"github.com/visualops/opsagent/internal/proc"
+	"github.com/visualops/opsagent/internal/service"
+)
+
+// Options configures an Updater.
+type Options struct {
+	Layout  config.Layout
+	Current string // the running version
+	// Target is the binary to replace: the running executable, resolved
+	// once at start (a later rename of the file must not redirect it).
+	Target string
+	// Settings returns the config's current values (base_remote, pubkey):
+	// a function, since userdata may change them while the agent runs.
+	Settings func() *config.Config
+	// EmbeddedKey is the release key compiled into this binary
+	// (dist.EmbeddedPublicKey); trusted besides [userdata] pubkey.
+	EmbeddedKey   string
+	HealthTimeout time.Duration // [agent] update_health_timeout; default 120 s
+	MaxDownload   int64         // default 256 MiB
+	Retries       int           // download attempts; default 5
+	RetryDelay    time.Duration // first pause between attempts, doubled each time (30 s cap); default 1 s
+	HTTPClient    *http.Client
+	Runner        proc.Runner
+	Logger        *slog.Logger
+	// OnStep is told of each step (status, progress bar).
+	OnStep func(Step)
+	// NoWatchdog does not start `cron.sh watch` before the swap (tests
+	// that run the watchdog themselves).
+	NoWatchdog bool
+}
+
+// Step is where an update stands.
+type Step struct {
+	Phase   string // downloading, verifying, extracting, smoke-testing, swapping, confirming, refused
+	Version string
+	Bytes   int64 // downloaded so far
+	Total   int64 // -1 when unknown
+	Reason  string
+}
+
+// Request is one update: an AgentUpdate, or `opsagent update` by hand,
+// which may force a downgrade or (never from the backend) skip the
+// signature check.
+type Request struct {
+	Version string
+	URL     string // "": <base_remote>/<version>/opsagent.tgz
+	// Force allows a version that is not newer (by hand only).
+	Force bool
+	// InsecureSkipSignature applies an unsigned release (by hand only).
+	InsecureSkipSignature bool
+}
+
+// Restart asks the caller to re-execute Binary, now Version.
+type Restart struct {
+	Binary  string
+	Version string
+}
+
+// Updater applies updates.
+type Updater struct {
+	opts Options
+	log  *slog.Logger
+}
+
+// New returns an Updater.
+func New(opts Options) *Updater {
+	if opts.HealthTimeout <= 0 {
+		opts.HealthTimeout = 2 * time.Minute
+	}
+	if opts.MaxDownload <= 0 {
+		opts.MaxDownload = 256 << 20
+	}
+	if opts.Retries <= 0 {
+		opts.Retries = 5
+	}
+	if opts.RetryDelay <= 0 {
+		opts.RetryDelay = time.Second
+	}
+	if opts.HTTPClient == nil {
+		opts.HTTPClient = &http.Client{Timeout: 10 * time.Minute}
+	}
+	if opts.Runner == nil {
+		opts.Runner = proc.New()
+	}
+	if opts.OnStep == nil {
+		opts.OnStep = func(Step) {}
+	}
+	log := opts.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	return &Updater{opts: opts, log: log}
+}
+
+// Refusal is an update the updater would not apply; the running binary is
+// unchanged.
+type Refusal struct{ Reason string }
+
+func (r *Refusal) Error() string { return r.Reason }
+
+func refuse(format string, a ...any) error { return &Refusal{Reason: fmt.Sprintf(format, a...)} }
+
+// Do runs one update to the point where the new binary is in place, and
+// returns the Restart that the caller performs once it has unwound.
+func (u *Updater) Do(ctx context.Context, req Request) (*Restart, error) {
+	v := req.Version
+	if err := dist.CheckVersion(v); err != nil {
+		return nil, refuse("update to %q: %v", v, err)
+	}
+	if !req.Force && !newer(v, u.opts.Current) {
+		return nil, refuse("update to %s refused: not newer than the running %s (by hand: opsagent update --version %s --force)", v, u.opts.Current, v)
+	}
+	settings := u.opts.Settings()
+	url := req.URL
+	if url == "" {
+		if settings.Userdata.BaseRemote == "" {
+			return nil, refuse("update to %s: no url and no [userdata] base_remote to build one from", v)
+		}
+		url = strings.TrimRight(settings.Userdata.BaseRemote, "/") + "/" + v + "/" + dist.TarballName
+	}
+	verifier, err := dist.NewVerifier(settings.Userdata.PubKey, u.opts.EmbeddedKey)
+	if err != nil {
+		return nil, refuse("update to %s: %v", v, err)
+	}
+	if verifier.Len() == 0 && !req.InsecureSkipSignature {
+		return nil, refuse("update to %s refused: no trusted key to verify its signature (set [userdata] pubkey)", v)
+	}
+	l := u.opts.Layout
+	dir := l.DownloadDir()
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, fmt.Errorf("update to %s: %w", v, err)
+	}
+	tarball := filepath.Join(dir, dist.TarballName+".unverified")
+	sig := filepath.Join(dir, dist.SignatureName)
+	defer os.Remove(sig)
+	defer os.Remove(tarball)
+	u.step(Step{Phase: "downloading", Version: v, Total: -1})
+	if err := u.download(ctx, url, tarball, v, true); err != nil {
+		return nil, err
+	}
+	if !req.InsecureSkipSignature {
+		if err := u.download(ctx, url+".minisig", sig, v, false); err != nil {
+			return nil, refuse("update to %s refused: no signature at %s.minisig: %v", v, url, err)
+		}
+		u.step(Step{Phase: "verifying", Version: v})
+		if err := verifier.VerifyFile(tarball, sig); err != nil {
+			return nil, refuse("update to %s refused: signature check failed: %v", v, err)
+		}
+	} else {
+		u.log.Warn("update: signature NOT checked (--insecure-skip-signature, by hand)", "version", v)
+	}
+	u.step(Step{Phase: "extracting", Version: v})
+	newBin := l.NewBinary()
+	if err := extractRelease(ctx, tarball, newBin, v); err != nil {
+		return nil, err
+	}
+	defer os.Remove(newBin)
+	u.step(Step{Phase: "smoke-testing", Version: v})
+	if err := u.smokeTest(ctx, newBin, v); err != nil {
+		return nil, err
+	}
+	return u.swap(newBin, v)
+}
+
+func (u *Updater) step(s Step) {
+	u.log.Info("update: "+s.Phase, "version", s.Version, "bytes", s.Bytes)
+	u.opts.OnStep(s)
+}
+
+// extractRelease takes this architecture's binary and the VERSION file out
+// of the verified tarball; the VERSION must be the one asked for.
+func extractRelease(ctx context.Context, tarball, dst, version string) error {
+	lim := archive.DefaultLimits()
+	var ver bytes.Buffer
+	if err := extractEntry(ctx, tarball, "VERSION", &ver, lim); err != nil {
+		return refuse("update to %s refused: the tarball has no usable VERSION: %v", version, err)
+	}
+	if got := strings.TrimSpace(ver.String()); got != version {
+		return refuse("update to %s refused: the tarball says VERSION %s", version, got)
+	}
+	f, err := os.OpenFile(dst, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o755)
+	if err != nil {
+		return fmt.Errorf("update to %s: %w", version, err)
+	}
+	name := dist.BinaryName(runtime.GOARCH)
+	err = extractEntry(ctx, tarball, name, f, lim)
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		_ = os.Remove(dst)
+		return refuse("update to %s refused: %s: %v", version, name, err)
+	}
+	return nil
+}
+
+func extractEntry(ctx context.Context, tarball, name string, w io.Writer, lim archive.Limits) error {
+	f, err := os.Open(tarball)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	return archive.ExtractFile(ctx, f, name, w, lim)
+}
+
+// smokeTest runs the new binary's `version --json`: a binary for another
+// architecture, a corrupt one, or one of another version fails here,
+// before the swap.
+func (u *Updater) smokeTest(ctx context.Context, bin, version string) error {
+	res, err := u.opts.Runner.Run(ctx, proc.Cmd{Path: bin, Args: []string{"version", "--json"}, Timeout: 30 * time.Second, Env: []string{"PATH=/usr/bin:/bin"}})
+	if err != nil || res.ExitCode != 0 {
+		return refuse("update to %s refused: the new binary does not run (%v, exit %d: %s)", version, err, res.ExitCode, firstLine(res.Output))
+	}
+	var info struct{ Version string }
+	if err := json.Unmarshal([]byte(res.Output), &info); err != nil || info.Version != version {
+		return refuse("update to %s refused: the new binary says it is version %q", version, info.Version)
+	}
+	return nil
+}
+
+// swap records the update as confirming, starts the watchdog, and swaps
+// the binary; from here on a failure to start or to handshake is rolled
+// back by the watchdog.
+func (u *Updater) swap(newBin, version string) (*Restart, error) {
+	l := u.opts.Layout
+	u.step(Step{Phase: "swapping", Version: version})
+	st := service.UpdateState{Phase: service.PhaseConfirming, From: u.opts.Current, To: version,
+		Deadline: time.Now().Add(u.opts.HealthTimeout), Updated: time.Now()}
+	if err := service.WriteUpdateState(service.UpdateStatePath(l), st); err != nil {
+		return nil, fmt.Errorf("update to %s: %w", version, err)
+	}
+	data, err := os.ReadFile(newBin)
+	if err != nil {
+		return nil, fmt.Errorf("update to %s: %w", version, err)
+	}
+	old := l.OldBinary()
+	if u.opts.Target != l.Binary() {
+		old = u.opts.Target + ".old"
+	}
+	if !u.opts.NoWatchdog {
+		// Before the swap and before the caller hands its lock over: the
+		// watchdog must not inherit the lock descriptor.
+		if err := service.StartWatch(l); err != nil {
+			u.log.Warn("update: cannot start the watchdog; cron and systemd will roll back if needed", "err", err)
+		}
+	}
+	err = selfupdate.Apply(bytes.NewReader(data), selfupdate.Options{TargetPath: u.opts.Target, TargetMode: 0o755, OldSavePath: old})
+	if err != nil {
+		if rerr := selfupdate.RollbackError(err); rerr != nil {
+			u.log.Error("update: the swap failed and so did putting the old binary back; the watchdog restores opsagent.old", "err", err, "rollback_err", rerr)
+		}
+		_ = service.WriteUpdateState(service.UpdateStatePath(l), service.UpdateState{Phase: service.PhaseFailed, From: u.opts.Current, To: version,
+			Reason: "swap failed: " + err.Error(), Updated: time.Now()})
+		return nil, fmt.Errorf("update to %s: swap: %w", version, err)
+	}
+	u.step(Step{Phase: "confirming", Version: version})
+	u.log.Info("update: new binary in place; re-executing", "from", u.opts.Current, "to", version, "old", old)
+	return &Restart{Binary: u.opts.Target, Version: version}, nil
+}
+
+// newer reports whether version v is above current (a dev build takes
+// any version).
+func newer(v, current string) bool {
+	a, err1 := parse(v)
+	b, err2 := parse(current)
+	if err2 != nil {
+		return err1 == nil
+	}
+	if err1 != nil {
+		return false
+	}
+	for i := 0; i < 3; i++ {
+		if a[i] != b[i] {
+			return a[i] > b[i]
+		}
+	}
+	return false
+}
+
+func parse(v string) ([3]int, error) {
+	var out [3]int
+	parts := strings.Split(strings.TrimPrefix(v, "v"), ".")
+	if len(parts) < 2 || len(parts) > 3 {
+		return out, errors.New("not MAJOR.MINOR[.PATCH]")
+	}
+	for i, p := range parts {
+		n, err := strconv.Atoi(p)
+		if err != nil || n < 0 {
+			return out, errors.New("not numeric")
+		}
+		out[i] = n
+	}
+	return out, nil
+}
+
+func firstLine(s string) string {
+	line, _, _ := strings.Cut(strings.TrimSpace(s), "\n")
+	return line
+}
