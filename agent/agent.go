@@ -21,6 +21,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"sync"
 	"time"
@@ -487,6 +488,7 @@ func (s *session) snapshot() statusfile.Snapshot {
 		},
 		Engine:     s.engine.Status(),
 		Update:     s.updateStatus(),
+		Goroutines: runtime.NumGoroutine(),
 		InitErrors: s.InitErrors(),
 	}
 }

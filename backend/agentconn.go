@@ -28,6 +28,7 @@ type agentConn struct {
 
 	app, instance string
 	agentVersion  string
+	initErrors    string // what the agent's Handshake reported, "" for none
 	since         time.Time
 	recipeVersion atomic.Int64 // last recipe version sent to it
 	// logStream is the protocol-2 log stream named by the Handshake, or ""
@@ -294,6 +295,9 @@ func (s *Server) handshake(c *agentConn, m *protocol.Handshake) hsResult {
 		return hsRefused
 	}
 	c.app, c.instance, c.agentVersion = m.AppID, m.InstanceID, m.AgentVersion
+	if m.InitErrors != nil {
+		c.initErrors = truncateUTF8(*m.InitErrors, 4<<10)
+	}
 	if m.ProtocolVersion >= 2 && m.LogStream != "" {
 		// Queued before the connection is registered, so that no broadcast
 		// can come first: the agent tells the protocol by the first frame.

@@ -286,7 +286,10 @@ type Instance struct {
 	AgentVersion   string     `json:"agent_version,omitempty"`
 	ConnectedSince *time.Time `json:"connected_since,omitempty"`
 	RecipeVersion  int64      `json:"recipe_version,omitempty"`
-	LastStateLog   *LogEntry  `json:"last_state_log,omitempty"`
+	// InitErrors is what a connected agent's Handshake reported (a failed
+	// Salt path, a rolled-back update, …).
+	InitErrors   string    `json:"init_errors,omitempty"`
+	LastStateLog *LogEntry `json:"last_state_log,omitempty"`
 	// StateLogs is how many of its StateLogs are retained.
 	StateLogs      int64      `json:"state_logs"`
 	LastReceivedAt *time.Time `json:"last_received_at,omitempty"`
@@ -308,6 +311,7 @@ func (s *Server) listInstances(w http.ResponseWriter, r *http.Request) {
 		if c := s.agents[a.AppID][id]; c != nil {
 			since := c.since
 			in.Connected, in.AgentVersion, in.ConnectedSince, in.RecipeVersion = true, c.agentVersion, &since, c.recipeVersion.Load()
+			in.InitErrors = c.initErrors
 		}
 		out = append(out, in)
 	}

@@ -43,6 +43,7 @@ type Snapshot struct {
 	Connection   Connection    `json:"connection"`
 	Engine       rounds.Status `json:"engine"`
 	Update       *Update       `json:"update,omitempty"`
+	Goroutines   int           `json:"goroutines"` // a leak shows here first (make soak)
 	InitErrors   []string      `json:"init_errors,omitempty"`
 }
 

@@ -29,7 +29,7 @@ const (
 // default. Only tests change them: the installer and the updater render
 // the defaults (RenderWatchdog).
 type WatchdogOptions struct {
-	Interval  time.Duration // watch mode's pause between passes; default 5 s
+	Interval  time.Duration // watch mode's pause between passes; default 2 s
 	KillGrace time.Duration // SIGTERM → SIGKILL when stopping a rolled-back agent; default 10 s
 	MaxStarts int           // starts of a new version that exit before it is rolled back; default 3
 	WatchMax  time.Duration // watch mode gives up (leaving it to cron) after; default 24 h
@@ -37,7 +37,7 @@ type WatchdogOptions struct {
 
 // Watchdog defaults.
 const (
-	DefaultWatchInterval = 5 * time.Second
+	DefaultWatchInterval = 2 * time.Second
 	DefaultKillGrace     = 10 * time.Second
 	DefaultMaxStarts     = 3
 	DefaultWatchMax      = 24 * time.Hour

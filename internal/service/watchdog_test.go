@@ -261,7 +261,7 @@ func TestWatchdogBakesLayoutPaths(t *testing.T) {
 		"WATCHDOG_LOCK=" + l.CronScript() + ".lock\n",
 		`setsid "$BIN" --root ` + l.Root().Dir() + " run </dev/null",
 		"opsagent_rollback_check() {",
-		"MAX_STARTS=3\n", "KILL_GRACE=10\n", "WATCH_INTERVAL=5\n",
+		"MAX_STARTS=3\n", "KILL_GRACE=10\n", "WATCH_INTERVAL=2\n",
 	} {
 		if !strings.Contains(script, want) {
 			t.Errorf("watchdog lacks %q", want)

@@ -186,7 +186,7 @@ func (f *fixture) run(mode string) (int, string) {
 func (f *fixture) wantArgs() []string {
 	p := f.params
 	args := []string{"install", "--ws-uri", p.WSURI, "--app-id", p.AppID, "--version", p.Version,
-		"--base-remote", p.BaseRemote, "--root", f.root, "--pubkey", p.PubKey, "--enroll-secret", p.EnrollSecret}
+		"--base-remote", p.BaseRemote, "--root", f.root, "--start", "--pubkey", p.PubKey, "--enroll-secret", p.EnrollSecret}
 	for _, s := range p.Set {
 		args = append(args, "--set", s)
 	}

@@ -1,0 +1,147 @@
+package e2e
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/hex"
+	"fmt"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"aead.dev/minisign"
+
+	"github.com/visualops/opsagent/internal/archive"
+	"github.com/visualops/opsagent/internal/dist"
+)
+
+// releaseKey is a signing key made for one test.
+type releaseKey struct {
+	pub  string
+	priv minisign.PrivateKey
+}
+
+func newReleaseKey(t testing.TB) releaseKey {
+	t.Helper()
+	pub, priv, err := minisign.GenerateKey(rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return releaseKey{pub: pub.String(), priv: priv}
+}
+
+var sharedKeyOnce sync.Once
+var sharedKeyValue releaseKey
+
+// sharedKey is one release key for the whole run, so that the binaries
+// built with it are built once.
+func sharedKey(t testing.TB) releaseKey {
+	sharedKeyOnce.Do(func() { sharedKeyValue = newReleaseKey(t) })
+	return sharedKeyValue
+}
+
+var builtMu sync.Mutex
+var built = map[string][]byte{} // version+key → binary, built once per run
+
+// agentBinary builds opsagent for this machine at version, with key as its
+// compiled-in release key, as `opsagent release build` does (one
+// architecture only: the tests run here).
+func agentBinary(t testing.TB, version, pub string) []byte {
+	t.Helper()
+	builtMu.Lock()
+	defer builtMu.Unlock()
+	if b, ok := built[version+pub]; ok {
+		return b
+	}
+	out := filepath.Join(t.TempDir(), "opsagent")
+	ldflags := fmt.Sprintf("-X github.com/visualops/opsagent/internal/version.Version=%s -X github.com/visualops/opsagent/internal/dist.releasePubKey=%s", version, pub)
+	cmd := exec.Command("go", "build", "-trimpath", "-ldflags", ldflags, "-o", out, "../cmd/opsagent")
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if b, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("go build %s: %v\n%s", version, err, b)
+	}
+	data, err := os.ReadFile(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	built[version+pub] = data
+	return data
+}
+
+// brokenBinary passes the updater's smoke test (`version --json`) but
+// exits at once when run as the agent: a release that cannot start.
+func brokenBinary(version string) []byte {
+	return []byte(fmt.Sprintf("#!/bin/sh\nif [ \"$1\" = version ]; then echo '{\"version\":\"%s\"}'; exit 0; fi\necho 'broken release: exiting' >&2\nexit 3\n", version))
+}
+
+// publish writes <dir>/<version>/opsagent.tgz (+ .sha256, + .minisig when
+// signed) as the release bucket holds them, and returns the SHA-256.
+func publish(t testing.TB, dir, version string, bin []byte, sign *releaseKey) string {
+	t.Helper()
+	var tgz bytes.Buffer
+	entries := []archive.Entry{
+		{Name: "VERSION", Mode: 0o644, Data: []byte(version + "\n")},
+		{Name: dist.BinaryName(runtime.GOARCH), Mode: 0o755, Data: bin},
+	}
+	if err := archive.Create(context.Background(), &tgz, entries, time.Unix(1767225600, 0)); err != nil {
+		t.Fatal(err)
+	}
+	vdir := filepath.Join(dir, version)
+	if err := os.MkdirAll(vdir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	sum := sha256.Sum256(tgz.Bytes())
+	hexSum := hex.EncodeToString(sum[:])
+	files := map[string][]byte{dist.TarballName: tgz.Bytes(), dist.ChecksumName: []byte(hexSum + "  " + dist.TarballName + "\n")}
+	if sign != nil {
+		files[dist.SignatureName] = dist.Sign(sign.priv, tgz.Bytes(), "version:"+version)
+	}
+	for name, data := range files {
+		if err := os.WriteFile(filepath.Join(vdir, name), data, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return hexSum
+}
+
+// bucket serves a release directory over loopback HTTP like the S3
+// bucket, and can refuse requests for a while or hold the tarball.
+type bucket struct {
+	*httptest.Server
+	dir      string
+	failures atomic.Int64 // answer 503 to this many more requests
+	hold     atomic.Pointer[chan struct{}]
+	requests atomic.Int64
+}
+
+func newBucket(t testing.TB) *bucket {
+	b := &bucket{dir: t.TempDir()}
+	files := http.FileServer(http.Dir(b.dir))
+	b.Server = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		b.requests.Add(1)
+		if b.failures.Add(-1) >= 0 {
+			http.Error(w, "try again", http.StatusServiceUnavailable)
+			return
+		}
+		if h := b.hold.Load(); h != nil && strings.HasSuffix(r.URL.Path, dist.TarballName) {
+			select {
+			case <-*h:
+			case <-r.Context().Done():
+				return
+			}
+		}
+		files.ServeHTTP(w, r)
+	}))
+	t.Cleanup(b.Close)
+	return b
+}
