@@ -371,7 +371,7 @@ func (s *Server) welcome(app *appState, c *agentConn, agentVersion string) [][]b
 		f, _ := protocol.Encode(app.recipe())
 		frames = append(frames, f)
 		c.recipeVersion.Store(app.RecipeVersion)
-		for _, id := range app.Waits[c.instance] {
+		for _, id := range app.releasedFor(c.instance) {
 			f, _ := protocol.Encode(&protocol.StatePush{RecipeVersion: app.RecipeVersion, StateID: id})
 			frames = append(frames, f)
 		}
@@ -413,6 +413,9 @@ func (s *Server) stateLog(c *agentConn, m *protocol.StateLog) {
 	if err := s.logs.submit(c.app, e, ack); err != nil {
 		s.log.Error("cannot store a StateLog", "app_id", c.app, "instance_id", c.instance, "err", err)
 	}
+	if m.Result {
+		s.relay(c.app, c.instance, m.RecipeVersion, m.StateID)
+	}
 }
 
 // sendAck queues a StateLogAck. It never blocks: the log writer calls it,
@@ -441,7 +444,7 @@ func (s *Server) waitQuery(c *agentConn, m *protocol.WaitQuery) {
 	app := s.apps[c.app]
 	wl := &protocol.WaitList{RecipeVersion: m.RecipeVersion, Waited: []protocol.WaitEntry{}}
 	if app.RecipeVersion == m.RecipeVersion {
-		for _, id := range app.Waits[c.instance] {
+		for _, id := range app.releasedFor(c.instance) {
 			wl.Waited = append(wl.Waited, protocol.WaitEntry{InstanceID: c.instance, StateID: id})
 		}
 	}

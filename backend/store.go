@@ -31,8 +31,12 @@ type appState struct {
 	// They live in tokens.jsonl (one appended line per new instance) so
 	// that a fleet's first connections do not rewrite app.json each time.
 	TokenHashes map[string]string `json:"-"`
-	// Waits maps instance id → released wait state ids of RecipeVersion.
+	// Waits maps instance id → released wait state ids of RecipeVersion;
+	// allInstances ("*") holds those the relay released for every instance.
 	Waits map[string][]string `json:"waits"`
+	// done is which "instance/state" succeeded in RecipeVersion, for the
+	// relay; in memory only (the states run again every round).
+	done map[string]bool
 }
 
 type stateJSON struct {
