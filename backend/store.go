@@ -88,7 +88,8 @@ func (s store) save(a *appState) error {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return fmt.Errorf("data dir: %w", err)
 	}
-	data, err := json.MarshalIndent(a, "", "  ")
+	// Compact: indenting costs a line per nesting level of a parameter.
+	data, err := json.Marshal(a)
 	if err != nil {
 		return err
 	}

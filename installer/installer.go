@@ -26,6 +26,7 @@ import (
 	"time"
 
 	"github.com/visualops/opsagent/internal/config"
+	"github.com/visualops/opsagent/internal/dist"
 	"github.com/visualops/opsagent/internal/fsutil"
 	"github.com/visualops/opsagent/internal/metadata"
 	"github.com/visualops/opsagent/internal/proc"
@@ -46,9 +47,12 @@ type Options struct {
 	SkipPackages bool
 	// Start starts (or restarts) the agent even below a root other than
 	// the host's, where it is otherwise left stopped.
-	Start  bool
-	DryRun bool
-	Out    io.Writer
+	Start bool
+	// Downgrade installs the requested version even when the instance runs
+	// a newer one (it updated itself since its userdata was written).
+	Downgrade bool
+	DryRun    bool
+	Out       io.Writer
 	// Terminal: lines with ✓ and ✗ instead of timestamps.
 	Terminal bool
 	Runner   proc.Runner
@@ -74,14 +78,16 @@ var ErrStepsFailed = errors.New("install finished with failed steps")
 
 // installation carries one run's state between steps.
 type installation struct {
-	opts     Options
-	rep      *reporter
-	layout   config.Layout
-	cfg      *config.Config // as it will be written (a throwaway copy)
-	apply    func(*config.Config) error
-	params   Params
-	prevApp  string // the app id of an earlier install
-	existing bool   // a config that loads was there
+	opts   Options
+	rep    *reporter
+	layout config.Layout
+	cfg    *config.Config // as it will be written (a throwaway copy)
+	// keepBinary: the installed binary is newer than this one; keep it.
+	keepBinary bool
+	apply      func(*config.Config) error
+	params     Params
+	prevApp    string // the app id of an earlier install
+	existing   bool   // a config that loads was there
 
 	binaryChanged bool
 	configChanged bool
@@ -135,6 +141,7 @@ func Install(ctx context.Context, opts Options) (*Result, error) {
 		in.rep.add("parameters", Failed, "%v", err)
 		return nil, err
 	}
+	in.keepNewer(existing, &p)
 	in.params = p
 	in.rep.add("parameters", Unchanged, "app %s, backend %s, version %s (from %s)", p.AppID, p.WSURI, p.Version, describeSources(from))
 	if err := in.buildConfig(existing, sets); err != nil {
@@ -170,6 +177,21 @@ func Install(ctx context.Context, opts Options) (*Result, error) {
 		return res, fmt.Errorf("%w: %d (see %s)", ErrStepsFailed, failed, in.layout.BootstrapLog())
 	}
 	return res, nil
+}
+
+// keepNewer keeps the version the instance runs when it is newer than the
+// one asked for: the userdata names the version an instance was first
+// given, and re-running it after a self-update must not downgrade.
+func (in *installation) keepNewer(existing *config.Config, p *Params) {
+	if existing == nil || in.opts.Downgrade || !dist.Newer(existing.Userdata.Version, p.Version) {
+		return
+	}
+	if _, err := os.Stat(in.layout.Binary()); err != nil {
+		return
+	}
+	in.rep.add("version", Unchanged, "keeping %s, which this instance updated itself to, over %s (install --downgrade to go back)", existing.Userdata.Version, p.Version)
+	p.Version = existing.Userdata.Version
+	in.keepBinary = true
 }
 
 func loadExisting(path string) *config.Config {
@@ -468,6 +490,10 @@ func (in *installation) stepBinary() {
 	dst := in.layout.Binary()
 	if in.opts.Self == "" {
 		in.rep.add("binary", Skipped, "the running binary is unknown; not copied to %s", dst)
+		return
+	}
+	if in.keepBinary {
+		in.report("binary", in.chmodOnly(dst), dst+" is kept (newer)")
 		return
 	}
 	if same(in.opts.Self, dst) {

@@ -172,6 +172,43 @@ func TestReinstallRepairs(t *testing.T) {
 	}
 }
 
+// The userdata re-run after a self-update (config at 2.0.0, the 2.0.0
+// binary in place) keeps 2.0.0: nothing to do. --downgrade installs 1.0.0.
+func TestReinstallKeepsANewerSelfUpdate(t *testing.T) {
+	r := newRig(t)
+	if _, err := r.install(func(o *Options) { o.Flags.Version = "2.0.0" }); err != nil {
+		t.Fatal(err)
+	}
+	l := r.layout()
+	v2 := []byte("#!/bin/sh\necho opsagent 2.0.0\n")
+	if err := os.WriteFile(l.Binary(), v2, 0o755); err != nil { // as the updater left it
+		t.Fatal(err)
+	}
+	res, err := r.install(nil) // the original userdata: 1.0.0
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.Changed || res.Summary != "already installed, nothing to do" || res.Params.Version != "2.0.0" {
+		t.Errorf("changed=%v summary=%q version=%s\n%s", res.Changed, res.Summary, res.Params.Version, r.out.String())
+	}
+	if !strings.Contains(r.out.String(), "keeping 2.0.0") {
+		t.Errorf("the output does not say it keeps 2.0.0:\n%s", r.out.String())
+	}
+	if b, _ := os.ReadFile(l.Binary()); !bytes.Equal(b, v2) {
+		t.Error("the newer binary was replaced")
+	}
+	res, err = r.install(func(o *Options) { o.Downgrade = true })
+	if err != nil || !res.Changed {
+		t.Fatalf("--downgrade: %v %v", err, res.Changed)
+	}
+	if conf, _ := os.ReadFile(l.ConfigFile()); !bytes.Contains(conf, []byte("version=1.0.0")) {
+		t.Errorf("--downgrade did not set 1.0.0:\n%s", conf)
+	}
+	if b, _ := os.ReadFile(l.Binary()); bytes.Equal(b, v2) {
+		t.Error("--downgrade kept the 2.0.0 binary")
+	}
+}
+
 // Unknown keys and comments of an existing config survive an install.
 func TestInstallKeepsUnknownKeysAndComments(t *testing.T) {
 	r := newRig(t)

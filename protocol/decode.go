@@ -23,12 +23,28 @@ func (e *Error) Unwrap() error { return e.kind }
 func (e *Error) Error() string {
 	msg := "protocol: "
 	if e.Code != "" {
-		msg += e.Code + ": "
+		msg += clip(e.Code) + ": "
 	}
 	if e.Field != "" {
 		msg += "field " + e.Field + ": "
 	}
 	return msg + e.Problem
+}
+
+// maxQuoted bounds what an error quotes of a frame (a code, an id): a
+// hostile frame must not turn into a megabyte log line.
+const maxQuoted = 64
+
+// clip keeps the first maxQuoted bytes of s, on a rune boundary.
+func clip(s string) string {
+	if len(s) <= maxQuoted {
+		return s
+	}
+	cut := maxQuoted
+	for cut > 0 && !utf8.RuneStart(s[cut]) {
+		cut--
+	}
+	return fmt.Sprintf("%s…(%d bytes)", s[:cut], len(s))
 }
 
 // ErrUnknownCode is wrapped by the error for a frame whose code this version
@@ -165,7 +181,7 @@ func (d decoder) requireVersion(field string, v *int64) (int64, error) {
 func (d decoder) stateID(prefix string, id, stateid *string) (string, error) {
 	switch {
 	case id != nil && stateid != nil && *id != *stateid:
-		return "", d.fail(prefix+"id", fmt.Sprintf("%q disagrees with stateid %q", *id, *stateid))
+		return "", d.fail(prefix+"id", fmt.Sprintf("%q disagrees with stateid %q", clip(*id), clip(*stateid)))
 	case id != nil:
 		return d.requireString(prefix+"id", id)
 	case stateid != nil:

@@ -247,6 +247,11 @@ func TestDecodeSizeLimit(t *testing.T) {
 	if !errors.Is(err, ErrUnknownCode) {
 		t.Errorf("unknown code does not wrap ErrUnknownCode: %v", err)
 	}
+	// A 1 MiB code is quoted in 64 bytes: errors are logged.
+	_, err = Decode([]byte(`{"code":"` + strings.Repeat("é", 1<<19) + `"}`))
+	if msg := err.Error(); len(msg) > 200 || !strings.Contains(msg, "…(1048576 bytes)") {
+		t.Errorf("the error quotes %d bytes of the code: %.300s", len(msg), msg)
+	}
 }
 
 func FuzzDecode(f *testing.F) {

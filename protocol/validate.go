@@ -23,6 +23,11 @@ const (
 	MaxModuleRepoBytes = 2048
 	// MaxModuleTagBytes bounds module.tag (a git tag or branch).
 	MaxModuleTagBytes = 256
+	// MaxParameterDepth bounds how deeply a state's parameter nests lists
+	// and objects (the shared recipes nest 3 deep): every later pass over a
+	// parameter (Salt's YAML, the plan, the stored copy) costs more per
+	// level, so thousands of levels are refused here, once.
+	MaxParameterDepth = 64
 )
 
 // moduleNamePattern is a dotted lower-case name such as linux.cmd or
@@ -90,7 +95,37 @@ func validateState(i int, st *RecipeState) error {
 	if !moduleNamePattern.MatchString(st.Module) {
 		return recipeError(prefix+"module", fmt.Sprintf("%q is not a module name: use dotted lower-case words such as linux.cmd or meta.wait", st.Module))
 	}
+	if d := jsonDepth(st.Parameter); d > MaxParameterDepth {
+		return recipeError(prefix+"parameter", fmt.Sprintf("nests %d levels deep, more than the %d allowed", d, MaxParameterDepth))
+	}
 	return nil
+}
+
+// jsonDepth is the deepest nesting of lists and objects in a JSON text
+// (already known to be valid), counted without decoding it.
+func jsonDepth(raw []byte) int {
+	depth, deepest, inString, escaped := 0, 0, false, false
+	for _, c := range raw {
+		switch {
+		case inString:
+			switch {
+			case escaped:
+				escaped = false
+			case c == '\\':
+				escaped = true
+			case c == '"':
+				inString = false
+			}
+		case c == '"':
+			inString = true
+		case c == '[' || c == '{':
+			depth++
+			deepest = max(deepest, depth)
+		case c == ']' || c == '}':
+			depth--
+		}
+	}
+	return deepest
 }
 
 // checkText returns why s is not a non-empty, printable, valid UTF-8 string

@@ -22,6 +22,9 @@ func TestValidateRecipeAcceptsSharedRecipes(t *testing.T) {
 		{RecipeVersion: 1, States: []RecipeState{}}, // no states
 		{RecipeVersion: 1, States: []RecipeState{{ID: strings.Repeat("é", MaxStateIDBytes/2), Module: "linux.apt.package"}}},
 		{RecipeVersion: 1, States: []RecipeState{{ID: "s", Module: "common.git-repo.latest"}}},
+		// As deep as allowed; brackets inside strings do not count.
+		{RecipeVersion: 1, States: []RecipeState{{ID: "d", Module: "meta.comment", Parameter: json.RawMessage(
+			`{"comment":` + strings.Repeat("[", MaxParameterDepth-1) + `"[[[\\\"{{"` + strings.Repeat("]", MaxParameterDepth-1) + `}`)}}},
 	} {
 		if err := ValidateRecipe(ok); err != nil {
 			t.Errorf("%+v refused: %v", ok, err)
@@ -59,6 +62,9 @@ func TestValidateRecipeRefusesAndNamesTheField(t *testing.T) {
 		{"repo long", &RecipeMetadata{RecipeVersion: 1, Module: src(strings.Repeat("r", MaxModuleRepoBytes+1), "v1")}, "module.repo", "more than"},
 		{"tag option", &RecipeMetadata{RecipeVersion: 1, Module: src("https://x/y.git", "-c")}, "module.tag", "'-'"},
 		{"tag control", &RecipeMetadata{RecipeVersion: 1, Module: src("https://x/y.git", "v1\r")}, "module.tag", "control character"},
+		{"deep parameter", &RecipeMetadata{RecipeVersion: 1, States: []RecipeState{{ID: "d", Module: "meta.comment",
+			Parameter: json.RawMessage(`{"comment":` + strings.Repeat("[", MaxParameterDepth) + strings.Repeat("]", MaxParameterDepth) + `}`)}}},
+			"state[0].parameter", "65 levels deep"},
 		{"tag long", &RecipeMetadata{RecipeVersion: 1, Module: src("https://x/y.git", strings.Repeat("t", MaxModuleTagBytes+1))}, "module.tag", "more than"},
 	}
 	for _, tc := range cases {

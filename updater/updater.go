@@ -17,7 +17,6 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -25,7 +24,6 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
-	"strconv"
 	"strings"
 	"time"
 
@@ -143,7 +141,7 @@ func (u *Updater) Do(ctx context.Context, req Request) (*Restart, error) {
 	if err := dist.CheckVersion(v); err != nil {
 		return nil, refuse("update to %q: %v", v, err)
 	}
-	if !req.Force && !newer(v, u.opts.Current) {
+	if !req.Force && !dist.Newer(v, u.opts.Current) {
 		return nil, refuse("update to %s refused: not newer than the running %s (by hand: opsagent update --version %s --force)", v, u.opts.Current, v)
 	}
 	settings := u.opts.Settings()
@@ -292,41 +290,6 @@ func (u *Updater) swap(newBin, version string) (*Restart, error) {
 	u.step(Step{Phase: "confirming", Version: version})
 	u.log.Info("update: new binary in place; re-executing", "from", u.opts.Current, "to", version, "old", old)
 	return &Restart{Binary: u.opts.Target, Version: version}, nil
-}
-
-// newer reports whether version v is above current (a dev build takes
-// any version).
-func newer(v, current string) bool {
-	a, err1 := parse(v)
-	b, err2 := parse(current)
-	if err2 != nil {
-		return err1 == nil
-	}
-	if err1 != nil {
-		return false
-	}
-	for i := 0; i < 3; i++ {
-		if a[i] != b[i] {
-			return a[i] > b[i]
-		}
-	}
-	return false
-}
-
-func parse(v string) ([3]int, error) {
-	var out [3]int
-	parts := strings.Split(strings.TrimPrefix(v, "v"), ".")
-	if len(parts) < 2 || len(parts) > 3 {
-		return out, errors.New("not MAJOR.MINOR[.PATCH]")
-	}
-	for i, p := range parts {
-		n, err := strconv.Atoi(p)
-		if err != nil || n < 0 {
-			return out, errors.New("not numeric")
-		}
-		out[i] = n
-	}
-	return out, nil
 }
 
 func firstLine(s string) string {

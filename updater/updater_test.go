@@ -376,17 +376,6 @@ func TestEmbeddedKeyTrusted(t *testing.T) {
 	}
 }
 
-func TestNewer(t *testing.T) {
-	for _, tc := range []struct {
-		v, cur string
-		want   bool
-	}{{"2.0.0", "1.9.9", true}, {"1.10", "1.9", true}, {"1.9", "1.10", false}, {"2.0", "2.0.0", false}, {"2.0.1", "2.0", true}, {"1.0", "dev", true}, {"x", "1.0", false}} {
-		if got := newer(tc.v, tc.cur); got != tc.want {
-			t.Errorf("newer(%s, %s) = %v", tc.v, tc.cur, got)
-		}
-	}
-}
-
 type tarEntry struct{ name, data, link string }
 
 // rawTarGz writes a tar.gz by hand, with names the project's Create would

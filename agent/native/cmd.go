@@ -8,6 +8,7 @@ import (
 	"strings"
 	"syscall"
 	"time"
+	"unicode/utf8"
 
 	"github.com/visualops/opsagent/agent/state"
 	"github.com/visualops/opsagent/internal/config"
@@ -70,7 +71,7 @@ func (e *Executor) cmd(ctx context.Context, fsys *rootfs.FS, p params) (state.Re
 	if err != nil {
 		return state.Result{}, err
 	}
-	label := fmt.Sprintf("Command %q", command)
+	label := fmt.Sprintf("Command %q", abbreviate(command, maxLabelCommand))
 
 	// The command runs only if all if-path-present paths exist, and not if
 	// any if-path-absent path exists. Not running is a success.
@@ -137,4 +138,21 @@ func prepareCwd(fsys *rootfs.FS, cwd string, cred *syscall.Credential) (string, 
 		_ = fsys.Chown(real, int(cred.Uid), int(cred.Gid), false) // as before: best effort
 	}
 	return fsys.HostPath(real), nil
+}
+
+// maxLabelCommand bounds the command quoted in a comment, so that the
+// reason after it survives the StateLog's size cap.
+const maxLabelCommand = 200
+
+// abbreviate keeps the first limit bytes of s, on a rune boundary, marking
+// the cut.
+func abbreviate(s string, limit int) string {
+	if len(s) <= limit {
+		return s
+	}
+	cut := limit
+	for cut > 0 && !utf8.RuneStart(s[cut]) {
+		cut--
+	}
+	return fmt.Sprintf("%s… (%d bytes)", s[:cut], len(s))
 }

@@ -97,6 +97,9 @@ func TestCmd(t *testing.T) {
 		{"unknown user", `{"cmd":"true","user":"no-such-user-xyz"}`, false, "parameter user: user \"no-such-user-xyz\" does not exist", ""},
 		{"bad shell", `{"cmd":"true","shell":"/no/shell"}`, false, "could not run", ""},
 		{"not an object", `[1]`, false, "must be a JSON object", ""},
+		// Over Linux's 128 KiB per argument: the reason must survive the
+		// StateLog's size cap, so the quoted command is abbreviated.
+		{"huge cmd", `{"cmd":"true ` + strings.Repeat("x", 200<<10) + `"}`, false, "… (204805 bytes)\" could not run: start /bin/sh: fork/exec /bin/sh: argument list too long", ""},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {

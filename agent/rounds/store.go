@@ -132,7 +132,8 @@ func (s *Store) LoadUpdate() (*protocol.AgentUpdate, error) {
 }
 
 func (s *Store) write(path string, v any) error {
-	data, err := json.MarshalIndent(v, "", " ")
+	// Compact: indenting costs a line per nesting level of a parameter.
+	data, err := json.Marshal(v)
 	if err != nil {
 		return fmt.Errorf("store %s: %w", path, err)
 	}

@@ -40,6 +40,7 @@ func installCommand() *cli.Command {
 		&cli.BoolFlag{Name: "skip-packages", Usage: "never call the OS package manager"},
 		&cli.BoolFlag{Name: "start", Usage: "start the agent even below a --root other than /"},
 		&cli.BoolFlag{Name: "dry-run", Usage: "print what would be done and write nothing"},
+		&cli.BoolFlag{Name: "downgrade", Usage: "install --version even if the instance runs a newer one (else the newer one is kept)"},
 	)
 	return &cli.Command{
 		Name:  "install",
@@ -65,7 +66,7 @@ func installCommand() *cli.Command {
 			}
 			res, err := installer.Install(ctx, installer.Options{
 				Root: p.root, ConfigFile: p.configFile, Flags: paramsOf(cmd), Sets: cmd.StringSlice("set"),
-				Env: os.Getenv, Self: self, SkipPackages: cmd.Bool("skip-packages"), Start: cmd.Bool("start"),
+				Env: os.Getenv, Self: self, SkipPackages: cmd.Bool("skip-packages"), Start: cmd.Bool("start"), Downgrade: cmd.Bool("downgrade"),
 				DryRun: cmd.Bool("dry-run"), Out: cmd.Root().Writer, Terminal: terminalOrNil(cmd.Root().Writer) != nil,
 			})
 			if errors.Is(err, installer.ErrMissingParams) {

@@ -7,8 +7,11 @@
 package dist
 
 import (
+	"errors"
 	"fmt"
 	"regexp"
+	"strconv"
+	"strings"
 )
 
 // Artifact names, in dist/ after a build and under <prefix><version>/ in
@@ -37,4 +40,39 @@ func CheckVersion(v string) error {
 		return fmt.Errorf("version %q: use MAJOR.MINOR or MAJOR.MINOR.PATCH, e.g. 2.1 or 2.1.3", v)
 	}
 	return nil
+}
+
+// Newer reports whether version v is above current (a dev build takes
+// any version).
+func Newer(v, current string) bool {
+	a, err1 := parse(v)
+	b, err2 := parse(current)
+	if err2 != nil {
+		return err1 == nil
+	}
+	if err1 != nil {
+		return false
+	}
+	for i := 0; i < 3; i++ {
+		if a[i] != b[i] {
+			return a[i] > b[i]
+		}
+	}
+	return false
+}
+
+func parse(v string) ([3]int, error) {
+	var out [3]int
+	parts := strings.Split(strings.TrimPrefix(v, "v"), ".")
+	if len(parts) < 2 || len(parts) > 3 {
+		return out, errors.New("not MAJOR.MINOR[.PATCH]")
+	}
+	for i, p := range parts {
+		n, err := strconv.Atoi(p)
+		if err != nil || n < 0 {
+			return out, errors.New("not numeric")
+		}
+		out[i] = n
+	}
+	return out, nil
 }

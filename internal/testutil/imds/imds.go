@@ -1,6 +1,6 @@
-// Package imds is a loopback instance metadata service for tests: EC2's
-// IMDSv2 (token PUT first) or IMDSv1 only, serving an instance id and a
-// userdata the test sets. No test talks to 169.254.169.254.
+// Package imds is a loopback instance metadata service for tests and the
+// demo: EC2's IMDSv2 (token PUT first) or IMDSv1 only, serving an instance
+// id and a userdata the caller sets. Nothing talks to 169.254.169.254.
 package imds
 
 import (
@@ -28,11 +28,17 @@ const token = "test-imds-token"
 
 // New starts a server for the life of the test.
 func New(t testing.TB, instanceID, userdata string, v1only bool) *Server {
-	s := &Server{instanceID: instanceID, userdata: userdata, V1Only: v1only}
-	srv := httptest.NewServer(http.HandlerFunc(s.serve))
+	s := NewHandler(instanceID, userdata, v1only)
+	srv := httptest.NewServer(s)
 	t.Cleanup(srv.Close)
 	s.URL = srv.URL
 	return s
+}
+
+// NewHandler returns the service as a handler, for a caller that serves
+// it itself (and then sets URL).
+func NewHandler(instanceID, userdata string, v1only bool) *Server {
+	return &Server{instanceID: instanceID, userdata: userdata, V1Only: v1only}
 }
 
 // SetUserdata changes what /latest/user-data returns.
@@ -42,7 +48,8 @@ func (s *Server) SetUserdata(u string) {
 	s.mu.Unlock()
 }
 
-func (s *Server) serve(w http.ResponseWriter, r *http.Request) {
+// ServeHTTP answers the token PUT, the instance id and the userdata.
+func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if r.URL.Path == "/latest/api/token" {
 		if s.V1Only || r.Method != http.MethodPut {
 			http.Error(w, "forbidden", http.StatusForbidden)
