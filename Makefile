@@ -17,7 +17,7 @@ BENCHTIME   ?= 1x
 
 export CGO_ENABLED ?= 0
 
-.PHONY: all build test fmt fmt-check vet staticcheck unit bench fuzz demo release tools clean
+.PHONY: all build test fmt fmt-check vet staticcheck unit bench fuzz demo release tools clean soak
 
 all: build
 
@@ -81,9 +81,16 @@ release:
 	$(GO) run ./cmd/opsagent release build --version $(VERSION) $(if $(KEY),--key $(KEY))
 	$(if $(BUCKET),$(GO) run ./cmd/opsagent release publish --bucket $(BUCKET) --version $(VERSION) $(if $(ENDPOINT),--endpoint $(ENDPOINT)) $(if $(PREFIX),--prefix $(PREFIX)))
 
-## demo: the whole story locally: backend, agent, recipe, wait, second round
-demo: build
-	$(GO) run ./scripts/demo -bin bin/opsagent
+## demo: the whole story locally: publish releases to a local S3, boot an
+## instance from its userdata, rounds, self-update, rollback, re-run
+demo: build $(VERSITYGW)
+	$(GO) run ./scripts/demo -bin bin/opsagent -versitygw $(VERSITYGW)
 
 clean:
 	rm -rf bin dist .tools
+
+## soak: one agent for an hour (SOAKFLAGS='-duration 10m -interval 30s -keep'):
+## random backend kill -9, a self-update, RSS/threads/fds/StateLogs every minute,
+## agent_seq checked exactly once at the end; exits 1 on a problem (not part of test)
+soak: build
+	$(GO) run ./scripts/soak -bin bin/opsagent $(SOAKFLAGS)

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/visualops/opsagent/internal/config"
+	"github.com/visualops/opsagent/internal/dist"
 	"github.com/visualops/opsagent/internal/fsutil"
 	"github.com/visualops/opsagent/internal/metadata"
 	"github.com/visualops/opsagent/internal/token"
@@ -98,6 +99,11 @@ func (id *identity) RefreshUserdata(ctx context.Context) error {
 			{"enroll_secret", ud.EnrollSecret, c.Userdata.EnrollSecret},
 		} {
 			if kv.value == "" || kv.value == kv.current {
+				continue
+			}
+			// The userdata names the version the instance was first given;
+			// after a self-update the running version is newer and stays.
+			if kv.key == "version" && dist.Newer(kv.current, kv.value) {
 				continue
 			}
 			// Set checks the value's form (a ws_uri must be ws:// or wss://).

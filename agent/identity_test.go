@@ -98,6 +98,19 @@ func TestUserdataInvalidValuesNotApplied(t *testing.T) {
 	}
 }
 
+// A self-updated instance (config at 2.3.0) keeps its version when the
+// userdata still names the 2.2 it was booted with.
+func TestUserdataDoesNotDowngradeTheVersion(t *testing.T) {
+	srv := metadataServer(t, "WS_URI=wss://ok.example.com/agent/\nAPP_ID=a\nVERSION=2.2\n")
+	id, dir, _ := identityRig(t, srv.URL, "[userdata]\nws_uri = wss://ok.example.com/agent/\napp_id = a\nversion = 2.3.0\n")
+	if err := id.RefreshUserdata(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if data, _ := os.ReadFile(filepath.Join(dir, "etc/opsagent.conf")); !strings.Contains(string(data), "2.3.0") {
+		t.Errorf("version lowered by the userdata:\n%s", data)
+	}
+}
+
 func TestMachineIDFallback(t *testing.T) {
 	dead := httptest.NewServer(http.NotFoundHandler())
 	dead.Close()

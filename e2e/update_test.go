@@ -131,10 +131,12 @@ func TestSelfUpdateBetweenRounds(t *testing.T) {
 	if old, _ := os.ReadFile(filepath.Join(r.root, "opt/visualops/bin/opsagent.old")); !bytes.Equal(old, v1) {
 		t.Error("opsagent.old is not the 1.0.0 binary")
 	}
-	conf, _ := os.ReadFile(filepath.Join(r.root, "etc/opsagent.conf"))
-	if !bytes.Contains(conf, []byte("version=2.0.0")) {
-		t.Errorf("[userdata] version not rewritten:\n%s", conf)
-	}
+	// Rewritten once the Handshake is accepted, just after the backend
+	// shows the instance connected.
+	eventually(t, "[userdata] version rewritten to 2.0.0", func() bool {
+		conf, _ := os.ReadFile(filepath.Join(r.root, "etc/opsagent.conf"))
+		return bytes.Contains(conf, []byte("version=2.0.0"))
+	})
 	// The recipe resumes under 2.0.0.
 	m := len(r.b.logs(t, "upd"))
 	eventually(t, "rounds under 2.0.0", func() bool { return len(r.b.logs(t, "upd")) >= m+3 })
@@ -152,6 +154,14 @@ func TestSelfUpdateBetweenRounds(t *testing.T) {
 		ie, _ := in["init_errors"].(string)
 		return in["connected"] == true && in["agent_version"] == "2.0.0" && strings.Contains(ie, "rolled back")
 	})
+	// The backend offers 3.0.0 again at every Handshake: it is refused,
+	// not retried in a loop, and the rounds go on under 2.0.0.
+	k := len(r.b.logs(t, "upd"))
+	eventually(t, "rounds under 2.0.0 after the rollback", func() bool { return len(r.b.logs(t, "upd")) >= k+3 })
+	agentLog, _ = os.ReadFile(filepath.Join(r.root, "var/log/visualops/agent.log"))
+	if !bytes.Contains(agentLog, []byte("update to 3.0.0 refused: it was rolled back here")) {
+		t.Error("agent.log does not show the re-offered 3.0.0 refused")
+	}
 	if !bytes.Equal(r.installed(), v2) {
 		t.Error("the installed binary is not 2.0.0 after the rollback")
 	}

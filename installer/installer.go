@@ -48,6 +48,9 @@ type Options struct {
 	// Start starts (or restarts) the agent even below a root other than
 	// the host's, where it is otherwise left stopped.
 	Start bool
+	// OutputLogged: Out already goes to the bootstrap log (the userdata
+	// script logs what install prints), so the log is not written twice.
+	OutputLogged bool
 	// Downgrade installs the requested version even when the instance runs
 	// a newer one (it updated itself since its userdata was written).
 	Downgrade bool
@@ -123,7 +126,7 @@ func Install(ctx context.Context, opts Options) (*Result, error) {
 	}
 	in.layout = config.NewLayout(opts.Root, opts.ConfigFile, existing)
 	logFile := in.layout.BootstrapLog()
-	if opts.DryRun {
+	if opts.DryRun || opts.OutputLogged {
 		logFile = ""
 	}
 	in.rep = &reporter{out: opts.Out, terminal: opts.Terminal, logFile: logFile, now: time.Now}

@@ -13,6 +13,7 @@ import (
 	"github.com/visualops/opsagent/internal/config"
 	"github.com/visualops/opsagent/internal/fsutil"
 	"github.com/visualops/opsagent/internal/proc"
+	"github.com/visualops/opsagent/internal/service"
 )
 
 // UninstallOptions configures Uninstall.
@@ -49,7 +50,8 @@ func Uninstall(ctx context.Context, o UninstallOptions) error {
 	}
 	in.rep = &reporter{out: o.Out, terminal: o.Terminal, logFile: logFile, now: time.Now}
 
-	in.stopAgent(ctx)
+	// The watchdog restarts a stopped agent: its cron entry goes first,
+	// then any pass in progress, then the agent.
 	var removed []string
 	remove := func(path string, all bool) {
 		var err error
@@ -71,8 +73,12 @@ func Uninstall(ctx context.Context, o UninstallOptions) error {
 		}
 		removed = append(removed, path)
 	}
-	remove(l.UnitFile(), false)
 	remove(l.CronEntry(), false)
+	if n := service.StopWatchdogs(l); n > 0 {
+		in.rep.add("watchdog", Changed, "stopped the watchdog pass in progress (%d processes)", n)
+	}
+	in.stopAgent(ctx)
+	remove(l.UnitFile(), false)
 	remove(l.StateDir(), true)
 	remove(l.OptDir(), true)
 	if systemdRuns(l) {

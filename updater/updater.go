@@ -144,6 +144,13 @@ func (u *Updater) Do(ctx context.Context, req Request) (*Restart, error) {
 	if !req.Force && !dist.Newer(v, u.opts.Current) {
 		return nil, refuse("update to %s refused: not newer than the running %s (by hand: opsagent update --version %s --force)", v, u.opts.Current, v)
 	}
+	// A version this instance already rolled back is not tried again on
+	// the backend's word: it would fail the same way, in a loop. A fixed
+	// release gets a new version; by hand, --force tries it anyway.
+	if st, err := service.ReadUpdateState(service.UpdateStatePath(u.opts.Layout)); err == nil && !req.Force &&
+		st.Phase == service.PhaseRolledBack && st.To == v {
+		return nil, refuse("update to %s refused: it was rolled back here (%s); publish a fixed version (by hand: opsagent update --version %s --force)", v, st.Reason, v)
+	}
 	settings := u.opts.Settings()
 	url := req.URL
 	if url == "" {

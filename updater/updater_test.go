@@ -281,6 +281,14 @@ func TestRefusals(t *testing.T) {
 			)
 			return Request{Version: "2.0.0"}
 		}, nil, `says it is version "1.5.0"`},
+		{"rolled back here before", func(r *rig) Request {
+			r.publish("2.0.0", "2.0.0", r.key)
+			if err := service.WriteUpdateState(service.UpdateStatePath(r.layout), service.UpdateState{
+				Phase: service.PhaseRolledBack, From: "1.0.0", To: "2.0.0", Reason: "the new version 2.0.0 exited 3 times at start"}); err != nil {
+				t.Fatal(err)
+			}
+			return Request{Version: "2.0.0"}
+		}, nil, "it was rolled back here (the new version 2.0.0 exited 3 times at start)"},
 		{"no binary for this architecture", func(r *rig) Request {
 			r.publish("2.0.0", "2.0.0", r.key,
 				archive.Entry{Name: "VERSION", Mode: 0o644, Data: []byte("2.0.0\n")},

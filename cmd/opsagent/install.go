@@ -67,7 +67,8 @@ func installCommand() *cli.Command {
 			res, err := installer.Install(ctx, installer.Options{
 				Root: p.root, ConfigFile: p.configFile, Flags: paramsOf(cmd), Sets: cmd.StringSlice("set"),
 				Env: os.Getenv, Self: self, SkipPackages: cmd.Bool("skip-packages"), Start: cmd.Bool("start"), Downgrade: cmd.Bool("downgrade"),
-				DryRun: cmd.Bool("dry-run"), Out: cmd.Root().Writer, Terminal: terminalOrNil(cmd.Root().Writer) != nil,
+				OutputLogged: os.Getenv("OPSAGENT_OUTPUT_LOGGED") == "1",
+				DryRun:       cmd.Bool("dry-run"), Out: cmd.Root().Writer, Terminal: terminalOrNil(cmd.Root().Writer) != nil,
 			})
 			if errors.Is(err, installer.ErrMissingParams) {
 				return &usageError{err}

@@ -147,3 +147,32 @@ func StartWatch(l config.Layout) error {
 	}
 	return nil
 }
+
+// StopWatchdogs stops every pass of l's watchdog that is running (a cron
+// pass, or a watch started by the updater), so that none starts the agent
+// again while it is being uninstalled; it returns how many it stopped. A
+// pass is "/bin/sh <cron.sh> [mode]" exactly: the script's path alone
+// decides, so an agent or watchdog of another root is never touched.
+func StopWatchdogs(l config.Layout) int {
+	script := []byte(l.CronScript())
+	entries, _ := os.ReadDir("/proc")
+	var stopped int
+	for _, e := range entries {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil || pid == os.Getpid() {
+			continue
+		}
+		cmdline, err := os.ReadFile("/proc/" + e.Name() + "/cmdline")
+		if err != nil {
+			continue
+		}
+		args := bytes.Split(bytes.TrimSuffix(cmdline, []byte{0}), []byte{0})
+		if len(args) < 2 || !bytes.HasSuffix(args[0], []byte("sh")) || !bytes.Equal(args[1], script) {
+			continue
+		}
+		if syscall.Kill(pid, syscall.SIGTERM) == nil {
+			stopped++
+		}
+	}
+	return stopped
+}

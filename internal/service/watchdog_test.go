@@ -646,6 +646,31 @@ func TestWatchRollsBack(t *testing.T) {
 	w.checkRolledBack(newPID, "the new version 2.0.0 did not confirm by its deadline")
 }
 
+// StopWatchdogs (uninstall) ends a watch pass at once, and leaves the
+// watchdog of another root alone.
+func TestStopWatchdogs(t *testing.T) {
+	t.Parallel()
+	w := newWatchdog(t, WatchdogOptions{Interval: time.Second})
+	other := newWatchdog(t, WatchdogOptions{Interval: time.Second})
+	for _, x := range []*watchdog{w, other} {
+		x.startAgent()
+		x.setState(UpdateState{Phase: PhaseConfirming, From: "1.0.0", To: "2.0.0", Deadline: time.Now().Add(time.Hour)})
+		if err := StartWatch(x.l); err != nil {
+			t.Fatal(err)
+		}
+	}
+	watching := func(x *watchdog) bool { return len(mentioning(x.l.CronScript())) > 0 }
+	wait.Eventually(t, "both watching", func() bool { return watching(w) && watching(other) })
+	// (A pass's subshells share its command line: more than one may go.)
+	if n := StopWatchdogs(w.l); n < 1 {
+		t.Errorf("stopped %d processes, want the watch pass", n)
+	}
+	wait.Eventually(t, "the watch stopped", func() bool { return !watching(w) })
+	if !watching(other) {
+		t.Error("the other root's watchdog was stopped too")
+	}
+}
+
 func TestStartWatchWithoutScript(t *testing.T) {
 	l := tempLayout(t, "root")
 	err := StartWatch(l)
