@@ -81,12 +81,12 @@ type backendProc struct {
 	addr, data string
 }
 
-func startBackend(t testing.TB, data, listen string) *backendProc {
+func startBackend(t testing.TB, data, listen string, extra ...string) *backendProc {
 	t.Helper()
 	addrFile := filepath.Join(t.TempDir(), "addr")
 	// Open enrollment: these tests start agents before their app exists;
 	// TestEnrollment covers the secret.
-	p := start(t, "backend", "--listen", listen, "--data", data, "--addr-file", addrFile, "--open-enrollment")
+	p := start(t, append([]string{"backend", "--listen", listen, "--data", data, "--addr-file", addrFile, "--open-enrollment"}, extra...)...)
 	var addr string
 	eventually(t, "backend listening", func() bool {
 		b, err := os.ReadFile(addrFile)

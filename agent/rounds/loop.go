@@ -133,7 +133,7 @@ func (l *loop) handle(m protocol.Message) {
 	case *protocol.RecipeMetadata:
 		l.recipe(m)
 	case *protocol.StatePush:
-		l.release(m.RecipeVersion, []string{m.StateID})
+		l.release(m.RecipeVersion, []string{m.StateID}, "State")
 	case *protocol.WaitList:
 		var ids []string
 		self := ""
@@ -145,7 +145,7 @@ func (l *loop) handle(m protocol.Message) {
 				ids = append(ids, w.StateID)
 			}
 		}
-		l.release(m.RecipeVersion, ids)
+		l.release(m.RecipeVersion, ids, "WaitList")
 	case *protocol.AgentUpdate:
 		if l.pending != nil {
 			e.log.Info("update replaces the pending one", "version", m.Version, "replaced", l.pending.Version)
@@ -216,8 +216,9 @@ func (l *loop) recipe(m *protocol.RecipeMetadata) {
 	l.startRound()
 }
 
-// release marks waits as satisfied for version.
-func (l *loop) release(version int64, ids []string) {
+// release marks waits released; via names the message (State pushed at
+// release, or the WaitList answering a WaitQuery after a reconnect).
+func (l *loop) release(version int64, ids []string, via string) {
 	e := l.e
 	if l.rec == nil || version != l.rec.Version {
 		e.log.Debug("wait release for another recipe version ignored", "recipe_version", version)
@@ -239,6 +240,7 @@ func (l *loop) release(version int64, ids []string) {
 		if !e.satisfied[id] {
 			e.satisfied[id] = true
 			changed = true
+			e.log.Info("wait released by the backend", "state_id", id, "via", via)
 		}
 	}
 	if changed {
