@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
+	"io/fs"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -45,6 +46,7 @@ func newUpdateRig(t *testing.T, app, recipe string) *updateRig {
 		t.Fatalf("install 1.0.0: %v\n%s", err, out)
 	}
 	eventually(t, "1.0.0 connected", func() bool { return r.b.connectedAs(app, r.id) == "1.0.0" })
+	checkSecretsAndModes(t, r.root, r.b, app)
 	return r
 }
 
@@ -167,6 +169,7 @@ func TestSelfUpdateBetweenRounds(t *testing.T) {
 	}
 	in := r.b.instance("upd", r.id)
 	t.Logf("backend sees: %v", in["init_errors"])
+	checkSecretsAndModes(t, r.root, r.b, "upd")
 	if count := checkExactlyOnce(t, r.b, "upd", r.id); count == 0 {
 		t.Error("no StateLogs")
 	}
@@ -198,6 +201,14 @@ func TestUpdateByHand(t *testing.T) {
 	if err != nil || !strings.Contains(string(out), "no agent runs: updating") {
 		t.Fatalf("direct update: %v\n%s", err, out)
 	}
+	t.Logf("direct update:\n%s", out)
+	t.Cleanup(func() {
+		if t.Failed() {
+			agentLog, _ := os.ReadFile(filepath.Join(r.root, "var/log/visualops/agent.log"))
+			boot, _ := os.ReadFile(filepath.Join(r.root, "var/log/visualops/bootstrap.log"))
+			t.Logf("agent.log:\n%s\nbootstrap.log:\n%s", agentLog, boot)
+		}
+	})
 	eventually(t, "1.0.0 started and connected", func() bool { return r.b.connectedAs("hand", r.id) == "1.0.0" })
 }
 
@@ -224,4 +235,51 @@ func TestKilledDuringDownloadResumesAtNextStart(t *testing.T) {
 		t.Fatalf("cron.sh: %v\n%s", err, out)
 	}
 	eventually(t, "2.0.0 connected after the restart", func() bool { return r.b.connectedAs("kill", r.id) == "2.0.0" })
+}
+
+// checkSecretsAndModes: the instance token appears nowhere but its own
+// file (not in logs, status, StateLogs, config, the backend's files or
+// output), and the layout has the modes spec/install-update.md gives.
+func checkSecretsAndModes(t *testing.T, root string, b *backendProc, app string) {
+	t.Helper()
+	tokenFile := filepath.Join(root, "etc/opsagent.token")
+	tok, err := os.ReadFile(tokenFile)
+	if err != nil || len(bytes.TrimSpace(tok)) < 32 {
+		t.Fatalf("token: %q %v", tok, err)
+	}
+	secret := bytes.TrimSpace(tok)
+	grep := func(dir string) {
+		_ = filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
+			if err != nil || d.IsDir() || p == tokenFile || !d.Type().IsRegular() {
+				return nil
+			}
+			if data, _ := os.ReadFile(p); bytes.Contains(data, secret) {
+				t.Errorf("the instance token is in %s", p)
+			}
+			return nil
+		})
+	}
+	grep(root)
+	grep(b.data)
+	if bytes.Contains(b.out.Bytes(), secret) {
+		t.Error("the instance token is in the backend's output")
+	}
+	logs := b.api(t, "GET", "/api/apps/"+app+"/logs?limit=10000", "")
+	if data, _ := json.Marshal(logs); bytes.Contains(data, secret) {
+		t.Error("the instance token is in StateLogs")
+	}
+	for rel, want := range map[string]fs.FileMode{
+		"opt/visualops/bin/opsagent": 0o755, "var/lib/visualops/opsagent": 0o700, "var/log/visualops": 0o750,
+		"etc/opsagent.conf": 0o640, "etc/opsagent.token": 0o400,
+	} {
+		st, err := os.Stat(filepath.Join(root, rel))
+		if err != nil {
+			t.Errorf("%s: %v", rel, err)
+		} else if st.Mode().Perm() != want {
+			t.Errorf("%s has mode %04o, want %04o", rel, st.Mode().Perm(), want)
+		}
+	}
+	if st, err := os.Stat(filepath.Join(root, "opt/visualops/bin/opsagent.old")); err == nil && st.Mode().Perm() != 0o755 {
+		t.Errorf("opsagent.old has mode %04o, want 0755", st.Mode().Perm())
+	}
 }

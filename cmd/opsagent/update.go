@@ -17,6 +17,7 @@ import (
 	"github.com/visualops/opsagent/internal/config"
 	"github.com/visualops/opsagent/internal/dist"
 	"github.com/visualops/opsagent/internal/fsutil"
+	"github.com/visualops/opsagent/internal/service"
 	"github.com/visualops/opsagent/internal/version"
 	"github.com/visualops/opsagent/updater"
 )
@@ -133,19 +134,30 @@ func updateDirectly(ctx context.Context, l config.Layout, cfg *config.Config, re
 	if _, err := os.Stat(l.Binary()); err == nil {
 		target = l.Binary() // the installed agent, not wherever this copy runs from
 	}
+	// No agent holds the binary in place: the watchdog's lock keeps its
+	// passes from starting the old one in the middle of the swap. The
+	// watch starts once the new binary is in place.
 	u := updater.New(updater.Options{
 		Layout: l, Current: version.Version, Target: target, Settings: func() *config.Config { return cfg },
 		EmbeddedKey: dist.EmbeddedPublicKey(), HealthTimeout: cfg.Agent.UpdateHealthTimeout,
-		OnStep: func(s updater.Step) { printStep(out, term, s) },
+		OnStep: func(s updater.Step) { printStep(out, term, s) }, NoWatchdog: true,
 	})
 	fmt.Fprintf(out, "no agent runs: updating %s directly\n", target)
+	release, err := service.HoldWatchdog(l, 30*time.Second)
+	if err != nil {
+		return err
+	}
 	r, err := u.Do(ctx, updater.Request{Version: req.Version, URL: req.URL, Force: req.Force, InsecureSkipSignature: req.InsecureSkipSignature})
+	release()
 	if err != nil {
 		return err
 	}
 	start := exec.CommandContext(ctx, "/bin/sh", l.CronScript())
 	if outp, err := start.CombinedOutput(); err != nil {
 		return fmt.Errorf("updated to %s, but starting the agent failed: %v %s (start it: systemctl start opsagent, or %s)", r.Version, err, outp, l.CronScript())
+	}
+	if err := service.StartWatch(l); err != nil {
+		fmt.Fprintf(out, "warning: %v; cron rolls the update back if it does not confirm\n", err)
 	}
 	fmt.Fprintf(out, "updated to %s; the agent is starting and must handshake within %v, or it is rolled back\n", r.Version, cfg.Agent.UpdateHealthTimeout)
 	return nil

@@ -176,3 +176,26 @@ func StopWatchdogs(l config.Layout) int {
 	}
 	return stopped
 }
+
+// HoldWatchdog takes the watchdog's lock (flock(2), as cron.sh takes it
+// with flock(1)) so that no pass acts, e.g. starts the old binary, while
+// a binary is swapped with no agent running. It waits up to wait for a
+// pass in progress; release gives the lock back.
+func HoldWatchdog(l config.Layout, wait time.Duration) (release func(), err error) {
+	f, err := os.OpenFile(l.WatchdogLockFile(), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("watchdog lock: %w", err)
+	}
+	deadline := time.Now().Add(wait)
+	for {
+		err = syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB)
+		if err == nil {
+			return func() { _ = syscall.Flock(int(f.Fd()), syscall.LOCK_UN); f.Close() }, nil
+		}
+		if !errors.Is(err, syscall.EWOULDBLOCK) || time.Now().After(deadline) {
+			f.Close()
+			return nil, fmt.Errorf("watchdog lock %s: %w (a watchdog pass is still running)", l.WatchdogLockFile(), err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}

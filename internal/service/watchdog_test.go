@@ -329,6 +329,29 @@ func TestWatchdogStartsTheAgentOnce(t *testing.T) {
 	}
 }
 
+// While HoldWatchdog holds the lock (a binary swapped with no agent
+// running), a cron pass starts nothing; once released, it does.
+func TestHoldWatchdogKeepsPassesOff(t *testing.T) {
+	t.Parallel()
+	w := newWatchdog(t, WatchdogOptions{})
+	release, err := HoldWatchdog(w.l, time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := HoldWatchdog(w.l, 100*time.Millisecond); err == nil || !strings.Contains(err.Error(), "still running") {
+		t.Errorf("a second holder: %v", err)
+	}
+	w.run()
+	if starts := w.startLines(); len(starts) != 0 {
+		t.Fatalf("a pass started the agent while the lock was held: %v", starts)
+	}
+	release()
+	w.run()
+	if starts := w.startLines(); len(starts) != 1 {
+		t.Fatalf("%d starts after the release, want 1\nlog:\n%s", len(starts), w.log())
+	}
+}
+
 // The lock file names a live process that is not an agent (a recycled
 // pid): the agent is started.
 func TestWatchdogRecycledPID(t *testing.T) {
