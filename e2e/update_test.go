@@ -261,7 +261,7 @@ func checkSecretsAndModes(t *testing.T, root string, b *backendProc, app string)
 	}
 	grep(root)
 	grep(b.data)
-	if bytes.Contains(b.out.Bytes(), secret) {
+	if strings.Contains(b.out.String(), string(secret)) {
 		t.Error("the instance token is in the backend's output")
 	}
 	logs := b.api(t, "GET", "/api/apps/"+app+"/logs?limit=10000", "")
