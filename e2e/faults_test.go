@@ -284,3 +284,49 @@ func TestTwoAgentsRelayAWait(t *testing.T) {
 		}
 	}
 }
+
+// TestRecipeCannotLeaveTheRoot: recipes plant symlinks to a directory
+// outside the agent's root (absolute and relative) and then write through
+// them, and through ".." and absolute paths. Nothing appears outside the
+// root, whatever each state reports, and the agent goes on.
+func TestRecipeCannotLeaveTheRoot(t *testing.T) {
+	outside := t.TempDir()
+	b := startBackend(t, t.TempDir(), "127.0.0.1:0")
+	up := strings.Repeat("../", 12) + strings.TrimPrefix(outside, "/")
+	plant := []string{
+		`{"id":"srv","module":"linux.dir","parameter":{"path":["/srv"]}}`,
+		fmt.Sprintf(`{"id":"abs-link","module":"linux.symlink","parameter":{"source":%q,"target":"/srv/abs"}}`, outside),
+		fmt.Sprintf(`{"id":"rel-link","module":"linux.symlink","parameter":{"source":%q,"target":"/srv/rel"}}`, up),
+	}
+	attacks := []string{
+		`{"id":"via-abs","module":"linux.file","parameter":{"path":"/srv/abs/pwned-abs","content":"x"}}`,
+		`{"id":"via-rel","module":"linux.file","parameter":{"path":"/srv/rel/pwned-rel","content":"x"}}`,
+		`{"id":"dir-rel","module":"linux.dir","parameter":{"path":["/srv/rel/pwned-dir"]}}`,
+		fmt.Sprintf(`{"id":"dotdot","module":"linux.file","parameter":{"path":%q,"content":"x"}}`, "/srv/../../../../../"+up+"/pwned-dotdot"),
+		fmt.Sprintf(`{"id":"absolute","module":"linux.file","parameter":{"path":%q,"content":"x"}}`, outside+"/pwned-absolute"),
+		`{"id":"cmd-cwd","module":"linux.cmd","parameter":{"cmd":"touch pwned-cmd","cwd":"/srv/rel"}}`,
+		`{"id":"link-over","module":"linux.file","parameter":{"path":"/srv/abs","content":"x"}}`,
+	}
+	root := agentRoot(t, b.addr, "esc", "i-esc", "[salt]\ndelay = 500ms\n[agent]\nengine = native\n")
+	startAgent(t, root)
+	for _, attack := range attacks {
+		var id string
+		fmt.Sscanf(strings.SplitN(attack, `"`, 5)[3], "%s", &id)
+		b.api(t, "PUT", "/api/apps/esc/recipe", `{"state":[`+strings.Join(append(plant, attack), ",")+`]}`)
+		var got map[string]any
+		eventually(t, id+" reported", func() bool {
+			for _, l := range agentLogs(t, b, "esc", "i-esc") {
+				if l["state_id"] == id {
+					got = l
+					return true
+				}
+			}
+			return false
+		})
+		t.Logf("%-9s ok=%v %v", id, got["result"], got["comment"])
+	}
+	entries, _ := os.ReadDir(outside)
+	for _, e := range entries {
+		t.Errorf("written outside the root: %s", filepath.Join(outside, e.Name()))
+	}
+}
