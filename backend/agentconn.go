@@ -2,6 +2,8 @@ package backend
 
 import (
 	"errors"
+	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"net/http"
@@ -101,7 +103,6 @@ func (s *Server) serveAgent(w http.ResponseWriter, r *http.Request) {
 	if err != nil {
 		return // Upgrade already answered with an HTTP error
 	}
-	ws.SetReadLimit(int64(s.opts.MaxFrame))
 	c := &agentConn{ws: ws, queue: make(chan *websocket.PreparedMessage, s.opts.SendQueue), done: make(chan struct{}), log: s.log, since: time.Now()}
 	go c.writer(s.opts.PingInterval, s.opts.DeadAfter)
 	rd := &reader{s: s, c: c, remote: r.RemoteAddr, bad: logLimiter{every: s.opts.badFrameEvery}}
@@ -113,17 +114,33 @@ func (s *Server) serveAgent(w http.ResponseWriter, r *http.Request) {
 	rd.run()
 }
 
+// maxHandshakeFrame is the frame size limit until a Handshake is accepted.
+// A Handshake is well under 1 KiB; this keeps a socket that has not
+// identified itself from making the backend buffer a MaxFrame frame.
+const maxHandshakeFrame = 64 << 10
+
+// maxNotReady is how many AppNotReady answers one connection gets: the
+// agent closes the socket after the first and reconnects later, so a
+// client that keeps handshaking for unknown apps on one socket is closed.
+const maxNotReady = 3
+
+// errFrameTooLarge is a frame over the connection's current limit.
+var errFrameTooLarge = errors.New("frame over the size limit")
+
 // reader is the state of one connection's read loop.
 type reader struct {
-	s      *Server
-	c      *agentConn
-	remote string
-	bad    logLimiter
+	s        *Server
+	c        *agentConn
+	remote   string
+	bad      logLimiter
+	notReady int // AppNotReady answers sent on this connection
 }
 
 // run reads frames until the connection ends. Until a Handshake is
-// accepted, frames do not extend the read deadline: a socket that never
-// identifies itself is closed after HandshakeTimeout however much it sends.
+// accepted, frames are limited to maxHandshakeFrame and do not extend the
+// read deadline, nor does an AppNotReady answer: a socket that never
+// identifies itself is closed HandshakeTimeout after it opened, however
+// much it sends.
 func (rd *reader) run() {
 	s, c, ws := rd.s, rd.c, rd.c.ws
 	ws.SetPongHandler(func(string) error {
@@ -134,7 +151,7 @@ func (rd *reader) run() {
 	})
 	_ = ws.SetReadDeadline(time.Now().Add(s.opts.HandshakeTimeout))
 	for {
-		_, data, err := ws.ReadMessage()
+		data, err := rd.next()
 		if err != nil {
 			rd.readFailed(err)
 			return
@@ -153,12 +170,45 @@ func (rd *reader) run() {
 	}
 }
 
+// limit is the connection's frame size limit: maxHandshakeFrame until a
+// Handshake is accepted, then MaxFrame.
+func (rd *reader) limit() int {
+	if rd.c.instance == "" {
+		return min(rd.s.opts.MaxFrame, maxHandshakeFrame)
+	}
+	return rd.s.opts.MaxFrame
+}
+
+// next reads one message of at most limit bytes, holding no more than
+// that in memory. The limit is checked here rather than by gorilla's
+// SetReadLimit, whose own 1009 close frame would carry no reason.
+func (rd *reader) next() ([]byte, error) {
+	limit := rd.limit()
+	_, r, err := rd.c.ws.NextReader()
+	if err != nil {
+		return nil, err
+	}
+	data, err := io.ReadAll(io.LimitReader(r, int64(limit)+1))
+	if err != nil {
+		return nil, err
+	}
+	if len(data) > limit {
+		return nil, errFrameTooLarge
+	}
+	return data, nil
+}
+
 func (rd *reader) readFailed(err error) {
 	var ne net.Error
 	switch {
-	case errors.Is(err, websocket.ErrReadLimit):
-		rd.s.log.Warn("agent frame over the size limit; closing", "remote", rd.remote, "instance_id", rd.c.instance, "limit", rd.s.opts.MaxFrame)
-		rd.c.close(websocket.CloseMessageTooBig, "frame too large")
+	case errors.Is(err, errFrameTooLarge):
+		limit := rd.limit()
+		reason := fmt.Sprintf("frames are limited to %d bytes", limit)
+		if rd.c.instance == "" {
+			reason = fmt.Sprintf("frames before the Handshake are limited to %d bytes", limit)
+		}
+		rd.s.log.Warn("agent frame over the size limit; closing", "remote", rd.remote, "instance_id", rd.c.instance, "limit", limit)
+		rd.c.close(websocket.CloseMessageTooBig, reason)
 	case errors.As(err, &ne) && ne.Timeout() && rd.c.instance == "":
 		rd.s.log.Warn("no Handshake in time; closing", "remote", rd.remote, "timeout", rd.s.opts.HandshakeTimeout)
 		rd.c.close(websocket.ClosePolicyViolation, "no Handshake within "+rd.s.opts.HandshakeTimeout.String())
@@ -177,6 +227,10 @@ func (rd *reader) dispatch(msg protocol.Message) bool {
 	}
 	switch m := msg.(type) {
 	case *protocol.StateLog:
+		if forged(c, m) {
+			rd.badFrame("StateLog names another instance or app; ignored", "claimed", clip(m.InstanceID)+"/"+clip(m.AppID))
+			return true
+		}
 		s.stateLog(c, m)
 	case *protocol.WaitQuery:
 		s.waitQuery(c, m)
@@ -201,7 +255,7 @@ func (rd *reader) handshake(m *protocol.Handshake) bool {
 		if m.InstanceID == c.instance && m.AppID == c.app {
 			return true
 		}
-		rd.s.log.Warn("second Handshake names another identity; closing", "instance_id", c.instance, "app_id", c.app, "claimed", m.InstanceID+"/"+m.AppID)
+		rd.s.log.Warn("second Handshake names another identity; closing", "instance_id", c.instance, "app_id", c.app, "claimed", clip(m.InstanceID)+"/"+clip(m.AppID))
 		c.close(websocket.ClosePolicyViolation, "one connection serves one instance: reconnect to handshake as another")
 		return false
 	}
@@ -209,16 +263,34 @@ func (rd *reader) handshake(m *protocol.Handshake) bool {
 	case hsRefused:
 		return false
 	case hsNotReady:
-		// The agent will handshake again on this socket after its delay.
-		_ = c.ws.SetReadDeadline(time.Now().Add(rd.s.opts.DeadAfter))
+		return rd.appNotReady(m.AppID)
 	case hsRegistered:
 		_ = c.ws.SetReadDeadline(time.Now().Add(rd.s.opts.DeadAfter))
 	}
 	return true
 }
 
+// appNotReady answers a Handshake for an unknown app. The handshake
+// deadline stays where it is (HandshakeTimeout after the connection
+// opened): the agent closes the socket on AppNotReady and reconnects after
+// its delay, so the answer buys no time, and after maxNotReady answers one
+// more such Handshake closes the connection.
+func (rd *reader) appNotReady(app string) bool {
+	if rd.notReady >= maxNotReady {
+		rd.s.log.Warn("Handshakes for an unknown app keep coming on one connection; closing", "remote", rd.remote, "app_id", clip(app), "answered", rd.notReady)
+		rd.c.close(websocket.ClosePolicyViolation, fmt.Sprintf("the app does not exist (%d Handshakes got AppNotReady): reconnect later", rd.notReady))
+		return false
+	}
+	rd.notReady++
+	rd.s.log.Info("Handshake for an unknown app; AppNotReady", "remote", rd.remote, "app_id", clip(app), "answer", rd.notReady)
+	frame, _ := protocol.Encode(&protocol.AppNotReady{})
+	rd.c.send(frame)
+	return true
+}
+
 // badFrame logs at most one line per interval per connection, so that one
-// misbehaving agent cannot flood the backend's log.
+// misbehaving agent cannot flood the backend's log: bad frames and forged
+// StateLogs share the interval. Client-supplied args must be clipped.
 func (rd *reader) badFrame(msg string, args ...any) {
 	ok, suppressed := rd.bad.allow(time.Now())
 	if !ok {
@@ -260,19 +332,20 @@ type hsResult int
 
 const (
 	hsRefused    hsResult = iota // the connection was closed
-	hsNotReady                   // AppNotReady sent; the agent will retry
+	hsNotReady                   // the app is unknown: the reader answers AppNotReady
 	hsRegistered                 // the connection serves this instance
 )
 
 // handshake checks the identity, the app and the token (or, for a new
-// instance, the enrollment secret) and registers the connection.
+// instance, the enrollment secret) and registers the connection. The ids
+// are logged clipped until checkIdentity has bounded them.
 func (s *Server) handshake(c *agentConn, m *protocol.Handshake) hsResult {
-	log := s.log.With("instance_id", m.InstanceID, "app_id", m.AppID)
 	if reason := checkIdentity(&m.Identity); reason != "" {
-		log.Warn("Handshake refused", "reason", reason)
+		s.log.Warn("Handshake refused", "instance_id", clip(m.InstanceID), "app_id", clip(m.AppID), "reason", reason)
 		c.close(websocket.ClosePolicyViolation, reason)
 		return hsRefused
 	}
+	log := s.log.With("instance_id", m.InstanceID, "app_id", m.AppID)
 	s.mu.Lock()
 	app, ok := s.apps[m.AppID]
 	switch {
@@ -282,9 +355,6 @@ func (s *Server) handshake(c *agentConn, m *protocol.Handshake) hsResult {
 		return hsRefused
 	case !ok:
 		s.mu.Unlock()
-		log.Info("Handshake for an unknown app; AppNotReady")
-		frame, _ := protocol.Encode(&protocol.AppNotReady{})
-		c.send(frame)
 		return hsNotReady
 	}
 	firstSeen, refusal := s.admit(app, m)
@@ -314,7 +384,7 @@ func (s *Server) handshake(c *agentConn, m *protocol.Handshake) hsResult {
 	if m.InitErrors != nil {
 		init = *m.InitErrors
 	}
-	log.Info("agent connected", "agent_version", m.AgentVersion, "init_errors", init, "first_seen", firstSeen)
+	log.Info("agent connected", "agent_version", clip(m.AgentVersion), "init_errors", clip(init), "first_seen", firstSeen)
 	for _, f := range frames {
 		c.send(f)
 	}
@@ -395,13 +465,19 @@ func (s *Server) unregister(c *agentConn) {
 	s.log.Info("agent disconnected", "instance_id", c.instance, "app_id", c.app)
 }
 
-// stateLog hands a StateLog to the log writer and goes on reading: the
-// writer stores it durably and, for a protocol-2 connection, acknowledges it
+// forged reports whether a StateLog names an instance or app other than
+// its connection's (empty ids mean the connection's own).
+func forged(c *agentConn, m *protocol.StateLog) bool {
+	return m.AppID != "" && m.AppID != c.app || m.InstanceID != "" && m.InstanceID != c.instance
+}
+
+// stateLog hands a StateLog of the connection's own instance (the reader
+// drops forged ones) to the log writer and goes on reading: the writer
+// stores it durably and, for a protocol-2 connection, acknowledges it
 // (logstore.go). A seq without a log stream cannot be deduplicated: it is
 // kept for the record but not acknowledged.
 func (s *Server) stateLog(c *agentConn, m *protocol.StateLog) {
-	if m.AppID != "" && m.AppID != c.app || m.InstanceID != "" && m.InstanceID != c.instance {
-		s.log.Warn("StateLog names another instance or app; ignored", "instance_id", c.instance, "claimed", m.InstanceID+"/"+m.AppID)
+	if forged(c, m) {
 		return
 	}
 	e := LogEntry{ReceivedAt: time.Now().UTC(), InstanceID: c.instance, AgentSeq: m.Seq, RecipeVersion: m.RecipeVersion,

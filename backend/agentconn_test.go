@@ -3,6 +3,7 @@ package backend
 import (
 	"bytes"
 	"errors"
+	"fmt"
 	"log/slog"
 	"strings"
 	"sync"
@@ -43,6 +44,17 @@ func (l *logBuffer) String() string {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return l.buf.String()
+}
+
+// longest is the length of the longest line.
+func (l *logBuffer) longest() int {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	n := 0
+	for _, line := range strings.Split(l.buf.String(), "\n") {
+		n = max(n, len(line))
+	}
+	return n
 }
 
 func (l *logBuffer) logger() *slog.Logger { return slog.New(slog.NewTextHandler(l, nil)) }
@@ -89,23 +101,156 @@ func TestChattySocketWithoutHandshakeIsClosed(t *testing.T) {
 	}
 }
 
-func TestAppNotReadySocketOutlivesTheHandshakeTimeout(t *testing.T) {
-	// The agent retries its Handshake on the same socket after AppNotReady;
-	// the handshake deadline must not cut it off meanwhile.
-	e := newEnv(t, "", func(o *Options) { o.HandshakeTimeout = 100 * time.Millisecond })
+func TestAppNotReadyDoesNotExtendTheHandshakeDeadline(t *testing.T) {
+	// DeadAfter is far away: an AppNotReady answer must not move the
+	// deadline there. The agent closes the socket on AppNotReady and comes
+	// back later, so only a client squatting on the socket is cut off.
+	e := newEnv(t, "", func(o *Options) { o.HandshakeTimeout = 300 * time.Millisecond; o.DeadAfter = time.Hour })
 	a := e.connect("i-1", "later", "tok", "2.1")
 	if _, ok := a.expect().(*protocol.AppNotReady); !ok {
 		t.Fatal("want AppNotReady")
 	}
-	// Wait for the deadline to pass by watching a socket that never
-	// handshakes get closed; ours must still answer afterwards.
-	idle := e.dial()
-	if _, err := idle.next(); err == nil {
-		t.Fatal("idle socket not closed")
+	a.expectClose(websocket.ClosePolicyViolation, "no Handshake within")
+}
+
+func TestRepeatedAppNotReadyClosesTheConnection(t *testing.T) {
+	var logs logBuffer
+	e := newEnv(t, "", func(o *Options) { o.Logger = logs.logger() })
+	a := e.dial()
+	hs := func(i int) {
+		a.send(&protocol.Handshake{Identity: identity("i-1", fmt.Sprintf("absent-%d", i), tok("tok"), "2.1", "")})
 	}
-	e.api("PUT", "/api/apps/later/recipe", recipeJSON)
-	a.send(&protocol.Handshake{Identity: identity("i-1", "later", tok("tok"), "2.1", e.secret("later"))})
+	for i := range 3 {
+		hs(i)
+		if m := a.expect(); m.MessageCode() != protocol.CodeAppNotReady {
+			t.Fatalf("Handshake %d: got %#v, want AppNotReady", i, m)
+		}
+	}
+	hs(3)
+	a.expectClose(websocket.ClosePolicyViolation, "the app does not exist")
+	if n := logs.count("Handshake for an unknown app"); n != 3 {
+		t.Errorf("%d log lines for 3 AppNotReady answers, want 3", n)
+	}
+}
+
+func TestBigFrameBeforeHandshakeClosed(t *testing.T) {
+	// The default 16 MiB frame limit applies once a Handshake is accepted;
+	// before, 64 KiB (plenty for a Handshake).
+	e := newEnv(t, "", nil)
+	e.api("PUT", "/api/apps/app1/recipe", recipeJSON)
+	comment := strings.Repeat("x", 100<<10)
+	big := &protocol.StateLog{InstanceID: "i-1", AppID: "app1", RecipeVersion: 1, StateID: "s1", Result: true, Comment: &comment}
+	early := e.dial()
+	frame, err := protocol.Encode(big)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The backend may close before the frame is all written.
+	_ = early.ws.WriteMessage(websocket.TextMessage, frame)
+	early.expectClose(websocket.CloseMessageTooBig, "before the Handshake")
+
+	a := e.connect("i-1", "app1", "tok", "2.1")
 	a.expectRecipe()
+	a.send(big)
+	a.send(&protocol.Test{Identity: protocol.Identity{InstanceID: "i-1", AppID: "app1"}})
+	if ans, ok := a.expect().(*protocol.TestAns); !ok || !ans.Result {
+		t.Fatalf("after a 100 KiB frame from a registered agent: %#v", ans)
+	}
+
+	// Memory: 4 sockets sending one 15 MiB frame each before any
+	// Handshake cost the backend little (it reads 64 KiB of each).
+	comment = strings.Repeat("h", 15<<20)
+	frame, err = protocol.Encode(&protocol.StateLog{InstanceID: "i-x", AppID: "app1", StateID: "s", Comment: &comment})
+	if err != nil {
+		t.Fatal(err)
+	}
+	socks := make([]*agent, 4)
+	for i := range socks {
+		socks[i] = e.dial()
+	}
+	peak := peakHeap(func() {
+		var wg sync.WaitGroup
+		for _, s := range socks {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				_ = s.ws.SetWriteDeadline(time.Now().Add(10 * time.Second))
+				_ = s.ws.WriteMessage(websocket.TextMessage, frame)
+			}()
+		}
+		for _, s := range socks {
+			_, err := s.next()
+			var ce *websocket.CloseError
+			if !errors.As(err, &ce) || ce.Code != websocket.CloseMessageTooBig {
+				t.Errorf("15 MiB frame before a Handshake: %v, want close 1009", err)
+			}
+		}
+		wg.Wait()
+	})
+	if peak > 16<<20 {
+		t.Errorf("4 unauthenticated 15 MiB frames raised the heap by %d KiB, want under 16 MiB", peak>>10)
+	}
+	t.Logf("4 unauthenticated 15 MiB frames: heap peak +%d KiB", peak>>10)
+}
+
+func TestForgedStateLogsLoggedRateLimitedAndClipped(t *testing.T) {
+	var logs logBuffer
+	e := newEnv(t, "", func(o *Options) { o.Logger = logs.logger(); o.badFrameEvery = time.Hour })
+	e.api("PUT", "/api/apps/app1/recipe", recipeJSON)
+	a := e.connect("i-1", "app1", "tok", "2.1")
+	a.expectRecipe()
+	long := strings.Repeat("Z", 1<<20)
+	for range 10 {
+		a.send(&protocol.StateLog{InstanceID: long, AppID: "app1", RecipeVersion: 1, StateID: "forged", Result: true})
+		a.send(&protocol.StateLog{InstanceID: "i-2", AppID: "app1", RecipeVersion: 1, StateID: "forged", Result: true})
+	}
+	a.send(&protocol.Test{Identity: protocol.Identity{InstanceID: "i-1", AppID: "app1"}})
+	if _, ok := a.expect().(*protocol.TestAns); !ok {
+		t.Fatal("connection did not survive forged StateLogs")
+	}
+	if n := logs.count("StateLog names another instance or app"); n != 1 {
+		t.Errorf("%d warnings for 20 forged StateLogs, want 1", n)
+	}
+	if n := logs.count("…(1048576 bytes)"); n != 1 {
+		t.Errorf("the 1 MiB instance id is not logged clipped (%d lines mark it)", n)
+	}
+	if l := logs.longest(); l > 1<<10 {
+		t.Errorf("a log line of %d bytes, want under 1 KiB", l)
+	}
+	a.ws.Close()
+	eventually(t, "the suppressed count logged at disconnect", func() bool { return logs.count("suppressed=19") == 1 })
+}
+
+func TestClientStringsClippedInLogs(t *testing.T) {
+	var logs logBuffer
+	e := newEnv(t, "", func(o *Options) { o.Logger = logs.logger() })
+	e.api("PUT", "/api/apps/app1/recipe", recipeJSON)
+	secret := e.secret("app1")
+	long := strings.Repeat("L", 16<<10) // twice in a Handshake, under the 64 KiB limit of a first frame
+	// Refused Handshakes: the ids are logged before they are checked.
+	e.handshake(identity(long, "app1", tok("t"), "2.1", secret)).expectClose(websocket.ClosePolicyViolation, "instance_id")
+	e.handshake(identity("i-1", long, tok("t"), "2.1", secret)).expectClose(websocket.ClosePolicyViolation, "app_id")
+	// A registered agent: its version, init errors, a second identity, the
+	// comment and state id of a StateLog.
+	id := identity("i-1", "app1", tok("t"), long, secret)
+	id.InitErrors = &long
+	a := e.handshake(id)
+	a.expectRecipe()
+	a.send(&protocol.StateLog{InstanceID: "i-1", AppID: "app1", RecipeVersion: 1, StateID: strings.Repeat("s", 200), Result: true, Comment: &long})
+	eventually(t, "the StateLog stored", func() bool { return logs.count("msg=StateLog") == 1 })
+	a.send(&protocol.Handshake{Identity: identity(long, "app1", tok("t"), "2.1", secret)})
+	a.expectClose(websocket.ClosePolicyViolation, "one connection serves one instance")
+	for _, want := range []string{"Handshake refused", "agent connected", "msg=StateLog", "second Handshake"} {
+		if logs.count(want) == 0 {
+			t.Errorf("no log line %q:\n%.2000s", want, logs.String())
+		}
+	}
+	if n := logs.count("…(16384 bytes)"); n != 5 {
+		t.Errorf("%d lines mark a clipped 16 KiB string, want 5 (2 refused Handshakes, agent connected, StateLog, second Handshake):\n%.3000s", n, logs.String())
+	}
+	if l := logs.longest(); l > 1<<10 {
+		t.Errorf("a log line of %d bytes, want under 1 KiB", l)
+	}
 }
 
 func TestSecondHandshakeOnOneSocket(t *testing.T) {

@@ -331,6 +331,17 @@ func (in *Instance) addSummary(sum instSummary) {
 	}
 }
 
+// getLogs serves one page of an app's StateLogs, oldest first:
+// {"logs": [...], "next": N, "more": bool}. A page holds the StateLogs with
+// seq > after (default 0), at most limit of them (default 1000, at most
+// 10000) and at most maxPageBytes (4 MiB) of them as stored, but always at
+// least one when there is one, however large: a page is built in memory,
+// and the byte bound keeps a page of fat StateLogs (64 KiB comment and
+// stdout each) from costing hundreds of MiB. next is the cursor for the
+// following page (?after=next; after when the page is empty). more is true
+// when the page ended before the last stored StateLog (cut by limit or by
+// size): ask again at once. When it is false the client has caught up;
+// StateLogs stored later come with the same cursor.
 func (s *Server) getLogs(w http.ResponseWriter, r *http.Request) {
 	if _, ok := s.app(w, r); !ok {
 		return
@@ -352,7 +363,7 @@ func (s *Server) getLogs(w http.ResponseWriter, r *http.Request) {
 		}
 		limit = n
 	}
-	logs, err := s.logs.read(r.PathValue("app"), after, limit)
+	logs, more, err := s.logs.read(r.PathValue("app"), after, limit, maxPageBytes)
 	if err != nil {
 		apiError(w, http.StatusInternalServerError, "cannot read the logs: %v", err)
 		return
@@ -361,7 +372,7 @@ func (s *Server) getLogs(w http.ResponseWriter, r *http.Request) {
 	if len(logs) > 0 {
 		next = logs[len(logs)-1].Seq
 	}
-	writeJSON(w, http.StatusOK, map[string]any{"logs": logs, "next": next})
+	writeJSON(w, http.StatusOK, map[string]any{"logs": logs, "next": next, "more": more})
 }
 
 func (s *Server) postWait(w http.ResponseWriter, r *http.Request) {

@@ -344,8 +344,8 @@ func TestBadFramesIgnoredOversizeClosed(t *testing.T) {
 	_ = a.ws.WriteMessage(websocket.TextMessage, bytes.Repeat([]byte("x"), 8192))
 	_, err := a.next()
 	var ce *websocket.CloseError
-	if !errors.As(err, &ce) || ce.Code != websocket.CloseMessageTooBig {
-		t.Fatalf("oversize frame: %v, want close 1009", err)
+	if !errors.As(err, &ce) || ce.Code != websocket.CloseMessageTooBig || !strings.Contains(ce.Text, "limited to 4096 bytes") {
+		t.Fatalf("oversize frame: %v, want close 1009 naming the limit", err)
 	}
 }
 

@@ -50,6 +50,7 @@ const (
 	defaultAge       = 30 * 24 * time.Hour
 	defaultOutput    = 64 << 10
 	defaultCommit    = 2 * time.Millisecond
+	maxPageBytes     = 4 << 20 // stored StateLogs per API page; a larger single StateLog is served alone
 	streamsEvery     = time.Second
 )
 
@@ -411,10 +412,10 @@ func (ls *logStore) logStored(items []item) {
 		}
 		comment := ""
 		if e.Comment != nil {
-			comment = firstLine(*e.Comment)
+			comment = clip(firstLine(*e.Comment))
 		}
 		ls.log.Log(context.Background(), lvl, "StateLog", "app_id", it.req.app, "instance_id", e.InstanceID, "recipe_version", e.RecipeVersion,
-			"state_id", e.StateID, "result", e.Result, "comment", comment, "seq", it.seq)
+			"state_id", clip(e.StateID), "result", e.Result, "comment", comment, "seq", it.seq)
 	}
 }
 
@@ -577,28 +578,45 @@ func retentionVictims(segs []*segment, maxBytes int64, maxAge time.Duration, now
 	return n
 }
 
-// read returns up to limit entries with seq > after. It opens only the
-// segment holding after+1 (found by name) and those after it.
-func (ls *logStore) read(app string, after int64, limit int) ([]LogEntry, error) {
+// pageLimit bounds one read: at most limit entries and, past the first
+// entry, at most maxBytes of them as stored (JSONL lines).
+type pageLimit struct {
+	limit    int
+	maxBytes int
+	bytes    int // stored bytes of the entries taken so far
+}
+
+// full reports whether an entry of n stored bytes no longer fits.
+func (p *pageLimit) full(taken, n int) bool {
+	return taken >= p.limit || taken > 0 && p.bytes+n > p.maxBytes
+}
+
+// read returns the entries with seq > after that fit one page: at most
+// limit of them and at most maxBytes as stored, but always at least one
+// when there is one, however large. more reports that the page ends before
+// the last stored entry. It opens only the segment holding after+1 (found
+// by name) and those after it.
+func (ls *logStore) read(app string, after int64, limit, maxBytes int) (out []LogEntry, more bool, err error) {
 	segs, last := ls.snapshot(app)
-	out := []LogEntry{}
+	out = []LogEntry{}
 	if after >= last || len(segs) == 0 {
-		return out, nil
+		return out, false, nil
 	}
+	p := &pageLimit{limit: limit, maxBytes: maxBytes}
 	i := sort.Search(len(segs), func(i int) bool { return segs[i].first > after+1 }) - 1
 	for i = max(i, 0); i < len(segs) && len(out) < limit; i++ {
-		done, err := ls.readSegment(segs[i].path, after, last, limit, &out)
+		done, err := ls.readSegment(segs[i].path, after, last, p, &out)
 		if errors.Is(err, fs.ErrNotExist) {
 			continue // deleted by retention since the snapshot
 		}
 		if err != nil {
-			return nil, err
+			return nil, false, err
 		}
 		if done {
 			break
 		}
 	}
-	return out, nil
+	return out, len(out) > 0 && out[len(out)-1].Seq < last, nil
 }
 
 // snapshot is the app's segment list and the last readable seq.
@@ -613,8 +631,8 @@ func (ls *logStore) snapshot(app string) ([]*segment, int64) {
 }
 
 // readSegment appends the entries of one segment with after < seq <= last
-// to out; done means nothing further is wanted.
-func (ls *logStore) readSegment(path string, after, last int64, limit int, out *[]LogEntry) (done bool, err error) {
+// to out while they fit the page; done means nothing further is wanted.
+func (ls *logStore) readSegment(path string, after, last int64, p *pageLimit, out *[]LogEntry) (done bool, err error) {
 	f, err := ls.openSegment(path)
 	if err != nil {
 		return false, err
@@ -636,6 +654,9 @@ func (ls *logStore) readSegment(path string, after, last int64, limit int, out *
 		if ok && seq > last {
 			return true, nil // not yet durable, or being written
 		}
+		if p.full(len(*out), len(line)) {
+			return true, nil // checked before decoding what is left out
+		}
 		var e LogEntry
 		if json.Unmarshal(line, &e) != nil || e.Seq <= after {
 			continue // a garbage line left by a crash
@@ -644,7 +665,8 @@ func (ls *logStore) readSegment(path string, after, last int64, limit int, out *
 			return true, nil
 		}
 		*out = append(*out, e)
-		if len(*out) >= limit {
+		p.bytes += len(line)
+		if len(*out) >= p.limit {
 			return true, nil
 		}
 	}

@@ -80,7 +80,7 @@ func benchInstancesHeap(b *testing.B) {
 // readEveryLog is listInstances as it was: every log into memory, then
 // the last one per instance.
 func readEveryLog(b *testing.B, s *Server) {
-	logs, err := s.logs.read("app1", 0, int(^uint(0)>>1))
+	logs, _, err := s.logs.read("app1", 0, int(^uint(0)>>1), int(^uint(0)>>1))
 	if err != nil {
 		b.Fatal(err)
 	}

@@ -4,6 +4,8 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
+	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
@@ -171,6 +173,91 @@ func TestRetentionByAgeAtStart(t *testing.T) {
 	}
 	if logs := e2.storedLogs("app1", 100); logs[0].Seq != kept[0].first || logs[len(logs)-1].Seq != 12 {
 		t.Fatalf("served %d..%d", logs[0].Seq, logs[len(logs)-1].Seq)
+	}
+}
+
+func TestLogsPageBoundedByBytes(t *testing.T) {
+	// Fat StateLogs (64 KiB comment and stdout: 128 KiB each), then one
+	// of 6 MiB, larger than a page, then a small one.
+	e := newEnv(t, "", func(o *Options) { o.MaxOutputBytes = 3 << 20 })
+	e.api("PUT", "/api/apps/app1/recipe", recipeJSON)
+	a := e.connect("i-1", "app1", "tok", "2.1")
+	a.expectRecipe()
+	const fatN = 80 // 10 MiB: more than two pages
+	fat, huge, small := strings.Repeat("f", 64<<10), strings.Repeat("h", 3<<20), "small"
+	for i := range fatN {
+		a.send(&protocol.StateLog{InstanceID: "i-1", AppID: "app1", RecipeVersion: 1, StateID: fmt.Sprintf("f%d", i), Result: true, Comment: &fat, Stdout: &fat})
+	}
+	a.send(&protocol.StateLog{InstanceID: "i-1", AppID: "app1", RecipeVersion: 1, StateID: "huge", Result: true, Comment: &huge, Stdout: &huge})
+	a.send(&protocol.StateLog{InstanceID: "i-1", AppID: "app1", RecipeVersion: 1, StateID: "small", Result: true, Comment: &small})
+	eventually(t, "every StateLog stored", func() bool { return e.instance("app1", "i-1").StateLogs == fatN+2 })
+
+	// One page at the largest limit: its memory is bounded by bytes.
+	peak := peakHeap(func() {
+		resp, err := http.DefaultClient.Do(e.request("GET", "/api/apps/app1/logs?limit=10000", ""))
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, _ = io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+	})
+	t.Logf("a page of fat StateLogs at limit=10000: heap peak +%d KiB", peak>>10)
+	if peak > 40<<20 { // the whole 16 MiB at once cost +75 MiB
+		t.Errorf("one page of %d fat StateLogs raised the heap by %d KiB, want under 40 MiB", fatN, peak>>10)
+	}
+
+	type page struct {
+		Logs []LogEntry `json:"logs"`
+		Next int64      `json:"next"`
+		More *bool      `json:"more"`
+	}
+	var pages []page
+	for after := int64(0); len(pages) < 100; {
+		var p page
+		e.getJSON(fmt.Sprintf("/api/apps/app1/logs?after=%d&limit=10000", after), &p)
+		if p.More == nil {
+			t.Fatalf("page after %d: no \"more\" field", after)
+		}
+		pages = append(pages, p)
+		if !*p.More {
+			break
+		}
+		if len(p.Logs) == 0 || p.Next != p.Logs[len(p.Logs)-1].Seq {
+			t.Fatalf("page after %d: %d StateLogs, next %d, more", after, len(p.Logs), p.Next)
+		}
+		after = p.Next
+	}
+	var ids []string
+	for i, p := range pages {
+		size := 0
+		for _, l := range p.Logs {
+			ids = append(ids, l.StateID)
+			size += len(*l.Comment)
+			if l.Stdout != nil {
+				size += len(*l.Stdout)
+			}
+		}
+		switch {
+		case len(p.Logs) == 1 && p.Logs[0].StateID == "huge":
+			// Larger than a page alone: served alone.
+		case size > 4<<20: // maxPageBytes
+			t.Errorf("page %d holds %d StateLogs with %d KiB of output, over the 4 MiB page", i, len(p.Logs), size>>10)
+		}
+		if i == 0 && len(p.Logs) >= fatN {
+			t.Errorf("the first page holds %d fat StateLogs (%d KiB of output)", len(p.Logs), size>>10)
+		}
+	}
+	if len(ids) != fatN+2 || ids[fatN] != "huge" || ids[fatN+1] != "small" {
+		t.Fatalf("paged %d StateLogs (%v…), want %d ending with huge, small", len(ids), ids[:min(len(ids), 3)], fatN+2)
+	}
+	if last := pages[len(pages)-1]; len(last.Logs) == 0 || last.Logs[len(last.Logs)-1].StateID != "small" {
+		t.Errorf("the last page (more false) is %d StateLogs, want it to end with the last one", len(last.Logs))
+	}
+	// Caught up: an empty page, more false, the cursor unchanged.
+	var p page
+	e.getJSON(fmt.Sprintf("/api/apps/app1/logs?after=%d", pages[len(pages)-1].Next), &p)
+	if len(p.Logs) != 0 || p.More == nil || *p.More || p.Next != pages[len(pages)-1].Next {
+		t.Errorf("after the last StateLog: %d StateLogs, next %d, more %v", len(p.Logs), p.Next, p.More)
 	}
 }
 

@@ -67,7 +67,10 @@ func Compatible(text, version string) (bool, error) {
 			return false, nil
 		}
 	}
-	return true, sc.Err()
+	if err := sc.Err(); err != nil {
+		return false, fmt.Errorf("after line %d: %w", n, err)
+	}
+	return true, nil
 }
 
 func parseVersion(s string) ([]int, error) {
