@@ -36,6 +36,7 @@ import (
 	"strings"
 	"sync"
 	"time"
+	"unicode/utf8"
 
 	"github.com/gorilla/websocket"
 
@@ -55,12 +56,25 @@ type Identity struct {
 	InitErrors   []string
 }
 
+// Bounds of init_errors in a Handshake: the backend keeps 4 KiB of it and
+// refuses frames over 64 KiB before a Handshake is accepted, so one long
+// error (a whole compat.txt quoted) must not cost the agent its
+// connection, nor crowd the others out.
+const (
+	maxInitError  = 1 << 10
+	maxInitErrors = 4 << 10
+)
+
 // wire is the identity as Handshake and Test carry it: init errors joined
 // by "; ", or null when there are none.
 func (id Identity) wire(stream string) protocol.Identity {
 	var initErrs *string
 	if len(id.InitErrors) > 0 {
-		s := strings.Join(id.InitErrors, "; ")
+		parts := make([]string, len(id.InitErrors))
+		for i, e := range id.InitErrors {
+			parts[i] = cut(e, maxInitError)
+		}
+		s := cut(strings.Join(parts, "; "), maxInitErrors)
 		initErrs = &s
 	}
 	return protocol.Identity{
@@ -401,4 +415,17 @@ func Redact(raw string) string {
 	u.User = nil
 	u.RawQuery, u.Fragment = "", ""
 	return u.String()
+}
+
+// cut keeps at most limit bytes of s, on a rune boundary, saying how much
+// was left out.
+func cut(s string, limit int) string {
+	if len(s) <= limit {
+		return s
+	}
+	n := limit - 32 // room for the note
+	for n > 0 && !utf8.RuneStart(s[n]) {
+		n--
+	}
+	return fmt.Sprintf("%s… (%d more bytes)", s[:n], len(s)-n)
 }

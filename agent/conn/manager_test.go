@@ -16,6 +16,7 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+	"unicode/utf8"
 
 	"github.com/gorilla/websocket"
 
@@ -670,4 +671,25 @@ func BenchmarkStateLogFlush(b *testing.B) {
 	b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "statelogs/s")
 	cancel()
 	<-done
+}
+
+// init_errors in a Handshake stay small whatever the errors: each is cut
+// to 1 KiB and all together to 4 KiB, on rune boundaries, saying so.
+func TestInitErrorsBounded(t *testing.T) {
+	long := strings.Repeat("é", 100<<10) // a whole compat.txt quoted
+	id := Identity{InstanceID: "i-1", AppID: "a", InitErrors: []string{"short one", long, long, long, long, long, "last"}}
+	got := *id.wire("s").InitErrors
+	if len(got) > maxInitErrors || !utf8.ValidString(got) {
+		t.Fatalf("init_errors is %d bytes (valid UTF-8: %v)", len(got), utf8.ValidString(got))
+	}
+	if !strings.HasPrefix(got, "short one; éé") || !strings.Contains(got, "more bytes)") {
+		t.Errorf("init_errors %.200q…", got)
+	}
+	if first := strings.Split(got, "; ")[1]; len(first) > maxInitError {
+		t.Errorf("one error takes %d bytes", len(first))
+	}
+	small := Identity{InitErrors: []string{"a", "b"}}
+	if s := *small.wire("s").InitErrors; s != "a; b" {
+		t.Errorf("small errors changed: %q", s)
+	}
 }
