@@ -1,15 +1,17 @@
 package config
 
 import (
+	"bytes"
 	"fmt"
 	"os/exec"
 
-	"github.com/visualops/opsagent/internal/fsutil"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/visualops/opsagent/internal/fsutil"
 )
 
 const specExample = `[global]
@@ -507,6 +509,27 @@ func TestLayoutFollowsTheConfig(t *testing.T) {
 	for got, want := range checks {
 		if got != root.Path(want) {
 			t.Errorf("%s, want %s below the root", got, want)
+		}
+	}
+}
+
+// The README's configuration table lists every key with its default.
+func TestReadmeListsEveryKey(t *testing.T) {
+	readme, err := os.ReadFile("../../README.md")
+	if err != nil {
+		t.Skip("no README.md next to the module")
+	}
+	for _, kd := range Keys() {
+		section, key, _ := strings.Cut(kd[0], ".")
+		row := fmt.Sprintf("| `[%s] %s", section, key)
+		i := bytes.Index(readme, []byte(row))
+		if i < 0 {
+			t.Errorf("README.md has no row for [%s] %s", section, key)
+			continue
+		}
+		line, _, _ := bytes.Cut(readme[i:], []byte("\n"))
+		if kd[1] != "" && !bytes.Contains(line, []byte("`"+kd[1]+"`")) {
+			t.Errorf("README.md row for [%s] %s does not give its default %q: %s", section, key, kd[1], line)
 		}
 	}
 }
