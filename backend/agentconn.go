@@ -11,10 +11,10 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
-	"unicode/utf8"
 
 	"github.com/gorilla/websocket"
 
+	"github.com/visualops/opsagent/internal/textcut"
 	"github.com/visualops/opsagent/protocol"
 )
 
@@ -69,7 +69,7 @@ const maxCloseReason = 123
 // close sends a close frame (best effort) and ends the connection.
 func (c *agentConn) close(code int, reason string) {
 	c.once.Do(func() {
-		reason = truncateUTF8(reason, maxCloseReason)
+		reason = textcut.Prefix(reason, maxCloseReason)
 		_ = c.ws.WriteControl(websocket.CloseMessage, websocket.FormatCloseMessage(code, reason), time.Now().Add(time.Second))
 		close(c.done)
 		_ = c.ws.Close()
@@ -366,7 +366,7 @@ func (s *Server) handshake(c *agentConn, m *protocol.Handshake) hsResult {
 	}
 	c.app, c.instance, c.agentVersion = m.AppID, m.InstanceID, m.AgentVersion
 	if m.InitErrors != nil {
-		c.initErrors = truncateUTF8(*m.InitErrors, 4<<10)
+		c.initErrors = textcut.Prefix(*m.InitErrors, 4<<10)
 	}
 	if m.ProtocolVersion >= 2 && m.LogStream != "" {
 		// Queued before the connection is registered, so that no broadcast
@@ -527,17 +527,6 @@ func (s *Server) waitQuery(c *agentConn, m *protocol.WaitQuery) {
 	s.mu.Unlock()
 	frame, _ := protocol.Encode(wl)
 	c.send(frame)
-}
-
-// truncateUTF8 cuts s to at most n bytes without splitting a character.
-func truncateUTF8(s string, n int) string {
-	if len(s) <= n {
-		return s
-	}
-	for n > 0 && !utf8.RuneStart(s[n]) {
-		n--
-	}
-	return s[:n]
 }
 
 func firstLine(s string) string {

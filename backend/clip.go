@@ -1,6 +1,10 @@
 package backend
 
-import "strconv"
+import (
+	"strconv"
+
+	"github.com/visualops/opsagent/internal/textcut"
+)
 
 // maxLogString bounds each client-supplied string that goes into a log
 // line, so that neither an agent nor an unauthenticated socket can make
@@ -17,5 +21,5 @@ func clip(s string) string {
 	if len(s) <= maxLogString {
 		return s
 	}
-	return truncateUTF8(s, maxLogString) + "…(" + strconv.Itoa(len(s)) + " bytes)"
+	return textcut.Prefix(s, maxLogString) + "…(" + strconv.Itoa(len(s)) + " bytes)"
 }

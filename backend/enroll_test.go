@@ -10,6 +10,7 @@ import (
 
 	"github.com/gorilla/websocket"
 
+	"github.com/visualops/opsagent/internal/textcut"
 	"github.com/visualops/opsagent/protocol"
 )
 
@@ -202,8 +203,8 @@ func TestCloseReasonFitsAFrame(t *testing.T) {
 	if len(enrollReason) > maxCloseReason {
 		t.Errorf("enrollReason is %d bytes", len(enrollReason))
 	}
-	if got := truncateUTF8(strings.Repeat("é", 100), maxCloseReason); len(got) != 122 || !strings.HasSuffix(got, "é") {
-		t.Errorf("truncateUTF8 split a character: %d bytes", len(got))
+	if got := textcut.Prefix(strings.Repeat("é", 100), maxCloseReason); len(got) != 122 || !strings.HasSuffix(got, "é") {
+		t.Errorf("textcut.Prefix split a character: %d bytes", len(got))
 	}
 }
 

@@ -23,6 +23,7 @@ import (
 	"github.com/gorilla/websocket"
 
 	"github.com/visualops/opsagent/internal/fsutil"
+	"github.com/visualops/opsagent/internal/textcut"
 	"github.com/visualops/opsagent/protocol"
 )
 
@@ -725,7 +726,7 @@ func encodeRest(e LogEntry) ([]byte, error) {
 // maxOutput bytes each (the agent's own output limit), state_id at the
 // protocol's limit.
 func capEntry(e *LogEntry, maxOutput int) {
-	e.StateID = truncateUTF8(e.StateID, protocol.MaxStateIDBytes)
+	e.StateID = textcut.Prefix(e.StateID, protocol.MaxStateIDBytes)
 	e.Comment = capOutput(e.Comment, maxOutput)
 	e.Stdout = capOutput(e.Stdout, maxOutput)
 }
@@ -742,7 +743,7 @@ func capOutput(s *string, limit int) *string {
 // the result, marker included, is at most limit bytes.
 func truncateOutput(s string, limit int) string {
 	// The marker for len(s) dropped bytes is at least as long as the real one.
-	keep := truncateUTF8(s, max(limit-len(truncMarker(len(s))), 0))
+	keep := textcut.Prefix(s, max(limit-len(truncMarker(len(s))), 0))
 	return keep + truncMarker(len(s)-len(keep))
 }
 

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"path/filepath"
 
 	"sort"
 	"strconv"
@@ -14,6 +15,7 @@ import (
 	"time"
 
 	"github.com/visualops/opsagent/agent/conn"
+	"github.com/visualops/opsagent/agent/state"
 	"github.com/visualops/opsagent/protocol"
 )
 
@@ -85,6 +87,7 @@ func fleet(b *testing.B, n int) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	agents := make([]*fleetAgent, n)
+	managers := make([]*conn.Manager, n)
 	var wg sync.WaitGroup
 	begin := time.Now()
 	for i := range agents {
@@ -96,6 +99,7 @@ func fleet(b *testing.B, n int) {
 			Identity: func(context.Context, bool) (conn.Identity, error) { return id, nil },
 			Handler:  a,
 		})
+		managers[i] = m
 		wg.Add(1)
 		go func() { defer wg.Done(); _ = m.Run(ctx) }()
 	}
@@ -136,6 +140,33 @@ func fleet(b *testing.B, n int) {
 	b.ReportMetric(pct(0.5), "push-p50-ms")
 	b.ReportMetric(pct(0.99), "push-p99-ms")
 	b.ReportMetric(pct(1), "push-max-ms")
+
+	// Then every agent reports 10 StateLogs at once: the time from the
+	// reports to the backend's acknowledgement of the last of them (the
+	// outbox empty), per agent.
+	const perAgent = 10
+	res := state.Result{OK: true, Comment: "Command \"true\" run"}
+	acked := make([]time.Duration, n)
+	var ackWG sync.WaitGroup
+	send := time.Now()
+	for i, m := range managers {
+		for j := 0; j < perAgent; j++ {
+			m.Report(2, "s", res)
+		}
+		ackWG.Add(1)
+		go func() {
+			defer ackWG.Done()
+			for m.Status().Outbox.Depth > 0 {
+				time.Sleep(2 * time.Millisecond)
+			}
+			acked[i] = time.Since(send)
+		}()
+	}
+	ackWG.Wait()
+	all := time.Since(send)
+	sort.Slice(acked, func(i, j int) bool { return acked[i] < acked[j] })
+	b.ReportMetric(float64(acked[int(0.99*float64(n-1))].Microseconds())/1000, "ack-p99-ms")
+	b.ReportMetric(float64(n*perAgent)/all.Seconds(), "statelogs/s")
 	cancel()
 	wg.Wait()
 }
@@ -159,4 +190,66 @@ func BenchmarkIdleAgentRSS(b *testing.B) {
 		b.ReportMetric(float64(procStatus(b, pid, "RssAnon:"))/1024, "agent-anon-MiB")
 
 	}
+}
+
+// BenchmarkSelfUpdate measures an update from the AgentUpdate (POST
+// /update, between rounds) to the backend seeing the new version's
+// Handshake, and its parts from the agent's log.
+func BenchmarkSelfUpdate(b *testing.B) {
+	for i := 0; i < b.N; i++ {
+		r := newUpdateRig(b, fmt.Sprintf("bench-upd-%d", i), `{"state":[{"id":"c","module":"linux.cmd","parameter":{"cmd":"true","cwd":"/tmp"}}]}`)
+		eventually(b, "between rounds", func() bool { return engineField(r.root, "phase") == "delay" })
+		begin := time.Now()
+		r.update("2.0.0")
+		eventually(b, "2.0.0 connected", func() bool { return r.b.connectedAs(r.app, r.id) == "2.0.0" })
+		b.ReportMetric(float64(time.Since(begin).Milliseconds()), "update-to-handshake-ms")
+		for _, p := range updateParts(b, filepath.Join(r.root, "var/log/visualops/agent.log")) {
+			b.ReportMetric(float64(p.d.Microseconds())/1000, p.name+"-ms")
+		}
+	}
+}
+
+type updatePart struct {
+	name string
+	d    time.Duration
+}
+
+// updateParts reads agent.log: the time between the update's milestones.
+func updateParts(tb testing.TB, logFile string) []updatePart {
+	data, err := os.ReadFile(logFile)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	milestones := []struct{ name, msg string }{
+		{"", `msg="applying update"`},
+		{"download", `msg="update: verifying"`},
+		{"verify", `msg="update: extracting"`},
+		{"extract", `msg="update: smoke-testing"`},
+		{"smoke-test", `msg="update: swapping"`},
+		{"swap", `msg="update: confirming"`},
+		{"re-exec", `msg="agent started" version=2.0.0`},
+		{"handshake", `msg="connected; Handshake sent"`},
+	}
+	var out []updatePart
+	var prev time.Time
+	k := 0
+	for _, line := range strings.Split(string(data), "\n") {
+		if k == len(milestones) || !strings.Contains(line, milestones[k].msg) {
+			continue
+		}
+		stamp, _, _ := strings.Cut(strings.TrimPrefix(line, "time="), " ")
+		at, err := time.Parse(time.RFC3339Nano, stamp)
+		if err != nil {
+			tb.Fatalf("agent.log line %q: %v", line, err)
+		}
+		if k > 0 {
+			out = append(out, updatePart{milestones[k].name, at.Sub(prev)})
+		}
+		prev = at
+		k++
+	}
+	if k != len(milestones) {
+		tb.Fatalf("agent.log lacks %s", milestones[k].msg)
+	}
+	return out
 }

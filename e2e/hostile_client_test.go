@@ -23,7 +23,6 @@ import (
 	"net"
 	"net/http"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -1318,26 +1317,6 @@ func TestHostileStateLogFlood(t *testing.T) {
 // ---------------------------------------------------------------------------
 // 6. The API token on every route.
 
-// hcStartEnv is start with extra environment variables.
-func hcStartEnv(t testing.TB, env []string, args ...string) *proc {
-	t.Helper()
-	p := &proc{cmd: exec.Command(binary, args...), out: &syncBuffer{}, exited: make(chan struct{})}
-	p.cmd.Env = append(os.Environ(), env...)
-	p.cmd.Stdout, p.cmd.Stderr = p.out, p.out
-	if err := p.cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	go func() { _ = p.cmd.Wait(); close(p.exited) }()
-	t.Cleanup(func() {
-		_ = p.cmd.Process.Kill()
-		<-p.exited
-		if t.Failed() {
-			t.Logf("opsagent %s output:\n%s", strings.Join(args, " "), p.out.String())
-		}
-	})
-	return p
-}
-
 // TestHostileAPITokenEveryRoute starts a backend with an API token (from
 // the environment, then from --api-token-file) and calls every non-public
 // route of backend/api.go with no token, wrong tokens and mangled headers:
@@ -1363,7 +1342,7 @@ func TestHostileAPITokenEveryRoute(t *testing.T) {
 				}
 				args = append(args, "--api-token-file", tf)
 			}
-			p := hcStartEnv(t, env, args...)
+			p := startEnv(t, env, args...)
 			var addr string
 			eventually(t, "backend listening", func() bool {
 				b, err := os.ReadFile(addrFile)

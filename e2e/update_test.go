@@ -16,7 +16,7 @@ import (
 // updateRig is an instance installed at 1.0.0 from a release bucket,
 // connected to a backend.
 type updateRig struct {
-	t      *testing.T
+	t      testing.TB
 	key    releaseKey
 	bucket *bucket
 	b      *backendProc
@@ -25,7 +25,7 @@ type updateRig struct {
 	id     string
 }
 
-func newUpdateRig(t *testing.T, app, recipe string) *updateRig {
+func newUpdateRig(t testing.TB, app, recipe string) *updateRig {
 	t.Helper()
 	r := &updateRig{t: t, key: sharedKey(t), bucket: newBucket(t), root: t.TempDir(), app: app, id: "i-" + app}
 	stopAgentsBelow(t, r.root)
@@ -240,7 +240,7 @@ func TestKilledDuringDownloadResumesAtNextStart(t *testing.T) {
 // checkSecretsAndModes: the instance token appears nowhere but its own
 // file (not in logs, status, StateLogs, config, the backend's files or
 // output), and the layout has the modes spec/install-update.md gives.
-func checkSecretsAndModes(t *testing.T, root string, b *backendProc, app string) {
+func checkSecretsAndModes(t testing.TB, root string, b *backendProc, app string) {
 	t.Helper()
 	tokenFile := filepath.Join(root, "etc/opsagent.token")
 	tok, err := os.ReadFile(tokenFile)

@@ -6,6 +6,8 @@ import (
 	"errors"
 	"fmt"
 	"unicode/utf8"
+
+	"github.com/visualops/opsagent/internal/textcut"
 )
 
 // Error is a frame that cannot be accepted. It names the message code (when
@@ -40,11 +42,7 @@ func clip(s string) string {
 	if len(s) <= maxQuoted {
 		return s
 	}
-	cut := maxQuoted
-	for cut > 0 && !utf8.RuneStart(s[cut]) {
-		cut--
-	}
-	return fmt.Sprintf("%s…(%d bytes)", s[:cut], len(s))
+	return fmt.Sprintf("%s…(%d bytes)", textcut.Prefix(s, maxQuoted), len(s))
 }
 
 // ErrUnknownCode is wrapped by the error for a frame whose code this version

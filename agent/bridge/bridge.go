@@ -28,6 +28,7 @@ import (
 	"github.com/visualops/opsagent/agent/state"
 	"github.com/visualops/opsagent/internal/fsutil"
 	"github.com/visualops/opsagent/internal/proc"
+	"github.com/visualops/opsagent/internal/textcut"
 )
 
 //go:embed bridge.py
@@ -354,7 +355,7 @@ func firstLine(s string) string {
 
 func truncate(s string, n int) string {
 	if len(s) > n {
-		return s[:n] + "…"
+		return textcut.Prefix(s, n) + "…"
 	}
 	return s
 }

@@ -36,13 +36,13 @@ import (
 	"strings"
 	"sync"
 	"time"
-	"unicode/utf8"
 
 	"github.com/gorilla/websocket"
 
 	"github.com/visualops/opsagent/agent/outbox"
 	"github.com/visualops/opsagent/agent/state"
 	"github.com/visualops/opsagent/internal/config"
+	"github.com/visualops/opsagent/internal/textcut"
 	"github.com/visualops/opsagent/protocol"
 )
 
@@ -423,9 +423,6 @@ func cut(s string, limit int) string {
 	if len(s) <= limit {
 		return s
 	}
-	n := limit - 32 // room for the note
-	for n > 0 && !utf8.RuneStart(s[n]) {
-		n--
-	}
-	return fmt.Sprintf("%s… (%d more bytes)", s[:n], len(s)-n)
+	keep := textcut.Prefix(s, limit-32) // room for the note
+	return fmt.Sprintf("%s… (%d more bytes)", keep, len(s)-len(keep))
 }

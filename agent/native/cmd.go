@@ -8,12 +8,12 @@ import (
 	"strings"
 	"syscall"
 	"time"
-	"unicode/utf8"
 
 	"github.com/visualops/opsagent/agent/state"
 	"github.com/visualops/opsagent/internal/config"
 	"github.com/visualops/opsagent/internal/proc"
 	"github.com/visualops/opsagent/internal/rootfs"
+	"github.com/visualops/opsagent/internal/textcut"
 )
 
 // Defaults of linux.cmd (module.json).
@@ -150,9 +150,5 @@ func abbreviate(s string, limit int) string {
 	if len(s) <= limit {
 		return s
 	}
-	cut := limit
-	for cut > 0 && !utf8.RuneStart(s[cut]) {
-		cut--
-	}
-	return fmt.Sprintf("%s… (%d bytes)", s[:cut], len(s))
+	return fmt.Sprintf("%s… (%d bytes)", textcut.Prefix(s, limit), len(s))
 }

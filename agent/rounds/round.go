@@ -4,9 +4,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"unicode/utf8"
 
 	"github.com/visualops/opsagent/agent/state"
+	"github.com/visualops/opsagent/internal/textcut"
 	"github.com/visualops/opsagent/protocol"
 )
 
@@ -106,9 +106,6 @@ func truncate(s string, limit int) string {
 	if len(s) <= limit {
 		return s
 	}
-	cut := limit
-	for cut > 0 && !utf8.RuneStart(s[cut]) {
-		cut--
-	}
-	return fmt.Sprintf("%s\n[… truncated %d bytes]", s[:cut], len(s)-cut)
+	keep := textcut.Prefix(s, limit)
+	return fmt.Sprintf("%s\n[… truncated %d bytes]", keep, len(s)-len(keep))
 }

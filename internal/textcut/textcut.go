@@ -1,0 +1,21 @@
+// Package textcut cuts text to a size without splitting a UTF-8
+// character: what every bounded log line, comment and close reason needs.
+// Each caller says in its own words that it cut.
+package textcut
+
+import "unicode/utf8"
+
+// Prefix is the longest prefix of s of at most n bytes that ends on a
+// character boundary (s itself when it fits; "" when n <= 0).
+func Prefix(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	if n <= 0 {
+		return ""
+	}
+	for n > 0 && !utf8.RuneStart(s[n]) {
+		n--
+	}
+	return s[:n]
+}

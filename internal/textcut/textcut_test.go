@@ -1,0 +1,43 @@
+package textcut
+
+import (
+	"strings"
+	"testing"
+	"unicode/utf8"
+)
+
+func TestPrefix(t *testing.T) {
+	for _, tc := range []struct {
+		s    string
+		n    int
+		want string
+	}{
+		{"hello", 10, "hello"},
+		{"hello", 5, "hello"},
+		{"hello", 3, "hel"},
+		{"héllo", 2, "h"}, // é is two bytes: not split
+		{"héllo", 3, "hé"},
+		{"日本", 4, "日"},
+		{"abc", 0, ""},
+		{"abc", -1, ""},
+		{"\xff\xfe", 1, "\xff"}, // invalid bytes are their own characters
+	} {
+		if got := Prefix(tc.s, tc.n); got != tc.want {
+			t.Errorf("Prefix(%q, %d) = %q, want %q", tc.s, tc.n, got, tc.want)
+		}
+	}
+}
+
+func FuzzPrefix(f *testing.F) {
+	f.Add("héllo wörld", 4)
+	f.Add(strings.Repeat("日", 10), 7)
+	f.Fuzz(func(t *testing.T, s string, n int) {
+		p := Prefix(s, n)
+		if !strings.HasPrefix(s, p) || len(p) > max(n, 0) && p != s {
+			t.Fatalf("Prefix(%q, %d) = %q", s, n, p)
+		}
+		if utf8.ValidString(s) && !utf8.ValidString(p) {
+			t.Fatalf("Prefix(%q, %d) = %q splits a character", s, n, p)
+		}
+	})
+}
