@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/visualops/opsagent/agent/conn"
+	"github.com/visualops/opsagent/agent/outbox"
 	"github.com/visualops/opsagent/agent/state"
 	"github.com/visualops/opsagent/protocol"
 )
@@ -252,4 +253,50 @@ func updateParts(tb testing.TB, logFile string) []updatePart {
 		tb.Fatalf("agent.log lacks %s", milestones[k].msg)
 	}
 	return out
+}
+
+// BenchmarkBacklogFlush: one agent (the real connection code and durable
+// outbox) holds 10 000 StateLogs queued while the backend was away; it
+// connects to a real backend process and the benchmark measures until the
+// last one is stored and acknowledged (the outbox empty).
+func BenchmarkBacklogFlush(b *testing.B) {
+	const backlog = 10000
+	for i := 0; i < b.N; i++ {
+		be := startBackend(b, b.TempDir(), "127.0.0.1:0")
+		be.api(nil, "PUT", "/api/apps/flush/recipe", `{"state":[{"id":"s","module":"linux.cmd","parameter":{"cmd":"true"}}]}`)
+		out := outbox.Open(outbox.Options{Dir: b.TempDir(), MaxEntries: backlog})
+		id := conn.Identity{InstanceID: "i-flush", AppID: "flush", AgentVersion: "2.1.0", Token: "flush-token-0123456789abcdef"}
+		m := conn.New(conn.Options{
+			URL:      "ws://" + be.addr + "/agent/",
+			Identity: func(context.Context, bool) (conn.Identity, error) { return id, nil },
+			Handler:  &fleetAgent{got: make(chan time.Time, 1)},
+			Outbox:   out,
+		})
+		res := state.Result{OK: true, Comment: "Command \"true\" run", Stdout: strings.Repeat("x", 200)}
+		for j := 0; j < backlog; j++ {
+			m.Report(1, "s", res)
+		}
+		if err := out.Flush(context.Background()); err != nil {
+			b.Fatal(err)
+		}
+		ctx, cancel := context.WithCancel(context.Background())
+		done := make(chan struct{})
+		begin := time.Now()
+		go func() { defer close(done); _ = m.Run(ctx) }()
+		for m.Status().Outbox.Depth > 0 {
+			if time.Since(begin) > 2*time.Minute {
+				b.Fatalf("%d StateLogs still queued after 2 minutes", m.Status().Outbox.Depth)
+			}
+			time.Sleep(time.Millisecond)
+		}
+		elapsed := time.Since(begin)
+		cancel()
+		<-done
+		_ = out.Close()
+		if n, _ := be.instance("flush", "i-flush")["state_logs"].(float64); n != backlog {
+			b.Fatalf("the backend stored %v StateLogs, want %d", n, backlog)
+		}
+		b.ReportMetric(float64(elapsed.Milliseconds()), "flush-ms")
+		b.ReportMetric(backlog/elapsed.Seconds(), "statelogs/s")
+	}
 }

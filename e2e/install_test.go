@@ -159,6 +159,18 @@ func TestUserdataBootstrapsAnInstance(t *testing.T) {
 			if m, _ := filepath.Glob(filepath.Join(root, "opt/visualops/.bootstrap*")); len(m) > 0 {
 				t.Errorf("temporary files left: %v", m)
 			}
+			if how == "file" {
+				// Re-run by hand on the installed instance: nothing to do,
+				// the same agent keeps running.
+				pid := agentPID(root)
+				code, out := runScript(t, "pipe", render(id, sum), root)
+				if code != 0 || !strings.Contains(out, "already installed, nothing to do") {
+					t.Errorf("re-run: exit %d:\n%s", code, out)
+				}
+				if agentPID(root) != pid {
+					t.Errorf("the re-run restarted the agent (%d → %d)", pid, agentPID(root))
+				}
+			}
 		})
 	}
 	t.Run("bad checksum", func(t *testing.T) {
