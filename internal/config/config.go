@@ -175,6 +175,16 @@ func Parse(name string, data []byte) (*Config, error) {
 	if err != nil {
 		return nil, fmt.Errorf("config %s: not a valid INI file: %w", name, err)
 	}
+	// A backquoted value may span lines; no key of this file may (the
+	// states repository's bootstrap.sh reads it line by line), and one
+	// rewritten unquoted would no longer parse.
+	for _, sec := range doc.Sections() {
+		for _, k := range sec.Keys() {
+			if strings.ContainsAny(k.Value(), "\r\n") {
+				return nil, fmt.Errorf("config %s: [%s] %s: the value spans several lines (a `backquoted` value): write it on one line", name, sec.Name(), k.Name())
+			}
+		}
+	}
 	c := Default()
 	c.path, c.doc = name, doc
 	c.warnings = duplicates(name, data)

@@ -533,3 +533,12 @@ func TestReadmeListsEveryKey(t *testing.T) {
 		}
 	}
 }
+
+// A backquoted value spanning lines is refused, naming the key: rewritten
+// unquoted it would not parse, and bootstrap.sh reads the file by lines.
+func TestMultilineValueRefused(t *testing.T) {
+	_, err := Parse("x.conf", []byte("[userdata]\nws_uri = ws://h/agent/\napp_id = `a\nb`\n"))
+	if err == nil || !strings.Contains(err.Error(), "[userdata] app_id: the value spans several lines") {
+		t.Fatalf("err = %v", err)
+	}
+}
