@@ -185,6 +185,11 @@ func Parse(name string, data []byte) (*Config, error) {
 			}
 		}
 	}
+	// What the agent will write back must read back: refuse the odd
+	// quotings the INI reader accepts but would not read again.
+	if _, err := ini.LoadSources(loadOptions, render(doc)); err != nil {
+		return nil, fmt.Errorf("config %s: a value is quoted in a way that cannot be written back (%v): write plain values, one per line", name, err)
+	}
 	c := Default()
 	c.path, c.doc = name, doc
 	c.warnings = duplicates(name, data)
