@@ -185,10 +185,16 @@ func Parse(name string, data []byte) (*Config, error) {
 			}
 		}
 	}
-	// What the agent will write back must read back: refuse the odd
-	// quotings the INI reader accepts but would not read again.
-	if _, err := ini.LoadSources(loadOptions, render(doc)); err != nil {
-		return nil, fmt.Errorf("config %s: a value is quoted in a way that cannot be written back (%v): write plain values, one per line", name, err)
+	// What the agent writes back must read back as it was.
+	for _, sec := range doc.Sections() {
+		if sec.Name() != ini.DefaultSection && !sectionReadsBack(sec.Name()) {
+			return nil, fmt.Errorf("config %s: section name %q cannot be written back as it is: use plain names", name, sec.Name())
+		}
+		for _, k := range sec.Keys() {
+			if _, ok := spell(k.Name(), k.Value()); !ok {
+				return nil, fmt.Errorf("config %s: [%s] %q = %q cannot be written back as it is: write a plain key and value", name, sec.Name(), k.Name(), k.Value())
+			}
+		}
 	}
 	c := Default()
 	c.path, c.doc = name, doc
@@ -694,7 +700,8 @@ func render(doc *ini.File) []byte {
 		}
 		for _, k := range sec.Keys() {
 			writeComment(&buf, k.Comment)
-			fmt.Fprintf(&buf, "%s=%s\n", k.Name(), quote(k.Value()))
+			line, _ := spell(k.Name(), k.Value())
+			buf.WriteString(line + "\n")
 		}
 	}
 	return buf.Bytes()
@@ -716,14 +723,40 @@ func writeComment(buf *bytes.Buffer, comment string) {
 	}
 }
 
-// quote protects a value that would not read back as itself: surrounding
-// spaces, or a " #"/" ;" that would start an inline comment.
-func quote(v string) string {
-	if strings.TrimSpace(v) == v && !strings.Contains(v, " #") && !strings.Contains(v, " ;") && !strings.Contains(v, "\t#") && !strings.Contains(v, "\t;") {
-		return v
+// spell writes one key so that it reads back as itself: plain when it
+// can be, else the value in backquotes, double quotes or triple quotes
+// (surrounding spaces, a " #" that would start an inline comment, quote
+// characters at its ends) and the name in quotes. ok is false when no
+// spelling reads back (Parse refuses those).
+func spell(name, value string) (line string, ok bool) {
+	for _, n := range []string{name, "`" + name + "`", `"` + name + `"`} {
+		for _, v := range []string{value, "`" + value + "`", `"` + value + `"`, `"""` + value + `"""`} {
+			line = n + "=" + v
+			if readsBack(line, name, value) {
+				return line, true
+			}
+		}
 	}
-	if !strings.Contains(v, "`") {
-		return "`" + v + "`"
+	return name + "=" + value, false
+}
+
+func readsBack(line, name, value string) bool {
+	if strings.ContainsAny(line, "\r\n") {
+		return false
 	}
-	return `"` + v + `"`
+	doc, err := ini.LoadSources(loadOptions, []byte(line+"\n"))
+	if err != nil {
+		return false
+	}
+	keys := doc.Section(ini.DefaultSection).Keys()
+	return len(keys) == 1 && keys[0].Name() == name && keys[0].Value() == value
+}
+
+// sectionReadsBack reports whether "[name]" reads back as that section.
+func sectionReadsBack(name string) bool {
+	if strings.ContainsAny(name, "\r\n") {
+		return false
+	}
+	doc, err := ini.LoadSources(loadOptions, []byte("["+name+"]\n"))
+	return err == nil && len(doc.Sections()) == 2 && doc.Sections()[1].Name() == name
 }
