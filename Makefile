@@ -47,11 +47,13 @@ staticcheck: $(STATICCHECK)
 	$(STATICCHECK) ./...
 
 ## unit: all tests with the race detector; fuzz targets run their seed
-## corpora as ordinary tests here. release/ and internal/dist run without
-## it: their tests gzip release binaries and run scrypt key derivation,
-## which the race detector slows twenty-fold, and they have no concurrency
-## to check. versitygw (a real S3 server) is built for the publish tests.
-NORACE      = /release$$|/internal/dist$$
+## corpora as ordinary tests here. release/, internal/dist and e2e run
+## without it: their tests gzip release binaries and run scrypt key
+## derivation, which the race detector slows twenty-fold (e2e took 14.5
+## minutes under it, 2 without), and the race detector would watch only
+## e2e's harness, not the opsagent processes it starts. versitygw (a real
+## S3 server) is built for the publish tests.
+NORACE      = /release$$|/internal/dist$$|/e2e$$
 RACE_PKGS   = $$($(GO) list ./... | grep -Ev '$(NORACE)')
 NORACE_PKGS = $$($(GO) list ./... | grep -E '$(NORACE)')
 unit: $(VERSITYGW)

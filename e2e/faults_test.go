@@ -77,7 +77,7 @@ type tcpProxy struct {
 	conns  map[net.Conn]bool
 }
 
-// newProxy listens; set target before the first connection.
+// newProxy listens; call setTarget before the first connection.
 func newProxy(t *testing.T) *tcpProxy {
 	p := &tcpProxy{t: t, conns: map[net.Conn]bool{}}
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
@@ -100,7 +100,10 @@ func (p *tcpProxy) serve(ln net.Listener) {
 			if err != nil {
 				return
 			}
-			up, err := net.Dial("tcp", p.target)
+			p.mu.Lock()
+			target := p.target
+			p.mu.Unlock()
+			up, err := net.Dial("tcp", target)
 			if err != nil {
 				c.Close()
 				continue
@@ -112,6 +115,13 @@ func (p *tcpProxy) serve(ln net.Listener) {
 			go func() { _, _ = io.Copy(c, up); c.Close() }()
 		}
 	}()
+}
+
+// setTarget names the address connections are forwarded to.
+func (p *tcpProxy) setTarget(addr string) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.target = addr
 }
 
 // cut closes every connection and the listener: connecting is refused.
@@ -149,7 +159,7 @@ func TestNetworkCutWhileAWaitIsPending(t *testing.T) {
 	proxy := newProxy(t)
 	// Agents reach the backend by the proxy's address: allowed as a Host.
 	b := startBackend(t, t.TempDir(), "127.0.0.1:0", "--allow-host", proxy.addr)
-	proxy.target = b.addr
+	proxy.setTarget(b.addr)
 	b.api(t, "PUT", "/api/apps/cut/recipe", `{"state":[
 	  {"id":"s01","module":"linux.cmd","parameter":{"cmd":"true","cwd":"/tmp"}},
 	  {"id":"s02","module":"meta.wait","parameter":{"state":["@{db.state.1}"]}},

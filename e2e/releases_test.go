@@ -88,6 +88,43 @@ func brokenBinary(version string) []byte {
 // signed) as the release bucket holds them, and returns the SHA-256.
 func publish(t testing.TB, dir, version string, bin []byte, sign *releaseKey) string {
 	t.Helper()
+	tgz := tarball(t, version, bin)
+	vdir := filepath.Join(dir, version)
+	if err := os.MkdirAll(vdir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	sum := sha256.Sum256(tgz)
+	hexSum := hex.EncodeToString(sum[:])
+	files := map[string][]byte{dist.TarballName: tgz, dist.ChecksumName: []byte(hexSum + "  " + dist.TarballName + "\n")}
+	if sign != nil {
+		files[dist.SignatureName] = dist.Sign(sign.priv, tgz, "version:"+version)
+	}
+	for name, data := range files {
+		if err := os.WriteFile(filepath.Join(vdir, name), data, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return hexSum
+}
+
+var tarballsMu sync.Mutex
+var tarballs = map[[sha256.Size]byte][]byte{} // version and binary → opsagent.tgz
+
+// tarball packs bin at version as opsagent.tgz, once per run for each
+// pair: compressing a 30 MB binary takes seconds (tens under -race) and
+// every update test publishes the same two releases.
+func tarball(t testing.TB, version string, bin []byte) []byte {
+	t.Helper()
+	h := sha256.New()
+	fmt.Fprintf(h, "%s\x00", version)
+	h.Write(bin)
+	var key [sha256.Size]byte
+	h.Sum(key[:0])
+	tarballsMu.Lock()
+	defer tarballsMu.Unlock()
+	if tgz, ok := tarballs[key]; ok {
+		return tgz
+	}
 	var tgz bytes.Buffer
 	entries := []archive.Entry{
 		{Name: "VERSION", Mode: 0o644, Data: []byte(version + "\n")},
@@ -96,22 +133,8 @@ func publish(t testing.TB, dir, version string, bin []byte, sign *releaseKey) st
 	if err := archive.Create(context.Background(), &tgz, entries, time.Unix(1767225600, 0)); err != nil {
 		t.Fatal(err)
 	}
-	vdir := filepath.Join(dir, version)
-	if err := os.MkdirAll(vdir, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	sum := sha256.Sum256(tgz.Bytes())
-	hexSum := hex.EncodeToString(sum[:])
-	files := map[string][]byte{dist.TarballName: tgz.Bytes(), dist.ChecksumName: []byte(hexSum + "  " + dist.TarballName + "\n")}
-	if sign != nil {
-		files[dist.SignatureName] = dist.Sign(sign.priv, tgz.Bytes(), "version:"+version)
-	}
-	for name, data := range files {
-		if err := os.WriteFile(filepath.Join(vdir, name), data, 0o644); err != nil {
-			t.Fatal(err)
-		}
-	}
-	return hexSum
+	tarballs[key] = tgz.Bytes()
+	return tgz.Bytes()
 }
 
 // bucket serves a release directory over loopback HTTP like the S3
