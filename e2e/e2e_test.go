@@ -28,7 +28,9 @@ func TestMain(m *testing.M) {
 		panic(err)
 	}
 	binary = filepath.Join(dir, "opsagent")
-	build := exec.Command("go", "build", "-o", binary, "-ldflags", "-X github.com/visualops/opsagent/internal/version.Version=2.1.0", "../cmd/opsagent")
+	// -trimpath as release builds and agentBinary use: on a cold build
+	// cache the packages are compiled once for all three.
+	build := exec.Command("go", "build", "-trimpath", "-o", binary, "-ldflags", "-X github.com/visualops/opsagent/internal/version.Version=2.1.0", "../cmd/opsagent")
 	build.Env = append(os.Environ(), "CGO_ENABLED=0")
 	if out, err := build.CombinedOutput(); err != nil {
 		fmt.Fprintf(os.Stderr, "building opsagent: %v\n%s", err, out)

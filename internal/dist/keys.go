@@ -157,7 +157,8 @@ func PublicKeyOf(key minisign.PrivateKey) minisign.PublicKey {
 	return key.Public().(minisign.PublicKey)
 }
 
-// KeyID renders a key id the way minisign prints it (16 upper-case hex
-// digits), so that ids in our errors can be compared with `minisign -V`
-// output and the comment line of minisign.pub.
-func KeyID(id uint64) string { return fmt.Sprintf("%016X", id) }
+// KeyID renders a key id the way minisign prints it (upper-case hex with
+// no leading zeros: its printf is "%" PRIX64), so that ids in our errors
+// can be compared with the comment line of minisign.pub. One key in
+// sixteen has an id that starts with a zero digit.
+func KeyID(id uint64) string { return fmt.Sprintf("%X", id) }

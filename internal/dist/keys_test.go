@@ -183,3 +183,11 @@ func run(t *testing.T, name string, args ...string) []byte {
 	}
 	return out
 }
+
+func TestKeyIDHasNoLeadingZeros(t *testing.T) {
+	for id, want := range map[uint64]string{0x042395613E70D6AE: "42395613E70D6AE", 0xA0: "A0", 0xFFFFFFFFFFFFFFFF: "FFFFFFFFFFFFFFFF"} {
+		if got := KeyID(id); got != want {
+			t.Errorf("KeyID(%#x) = %s, want %s (as minisign prints it)", id, got, want)
+		}
+	}
+}
