@@ -14,6 +14,7 @@
 package virtualenv
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -434,12 +435,17 @@ func wanted(ctx context.Context, opts Options, system string) (interpreter, erro
 	return inspect(ctx, opts.Runner, system)
 }
 
-// rememberInterpreter writes the cache; failing to is harmless.
+// rememberInterpreter writes the cache unless it already says the same
+// (a re-run of the installer rewrites nothing); failing to is harmless.
 func rememberInterpreter(dir, system string, in interpreter) {
 	st, err := os.Stat(in.exe)
 	if err != nil {
 		return
 	}
 	data, _ := json.Marshal(interpreterCache{Name: resolveName(system), Exe: in.exe, Version: in.version, Size: st.Size(), ModTime: st.ModTime()})
-	_ = os.WriteFile(filepath.Join(dir, interpreterCacheFile), data, 0o644)
+	file := filepath.Join(dir, interpreterCacheFile)
+	if old, err := os.ReadFile(file); err == nil && bytes.Equal(old, data) {
+		return
+	}
+	_ = os.WriteFile(file, data, 0o644)
 }

@@ -124,3 +124,38 @@ func TestNoPython(t *testing.T) {
 		t.Fatalf("err = %v", err)
 	}
 }
+
+// TestEnsureTwiceRewritesNothing: an interpreter reached through a script
+// (a pyenv shim) is probed on every Ensure; finding it unchanged, Ensure
+// leaves the interpreter cache as it was, so that re-running the
+// installer writes no file.
+func TestEnsureTwiceRewritesNothing(t *testing.T) {
+	if _, err := exec.LookPath("python3"); err != nil {
+		t.Skip("python3 not installed")
+	}
+	shim := filepath.Join(t.TempDir(), "python3-shim")
+	if err := os.WriteFile(shim, []byte("#!/bin/sh\nexec python3 \"$@\"\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	dir := filepath.Join(t.TempDir(), "env")
+	ctx := context.Background()
+	if _, err := Ensure(ctx, Options{Dir: dir, Python: shim}); err != nil {
+		t.Fatal(err)
+	}
+	cache := filepath.Join(dir, interpreterCacheFile)
+	before, err := os.Stat(cache)
+	if err != nil {
+		t.Fatal(err)
+	}
+	again, err := Ensure(ctx, Options{Dir: dir, Python: shim})
+	if err != nil || again.Created {
+		t.Fatalf("second Ensure: %+v %v", again, err)
+	}
+	after, err := os.Stat(cache)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !after.ModTime().Equal(before.ModTime()) {
+		t.Errorf("%s rewritten by an Ensure that changed nothing (mtime %s → %s)", interpreterCacheFile, before.ModTime(), after.ModTime())
+	}
+}
