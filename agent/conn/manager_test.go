@@ -1,7 +1,6 @@
 package conn
 
 import (
-	"bytes"
 	"context"
 	"encoding/pem"
 	"errors"
@@ -22,6 +21,7 @@ import (
 
 	"github.com/visualops/opsagent/agent/outbox"
 	"github.com/visualops/opsagent/agent/state"
+	"github.com/visualops/opsagent/internal/testutil/syncbuf"
 	"github.com/visualops/opsagent/internal/testutil/wait"
 	"github.com/visualops/opsagent/protocol"
 )
@@ -135,27 +135,10 @@ func (r *recorder) Deliver(_ context.Context, m protocol.Message) {
 }
 func (r *recorder) Connected() { r.connected.Add(1) }
 
-type syncBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
-}
-
 type harness struct {
 	m        *Manager
 	rec      *recorder
-	logs     *syncBuffer
+	logs     *syncbuf.Buffer
 	refresh  atomic.Int32
 	cancel   context.CancelFunc
 	done     chan struct{}
@@ -164,7 +147,7 @@ type harness struct {
 
 func startManager(t *testing.T, url string, tweak func(*Options)) *harness {
 	t.Helper()
-	h := &harness{rec: newRecorder(), logs: &syncBuffer{}, done: make(chan struct{}),
+	h := &harness{rec: newRecorder(), logs: &syncbuf.Buffer{}, done: make(chan struct{}),
 		identity: Identity{InstanceID: "i-0abc", AppID: "app-123", AgentVersion: "2.1", Token: testToken, InitErrors: []string{"a", "b"}}}
 	opts := Options{
 		URL: url,
