@@ -168,8 +168,8 @@ func (in *installation) stepService(ctx context.Context) {
 				return
 			}
 		}
-		if err := in.systemctl(ctx, "is-enabled", "--quiet", "opsagent.service"); err != nil {
-			if err := in.systemctl(ctx, "enable", "opsagent.service"); err != nil {
+		if err := in.systemctl(ctx, "is-enabled", "--quiet", service.UnitName); err != nil {
+			if err := in.systemctl(ctx, "enable", service.UnitName); err != nil {
 				in.rep.add("service", Failed, "%v", err)
 				return
 			}
@@ -231,7 +231,7 @@ func (in *installation) stepStart(ctx context.Context) int {
 			in.rep.add("start", Unchanged, "opsagent.service runs (pid %d)", pid)
 			return pid
 		}
-		if err := in.systemctl(ctx, verb, "opsagent.service"); err != nil {
+		if err := in.systemctl(ctx, verb, service.UnitName); err != nil {
 			in.rep.add("start", Failed, "%v (see journalctl -u opsagent)", err)
 			return 0
 		}

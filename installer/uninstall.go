@@ -112,7 +112,7 @@ func (in *installation) stopAgent(ctx context.Context) {
 	l := in.layout
 	if systemdRuns(l) {
 		if _, err := os.Stat(l.UnitFile()); err == nil {
-			if err := in.systemctl(ctx, "disable", "--now", "opsagent.service"); err != nil {
+			if err := in.systemctl(ctx, "disable", "--now", service.UnitName); err != nil {
 				in.rep.add("stop", Failed, "%v", err)
 				return
 			}
