@@ -246,17 +246,20 @@ func TestCompaction(t *testing.T) {
 	}
 }
 
-// TestKill9LosesOnlyTheLastFewMilliseconds runs a child that pushes
-// StateLogs as fast as it can and reports each pushed seq; it is killed
-// with SIGKILL; the reopened outbox holds 1..K with no gap, and K is at
-// most a few entries behind what the child reported.
-func TestKill9LosesOnlyTheLastFewMilliseconds(t *testing.T) {
+// TestKill9LosesOnlyTheUnwrittenTail runs a child that pushes StateLogs as
+// fast as it can, reporting each 50th pushed seq and, every 500, a seq it
+// has seen written and fsynced (Flush); it is killed with SIGKILL. The
+// reopened outbox holds 1..K with no gap, and K is at least the last seq
+// reported durable: only what the flusher had not written yet can be
+// lost. How long that is (the "few milliseconds") is measured, not
+// asserted: BenchmarkPush reports it as max-unwritten-ms.
+func TestKill9LosesOnlyTheUnwrittenTail(t *testing.T) {
 	if dir := os.Getenv("OUTBOX_CHILD_DIR"); dir != "" {
 		child(dir)
 		return
 	}
 	dir := t.TempDir()
-	cmd := exec.Command(os.Args[0], "-test.run=^TestKill9LosesOnlyTheLastFewMilliseconds$")
+	cmd := exec.Command(os.Args[0], "-test.run=^TestKill9LosesOnlyTheUnwrittenTail$")
 	cmd.Env = append(os.Environ(), "OUTBOX_CHILD_DIR="+dir)
 	out, err := cmd.StdoutPipe()
 	if err != nil {
@@ -266,13 +269,20 @@ func TestKill9LosesOnlyTheLastFewMilliseconds(t *testing.T) {
 		t.Fatal(err)
 	}
 	sc := bufio.NewScanner(out)
-	var reported int64
+	var pushed, durable int64
 	for sc.Scan() {
-		n, err := strconv.ParseInt(strings.TrimSpace(sc.Text()), 10, 64)
-		if err == nil {
-			reported = n
+		kind, num, _ := strings.Cut(strings.TrimSpace(sc.Text()), " ")
+		n, err := strconv.ParseInt(num, 10, 64)
+		if err != nil {
+			continue
 		}
-		if reported >= 3000 {
+		switch kind {
+		case "pushed":
+			pushed = n
+		case "durable":
+			durable = n
+		}
+		if pushed >= 3000 && durable > 0 {
 			break
 		}
 	}
@@ -280,17 +290,14 @@ func TestKill9LosesOnlyTheLastFewMilliseconds(t *testing.T) {
 	_ = cmd.Wait()
 	o, _ := open(t, dir, nil)
 	got := ids(o)
-	if len(got) == 0 {
-		t.Fatal("nothing survived")
-	}
 	for i, s := range got {
 		if want := fmt.Sprintf("%d:", i+1); !strings.HasPrefix(s, want) {
 			t.Fatalf("gap or disorder at %d: %s", i, s)
 		}
 	}
-	t.Logf("child reported %d pushed; %d survived the kill -9", reported, len(got))
-	if int64(len(got)) < reported-100 {
-		t.Errorf("lost %d StateLogs that were pushed before the last report", reported-int64(len(got)))
+	t.Logf("child reported %d pushed, %d written and fsynced; %d survived the kill -9", pushed, durable, len(got))
+	if int64(len(got)) < durable {
+		t.Errorf("lost StateLogs that were written and fsynced: %d survived, %d were durable", len(got), durable)
 	}
 }
 
@@ -299,10 +306,16 @@ func child(dir string) {
 	w := bufio.NewWriter(os.Stdout)
 	for i := 1; ; i++ {
 		seq := o.Push(stateLog(1, fmt.Sprintf("s%d", i)))
-		if seq%50 == 0 {
+		switch {
+		case seq%500 == 0:
+			if err := o.Flush(context.Background()); err == nil {
+				fmt.Fprintln(w, "durable", seq)
+			}
+			w.Flush()
+		case seq%50 == 0:
 			// Report only what is certainly pushed; the parent kills us
 			// at some later moment.
-			fmt.Fprintln(w, seq)
+			fmt.Fprintln(w, "pushed", seq)
 			w.Flush()
 		}
 	}
