@@ -535,7 +535,7 @@ func (a *appLog) prepareDir() error {
 // always stays. streams.json is saved first: the stream highs must outlive
 // the StateLogs that set them.
 func (ls *logStore) retain(a *appLog, now time.Time) {
-	n := retentionVictims(a.segs, ls.opts.retentionBytes, ls.opts.retentionAge, now)
+	n := retentionVictims(a.segs, ls.opts.retentionBytes, ls.opts.segmentBytes, ls.opts.retentionAge, now)
 	if n == 0 {
 		return
 	}
@@ -562,11 +562,17 @@ func (ls *logStore) retain(a *appLog, now time.Time) {
 	ls.log.Info("StateLog retention deleted old segments", "app_id", a.id, "segments", n, "bytes", bytes)
 }
 
-// retentionVictims is how many of the oldest segments to delete.
-func retentionVictims(segs []*segment, maxBytes int64, maxAge time.Duration, now time.Time) int {
+// retentionVictims is how many of the oldest segments to delete. Room is
+// kept for the active (last) segment to fill up to segmentBytes before the
+// next rotation trims again, so that the log on disk never exceeds
+// maxBytes, whenever it is looked at.
+func retentionVictims(segs []*segment, maxBytes, segmentBytes int64, maxAge time.Duration, now time.Time) int {
 	var total int64
 	for _, s := range segs {
 		total += s.size
+	}
+	if len(segs) > 0 {
+		total += max(0, segmentBytes-segs[len(segs)-1].size)
 	}
 	n := 0
 	for ; n < len(segs)-1; n++ {

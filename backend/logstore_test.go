@@ -440,3 +440,31 @@ func TestStoreFailureClosesWithoutAck(t *testing.T) {
 		t.Fatalf("stored %v", got)
 	}
 }
+
+// TestRetentionLeavesRoomForTheActiveSegment: retention runs when a
+// segment is added, so it keeps room for the new one to fill; a log of
+// four full segments and a fresh one under a four-segment limit loses its
+// oldest at once, not one segment too late.
+func TestRetentionLeavesRoomForTheActiveSegment(t *testing.T) {
+	now := time.Now()
+	segs := func(sizes ...int64) []*segment {
+		var out []*segment
+		for i, size := range sizes {
+			out = append(out, &segment{first: int64(i + 1), size: size, modTime: now})
+		}
+		return out
+	}
+	for _, c := range []struct {
+		sizes []int64
+		want  int
+	}{
+		{[]int64{4000, 4000, 4000, 4000, 100}, 1}, // 16 100 bytes now, 19 996 once the active fills
+		{[]int64{4000, 4000, 4000, 100}, 0},       // 15 996 once full: within 16 KiB
+		{[]int64{4000, 4000, 4000, 4096}, 0},      // the active is full: no room to keep
+		{[]int64{100}, 0},                         // the active always stays
+	} {
+		if got := retentionVictims(segs(c.sizes...), 16<<10, 4096, time.Hour, now); got != c.want {
+			t.Errorf("segments %v: %d victims, want %d", c.sizes, got, c.want)
+		}
+	}
+}
