@@ -23,9 +23,7 @@
 package main
 
 import (
-	"archive/tar"
 	"bytes"
-	"compress/gzip"
 	"context"
 	"encoding/json"
 	"errors"
@@ -45,6 +43,11 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	"github.com/visualops/opsagent/internal/archive"
+	"github.com/visualops/opsagent/internal/config"
+	"github.com/visualops/opsagent/internal/dist"
+	"github.com/visualops/opsagent/internal/fsutil"
 )
 
 const (
@@ -91,6 +94,7 @@ type soak struct {
 	dir    string // the temporary directory
 	tmp    string // TMPDIR of every child
 	root   string // the agent's root
+	layout config.Layout
 	bin    string
 	v1, v2 string
 	pub    string
@@ -135,6 +139,12 @@ func run(o options) int {
 		return 1
 	}
 	s.root = filepath.Join(s.dir, "root")
+	root, err := fsutil.NewRoot(s.root)
+	if err != nil {
+		say("soak: %v", err)
+		return 1
+	}
+	s.layout = config.NewLayout(root, "", nil)
 	defer s.cleanup()
 	// children put their temporary files (release builds, go build) in
 	// here, so that an interrupted build leaves nothing behind
@@ -264,7 +274,7 @@ func (s *soak) setup(ctx context.Context) error {
 	say("   recipe of %d states put as recipe_version %d", recipeStates, put.RecipeVersion)
 
 	v1bin := filepath.Join(s.dir, "v1", "opsagent")
-	if err := extractBinary(filepath.Join(rel, s.v1, "opsagent.tgz"), "opsagent-linux-"+runtime.GOARCH, v1bin); err != nil {
+	if err := extractBinary(ctx, filepath.Join(rel, s.v1, "opsagent.tgz"), dist.BinaryName(runtime.GOARCH), v1bin); err != nil {
 		return err
 	}
 	out, err := s.command(ctx, v1bin, "--root", s.root, "install",
@@ -364,42 +374,29 @@ func recipe() map[string]any {
 
 func lastStateID() string { return fmt.Sprintf("cmd-%02d", recipeStates-10) }
 
-// extractBinary takes one file out of a release tarball.
-func extractBinary(tgz, name, dst string) error {
+// extractBinary takes the binary out of a release tarball, with the
+// updater's own extraction rules.
+func extractBinary(ctx context.Context, tgz, name, dst string) error {
 	f, err := os.Open(tgz)
 	if err != nil {
 		return err
 	}
 	defer f.Close()
-	zr, err := gzip.NewReader(f)
+	if err := os.MkdirAll(filepath.Dir(dst), 0o755); err != nil {
+		return err
+	}
+	out, err := os.OpenFile(dst, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o755)
+	if err != nil {
+		return err
+	}
+	err = archive.ExtractFile(ctx, f, name, out, archive.DefaultLimits())
+	if cerr := out.Close(); err == nil {
+		err = cerr
+	}
 	if err != nil {
 		return fmt.Errorf("%s: %w", tgz, err)
 	}
-	tr := tar.NewReader(zr)
-	for {
-		h, err := tr.Next()
-		if err == io.EOF {
-			return fmt.Errorf("%s has no %s", tgz, name)
-		}
-		if err != nil {
-			return fmt.Errorf("%s: %w", tgz, err)
-		}
-		if h.Name != name {
-			continue
-		}
-		if err := os.MkdirAll(filepath.Dir(dst), 0o755); err != nil {
-			return err
-		}
-		out, err := os.OpenFile(dst, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o755)
-		if err != nil {
-			return err
-		}
-		_, err = io.Copy(out, tr)
-		if cerr := out.Close(); err == nil {
-			err = cerr
-		}
-		return err
-	}
+	return nil
 }
 
 // ---- the release server ---------------------------------------------------
@@ -712,21 +709,14 @@ func (s *soak) pollLogs(ctx context.Context) error {
 
 // ---- the agent ----------------------------------------------------------------
 
-func (s *soak) stateDir() string { return filepath.Join(s.root, "var/lib/visualops/opsagent") }
-func (s *soak) agentLog() string { return filepath.Join(s.root, "var/log/visualops/agent.log") }
-func (s *soak) bootstrapLog() string {
-	return filepath.Join(s.root, "var/log/visualops/bootstrap.log")
-}
+func (s *soak) agentLog() string     { return s.layout.LogFile() }
+func (s *soak) bootstrapLog() string { return s.layout.BootstrapLog() }
 
-// agentPID is the pid in the agent's lock file, when that process is a
+// agentPID is the pid holding the agent's lock, when that process is a
 // live `opsagent … run`.
 func (s *soak) agentPID() (int, bool) {
-	b, err := os.ReadFile(filepath.Join(s.stateDir(), "lock"))
-	if err != nil {
-		return 0, false
-	}
-	pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
-	if err != nil || pid <= 0 {
+	pid, held, err := fsutil.HolderPID(s.layout.LockFile())
+	if err != nil || !held || pid <= 0 {
 		return 0, false
 	}
 	return pid, isAgent(pid)
@@ -769,7 +759,7 @@ type status struct {
 }
 
 func (s *soak) readStatus() (*status, error) {
-	b, err := os.ReadFile(filepath.Join(s.stateDir(), "status.json"))
+	b, err := os.ReadFile(s.layout.StatusFile())
 	if err != nil {
 		return nil, err
 	}
