@@ -64,7 +64,7 @@ func installCommand() *cli.Command {
 			if err == nil {
 				self, _ = filepath.EvalSymlinks(self)
 			}
-			res, err := installer.Install(ctx, installer.Options{
+			_, err = installer.Install(ctx, installer.Options{
 				Root: p.root, ConfigFile: p.configFile, Flags: paramsOf(cmd), Sets: cmd.StringSlice("set"),
 				Env: os.Getenv, Self: self, SkipPackages: cmd.Bool("skip-packages"), Start: cmd.Bool("start"), Downgrade: cmd.Bool("downgrade"),
 				OutputLogged: os.Getenv("OPSAGENT_OUTPUT_LOGGED") == "1",
@@ -73,7 +73,6 @@ func installCommand() *cli.Command {
 			if errors.Is(err, installer.ErrMissingParams) {
 				return &usageError{err}
 			}
-			_ = res
 			return err
 		},
 	}
