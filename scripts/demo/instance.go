@@ -8,7 +8,6 @@ import (
 	"net"
 	"net/http"
 	"os"
-	"path/filepath"
 	"strings"
 	"time"
 
@@ -114,7 +113,7 @@ func firstLine(text string, limit int) string {
 
 func (s *story) status() statusfile.Snapshot {
 	var st statusfile.Snapshot
-	data, _ := os.ReadFile(filepath.Join(s.root, "var/lib/visualops/opsagent/status.json"))
+	data, _ := os.ReadFile(s.layout.StatusFile())
 	_ = json.Unmarshal(data, &st)
 	return st
 }

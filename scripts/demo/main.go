@@ -31,7 +31,9 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/visualops/opsagent/internal/config"
 	"github.com/visualops/opsagent/internal/dist"
+	"github.com/visualops/opsagent/internal/fsutil"
 )
 
 func main() {
@@ -76,7 +78,11 @@ func demo(bin, versitygw, source string, keep bool) (err error) {
 		return err
 	}
 	r := &rig{ctx: ctx, dir: dir}
-	s := &story{rig: r, bin: bin, root: filepath.Join(dir, "root"), n: &narrator{}}
+	root, err := fsutil.NewRoot(filepath.Join(dir, "root"))
+	if err != nil {
+		return err
+	}
+	s := &story{rig: r, bin: bin, root: root.Dir(), layout: config.NewLayout(root, "", nil), n: &narrator{}}
 	begin := time.Now()
 	defer func() {
 		s.finish(keep, err == nil)
@@ -106,6 +112,7 @@ type story struct {
 	n        *narrator
 	bin      string
 	root     string // the instance's root (OPSAGENT_ROOT)
+	layout   config.Layout
 	s3       *s3
 	pubkey   string
 	base     string // base_remote: where instances download releases
@@ -340,7 +347,7 @@ func (s *story) rerun() error {
 		return err
 	}
 	ok("still agent %s (the userdata's 1.0.0 does not downgrade a self-update)", in.AgentVersion)
-	st, _ := s.run(nil, "", filepath.Join(s.root, "opt/visualops/bin/opsagent"), "--root", s.root, "status")
+	st, _ := s.run(nil, "", s.layout.Binary(), "--root", s.root, "status")
 	info("$ opsagent status")
 	indent(st)
 	return nil
@@ -349,8 +356,8 @@ func (s *story) rerun() error {
 // finish stops everything and says what is left.
 func (s *story) finish(keep, succeeded bool) {
 	s.n.title("stop: uninstall the agent, stop the backend and S3")
-	if _, err := os.Stat(filepath.Join(s.root, "opt/visualops/bin/opsagent")); err == nil {
-		if _, err := s.run(nil, "", filepath.Join(s.root, "opt/visualops/bin/opsagent"), "--root", s.root, "uninstall"); err != nil {
+	if _, err := os.Stat(s.layout.Binary()); err == nil {
+		if _, err := s.run(nil, "", s.layout.Binary(), "--root", s.root, "uninstall"); err != nil {
 			fmt.Printf("   ✗ uninstall: %v\n", err)
 		} else {
 			ok("opsagent uninstall: agent stopped, service and binary removed (config, token, logs kept)")
