@@ -14,7 +14,6 @@
 package virtualenv
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -27,6 +26,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/visualops/opsagent/internal/fsutil"
 	"github.com/visualops/opsagent/internal/proc"
 )
 
@@ -443,9 +443,5 @@ func rememberInterpreter(dir, system string, in interpreter) {
 		return
 	}
 	data, _ := json.Marshal(interpreterCache{Name: resolveName(system), Exe: in.exe, Version: in.version, Size: st.Size(), ModTime: st.ModTime()})
-	file := filepath.Join(dir, interpreterCacheFile)
-	if old, err := os.ReadFile(file); err == nil && bytes.Equal(old, data) {
-		return
-	}
-	_ = os.WriteFile(file, data, 0o644)
+	_, _ = fsutil.WriteFileIfChanged(filepath.Join(dir, interpreterCacheFile), data, 0o644)
 }

@@ -9,7 +9,6 @@ package bridge
 
 import (
 	"bufio"
-	"bytes"
 	"context"
 	_ "embed"
 	"encoding/json"
@@ -104,13 +103,11 @@ func (b *Bridge) Close() {
 // WriteScript writes bridge.py to path unless it already holds the same
 // content.
 func WriteScript(path string) error {
-	if old, err := os.ReadFile(path); err == nil && bytes.Equal(old, script) {
-		return nil
-	}
 	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
 		return err
 	}
-	return fsutil.WriteFileAtomic(path, script, 0o644)
+	_, err := fsutil.WriteFileIfChanged(path, script, 0o644)
+	return err
 }
 
 // response is one line from the worker.

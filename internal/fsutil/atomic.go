@@ -1,7 +1,10 @@
 package fsutil
 
 import (
+	"bytes"
+	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"path/filepath"
 )
@@ -55,4 +58,25 @@ func SyncDir(dir string) error {
 		return fmt.Errorf("sync dir %s: %w", dir, err)
 	}
 	return nil
+}
+
+// WriteFileIfChanged writes data to path with WriteFileAtomic unless the
+// file already holds exactly data with mode perm, and reports whether it
+// wrote. Re-runs that change nothing then leave contents and mtimes alone.
+// A path that cannot be read (other than missing, or larger than data) is
+// an error, not a reason to overwrite it.
+func WriteFileIfChanged(path string, data []byte, perm os.FileMode) (changed bool, err error) {
+	have, err := ReadFileLimit(path, int64(len(data))+1)
+	if err == nil && bytes.Equal(have, data) {
+		if st, err := os.Stat(path); err == nil && st.Mode().Perm() == perm {
+			return false, nil
+		}
+	}
+	if err != nil && !errors.Is(err, fs.ErrNotExist) && !errors.Is(err, ErrTooLarge) {
+		return false, err
+	}
+	if err := WriteFileAtomic(path, data, perm); err != nil {
+		return false, err
+	}
+	return true, nil
 }

@@ -238,3 +238,35 @@ func TestLockHandOverAcrossExec(t *testing.T) {
 	}
 	_ = l2.Unlock()
 }
+
+func TestWriteFileIfChanged(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "f")
+	if changed, err := WriteFileIfChanged(p, []byte("one"), 0o644); err != nil || !changed {
+		t.Fatalf("new file: changed=%v %v", changed, err)
+	}
+	before, _ := os.Stat(p)
+	if changed, err := WriteFileIfChanged(p, []byte("one"), 0o644); err != nil || changed {
+		t.Fatalf("same content and mode: changed=%v %v", changed, err)
+	}
+	if after, _ := os.Stat(p); !os.SameFile(before, after) || !after.ModTime().Equal(before.ModTime()) {
+		t.Fatal("an unchanged file was rewritten")
+	}
+	for _, c := range []struct {
+		data string
+		mode os.FileMode
+	}{{"one", 0o600}, {"two", 0o600}, {"on", 0o600}, {"one plus", 0o600}} {
+		if changed, err := WriteFileIfChanged(p, []byte(c.data), c.mode); err != nil || !changed {
+			t.Fatalf("%q %o: changed=%v %v", c.data, c.mode, changed, err)
+		}
+		got, _ := os.ReadFile(p)
+		st, _ := os.Stat(p)
+		if string(got) != c.data || st.Mode().Perm() != c.mode {
+			t.Fatalf("wrote %q %o, want %q %o", got, st.Mode().Perm(), c.data, c.mode)
+		}
+	}
+	dir := filepath.Join(t.TempDir(), "d")
+	os.Mkdir(dir, 0o755)
+	if _, err := WriteFileIfChanged(dir, []byte("x"), 0o644); err == nil {
+		t.Fatal("a directory in the way was not an error")
+	}
+}

@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
-	"io/fs"
 	"os"
 	"os/exec"
 	"strconv"
@@ -110,21 +109,11 @@ func WatchdogLockPath(l config.Layout) string { return l.WatchdogLockFile() }
 // reports whether it wrote it. A confirmed update calls it, so that
 // watchdog fixes ship with releases.
 func EnsureWatchdog(l config.Layout) (changed bool, err error) {
-	want := RenderWatchdog(l)
-	path := l.CronScript()
-	have, err := fsutil.ReadFileLimit(path, int64(len(want))+1)
-	if err == nil && bytes.Equal(have, want) {
-		if st, err := os.Stat(path); err == nil && st.Mode().Perm() == 0o755 {
-			return false, nil
-		}
-	}
-	if err != nil && !errors.Is(err, fs.ErrNotExist) && !errors.Is(err, fsutil.ErrTooLarge) {
-		return false, fmt.Errorf("watchdog %s: %w", path, err)
-	}
-	if err := fsutil.WriteFileAtomic(path, want, 0o755); err != nil {
+	changed, err = fsutil.WriteFileIfChanged(l.CronScript(), RenderWatchdog(l), 0o755)
+	if err != nil {
 		return false, fmt.Errorf("watchdog: %w (is the state directory %s there? opsagent install creates it)", err, l.StateDir())
 	}
-	return true, nil
+	return changed, nil
 }
 
 // StartWatch starts `cron.sh watch` for l detached: in a session of its own
