@@ -83,7 +83,10 @@ type statusReport struct {
 func printStatus(w io.Writer, r statusReport, now time.Time) {
 	s := r.Snapshot
 	p := textcut.Printable
-	if r.Running {
+	if r.Running && r.PID == 0 {
+		// Held, but the pid in the lock file is not a process that has it open.
+		fmt.Fprintf(w, "agent:      running, pid unknown (version %s, instance %s, app %s)\n", p(s.AgentVersion), p(s.InstanceID), p(s.AppID))
+	} else if r.Running {
 		fmt.Fprintf(w, "agent:      running as pid %d (version %s, instance %s, app %s)\n", r.PID, p(s.AgentVersion), p(s.InstanceID), p(s.AppID))
 	} else {
 		fmt.Fprintln(w, "agent:      not running")
