@@ -16,14 +16,14 @@ import (
 func statusRoot(t *testing.T) (root, stateDir string) {
 	t.Helper()
 	root = t.TempDir()
-	conf := "[userdata]\nws_uri = ws://127.0.0.1:1/agent/\napp_id = app-1\n[global]\nconf_path = /state\n"
+	conf := "[userdata]\nws_uri = ws://127.0.0.1:1/agent/\napp_id = app-1\n[global]\nconf_path = /srv/opsagent\n"
 	if err := os.MkdirAll(filepath.Join(root, "etc"), 0o755); err != nil {
 		t.Fatal(err)
 	}
 	if err := os.WriteFile(filepath.Join(root, "etc/opsagent.conf"), []byte(conf), 0o640); err != nil {
 		t.Fatal(err)
 	}
-	stateDir = filepath.Join(root, "state")
+	stateDir = filepath.Join(root, "srv/opsagent")
 	if err := os.MkdirAll(stateDir, 0o700); err != nil {
 		t.Fatal(err)
 	}
