@@ -465,8 +465,10 @@ type field struct {
 	// written: the states repository's bootstrap.sh reads this key with
 	// grep, so the file always carries it, default or not.
 	written bool
-	get     func(*Config) string
-	set     func(*Config, string) error
+	// owned: a path opsagent creates, chmods and removes (ownedPath).
+	owned bool
+	get   func(*Config) string
+	set   func(*Config, string) error
 }
 
 func lookup(section, key string) *field {
@@ -502,7 +504,22 @@ func path(section, key, def string, p func(*Config) *string) field {
 // creates, changes the mode of, writes, and that uninstall removes: it
 // must be a place of opsagent's own (CheckOwnedPath).
 func ownedPath(section, key, def string, p func(*Config) *string) field {
-	return withCheck(path(section, key, def, p), CheckOwnedPath)
+	f := withCheck(path(section, key, def, p), CheckOwnedPath)
+	f.owned = true
+	return f
+}
+
+// OwnedPathKeys lists the path keys that CheckOwnedPath governs, as
+// {section, key, default}: the installer checks on disk that each one
+// that is new is not a file or directory someone else made.
+func OwnedPathKeys() [][3]string {
+	var out [][3]string
+	for _, f := range fields {
+		if f.owned {
+			out = append(out, [3]string{f.section, f.key, f.def})
+		}
+	}
+	return out
 }
 
 // systemTrees hold the operating system's own files: nothing of opsagent's
