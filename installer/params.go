@@ -44,9 +44,9 @@ type param struct {
 	required  bool
 	// section and key: where install writes it in the config.
 	section, key string
-	field     func(*Params) *string
-	fromUD    func(userdata.Values) string
-	fromConf  func(*config.Config) string
+	field        func(*Params) *string
+	fromUD       func(userdata.Values) string
+	fromConf     func(*config.Config) string
 }
 
 var params = []param{
