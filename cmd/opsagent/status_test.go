@@ -127,3 +127,22 @@ func TestStatusPrintsNoTerminalEscapes(t *testing.T) {
 		}
 	}
 }
+
+// A pid in the lock file that is not the holder's is not shown as the
+// agent's (install, uninstall and update would signal it).
+func TestStatusDoesNotBelieveAForgedPID(t *testing.T) {
+	root, stateDir := statusRoot(t)
+	lockPath := filepath.Join(stateDir, "lock")
+	lock, err := fsutil.Lock(lockPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer lock.Unlock()
+	if err := os.WriteFile(lockPath, []byte("1\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	code, out, errs := runCLI(t, "--root", root, "status")
+	if code != exitOK || !strings.Contains(out, "running, pid unknown") || strings.Contains(out, "pid 1 ") {
+		t.Errorf("exit %d\n%s%s", code, out, errs)
+	}
+}
