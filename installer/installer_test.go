@@ -400,3 +400,20 @@ func BenchmarkInstall(b *testing.B) {
 		b.ReportMetric(float64(time.Since(begin).Milliseconds()), "rerun-ms")
 	}
 }
+
+// Text from elsewhere in a step's line (here an app id from the userdata)
+// reaches the terminal and bootstrap.log with its escapes made visible.
+func TestReportShowsNoTerminalEscapes(t *testing.T) {
+	r := newRig(t)
+	_, _ = r.install(func(o *Options) { o.Flags.AppID = "app-\x1b]0;owned\x07\x1b[2J\u009b" })
+	l := r.layout()
+	log, _ := os.ReadFile(l.BootstrapLog())
+	for name, s := range map[string]string{"output": r.out.String(), "bootstrap.log": string(log)} {
+		if strings.ContainsAny(s, "\x1b\x07\u009b") {
+			t.Errorf("%s carries a terminal escape:\n%q", name, s)
+		}
+	}
+	if !strings.Contains(r.out.String(), `app-\x1b]0;owned\x07\x1b[2J\u009b`) {
+		t.Errorf("the app id is not shown escaped:\n%s", r.out.String())
+	}
+}

@@ -8,6 +8,8 @@ import (
 	"strings"
 	"sync"
 	"time"
+
+	"github.com/visualops/opsagent/internal/textcut"
 )
 
 // Outcome of one step.
@@ -40,8 +42,12 @@ type reporter struct {
 	lines    []Line
 }
 
+// add records and prints one step's line. Details carry text from
+// elsewhere (a states repository's bootstrap.sh, pip, a package manager,
+// a config value): textcut.Printable keeps it from driving the terminal
+// or forging lines in bootstrap.log.
 func (r *reporter) add(step string, o Outcome, format string, a ...any) {
-	l := Line{Step: step, Outcome: o, Detail: fmt.Sprintf(format, a...)}
+	l := Line{Step: step, Outcome: o, Detail: textcut.Printable(fmt.Sprintf(format, a...))}
 	r.mu.Lock()
 	r.lines = append(r.lines, l)
 	r.mu.Unlock()
@@ -72,6 +78,7 @@ func (r *reporter) print(l Line) {
 
 // note prints a line that is not a step (the summary).
 func (r *reporter) note(msg string) {
+	msg = textcut.Printable(msg)
 	stamp := r.now().UTC().Format(time.RFC3339)
 	if r.terminal {
 		fmt.Fprintln(r.out, msg)

@@ -17,6 +17,7 @@ import (
 
 	"github.com/visualops/opsagent/internal/config"
 	"github.com/visualops/opsagent/internal/fsutil"
+	"github.com/visualops/opsagent/internal/textcut"
 )
 
 // Exit codes shared by every verb.
@@ -192,9 +193,12 @@ func usageErrorf(format string, a ...any) error {
 	return &usageError{fmt.Errorf(format, a...)}
 }
 
-// oneLine folds a multi-line error onto one line for stderr.
+// oneLine folds a multi-line message onto one line for a terminal, with
+// anything that could drive the terminal made visible (textcut.Printable):
+// errors carry text from elsewhere (a release server's status line, a
+// backend's answer, a config value).
 func oneLine(s string) string {
-	return strings.Join(strings.Fields(strings.ReplaceAll(s, "\n", " ")), " ")
+	return textcut.Printable(strings.Join(strings.Fields(s), " "))
 }
 
 // terminalOrNil returns w when it is a terminal (progress bars, ✓ marks,

@@ -14,6 +14,7 @@ import (
 	"github.com/visualops/opsagent/agent/statusfile"
 	"github.com/visualops/opsagent/internal/config"
 	"github.com/visualops/opsagent/internal/fsutil"
+	"github.com/visualops/opsagent/internal/textcut"
 )
 
 // exitNotRunning is `opsagent status`'s exit code when no agent runs, as
@@ -35,7 +36,7 @@ func statusCommand() *cli.Command {
 			}
 			cfg, err := config.Load(p.configFile)
 			if err != nil {
-				fmt.Fprintf(cmd.Root().ErrWriter, "opsagent: warning: %v; looking for the status at the default paths\n", oneLine(err.Error()))
+				fmt.Fprintf(cmd.Root().ErrWriter, "opsagent: warning: %s; looking for the status at the default paths\n", oneLine(err.Error()))
 				cfg = nil
 			}
 			l := p.layout(cfg)
@@ -75,15 +76,20 @@ type statusReport struct {
 	Snapshot statusfile.Snapshot `json:"status"`
 }
 
+// printStatus prints the report for a person. Every string in it came
+// from elsewhere (the backend's close reason, a state's output, a release
+// server's answer, the config), so each goes through textcut.Printable
+// (p): nothing in status.json can drive the terminal.
 func printStatus(w io.Writer, r statusReport, now time.Time) {
 	s := r.Snapshot
+	p := textcut.Printable
 	if r.Running {
-		fmt.Fprintf(w, "agent:      running as pid %d (version %s, instance %s, app %s)\n", r.PID, s.AgentVersion, s.InstanceID, s.AppID)
+		fmt.Fprintf(w, "agent:      running as pid %d (version %s, instance %s, app %s)\n", r.PID, p(s.AgentVersion), p(s.InstanceID), p(s.AppID))
 	} else {
 		fmt.Fprintln(w, "agent:      not running")
 	}
 	if r.Error != "" {
-		fmt.Fprintf(w, "status:     %s\n", r.Error)
+		fmt.Fprintf(w, "status:     %s\n", p(r.Error))
 		return
 	}
 	if !r.Running {
@@ -97,14 +103,14 @@ func printStatus(w io.Writer, r statusReport, now time.Time) {
 	if !s.Connection.Since.IsZero() {
 		since = " since " + s.Connection.Since.Format(time.RFC3339)
 	}
-	fmt.Fprintf(w, "backend:    %s %s%s\n", s.Connection.Backend, conn, since)
+	fmt.Fprintf(w, "backend:    %s %s%s\n", p(s.Connection.Backend), conn, since)
 	if s.Connection.LastError != "" {
-		fmt.Fprintf(w, "last error: %s\n", s.Connection.LastError)
+		fmt.Fprintf(w, "last error: %s\n", p(s.Connection.LastError))
 	}
 	c := s.Connection
 	fmt.Fprintf(w, "outbox:     %d StateLogs queued (%s), %d dropped; %d bad frames ignored\n", c.OutboxDepth, byteSize(c.OutboxBytes), c.DroppedLogs, c.DroppedFrames)
 	if c.OutboxStorage != "" && c.OutboxStorage != "disk" {
-		fmt.Fprintf(w, "outbox:     in %s (StateLogs will not survive a restart)\n", c.OutboxStorage)
+		fmt.Fprintf(w, "outbox:     in %s (StateLogs will not survive a restart)\n", p(c.OutboxStorage))
 	}
 	if c.Protocol == 1 {
 		fmt.Fprintln(w, "delivery:   protocol 1 (the backend does not acknowledge StateLogs)")
@@ -116,13 +122,13 @@ func printStatus(w io.Writer, r statusReport, now time.Time) {
 		fmt.Fprintf(w, "recipe:     version %d, %d states; round %d (%d succeeded, %d failed)\n", e.RecipeVersion, e.States, e.Round, e.RoundsSucceeded, e.RoundsFailed)
 		switch {
 		case e.WaitingOn != "":
-			fmt.Fprintf(w, "now:        waiting for the backend to release %s\n", e.WaitingOn)
+			fmt.Fprintf(w, "now:        waiting for the backend to release %s\n", p(e.WaitingOn))
 		case e.StateIndex >= 0:
-			fmt.Fprintf(w, "now:        running state %d/%d %s\n", e.StateIndex+1, e.States, e.StateID)
+			fmt.Fprintf(w, "now:        running state %d/%d %s\n", e.StateIndex+1, e.States, p(e.StateID))
 		case !e.NextRoundAt.IsZero():
-			fmt.Fprintf(w, "now:        %s, next round in %s\n", e.Phase, e.NextRoundAt.Sub(now).Round(time.Second))
+			fmt.Fprintf(w, "now:        %s, next round in %s\n", p(e.Phase), e.NextRoundAt.Sub(now).Round(time.Second))
 		default:
-			fmt.Fprintf(w, "now:        %s\n", e.Phase)
+			fmt.Fprintf(w, "now:        %s\n", p(e.Phase))
 		}
 	}
 	ids := make([]string, 0, len(e.LastResults))
@@ -132,7 +138,7 @@ func printStatus(w io.Writer, r statusReport, now time.Time) {
 	sort.Strings(ids)
 	width := 0
 	for _, id := range ids {
-		width = max(width, len(id))
+		width = max(width, len(p(id)))
 	}
 	for _, id := range ids {
 		res := e.LastResults[id]
@@ -140,11 +146,11 @@ func printStatus(w io.Writer, r statusReport, now time.Time) {
 		if !res.OK {
 			mark = "FAIL"
 		}
-		fmt.Fprintf(w, "  %s %-*s  %s\n", mark, width, id, oneLine(res.Comment))
+		fmt.Fprintf(w, "  %s %-*s  %s\n", mark, width, p(id), oneLine(res.Comment))
 	}
 	switch u := s.Update; {
 	case e.PendingUpdate != "":
-		fmt.Fprintf(w, "update:     %s pending (applied when the round ends)\n", e.PendingUpdate)
+		fmt.Fprintf(w, "update:     %s pending (applied when the round ends)\n", p(e.PendingUpdate))
 	case u != nil:
 		line := fmt.Sprintf("%s %s", u.Version, u.Phase)
 		if u.From != "" {
@@ -159,12 +165,12 @@ func printStatus(w io.Writer, r statusReport, now time.Time) {
 		if u.Reason != "" {
 			line += " (" + u.Reason + ")"
 		}
-		fmt.Fprintf(w, "update:     %s\n", line)
+		fmt.Fprintf(w, "update:     %s\n", p(line))
 	case e.UpdateNote != "":
-		fmt.Fprintf(w, "update:     %s\n", e.UpdateNote)
+		fmt.Fprintf(w, "update:     %s\n", p(e.UpdateNote))
 	}
 	for _, ie := range s.InitErrors {
-		fmt.Fprintf(w, "init error: %s\n", ie)
+		fmt.Fprintf(w, "init error: %s\n", p(ie))
 	}
 }
 

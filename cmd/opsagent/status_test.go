@@ -91,3 +91,39 @@ func TestStatusWithoutConfigWarns(t *testing.T) {
 		t.Fatalf("exit %d stderr %q", code, errs)
 	}
 }
+
+// A backend's close reason, a state's output and a release server's
+// answer reach `status` with their terminal escapes made visible.
+func TestStatusPrintsNoTerminalEscapes(t *testing.T) {
+	root, stateDir := statusRoot(t)
+	lock, err := fsutil.Lock(filepath.Join(stateDir, "lock"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer lock.Unlock()
+	evil := "\x1b]0;owned\x07\x1b[2J\u009b31m\u202e"
+	now := time.Now()
+	snap := statusfile.Snapshot{
+		PID: os.Getpid(), AgentVersion: "2.1" + evil, InstanceID: "i-1" + evil, AppID: "app-1" + evil, StartedAt: now, UpdatedAt: now,
+		Connection: statusfile.Connection{Backend: "ws://127.0.0.1:1/agent/" + evil, LastError: "closed by the backend: " + evil},
+		Engine: rounds.Status{RecipeVersion: 7, States: 3, Phase: "idle" + evil, StateIndex: -1,
+			LastResults: map[string]rounds.StateResult{"s" + evil: {OK: false, Comment: "out: " + evil}},
+			UpdateNote:  "update refused: HTTP 500 " + evil},
+		InitErrors: []string{"init " + evil},
+	}
+	if err := statusfile.Write(filepath.Join(stateDir, "status.json"), snap); err != nil {
+		t.Fatal(err)
+	}
+	code, out, errs := runCLI(t, "--root", root, "status")
+	if code != exitOK {
+		t.Fatalf("exit %d err %q", code, errs)
+	}
+	if strings.ContainsAny(out+errs, "\x1b\x07\u009b\u202e") {
+		t.Errorf("a terminal escape reached the output:\n%q", out+errs)
+	}
+	for _, want := range []string{`closed by the backend: \x1b]0;owned\x07\x1b[2J\u009b31m\u202e`, `out: \x1b]0;owned`, `update refused: HTTP 500 \x1b`, `init \x1b`} {
+		if !strings.Contains(out, want) {
+			t.Errorf("output lacks %q:\n%s", want, out)
+		}
+	}
+}

@@ -18,6 +18,7 @@ import (
 	"github.com/visualops/opsagent/internal/dist"
 	"github.com/visualops/opsagent/internal/fsutil"
 	"github.com/visualops/opsagent/internal/service"
+	"github.com/visualops/opsagent/internal/textcut"
 	"github.com/visualops/opsagent/internal/version"
 	"github.com/visualops/opsagent/updater"
 )
@@ -91,7 +92,7 @@ func askAgent(ctx context.Context, l config.Layout, pid int, req agent.UpdateReq
 		}
 		line := describeUpdate(snap, req.Version)
 		if line != last {
-			fmt.Fprintln(out, "  "+line)
+			fmt.Fprintln(out, "  "+textcut.Printable(line))
 			last = line
 		}
 		if snap.AgentVersion == req.Version && snap.Update != nil && snap.Update.Phase == "done" {
@@ -179,5 +180,5 @@ func printStep(out io.Writer, term *os.File, s updater.Step) {
 		}
 		return
 	}
-	fmt.Fprintf(out, "  %s %s\n", s.Phase, s.Version)
+	fmt.Fprintf(out, "  %s %s\n", textcut.Printable(s.Phase), textcut.Printable(s.Version))
 }

@@ -1,6 +1,7 @@
 // Package textcut cuts text to a size without splitting a UTF-8
 // character: what every bounded log line, comment and close reason needs.
-// Each caller says in its own words that it cut.
+// Each caller says in its own words that it cut. Printable makes text
+// from elsewhere safe to print on a terminal.
 package textcut
 
 import "unicode/utf8"

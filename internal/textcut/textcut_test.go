@@ -62,6 +62,25 @@ func TestSuffix(t *testing.T) {
 	}
 }
 
+func TestPrintable(t *testing.T) {
+	for _, tc := range []struct{ in, want string }{
+		{"plain text, café 日本\ttab", "plain text, café 日本\ttab"},
+		{"\x1b]0;owned\x07title", `\x1b]0;owned\x07title`},
+		{"red \x1b[31mRED\x1b[0m", `red \x1b[31mRED\x1b[0m`},
+		{"two\nlines\r", `two\nlines\r`},
+		{"c1 \u009b2J csi", `c1 \u009b2J csi`},
+		{"del\x7f", `del\x7f`},
+		{"bad \xff\xfe bytes", `bad \xff\xfe bytes`},
+		{"bidi \u202egnp.exe\u202c", `bidi \u202egnp.exe\u202c`},
+		{"isolate \u2066x\u2069", `isolate \u2066x\u2069`},
+		{"", ""},
+	} {
+		if got := Printable(tc.in); got != tc.want {
+			t.Errorf("Printable(%q) = %q, want %q", tc.in, got, tc.want)
+		}
+	}
+}
+
 func FuzzSuffix(f *testing.F) {
 	f.Add("héllo wörld", 4)
 	f.Add(strings.Repeat("日", 10), 7)
@@ -72,6 +91,21 @@ func FuzzSuffix(f *testing.F) {
 		}
 		if utf8.ValidString(s) && !utf8.ValidString(p) {
 			t.Fatalf("Suffix(%q, %d) = %q splits a character", s, n, p)
+		}
+	})
+}
+
+func FuzzPrintable(f *testing.F) {
+	f.Add("\x1b[2J\u009b\u202e\xff ok")
+	f.Fuzz(func(t *testing.T, s string) {
+		p := Printable(s)
+		if !utf8.ValidString(p) {
+			t.Fatalf("Printable(%q) = %q is not UTF-8", s, p)
+		}
+		for _, r := range p {
+			if r != '\t' && !printable(r) {
+				t.Fatalf("Printable(%q) = %q keeps %U", s, p, r)
+			}
 		}
 	})
 }
