@@ -230,7 +230,6 @@ type changes []string
 
 func (c *changes) add(format string, a ...any) { *c = append(*c, fmt.Sprintf(format, a...)) }
 
-
 // stateError is a failure whose message is the state's comment, written
 // the way Salt writes them ("File /x: …").
 type stateError struct{ msg string }
