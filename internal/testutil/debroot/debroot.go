@@ -41,8 +41,14 @@ const Suite = "bookworm"
 
 // Extras are the packages downloaded (not installed) with the base, for
 // tests that install them as a module's prerequisite from a local
-// repository. Changing the list rebuilds the cache.
-var Extras = []string{"cron"}
+// repository: the tools the catalogue's modules need that a minimal
+// Debian lacks. Changing the list rebuilds the cache.
+var Extras = []string{
+	"cron",                           // linux.cronjob
+	"git", "mercurial", "subversion", // common.git, common.hg, common.svn
+	"python3-pip", "python3-venv", "ruby", "npm", // common.pip.package, common.virtualenv, common.gem.package, common.npm.package
+	"supervisor", // linux.supervisord
+}
 
 // Base is the cached base root: its directory (never modify it) and the
 // directory of the extra packages' .deb files.
