@@ -10,7 +10,6 @@ import (
 
 	"github.com/visualops/opsagent/internal/fsutil"
 	"github.com/visualops/opsagent/internal/system"
-	"github.com/visualops/opsagent/internal/testutil/aptrepo"
 	"github.com/visualops/opsagent/internal/testutil/debroot"
 )
 
@@ -66,9 +65,7 @@ func TestDebianRoot(t *testing.T) {
 
 	// cron comes from a local repository holding the cached extras; the
 	// index is fetched because it was never fetched (stale), once.
-	repo := aptrepo.New(t)
-	repo.AddDebs(t, debroot.Cached(t).Debs)
-	repo.Use(t, root)
+	requests := debroot.UseExtras(t, root)
 	pkg, err := h.EnsureTool(context.Background(), system.Prerequisite{Tool: "crontab", Packages: map[system.Family]string{system.FamilyDebian: "cron"}})
 	if err != nil || pkg != "cron" {
 		t.Fatalf("EnsureTool crontab: %q %v", pkg, err)
@@ -76,10 +73,10 @@ func TestDebianRoot(t *testing.T) {
 	if !h.HasTool("crontab") {
 		t.Fatal("crontab still missing")
 	}
-	before := repo.Requests.Load()
+	before := requests.Load()
 	pkg, err = h.EnsureTool(context.Background(), system.Prerequisite{Tool: "crontab", Packages: map[system.Family]string{system.FamilyDebian: "cron"}})
-	if err != nil || pkg != "" || repo.Requests.Load() != before {
-		t.Fatalf("second EnsureTool: %q %v, %d requests", pkg, err, repo.Requests.Load()-before)
+	if err != nil || pkg != "" || requests.Load() != before {
+		t.Fatalf("second EnsureTool: %q %v, %d requests", pkg, err, requests.Load()-before)
 	}
 	// Nothing of this reached the host.
 	if _, err := os.Stat("/etc/opsagent-marker"); err == nil {

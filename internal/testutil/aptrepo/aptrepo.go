@@ -58,26 +58,6 @@ func (r *Repo) Add(tb testing.TB, pkgs ...Package) {
 	r.Index(tb)
 }
 
-// AddDebs copies existing .deb files (the cached prerequisites of package
-// debroot) into the repository and re-indexes it.
-func (r *Repo) AddDebs(tb testing.TB, dir string) {
-	tb.Helper()
-	debs, err := filepath.Glob(filepath.Join(dir, "*.deb"))
-	if err != nil || len(debs) == 0 {
-		tb.Fatalf("aptrepo: no .deb files in %s", dir)
-	}
-	for _, d := range debs {
-		data, err := os.ReadFile(d)
-		if err != nil {
-			tb.Fatal(err)
-		}
-		if err := os.WriteFile(filepath.Join(r.Dir, filepath.Base(d)), data, 0o644); err != nil {
-			tb.Fatal(err)
-		}
-	}
-	r.Index(tb)
-}
-
 // Remove deletes a built package version from the repository and
 // re-indexes it.
 func (r *Repo) Remove(tb testing.TB, name, version string) {

@@ -23,12 +23,15 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"net/http"
+	"net/http/httptest"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"sort"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -51,7 +54,7 @@ var Extras = []string{
 }
 
 // Base is the cached base root: its directory (never modify it) and the
-// directory of the extra packages' .deb files.
+// directory of the extra packages' .deb files, indexed (see UseExtras).
 type Base struct {
 	Root string
 	Debs string
@@ -94,7 +97,7 @@ func cacheDir() string {
 
 // key names a cache entry by what it was built from.
 func key() string {
-	sum := sha256.Sum256([]byte(Suite + "\n" + strings.Join(Extras, ",") + "\nv1"))
+	sum := sha256.Sum256([]byte(Suite + "\n" + strings.Join(Extras, ",") + "\nv2"))
 	return "debian-" + Suite + "-" + hex.EncodeToString(sum[:6])
 }
 
@@ -171,6 +174,16 @@ func build(dir string) error {
 				return err
 			}
 		}
+		// Indexed once here, so a test serves them as they are.
+		index := exec.Command("dpkg-scanpackages", "-m", ".", "/dev/null")
+		index.Dir = debs
+		out, err := index.Output()
+		if err != nil {
+			return fmt.Errorf("dpkg-scanpackages (apt-get install dpkg-dev): %v", err)
+		}
+		if err := os.WriteFile(filepath.Join(debs, "Packages"), out, 0o644); err != nil {
+			return err
+		}
 	}
 	// Offline from now on: no sources, no lists. Package installs never
 	// start daemons (policy-rc.d, as Debian's own chroots do); services
@@ -209,6 +222,27 @@ func tail(out []byte) string {
 		out = out[len(out)-2000:]
 	}
 	return string(out)
+}
+
+// UseExtras serves the cached extra packages (Extras, with their
+// dependencies) on loopback until the test ends and adds them to root's
+// apt sources, so that a module's prerequisite installs from them. It
+// returns a counter of the requests served.
+func UseExtras(tb testing.TB, root string) *atomic.Int64 {
+	tb.Helper()
+	b := Cached(tb)
+	var requests atomic.Int64
+	files := http.FileServer(http.Dir(b.Debs))
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		requests.Add(1)
+		files.ServeHTTP(w, r)
+	}))
+	tb.Cleanup(srv.Close)
+	list := filepath.Join(root, "etc/apt/sources.list.d/opsagent-extras.list")
+	if err := os.WriteFile(list, []byte("deb [trusted=yes] "+srv.URL+" ./\n"), 0o644); err != nil {
+		tb.Fatal(err)
+	}
+	return &requests
 }
 
 // New returns a fresh Debian root for the test (a host path): an overlay
