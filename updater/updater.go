@@ -69,8 +69,8 @@ type Options struct {
 	// (the stall rule bounds each attempt).
 	HTTPClient *http.Client
 	Clock      clock.Clock // the stall windows and the pauses between attempts; default the wall clock
-	Runner        proc.Runner
-	Logger        *slog.Logger
+	Runner     proc.Runner
+	Logger     *slog.Logger
 	// OnStep is told of each step (status, progress bar).
 	OnStep func(Step)
 	// NoWatchdog does not start `cron.sh watch` before the swap (tests
@@ -82,8 +82,8 @@ type Options struct {
 type Step struct {
 	Phase   string // downloading, verifying, extracting, smoke-testing, ready, swapping, confirming, refused
 	Version string
-	Bytes   int64 // downloaded so far
-	Total   int64 // -1 when unknown
+	Bytes   int64  // downloaded so far
+	Total   int64  // -1 when unknown
 	Reason  string // why it was refused; while downloading, why the last attempt was interrupted
 }
 
