@@ -356,6 +356,9 @@ func TestMalformedPubkeyStillUpdatesWithCompiledInKey(t *testing.T) {
 	if out, err := exec.Command("/bin/sh", filepath.Join(r.root, "var/lib/visualops/opsagent/cron.sh")).CombinedOutput(); err != nil {
 		t.Fatalf("cron.sh: %v\n%s", err, out)
 	}
+	eventually(t, "1.0.0 connected again", func() bool { return r.b.connectedAs("badkey", r.id) == "1.0.0" })
+	r.update("2.0.0")
+	eventually(t, "2.0.0 connected", func() bool { return r.b.connectedAs("badkey", r.id) == "2.0.0" })
 	eventually(t, "the bad key reported to the backend", func() bool {
 		ie, _ := r.b.instance("badkey", r.id)["init_errors"].(string)
 		return strings.Contains(ie, "[userdata] pubkey is ignored") && strings.Contains(ie, "compiled into this binary")
@@ -365,8 +368,6 @@ func TestMalformedPubkeyStillUpdatesWithCompiledInKey(t *testing.T) {
 	if ie := fmt.Sprint(snap["init_errors"]); !strings.Contains(ie, "[userdata] pubkey is ignored") {
 		t.Errorf("status init errors %s do not name the bad key", ie)
 	}
-	r.update("2.0.0")
-	eventually(t, "2.0.0 connected", func() bool { return r.b.connectedAs("badkey", r.id) == "2.0.0" })
 }
 
 // checkSecretsAndModes: the instance token appears nowhere but its own
