@@ -46,7 +46,6 @@ type loop struct {
 
 // preparation is an update being prepared on its own goroutine.
 type preparation struct {
-	u      protocol.AgentUpdate
 	cancel context.CancelFunc
 	done   chan preparedUpdate // receives once
 }
@@ -77,6 +76,9 @@ func (e *Engine) Run(ctx context.Context) (*Restart, error) {
 	} else if u != nil && u.Version == e.opts.CurrentVersion {
 		e.log.Info("the pending update is the running version; done with it", "version", u.Version)
 		l.setPending(nil)
+	} else if u != nil && e.opts.Updater == nil {
+		l.setPending(nil)
+		l.noUpdater(u.Version)
 	} else if u != nil {
 		l.setPending(u)
 	}
@@ -187,9 +189,7 @@ func (l *loop) handle(m protocol.Message) {
 func (l *loop) update(u protocol.AgentUpdate, byHand bool) {
 	e := l.e
 	if e.opts.Updater == nil {
-		note := fmt.Sprintf("self-update is not available in this build; update to %s dropped", u.Version)
-		e.log.Warn(note)
-		e.setStatus(func(s *Status) { s.UpdateNote = note })
+		l.noUpdater(u.Version)
 		return
 	}
 	if !byHand && l.pending != nil && *l.pending == u {
@@ -202,6 +202,12 @@ func (l *loop) update(u protocol.AgentUpdate, byHand bool) {
 	l.dropUpdate()
 	l.setPending(&u)
 	l.prepareUpdate()
+}
+
+func (l *loop) noUpdater(version string) {
+	note := fmt.Sprintf("self-update is not available in this build; update to %s dropped", version)
+	l.e.log.Warn(note)
+	l.e.setStatus(func(s *Status) { s.UpdateNote = note })
 }
 
 func (l *loop) recipe(m *protocol.RecipeMetadata) {
@@ -345,7 +351,7 @@ func (l *loop) prepareUpdate() {
 	}
 	u := *l.pending
 	ctx, cancel := context.WithCancel(l.ctx)
-	p := &preparation{u: u, cancel: cancel, done: make(chan preparedUpdate, 1)}
+	p := &preparation{cancel: cancel, done: make(chan preparedUpdate, 1)}
 	l.prep = p
 	l.setStage("preparing")
 	e.log.Info("preparing update in the background; it is installed between rounds", "version", u.Version, "url", u.URL)
