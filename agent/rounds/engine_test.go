@@ -528,6 +528,21 @@ func TestPersistedRecipeRoundsBeforePendingUpdate(t *testing.T) {
 	}
 }
 
+// Stopped while an update is being prepared, the engine keeps it persisted
+// for the next start (the cancelled preparation is no refusal).
+func TestStopKeepsThePendingUpdate(t *testing.T) {
+	for i := 0; i < 20; i++ { // the engine's select picks at random between the stop and the cancelled preparation
+		up := &fakeUpdater{applied: make(chan protocol.AgentUpdate, 1), prepared: make(chan protocol.AgentUpdate, 1), gate: make(chan struct{})}
+		h := newHarness(t, "", func(o *Options) { o.Updater = up })
+		h.push(&protocol.AgentUpdate{Version: "2.2"})
+		<-up.prepared
+		h.stop()
+		if u, err := h.store.LoadUpdate(); err != nil || u == nil || u.Version != "2.2" {
+			t.Fatalf("after a stop during the preparation, the pending update is %+v (%v), want 2.2 kept", u, err)
+		}
+	}
+}
+
 func TestUpdateWithoutUpdaterIsDroppedWithNote(t *testing.T) {
 	h := newHarness(t, "", nil)
 	h.push(&protocol.AgentUpdate{Version: "9.9"})

@@ -366,6 +366,14 @@ func (l *loop) prepareUpdate() {
 func (l *loop) prepared(res preparedUpdate) {
 	e := l.e
 	u := *l.pending
+	if l.ctx.Err() != nil {
+		// Stopping (the select may pick this before ctx.Done): the pending
+		// update stays persisted for the next start.
+		if res.p != nil {
+			res.p.Discard()
+		}
+		return
+	}
 	if res.err != nil {
 		l.setPending(nil)
 		note := fmt.Sprintf("update to %s refused: %v", u.Version, res.err)
