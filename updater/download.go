@@ -62,6 +62,7 @@ type fetchSpec struct {
 type partialMeta struct {
 	URL       string `json:"url"`
 	Validator string `json:"validator,omitempty"` // a strong ETag, or Last-Modified
+	Size      int64  `json:"size,omitempty"`      // the whole file's, when the server said (0: unknown)
 }
 
 func metaPath(path string) string { return path + ".part" }
@@ -112,7 +113,11 @@ func (u *Updater) download(ctx context.Context, s fetchSpec) error {
 		reason := fmt.Sprintf("attempt %d: %v; resuming at byte %d in %v", attempt, err, have, delay)
 		u.log.Warn("update: download interrupted; resuming", "url", s.url, "attempt", attempt, "have", have, "err", err, "in", delay)
 		if s.progress {
-			u.opts.OnStep(Step{Phase: "downloading", Version: s.version, Bytes: have, Total: -1, Reason: reason})
+			total := meta.Size
+			if total <= 0 {
+				total = -1
+			}
+			u.opts.OnStep(Step{Phase: "downloading", Version: s.version, Bytes: have, Total: total, Reason: reason})
 		}
 		t := u.opts.Clock.NewTimer(delay)
 		select {
@@ -212,6 +217,7 @@ func (u *Updater) fetch(ctx context.Context, s fetchSpec, meta *partialMeta) (bo
 		if total < 0 && resp.ContentLength >= 0 {
 			total = have + resp.ContentLength
 		}
+		meta.Size = max(total, 0)
 	case resp.StatusCode == http.StatusOK:
 		if have > 0 { // the server ignored the Range, or the file changed (If-Range): start over
 			if err := f.Truncate(0); err != nil {
@@ -222,7 +228,7 @@ func (u *Updater) fetch(ctx context.Context, s fetchSpec, meta *partialMeta) (bo
 		total = resp.ContentLength
 		// Written before any byte of the body: a kill from here on leaves a
 		// partial file that the next run knows the origin of.
-		*meta = partialMeta{URL: s.url, Validator: validator(resp.Header)}
+		*meta = partialMeta{URL: s.url, Validator: validator(resp.Header), Size: max(total, 0)}
 		data, _ := json.Marshal(meta)
 		if err := fsutil.WriteFileAtomic(metaPath(s.path), data, 0o600); err != nil {
 			return false, &permanent{fmt.Errorf("update to %s: %w", s.version, err)}

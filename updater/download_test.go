@@ -161,13 +161,17 @@ func TestStalledAttemptAbortedThenResumedWithRange(t *testing.T) {
 		t.Errorf("sent %d + %d bytes for a %d-byte tarball: some were transferred twice", reqs[0].sent.Load(), reqs[1].sent.Load(), len(tgz))
 	}
 	var reason string
+	var total int64
 	r.mu.Lock()
 	for _, s := range r.steps {
 		if s.Phase == "downloading" && s.Reason != "" {
-			reason = s.Reason
+			reason, total = s.Reason, s.Total
 		}
 	}
 	r.mu.Unlock()
+	if total != int64(len(tgz)) {
+		t.Errorf("the interrupted attempt reported a total of %d bytes, want %d", total, len(tgz))
+	}
 	if !strings.Contains(reason, "stalled: fewer than 32768 bytes arrived in 30s") || !strings.Contains(reason, fmt.Sprintf("resuming at byte %d", first)) {
 		t.Errorf("the interrupted attempt was reported as %q", reason)
 	}
