@@ -201,6 +201,9 @@ func runSession(ctx context.Context, opts Options, cfg *config.Config, layout co
 	if updater == nil {
 		s.update = newSelfUpdate(layout, owner, opts.Version, opts.Binary, log.With("part", "update"))
 		updater = s.update
+		if msg := s.update.keyProblem(); msg != "" {
+			s.addInitError(msg)
+		}
 	}
 	store := rounds.NewStore(rounds.Files{Recipe: layout.RecipeFile(), PendingUpdate: layout.PendingUpdateFile()}, clock.Real{}, log)
 
@@ -348,7 +351,7 @@ func (s *session) updateRequested(ctx context.Context) {
 		return
 	}
 	s.log.Info("update requested by hand", "version", r.Version, "force", r.Force)
-	s.engine.Deliver(ctx, s.update.request(*r))
+	s.engine.DeliverUpdateByHand(ctx, *s.update.request(*r))
 }
 
 // pause applies the floor of the pauses between rounds, saying so when a

@@ -231,11 +231,13 @@ func updateParts(tb testing.TB, logFile string) []updatePart {
 		tb.Fatal(err)
 	}
 	milestones := []struct{ name, msg string }{
-		{"", `msg="applying update"`},
+		{"", `msg="preparing update in the background`},
 		{"download", `msg="update: verifying"`},
 		{"verify", `msg="update: extracting"`},
 		{"extract", `msg="update: smoke-testing"`},
-		{"smoke-test", `msg="update: swapping"`},
+		{"smoke-test", `msg="update: ready"`},
+		{"install-wait", `msg="installing update"`},
+		{"install", `msg="update: swapping"`},
 		{"swap", `msg="update: confirming"`},
 		{"re-exec", `msg="agent started" version=2.0.0`},
 		{"handshake", `msg="connected; Handshake sent"`},

@@ -85,6 +85,31 @@ func TestStatusRunning(t *testing.T) {
 	}
 }
 
+// While the pending update downloads, status says how far: "downloading N
+// of M", and why the last attempt was interrupted.
+func TestStatusShowsDownloadProgress(t *testing.T) {
+	for _, tc := range []struct {
+		engine rounds.Status
+		update *statusfile.Update
+		want   string
+	}{
+		{rounds.Status{PendingUpdate: "2.2", UpdateStage: "preparing"},
+			&statusfile.Update{Phase: "downloading", Version: "2.2", From: "2.1", Bytes: 3 << 19, Total: 10 << 20, Reason: "attempt 1: stalled"},
+			"update:     2.1 → 2.2: downloading 1.5 MiB of 10.0 MiB (attempt 1: stalled)"},
+		{rounds.Status{PendingUpdate: "2.2", UpdateStage: "held"}, nil,
+			"update:     2.2 pending (prepared once the resumed recipe's first round ends)"},
+		{rounds.Status{PendingUpdate: "2.2", UpdateStage: "ready"}, &statusfile.Update{Phase: "ready", Version: "2.2"},
+			"update:     2.2 downloaded and verified; installed when the round ends"},
+		{rounds.Status{PendingUpdate: "2.3", UpdateStage: "preparing"}, &statusfile.Update{Phase: "refused", Version: "2.2", Reason: "no signature"},
+			"update:     2.3 pending (installed between rounds)"},
+	} {
+		line := "update:     " + updateLine(statusfile.Snapshot{Engine: tc.engine, Update: tc.update})
+		if line != tc.want {
+			t.Errorf("got  %q\nwant %q", line, tc.want)
+		}
+	}
+}
+
 func TestStatusWithoutConfigWarns(t *testing.T) {
 	code, _, errs := runCLI(t, "--root", t.TempDir(), "status")
 	if code != exitNotRunning || !strings.Contains(errs, "warning") {
