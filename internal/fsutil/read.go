@@ -62,7 +62,7 @@ func ReadFixedFile(path string, max int64) ([]byte, error) {
 func OpenFixedFile(path string) (*os.File, error) {
 	f, err := os.OpenFile(path, os.O_RDONLY|syscall.O_NONBLOCK|syscall.O_NOFOLLOW|syscall.O_NOCTTY, 0)
 	if errors.Is(err, syscall.ELOOP) {
-		return nil, fmt.Errorf("%s is a symbolic link: %w; the agent does not follow links at its own paths: put the file itself there", path, ErrNotRegular)
+		return nil, &fs.PathError{Op: "open", Path: path, Err: fmt.Errorf("is a symbolic link, %w: the agent does not follow links at its own paths; put the file itself there", ErrNotRegular)}
 	}
 	if err != nil {
 		return nil, err
@@ -74,7 +74,7 @@ func OpenFixedFile(path string) (*os.File, error) {
 	}
 	if !st.Mode().IsRegular() {
 		f.Close()
-		return nil, fmt.Errorf("%s is %s: %w; remove it and put the file itself there", path, kind(st.Mode()), ErrNotRegular)
+		return nil, &fs.PathError{Op: "open", Path: path, Err: fmt.Errorf("is %s, %w: remove it", kind(st.Mode()), ErrNotRegular)}
 	}
 	return f, nil
 }
@@ -91,5 +91,5 @@ func kind(m fs.FileMode) string {
 	case m.IsDir():
 		return "a directory"
 	}
-	return "of type " + m.Type().String()
+	return "a file of type " + m.Type().String()
 }
