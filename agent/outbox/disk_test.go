@@ -93,24 +93,8 @@ func TestDiskStaysNearTheByteBound(t *testing.T) {
 // the file until the acknowledgement at its end.
 func TestReopenMemoryFollowsWhatIsKept(t *testing.T) {
 	dir := t.TempDir()
-	path := filepath.Join(dir, fileName)
-	f, err := os.Create(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	w := bufio.NewWriter(f)
-	w.Write(headerRecord("0123456789abcdef", 1))
 	const n, size = 600, 64 << 10
-	for i := int64(1); i <= n; i++ {
-		e := sized(fmt.Sprintf("s%d", i), size)
-		e.Seq, e.At = i, time.Now()
-		w.Write(entryRecord(e))
-	}
-	w.Write(ackRecord(n - 2))
-	if err := w.Flush(); err != nil {
-		t.Fatal(err)
-	}
-	f.Close()
+	writeMostlyDead(t, dir, n, size)
 	fileBytes := fileSize(t, dir)
 
 	var before, after runtime.MemStats
@@ -134,6 +118,47 @@ func TestReopenMemoryFollowsWhatIsKept(t *testing.T) {
 	wait.Eventually(t, "the mostly dead file compacted at open", func() bool { return fileSize(t, dir) < 1<<20 })
 	if seq := o.Push(stateLog(1, "next")); seq != n+1 || o.Stream() != "0123456789abcdef" {
 		t.Fatalf("after the compaction: seq %d stream %s", seq, o.Stream())
+	}
+}
+
+// writeMostlyDead writes an outbox file of n entries of about size bytes
+// each, all acknowledged but the last two.
+func writeMostlyDead(t testing.TB, dir string, n int64, size int) {
+	t.Helper()
+	f, err := os.Create(filepath.Join(dir, fileName))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	w := bufio.NewWriter(f)
+	w.Write(headerRecord("0123456789abcdef", 1))
+	for i := int64(1); i <= n; i++ {
+		e := sized(fmt.Sprintf("s%d", i), size)
+		e.Seq, e.At = i, time.Now()
+		w.Write(entryRecord(e))
+	}
+	w.Write(ackRecord(n - 2))
+	if err := w.Flush(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// BenchmarkReopenMostlyDead is the cost of opening a 40 MB file that holds
+// two live entries: allocations follow what is kept.
+func BenchmarkReopenMostlyDead(b *testing.B) {
+	b.ReportAllocs()
+	for i := 0; i < b.N; i++ {
+		b.StopTimer()
+		dir := b.TempDir()
+		writeMostlyDead(b, dir, 600, 64<<10)
+		b.StartTimer()
+		o := Open(Options{Dir: dir, MaxBytes: 1 << 30})
+		b.StopTimer()
+		if len(ids(o)) != 2 {
+			b.Fatal("wrong queue")
+		}
+		o.Close()
+		b.StartTimer()
 	}
 }
 

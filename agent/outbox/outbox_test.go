@@ -376,6 +376,12 @@ func BenchmarkPush(b *testing.B) {
 				b.Fatal(err)
 			}
 			b.ReportMetric(float64(o.Status().Exposure.Microseconds())/1000, "max-unwritten-ms")
+			if dir != "" {
+				// What the file holds for at most 1000 live entries: it is
+				// compacted as acknowledgements come, never the whole run.
+				st, _ := os.Stat(filepath.Join(dir, fileName))
+				b.ReportMetric(float64(st.Size())/(1<<20), "file-MiB")
+			}
 		})
 	}
 }
