@@ -74,3 +74,21 @@ func TestReadFixedFileRefusesWhatIsNotARegularFile(t *testing.T) {
 		t.Errorf("missing file: %v", err)
 	}
 }
+
+// TestWriteFileIfChangedOnAFIFO: bridge.py, cron.sh and the interpreter
+// cache are compared with what is there before they are written; a FIFO
+// there blocked the agent's start (and install) in that read. It is an
+// error naming the path, and the FIFO is left alone.
+func TestWriteFileIfChangedOnAFIFO(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "bridge.py")
+	if err := syscall.Mkfifo(p, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	err := readReturns(t, p, func() error { _, err := WriteFileIfChanged(p, []byte("print(1)\n"), 0o644); return err })
+	if !errors.Is(err, ErrNotRegular) || !strings.Contains(err.Error(), p) {
+		t.Errorf("WriteFileIfChanged over a FIFO: %v", err)
+	}
+	if fi, err := os.Lstat(p); err != nil || fi.Mode()&os.ModeNamedPipe == 0 {
+		t.Errorf("the FIFO was replaced: %v %v", fi, err)
+	}
+}
