@@ -61,10 +61,12 @@ func statesRun(root string) int {
 	return bytes.Count(data, []byte("\n"))
 }
 
-// fillDisk stops the agent's files from growing past the outbox file's
-// size now (RLIMIT_FSIZE, set on the running process): the outbox's next
-// write fails with EFBIG, as a write to a full disk fails with ENOSPC, and
-// the outbox falls back to memory. The returned func frees the "disk".
+// fillDisk stops the agent's files from growing more than a few bytes past
+// the outbox file's size now (RLIMIT_FSIZE, set on the running process):
+// the outbox's next write stores part of a record and fails with EFBIG, as
+// a write to a full disk stores what fits and fails with ENOSPC, and the
+// outbox falls back to memory. It needs no privilege (a full filesystem
+// would need a mount). The returned func frees the "disk".
 func fillDisk(t *testing.T, pid int, root string) (free func()) {
 	t.Helper()
 	st, err := os.Stat(filepath.Join(root, "var/lib/visualops/opsagent/outbox/outbox.log"))
@@ -72,7 +74,7 @@ func fillDisk(t *testing.T, pid int, root string) (free func()) {
 		t.Fatal(err)
 	}
 	var old unix.Rlimit
-	if err := unix.Prlimit(pid, unix.RLIMIT_FSIZE, &unix.Rlimit{Cur: uint64(st.Size()), Max: unix.RLIM_INFINITY}, &old); err != nil {
+	if err := unix.Prlimit(pid, unix.RLIMIT_FSIZE, &unix.Rlimit{Cur: uint64(st.Size()) + 5, Max: unix.RLIM_INFINITY}, &old); err != nil {
 		t.Fatalf("prlimit: %v", err)
 	}
 	return func() {
@@ -159,17 +161,23 @@ func TestFullDiskReloadsAndRestartsLoseNoStateLog(t *testing.T) {
 	free()
 	b = startBackend(t, data, b.addr)
 	allStored("backend down", statesRun(root))
+	_ = agent.cmd.Process.Signal(syscall.SIGHUP) // the disk is free: back to it
+	allStored("backend down, then SIGHUP", statesRun(root)+k)
+	if s, _ := conn()["outbox_storage"].(string); s != "disk" {
+		t.Errorf("backend down: the outbox is in %q after the disk was freed and SIGHUP sent", s)
+	}
 
 	// restart: StateLogs delivered from memory, then a new process.
+	ran := statesRun(root)
 	free = fillDisk(t, pid, root)
 	put()
 	eventually(t, "restart: a round delivered from memory", func() bool {
 		ok, _ := everyRunStoredOnce(b, root, app, id)
-		return ok && inMemory() && atWait() && depth() == 0
+		return ok && statesRun(root) >= ran+k && inMemory() && atWait() && depth() == 0
 	})
 	free()
 	agent.stop(t, syscall.SIGTERM)
-	ran := statesRun(root)
+	ran = statesRun(root)
 	startAgent(t, root)
 	allStored("restart", ran+k)
 	logText, _ := os.ReadFile(filepath.Join(root, "var/log/visualops/agent.log"))

@@ -13,6 +13,7 @@ import (
 	"math"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -260,7 +261,9 @@ type snapshot struct {
 
 // source is the outbox as the flusher sees it.
 type source interface {
-	snapshot() snapshot
+	// cut returns what the file should hold now, calling during while
+	// nothing can be enqueued.
+	cut(during func()) snapshot
 	liveBytes() int64
 }
 
@@ -347,8 +350,13 @@ func openDisk(path string, log *slog.Logger, src source) (*diskLog, replayed, er
 
 // removeTemporaries deletes what a rewrite cut short by a crash left.
 func removeTemporaries(path string, log *slog.Logger) {
-	tmps, _ := filepath.Glob(filepath.Join(filepath.Dir(path), tempPrefix(path)+"*"))
-	for _, t := range tmps {
+	dir := filepath.Dir(path)
+	entries, _ := os.ReadDir(dir)
+	for _, e := range entries {
+		if !strings.HasPrefix(e.Name(), tempPrefix(path)) {
+			continue
+		}
+		t := filepath.Join(dir, e.Name())
 		if err := os.Remove(t); err == nil {
 			log.Info("outbox: removed the temporary file of an unfinished rewrite", "file", t)
 		}
@@ -395,56 +403,121 @@ func (d *diskLog) flusher(onError func(error)) {
 	defer close(d.done)
 	for range d.wake {
 		d.mu.Lock()
-		batch, oldest, upto := d.pending, d.oldest, d.queued
-		d.pending = nil
 		asked, rewrote := d.rewrites, d.rewrote
 		closed := d.closed
 		d.mu.Unlock()
-		if len(batch) > 0 {
-			err := d.write(batch)
-			d.mu.Lock()
-			if err == nil {
-				d.written = upto
-			}
-			d.exposure = max(d.exposure, time.Since(oldest))
-			d.mu.Unlock()
-			if err != nil {
-				d.fail(err, onError)
-				return
-			}
-			d.mu.Lock()
-			d.cond.Broadcast()
-			d.mu.Unlock()
-		}
+		var err error
 		switch {
 		case asked > rewrote:
 			// The outbox changed what it holds in a way records cannot
 			// say (renumbering): the file must be rewritten, or it is
 			// no longer the queue.
-			if err := d.rewrite(d.src.snapshot()); err != nil {
-				d.fail(err, onError)
-				return
+			if err = d.rewriteAsked(); err == nil {
+				d.mu.Lock()
+				d.rewrote = asked
+				d.cond.Broadcast()
+				d.mu.Unlock()
 			}
-			d.mu.Lock()
-			d.rewrote = asked
-			d.cond.Broadcast()
-			d.mu.Unlock()
-		case d.compactionDue():
-			size := d.size
-			if err := d.rewrite(d.src.snapshot()); err != nil {
-				var late *lateError
-				if errors.As(err, &late) {
-					d.fail(err, onError)
-					return
-				}
-				d.retryAt = size + compactAbove
-				d.log.Warn("outbox: compaction failed; the file keeps growing until the next try", "file", d.path, "size", size, "err", err)
-			}
+		default:
+			err = d.writePending()
+		}
+		if err != nil {
+			d.fail(err, onError)
+			return
 		}
 		if closed {
 			return
 		}
 	}
+}
+
+// writePending writes and fsyncs what was enqueued (group commit).
+func (d *diskLog) writePending() error {
+	d.mu.Lock()
+	batch, oldest, upto := d.pending, d.oldest, d.queued
+	d.pending = nil
+	d.mu.Unlock()
+	if len(batch) == 0 {
+		return d.maybeCompact()
+	}
+	if err := d.write(batch); err != nil {
+		return err
+	}
+	d.markWritten(upto, oldest)
+	// A compaction is checked after each batch: the batch is durable
+	// whatever comes of it.
+	return d.maybeCompact()
+}
+
+func (d *diskLog) maybeCompact() error {
+	if d.compactionDue() {
+		return d.compact()
+	}
+	return nil
+}
+
+// markWritten records that every record enqueued up to upto is on disk;
+// oldest is when the oldest of them was enqueued (zero: none was).
+func (d *diskLog) markWritten(upto uint64, oldest time.Time) {
+	d.mu.Lock()
+	d.written = upto
+	if !oldest.IsZero() {
+		d.exposure = max(d.exposure, time.Since(oldest))
+	}
+	d.cond.Broadcast()
+	d.mu.Unlock()
+}
+
+// cut takes what the file should hold now and the records enqueued so far,
+// at one instant: nothing can be enqueued meanwhile (the outbox's lock is
+// held), so every record taken is reflected in the snapshot and none
+// enqueued later is. The rewritten file then replaces those records; the
+// later ones are appended to it.
+func (d *diskLog) cut() (snap snapshot, recs [][]byte, upto uint64, oldest time.Time) {
+	snap = d.src.cut(func() {
+		d.mu.Lock()
+		recs, upto, oldest = d.pending, d.queued, d.oldest
+		d.pending = nil
+		d.mu.Unlock()
+	})
+	if len(recs) == 0 {
+		oldest = time.Time{} // d.oldest is that of an earlier batch
+	}
+	return snap, recs, upto, oldest
+}
+
+// compact rewrites the file as what is live. When that fails before the
+// new file took the old one's place (a full disk), the records taken are
+// appended to the old file instead, and the next try waits until the file
+// grew by compactAbove.
+func (d *diskLog) compact() error {
+	size := d.size
+	snap, recs, upto, oldest := d.cut()
+	err := d.rewrite(snap)
+	var late *lateError
+	switch {
+	case err == nil:
+	case errors.As(err, &late):
+		return err
+	default:
+		d.retryAt = size + compactAbove
+		d.log.Warn("outbox: compaction failed; the file keeps growing until the next try", "file", d.path, "size", size, "err", err)
+		if err := d.write(recs); err != nil {
+			return err
+		}
+	}
+	d.markWritten(upto, oldest)
+	return nil
+}
+
+// rewriteAsked is an asked-for rewrite: any failure is the disk's.
+func (d *diskLog) rewriteAsked() error {
+	snap, _, upto, oldest := d.cut()
+	if err := d.rewrite(snap); err != nil {
+		return err
+	}
+	d.markWritten(upto, oldest)
+	return nil
 }
 
 // fail records a write error, closes the file and tells the outbox.
@@ -498,10 +571,9 @@ func (e *lateError) Unwrap() error { return e.err }
 // the new one, each complete. The new file's descriptor then takes the old
 // one's place.
 //
-// Records enqueued while it runs are appended afterwards; some of them may
-// already be reflected in the snapshot, which is harmless: replay ignores
-// an entry seen before, and acknowledgements and supersedes apply twice to
-// the same effect.
+// The snapshot comes from cut: records enqueued while it runs are appended
+// afterwards, and none of them is reflected in it (a supersede applied
+// twice would drop the entries of a later version).
 func (d *diskLog) rewrite(s snapshot) error {
 	dir := filepath.Dir(d.path)
 	tmp, err := os.CreateTemp(dir, tempPrefix(d.path)+"*")

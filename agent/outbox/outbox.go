@@ -48,6 +48,10 @@ type Options struct {
 	MaxAge     time.Duration // default 24 h
 	Clock      clock.Clock
 	Logger     *slog.Logger
+
+	// manualFlush (tests) starts no flusher: the test drives the disk
+	// log's steps itself and starts the flusher before Close.
+	manualFlush bool
 }
 
 // Entry is one queued StateLog.
@@ -161,8 +165,10 @@ func Open(opts Options) *Outbox {
 	if len(o.entries) > 0 {
 		log.Info("outbox: StateLogs from before the restart are queued", "count", len(o.entries), "first_seq", o.entries[0].Seq, "stream", o.stream)
 	}
-	go d.flusher(o.onDiskError(d))
-	d.poke() // a file that is mostly dead is compacted at once
+	if !opts.manualFlush {
+		go d.flusher(o.onDiskError(d))
+		d.poke() // a file that is mostly dead is compacted at once
+	}
 	return o
 }
 
@@ -209,10 +215,11 @@ func (o *Outbox) onDiskError(d *diskLog) func(error) {
 	}
 }
 
-// snapshot and liveBytes are what the flusher asks (source).
-func (o *Outbox) snapshot() snapshot {
+// cut and liveBytes are what the flusher asks (source).
+func (o *Outbox) cut(during func()) snapshot {
 	o.mu.Lock()
 	defer o.mu.Unlock()
+	during()
 	return o.snapshotLocked()
 }
 
