@@ -40,7 +40,7 @@ func WriteUpdateRequest(l config.Layout, r UpdateRequest) error {
 // takeUpdateRequest reads and removes the pending request, if any.
 func takeUpdateRequest(l config.Layout) (*UpdateRequest, error) {
 	p := l.UpdateRequestFile()
-	data, err := fsutil.ReadFileLimit(p, 64<<10)
+	data, err := fsutil.ReadFixedFile(p, 64<<10)
 	if errors.Is(err, os.ErrNotExist) {
 		return nil, nil
 	}

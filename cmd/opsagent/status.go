@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"sort"
+	"strings"
 	"time"
 
 	"github.com/urfave/cli/v3"
@@ -108,7 +109,7 @@ func printStatus(w io.Writer, r statusReport, now time.Time) {
 		fmt.Fprintf(w, "last error: %s\n", p(s.Connection.LastError))
 	}
 	c := s.Connection
-	fmt.Fprintf(w, "outbox:     %d StateLogs queued (%s), %d dropped; %d bad frames ignored\n", c.OutboxDepth, byteSize(c.OutboxBytes), c.DroppedLogs, c.DroppedFrames)
+	fmt.Fprintf(w, "outbox:     %d StateLogs queued (%s), %d dropped%s; %d bad frames ignored\n", c.OutboxDepth, byteSize(c.OutboxBytes), c.DroppedLogs, droppedBy(c.DroppedBy), c.DroppedFrames)
 	if c.OutboxStorage != "" && c.OutboxStorage != "disk" {
 		fmt.Fprintf(w, "outbox:     in %s (StateLogs will not survive a restart)\n", p(c.OutboxStorage))
 	}
@@ -195,6 +196,22 @@ func describeStep(u *statusfile.Update) string {
 		line += " (" + u.Reason + ")"
 	}
 	return line
+}
+
+// droppedBy is " (reason n, …)", reasons in a fixed order.
+func droppedBy(by map[string]int64) string {
+	reasons := make([]string, 0, len(by))
+	for r := range by {
+		reasons = append(reasons, r)
+	}
+	sort.Strings(reasons)
+	for i, r := range reasons {
+		reasons[i] = fmt.Sprintf("%s %d", r, by[r])
+	}
+	if len(reasons) == 0 {
+		return ""
+	}
+	return " (" + strings.Join(reasons, ", ") + ")"
 }
 
 func byteSize(n int64) string {

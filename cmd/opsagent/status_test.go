@@ -52,7 +52,8 @@ func TestStatusRunning(t *testing.T) {
 	snap := statusfile.Snapshot{
 		PID: os.Getpid(), AgentVersion: "2.1", InstanceID: "i-1", AppID: "app-1",
 		StartedAt: now, UpdatedAt: now,
-		Connection: statusfile.Connection{Connected: true, Since: now, Backend: "ws://127.0.0.1:1/agent/", OutboxDepth: 2, DroppedLogs: 1},
+		Connection: statusfile.Connection{Connected: true, Since: now, Backend: "ws://127.0.0.1:1/agent/", OutboxDepth: 2, DroppedLogs: 3,
+			DroppedBy: map[string]int64{"recipe_replaced": 1, "outbox_max_bytes": 2}},
 		Engine: rounds.Status{RecipeVersion: 7, States: 3, Phase: "running", Round: 4, StateIndex: 1, StateID: "state-2",
 			LastResults:   map[string]rounds.StateResult{"state-1": {OK: true, Comment: "File /x updated"}},
 			PendingUpdate: "2.2"},
@@ -66,7 +67,7 @@ func TestStatusRunning(t *testing.T) {
 		t.Fatalf("exit %d err %q", code, errs)
 	}
 	for _, want := range []string{"running as pid", "connected since", "version 7, 3 states; round 4",
-		"running state 2/3 state-2", "ok   state-1  File /x updated", "2 StateLogs queued (0 B), 1 dropped",
+		"running state 2/3 state-2", "ok   state-1  File /x updated", "2 StateLogs queued (0 B), 3 dropped (outbox_max_bytes 2, recipe_replaced 1)",
 		"2.2 pending", "init error: cannot create /var/log/visualops"} {
 		if !strings.Contains(out, want) {
 			t.Errorf("status output lacks %q:\n%s", want, out)
