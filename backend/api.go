@@ -1,7 +1,6 @@
 package backend
 
 import (
-	"crypto/subtle"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -70,21 +69,6 @@ func (s *Server) routes(mux *http.ServeMux) {
 
 func (s *Server) healthz(w http.ResponseWriter, _ *http.Request) {
 	writeJSON(w, http.StatusOK, map[string]any{"ok": true})
-}
-
-// auth requires the bearer token when one is configured.
-func (s *Server) auth(h http.Handler) http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if s.opts.APIToken != "" {
-			got, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
-			if !ok || subtle.ConstantTimeCompare([]byte(got), []byte(s.opts.APIToken)) != 1 {
-				w.Header().Set("WWW-Authenticate", `Bearer realm="opsagent"`)
-				apiError(w, http.StatusUnauthorized, "missing or wrong API token: send 'Authorization: Bearer <token>'")
-				return
-			}
-		}
-		h.ServeHTTP(w, r)
-	})
 }
 
 // requireJSON refuses bodies not declared as JSON. Besides catching

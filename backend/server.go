@@ -30,8 +30,11 @@ import (
 
 // Options configures a Server.
 type Options struct {
-	DataDir  string
-	APIToken string // bearer token required on /api/ (except /api/healthz); "" = none
+	DataDir string
+	// APIToken is the bearer token every /api/ call but /api/healthz
+	// needs, on any address. "" means the one in <DataDir>/api-token,
+	// created (256 random bits, 0600) on first start; see APITokenFile.
+	APIToken string
 	Logger   *slog.Logger
 	MaxFrame int // default protocol.DefaultMaxFrame
 
@@ -84,6 +87,9 @@ type Server struct {
 	up    websocket.Upgrader
 	hosts atomic.Pointer[hostSet] // replaced once ListenAndServe knows its address
 
+	apiAuth      apiAuth
+	apiTokenFile string // <data>/api-token when the token comes from there
+
 	mu      sync.Mutex
 	apps    map[string]*appState
 	secrets map[string]string                // app → enrollment secret (enroll.secret)
@@ -126,7 +132,13 @@ func New(opts Options) (*Server, error) {
 	if err != nil {
 		return nil, fmt.Errorf("backend: data dir %s is in use: %w", opts.DataDir, err)
 	}
+	auth, tokenFile, err := newAPIAuth(opts.DataDir, opts.APIToken)
+	if err != nil {
+		_ = lock.Unlock()
+		return nil, err
+	}
 	s := &Server{
+		apiAuth: auth, apiTokenFile: tokenFile,
 		lock:  lock,
 		opts:  opts,
 		log:   log,
@@ -190,6 +202,10 @@ func (s *Server) openLogs() {
 	s.logs = ls
 }
 
+// APITokenFile is the file the API token was read from or created in
+// (<data>/api-token), or "" when Options.APIToken gave it.
+func (s *Server) APITokenFile() string { return s.apiTokenFile }
+
 // Close stores the StateLogs already received (write, fsync) and stops
 // the log writer; StateLogs arriving later are refused. ListenAndServe
 // calls it on shutdown; a caller serving Handler itself calls it once
@@ -217,9 +233,6 @@ func (s *Server) Handler() http.Handler {
 // connection with a normal close frame. ready, when not nil, receives the
 // bound address once listening.
 func (s *Server) ListenAndServe(ctx context.Context, addr string, ready func(net.Addr)) error {
-	if err := CheckExposure(addr, s.opts.APIToken); err != nil {
-		return err
-	}
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
 		return fmt.Errorf("backend: listen %s: %w", addr, err)
@@ -243,25 +256,6 @@ func (s *Server) ListenAndServe(ctx context.Context, addr string, ready func(net
 	// Last: a connection may still hand over a StateLog read before its
 	// close; Close waits for it and fsyncs.
 	return s.Close()
-}
-
-// CheckExposure refuses to serve the API on a non-loopback address without
-// a token: anyone reaching it could push commands to every instance.
-func CheckExposure(addr, token string) error {
-	if token != "" {
-		return nil
-	}
-	host, _, err := net.SplitHostPort(addr)
-	if err != nil {
-		return fmt.Errorf("backend: --listen %q: %w", addr, err)
-	}
-	if host == "localhost" {
-		return nil
-	}
-	if ip := net.ParseIP(host); ip != nil && ip.IsLoopback() {
-		return nil
-	}
-	return fmt.Errorf("backend: --listen %s is not a loopback address: set --api-token (or OPSAGENT_API_TOKEN) so that only you can push recipes", addr)
 }
 
 // CloseAgents sends a normal close to every agent (shutdown).

@@ -26,12 +26,14 @@ func backendCommand() *cli.Command {
 			"API: PUT /api/apps/{app}/recipe, GET /api/apps/{app}/instances, GET /api/apps/{app}/logs?after=N,\n" +
 			"POST /api/apps/{app}/waits, POST /api/apps/{app}/update, GET /api/apps/{app}/enrollment,\n" +
 			"POST /api/apps/{app}/enrollment/rotate, GET /api/apps, GET /api/healthz.\n" +
+			"Every call but /api/healthz needs 'Authorization: Bearer <token>', on any address: the token\n" +
+			"comes from --api-token-file or OPSAGENT_API_TOKEN, else from <data>/api-token, created on first start.\n" +
 			"Mutating calls need Content-Type: application/json; the Host header must name this server\n" +
 			"(--allow-host for other names) and cross-site Origins are refused.",
 		Flags: []cli.Flag{
 			&cli.StringFlag{Name: "listen", Value: "127.0.0.1:8963", Usage: "address to listen on (port 0: any free port)"},
 			&cli.StringFlag{Name: "data", Usage: "directory for apps, recipes, tokens and logs (created if missing)", Required: true},
-			&cli.StringFlag{Name: "api-token", Usage: "bearer token required on /api/ (required off loopback); prefer OPSAGENT_API_TOKEN or --api-token-file: a flag shows in ps", Sources: cli.EnvVars("OPSAGENT_API_TOKEN")},
+			&cli.StringFlag{Name: "api-token", Usage: "bearer token every API call needs (default: <data>/api-token, made on first start); prefer OPSAGENT_API_TOKEN or --api-token-file: a flag shows in ps", Sources: cli.EnvVars("OPSAGENT_API_TOKEN")},
 			&cli.StringFlag{Name: "api-token-file", Usage: "read the API token from this file (first line)"},
 			&cli.StringSliceFlag{Name: "allow-host", Usage: "a host name clients may use to reach this server besides its listen address (repeatable)"},
 			&cli.BoolFlag{Name: "open-enrollment", Usage: "let any agent that knows an app id enroll without the app's enrollment secret (the 2014 behaviour)"},
@@ -50,9 +52,6 @@ func backendCommand() *cli.Command {
 			if err != nil {
 				return err
 			}
-			if err := backend.CheckExposure(cmd.String("listen"), token); err != nil {
-				return usageErrorf("%v", err)
-			}
 			retention, err := config.ParseSize(cmd.String("log-retention-size"))
 			if err != nil {
 				return usageErrorf("--log-retention-size: %v", err)
@@ -68,6 +67,11 @@ func backendCommand() *cli.Command {
 			})
 			if err != nil {
 				return err
+			}
+			if f := srv.APITokenFile(); f != "" {
+				// The path, never the token: this output often ends up in
+				// logs that others read.
+				fmt.Fprintf(cmd.Root().Writer, "API token: %s (export OPSAGENT_API_TOKEN=$(cat %s))\n", f, f)
 			}
 			ctx, stop := signal.NotifyContext(ctx, syscall.SIGTERM, syscall.SIGINT)
 			defer stop()
