@@ -442,4 +442,3 @@ func TestAPIErrors(t *testing.T) {
 		})
 	}
 }
-
