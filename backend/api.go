@@ -236,7 +236,7 @@ func (s *Server) putRecipe(w http.ResponseWriter, r *http.Request) {
 		next.States[i] = stateJSON{ID: st.ID, Module: st.Module, Parameter: st.Parameter}
 	}
 	next.Waits = map[string][]string{} // waits belong to a recipe version
-	next.done = nil
+	next.done, next.stateIDs = nil, nil
 	if err := s.store.save(&next); err != nil {
 		s.mu.Unlock()
 		apiError(w, http.StatusInternalServerError, "cannot store the recipe: %v", err)

@@ -37,6 +37,8 @@ type appState struct {
 	// done is which "instance/state" succeeded in RecipeVersion, for the
 	// relay; in memory only (the states run again every round).
 	done map[string]bool
+	// stateIDs is the set of States' ids, built on first use (hasState).
+	stateIDs map[string]bool
 }
 
 type stateJSON struct {
