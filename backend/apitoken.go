@@ -152,6 +152,7 @@ func readAPIToken(path string) (string, error) {
 func (s *Server) auth(h http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if !s.apiAuth.ok(r.Header.Get("Authorization")) {
+			s.refusals.add(refAPIToken, "remote", r.RemoteAddr, "request", clip(r.Method+" "+r.URL.Path))
 			w.Header().Set("WWW-Authenticate", `Bearer realm="opsagent"`)
 			apiError(w, http.StatusUnauthorized, "missing or wrong API token: send 'Authorization: Bearer <token>' with %s (e.g. export OPSAGENT_API_TOKEN=...; curl -H \"Authorization: Bearer $OPSAGENT_API_TOKEN\")", s.apiAuth.where)
 			return

@@ -70,6 +70,9 @@ func newEnv(t testing.TB, dir string, tweak func(*Options)) *env {
 	return &env{t: t, dir: dir, srv: srv, http: hs, token: token, halt: stop}
 }
 
+// fileLogs is the log store of a Server on the file store.
+func fileLogs(s *Server) *logStore { return s.st.(*fileStore).logs }
+
 // readTokenFile is what a client does with <data>/api-token.
 func readTokenFile(t testing.TB, path string) string {
 	t.Helper()

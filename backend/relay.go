@@ -94,7 +94,7 @@ func (s *Server) relay(app, instance string, version int64, stateID string) {
 		next.Waits[k] = v
 	}
 	next.Waits[allInstances] = append(slices.Clone(a.Waits[allInstances]), released...)
-	if err := s.store.save(&next); err != nil {
+	if err := s.st.SaveApp(&next); err != nil {
 		a.Waits = next.Waits
 		s.mu.Unlock()
 		s.log.Error("cannot store released waits; they are released in memory only", "app_id", app, "err", err)

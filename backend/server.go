@@ -48,6 +48,12 @@ type Options struct {
 	// OpenEnrollment lets any client that knows an app id enroll a new
 	// instance id without the app's enrollment secret (the 2014 behaviour).
 	OpenEnrollment bool
+	// EnrollLimit is how many new instances an app may enroll per
+	// EnrollWindow (a token bucket holding one window's worth; enroll.go):
+	// 0 means the default, 100 per minute; below 0, no limit. A Handshake
+	// over it is closed 1013 and the agent comes back later.
+	EnrollLimit  int
+	EnrollWindow time.Duration
 
 	PingInterval     time.Duration // default 25 s
 	DeadAfter        time.Duration // default 60 s
@@ -74,6 +80,18 @@ type Options struct {
 	// badFrameEvery spaces the log lines about one connection's bad frames;
 	// default 10 s. Unexported: only tests change it.
 	badFrameEvery time.Duration
+	// refusalEvery is the interval of the refusal summary (refusals.go);
+	// default 10 s. Unexported: only tests change it.
+	refusalEvery time.Duration
+
+	// loadRetryMin and loadRetryMax bound the wait before an app that
+	// failed to load is tried again (doubling from min to max); defaults
+	// 1 s and 1 min. Unexported: only tests change them.
+	loadRetryMin, loadRetryMax time.Duration
+
+	// newStore opens the store; default the file store in DataDir.
+	// Unexported: the store suite runs the Server on other stores.
+	newStore func(Options) (appStore, error)
 }
 
 // Server is the backend. Use Handler with any http.Server, or
@@ -82,19 +100,24 @@ type Server struct {
 	opts  Options
 	lock  *fsutil.LockFile // the data directory's
 	log   *slog.Logger
-	store store
-	logs  *logStore
+	st    appStore
 	up    websocket.Upgrader
 	hosts atomic.Pointer[hostSet] // replaced once ListenAndServe knows its address
 
 	apiAuth      apiAuth
 	apiTokenFile string // <data>/api-token when the token comes from there
+	refusals     *refusalLog
+	enroll       *enrollLimiter
 
-	mu      sync.Mutex
-	apps    map[string]*appState
-	secrets map[string]string                // app → enrollment secret (enroll.secret)
-	agents  map[string]map[string]*agentConn // app → instance → live connection
-	closed  bool
+	// loadMu makes loads and creations of apps one at a time, so that two
+	// requests never load (or create) the same app twice.
+	loadMu sync.Mutex
+
+	mu     sync.Mutex
+	apps   map[string]*appState             // loaded apps
+	failed map[string]*appFailure           // stored apps that did not load
+	agents map[string]map[string]*agentConn // app → instance → live connection
+	closed bool
 }
 
 // New opens (or creates) the data directory and loads its state.
@@ -114,16 +137,26 @@ func New(opts Options) (*Server, error) {
 	def(&opts.DeadAfter, 60*time.Second)
 	def(&opts.HandshakeTimeout, 10*time.Second)
 	def(&opts.badFrameEvery, 10*time.Second)
+	def(&opts.loadRetryMin, time.Second)
+	def(&opts.loadRetryMax, time.Minute)
+	def(&opts.refusalEvery, defaultRefusalLog)
+	def(&opts.EnrollWindow, defaultEnrollWindow)
+	if opts.EnrollLimit == 0 {
+		opts.EnrollLimit = defaultEnrollLimit
+	}
+	if opts.newStore == nil {
+		opts.newStore = func(o Options) (appStore, error) { return openFileStore(o.DataDir, o.logOptions(), o.Logger), nil }
+	}
 	if opts.SendQueue <= 0 {
 		opts.SendQueue = 64
 	}
 	if err := logDefaults(&opts); err != nil {
 		return nil, err
 	}
-	log := opts.Logger
-	if log == nil {
-		log = slog.New(slog.DiscardHandler)
+	if opts.Logger == nil {
+		opts.Logger = slog.New(slog.DiscardHandler)
 	}
+	log := opts.Logger
 	if err := os.MkdirAll(opts.DataDir, 0o700); err != nil {
 		return nil, fmt.Errorf("backend: data dir %s: %w", opts.DataDir, err)
 	}
@@ -137,32 +170,43 @@ func New(opts Options) (*Server, error) {
 		_ = lock.Unlock()
 		return nil, err
 	}
+	st, err := opts.newStore(opts)
+	if err != nil {
+		_ = lock.Unlock()
+		return nil, fmt.Errorf("backend: %w", err)
+	}
 	s := &Server{
 		apiAuth: auth, apiTokenFile: tokenFile,
-		lock:  lock,
-		opts:  opts,
-		log:   log,
-		store: store{dir: opts.DataDir},
+		lock: lock,
+		opts: opts,
+		log:  log,
+		st:   st,
+
+		refusals: &refusalLog{log: log, every: opts.refusalEvery},
+		enroll:   newEnrollLimiter(opts.EnrollLimit, opts.EnrollWindow),
 		// Small read buffers and pooled write buffers keep an idle agent
 		// connection cheap (a fleet is mostly idle connections).
-		up:      websocket.Upgrader{ReadBufferSize: 1 << 10, WriteBufferSize: 4 << 10, WriteBufferPool: &sync.Pool{}},
-		agents:  map[string]map[string]*agentConn{},
-		secrets: map[string]string{},
+		up:     websocket.Upgrader{ReadBufferSize: 1 << 10, WriteBufferSize: 4 << 10, WriteBufferPool: &sync.Pool{}},
+		apps:   map[string]*appState{},
+		failed: map[string]*appFailure{},
+		agents: map[string]map[string]*agentConn{},
 	}
 	// Browsers always send Origin on a WebSocket upgrade; agents send none.
 	s.up.CheckOrigin = s.originAllowed
 	s.hosts.Store(newHostSet(opts.AllowedHosts))
-	apps, errs := s.store.loadAll()
-	for _, err := range errs {
-		log.Error("backend: cannot load an app; it is skipped", "err", err)
-	}
-	s.apps = apps
-	s.openLogs()
-	if err := s.loadSecrets(); err != nil {
-		_ = s.logs.close()
+	ids, err := st.AppIDs()
+	if err != nil {
+		// Without the list no app is known, and a PUT could not tell a
+		// new app from a stored one it cannot see: refuse to start.
+		_ = st.Close()
 		_ = lock.Unlock()
-		return nil, err
+		return nil, fmt.Errorf("backend: data dir %s: %w", opts.DataDir, err)
 	}
+	s.loadMu.Lock()
+	for _, id := range ids {
+		_, _ = s.load(id) // a failure is logged and kept in s.failed
+	}
+	s.loadMu.Unlock()
 	return s, nil
 }
 
@@ -189,17 +233,9 @@ func logDefaults(o *Options) error {
 	return nil
 }
 
-// openLogs loads every app's StateLogs and starts the log writer. An app
-// whose logs cannot be loaded is skipped, like an unreadable app.json.
-func (s *Server) openLogs() {
-	lo := logOptions{segmentBytes: s.opts.LogSegmentBytes, retentionBytes: s.opts.LogRetentionBytes,
-		retentionAge: s.opts.LogRetentionAge, maxOutput: s.opts.MaxOutputBytes, commitDelay: s.opts.logCommitDelay}
-	ls, errs := openLogStore(filepath.Join(s.opts.DataDir, "apps"), sortedKeys(s.apps), lo, s.log)
-	for id, err := range errs {
-		s.log.Error("backend: cannot load an app's StateLogs; the app is skipped", "app_id", id, "err", err)
-		delete(s.apps, id)
-	}
-	s.logs = ls
+func (o Options) logOptions() logOptions {
+	return logOptions{segmentBytes: o.LogSegmentBytes, retentionBytes: o.LogRetentionBytes,
+		retentionAge: o.LogRetentionAge, maxOutput: o.MaxOutputBytes, commitDelay: o.logCommitDelay}
 }
 
 // APITokenFile is the file the API token was read from or created in
@@ -212,7 +248,8 @@ func (s *Server) APITokenFile() string { return s.apiTokenFile }
 // agents are closed.
 func (s *Server) Close() error {
 	defer s.lock.Unlock()
-	if err := s.logs.close(); err != nil {
+	s.refusals.flush()
+	if err := s.st.Close(); err != nil {
 		return fmt.Errorf("backend: closing the StateLog store: %w", err)
 	}
 	return nil

@@ -24,6 +24,7 @@ func backendCommand() *cli.Command {
 		Usage: "serve the embedded reference backend (agents at /agent/, JSON API at /api/)",
 		Description: "A small control plane for local trials, tests and small self-hosted fleets.\n" +
 			"API: PUT /api/apps/{app}/recipe, GET /api/apps/{app}/instances, GET /api/apps/{app}/logs?after=N,\n" +
+			"DELETE /api/apps/{app}/instances/{id} (revoke), POST /api/apps/{app}/instances/{id}/admit,\n" +
 			"POST /api/apps/{app}/waits, POST /api/apps/{app}/update, GET /api/apps/{app}/enrollment,\n" +
 			"POST /api/apps/{app}/enrollment/rotate, GET /api/apps, GET /api/healthz.\n" +
 			"Every call but /api/healthz needs 'Authorization: Bearer <token>', on any address: the token\n" +
@@ -37,6 +38,8 @@ func backendCommand() *cli.Command {
 			&cli.StringFlag{Name: "api-token-file", Usage: "read the API token from this file (first line)"},
 			&cli.StringSliceFlag{Name: "allow-host", Usage: "a host name clients may use to reach this server besides its listen address (repeatable)"},
 			&cli.BoolFlag{Name: "open-enrollment", Usage: "let any agent that knows an app id enroll without the app's enrollment secret (the 2014 behaviour)"},
+			&cli.IntFlag{Name: "enroll-limit", Value: 100, Usage: "new instances an app may enroll per --enroll-window (all at once, then at that rate); over it a Handshake is refused and retried later; -1: no limit"},
+			&cli.DurationFlag{Name: "enroll-window", Value: time.Minute, Usage: "the window of --enroll-limit"},
 			&cli.StringFlag{Name: "log-retention-size", Value: "1GiB", Usage: "StateLogs kept per app; the oldest segments go first"},
 			&cli.DurationFlag{Name: "log-retention-age", Value: 30 * 24 * time.Hour, Usage: "StateLogs older than this are deleted (whole segments)"},
 			&cli.StringFlag{Name: "log-segment-size", Value: "16MiB", Usage: "size at which a StateLog segment file is closed and a new one started"},
@@ -60,9 +63,17 @@ func backendCommand() *cli.Command {
 			if err != nil {
 				return usageErrorf("--log-segment-size: %v", err)
 			}
+			enrollLimit := int(cmd.Int("enroll-limit"))
+			switch {
+			case enrollLimit == 0 || enrollLimit < -1:
+				return usageErrorf("--enroll-limit %d: give new instances per --enroll-window (at least 1), or -1 for no limit", enrollLimit)
+			case cmd.Duration("enroll-window") <= 0:
+				return usageErrorf("--enroll-window %v: must be positive (e.g. 1m)", cmd.Duration("enroll-window"))
+			}
 			srv, err := backend.New(backend.Options{
 				DataDir: cmd.String("data"), APIToken: token, Logger: log,
 				AllowedHosts: cmd.StringSlice("allow-host"), OpenEnrollment: cmd.Bool("open-enrollment"),
+				EnrollLimit: enrollLimit, EnrollWindow: cmd.Duration("enroll-window"),
 				LogRetentionBytes: int64(retention), LogRetentionAge: cmd.Duration("log-retention-age"), LogSegmentBytes: int64(segment),
 			})
 			if err != nil {
