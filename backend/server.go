@@ -1,12 +1,16 @@
 // Package backend is the embedded reference backend (`opsagent backend`): a
 // small but real control plane speaking spec/protocol.md to agents over
 // WebSocket, with a JSON API to put recipes, read StateLogs, release waits
-// and roll out updates. It keeps its state in a data directory (atomic JSON
-// files; StateLogs in bounded, fsynced JSONL segments per app, see
-// logstore.go) so a restart loses nothing, and acknowledges protocol-2
-// StateLogs only once they are durable (protocol/PROTOCOL-2.md). A new
-// instance id enrolls only with its app's enrollment secret (enroll.go);
-// browsers are kept out by Host and Origin checks (httpguard.go).
+// and roll out updates. It keeps its state through an appStore (store.go:
+// today atomic JSON files and StateLogs in bounded, fsynced JSONL segments
+// per app, see logstore.go) so a restart loses nothing, acknowledges
+// protocol-2 StateLogs only once they are durable (protocol/PROTOCOL-2.md),
+// and keeps an app it cannot load as failed, never creating it afresh
+// (apps.go). Every API call needs the API token (apitoken.go). A new
+// instance id enrolls only with its app's enrollment secret, within the
+// app's enrollment limit, and can be revoked (enroll.go); refusals are
+// logged as summaries (refusals.go); browsers are kept out by Host and
+// Origin checks (httpguard.go).
 package backend
 
 import (
