@@ -79,7 +79,8 @@ func BenchmarkFleet(b *testing.B) {
 }
 
 func fleet(b *testing.B, n int) {
-	be := startBackend(b, b.TempDir(), "127.0.0.1:0")
+	// No enrollment limit: the whole fleet enrolls at once here.
+	be := startBackend(b, b.TempDir(), "127.0.0.1:0", "--enroll-limit", "-1")
 	// Version 1 exists so handshakes succeed; version 2 is the measured push.
 	be.api(nil, "PUT", "/api/apps/fleet/recipe", `{"state":[]}`)
 	time.Sleep(200 * time.Millisecond)
