@@ -79,8 +79,8 @@ func (e *Executor) user(ctx context.Context, s *stateRun) (state.Result, error) 
 			if err := s.createUser(ctx, spec, byName, primary, shell); err != nil {
 				return state.Result{}, failf("%s: %v", what, err)
 			}
-			if cur, err = findUser(s.sys, spec.name); err != nil || cur == nil {
-				return state.Result{}, failf("%s: useradd ran but the user is not in /etc/passwd (%v)", what, err)
+			if cur, err = rereadUser(s.sys, spec.name, "useradd"); err != nil {
+				return state.Result{}, failf("%s: %v", what, err)
 			}
 		}
 	} else {
@@ -88,8 +88,8 @@ func (e *Executor) user(ctx context.Context, s *stateRun) (state.Result, error) 
 			return state.Result{}, failf("%s: %v", what, err)
 		}
 		if !s.test && len(ch) > 0 {
-			if cur, err = findUser(s.sys, spec.name); err != nil || cur == nil {
-				return state.Result{}, failf("%s: usermod ran but the user is not in /etc/passwd (%v)", what, err)
+			if cur, err = rereadUser(s.sys, spec.name, "usermod"); err != nil {
+				return state.Result{}, failf("%s: %v", what, err)
 			}
 		}
 	}
@@ -243,6 +243,18 @@ func findUser(sys *system.Host, name string) (*system.User, error) {
 		}
 	}
 	return nil, nil
+}
+
+// rereadUser is the user after tool changed it.
+func rereadUser(sys *system.Host, name, tool string) (*system.User, error) {
+	u, err := findUser(sys, name)
+	switch {
+	case err != nil:
+		return nil, fmt.Errorf("cannot read /etc/passwd after %s: %w", tool, err)
+	case u == nil:
+		return nil, fmt.Errorf("%s succeeded but the user is not in /etc/passwd", tool)
+	}
+	return u, nil
 }
 
 // findGroup finds a group by name, else by number.
