@@ -116,6 +116,11 @@ func (e *Executor) user(ctx context.Context, s *stateRun) (state.Result, error) 
 	return s.result(what, ch), nil
 }
 
+// maxPassword is the longest plaintext password: PAM hands a login at
+// most 512 bytes (PAM_MAX_RESP_SIZE), and SHA-crypt's cost grows with the
+// square of the length.
+const maxPassword = 512
+
 // userSpec is what a linux.user state asks for; nil and -1 mean "leave
 // as it is" (or useradd's default for a new user).
 type userSpec struct {
@@ -143,6 +148,9 @@ func readUserSpec(p params) (userSpec, error) {
 	}
 	if u.password, err = p.str("password"); err != nil {
 		return u, err
+	}
+	if len(u.password) > maxPassword && !crypt.IsHash(u.password) {
+		return u, &badParam{"password", fmt.Sprintf("is %d bytes long: a login reads at most %d (PAM's limit), and hashing it would take long", len(u.password), maxPassword)}
 	}
 	if p.has("fullname") {
 		f, err := p.str("fullname")

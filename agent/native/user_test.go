@@ -339,3 +339,27 @@ func TestUserExistingAccount(t *testing.T) {
 		t.Fatal("/home/root was created")
 	}
 }
+
+// TestUserBadParameters: one line naming the parameter and the fix;
+// nothing runs.
+func TestUserBadParameters(t *testing.T) {
+	rig := newDebianRig(t)
+	for param, want := range map[string]string{
+		`{"password": "x"}`:                                                   "linux.user: parameter username: is required and missing or empty",
+		`{"username": "a:b"}`:                                                 `linux.user: parameter username: account name "a:b" cannot contain ':'`,
+		`{"username": "-o"}`:                                                  `linux.user: parameter username: account name "-o" cannot start with "-"`,
+		`{"username": "bob", "home": "home/bob"}`:                             `linux.user: parameter home: must be an absolute path, got "home/bob"`,
+		`{"username": "bob", "uid": "-5"}`:                                    `linux.user: parameter uid: must be a number from 0, got "-5"`,
+		`{"username": "bob", "fullname": "Doe, John"}`:                        `linux.user: parameter fullname: "Doe, John" cannot contain ':', ',' or a line break (they separate the fields of /etc/passwd and of its GECOS field)`,
+		`{"username": "bob", "no-login": "maybe"}`:                            `linux.user: parameter no-login: must be true or false, got "maybe"`,
+		`{"username": "bob", "groups": [{"a": 1}]}`:                           "linux.user: parameter groups[0]: must be a string, got an object",
+		`{"username": "bob", "password": "` + strings.Repeat("x", 513) + `"}`: "linux.user: parameter password: is 513 bytes long: a login reads at most 512 (PAM's limit), and hashing it would take long",
+	} {
+		if res := rig.apply(t, "linux.user", param, false); res.OK || res.Comment != want {
+			t.Errorf("%.80s: %+v\n want %q", param, res, want)
+		}
+	}
+	if cmds := rig.runs.Since(0); len(cmds) > 0 {
+		t.Fatalf("ran %v", cmds)
+	}
+}

@@ -46,7 +46,9 @@ var ErrUnsupported = errors.New("crypt: unsupported hash method")
 // SHA512 is crypt(3) with the $6$ method: password hashed with salt (at
 // most 16 bytes are used, up to the first '$') and rounds (0: the
 // default, written without a rounds field; otherwise clamped to
-// MinRounds..MaxRounds and written, as glibc does).
+// MinRounds..MaxRounds and written, as glibc does). Its cost grows with
+// the square of the password's length (the specification hashes the
+// password repeated as many times as it is long): callers bound it.
 func SHA512(password, salt string, rounds int) string {
 	return shaCrypt(sha512.New, "$6$", sha512Perm[:], password, salt, rounds)
 }
