@@ -292,6 +292,7 @@ func runSession(ctx context.Context, opts Options, cfg *config.Config, layout co
 			Logger:      log,
 			OutputLimit: cur.Agent.OutputLimit,
 			KillGrace:   cur.Agent.KillGrace,
+			WatchDir:    layout.WatchDir(),
 		}),
 	}
 	link := &linkProxy{}

@@ -157,6 +157,7 @@ func newExecutor(layout config.Layout, cfg *config.Config, log *slog.Logger, sys
 			OutputLimit: cfg.Agent.OutputLimit,
 			KillGrace:   cfg.Agent.KillGrace,
 			System:      sys,
+			WatchDir:    layout.WatchDir(),
 		}),
 	}
 	return router, salt.Close

@@ -20,6 +20,7 @@ import (
 	"time"
 
 	"github.com/visualops/opsagent/agent/state"
+	"github.com/visualops/opsagent/internal/config"
 	"github.com/visualops/opsagent/internal/fsutil"
 	"github.com/visualops/opsagent/internal/proc"
 	"github.com/visualops/opsagent/internal/rootfs"
@@ -40,6 +41,10 @@ type Options struct {
 	// users, services); nil builds one. The agent shares its own, so
 	// that status shows what the modules use.
 	System *system.Host
+	// WatchDir is the host directory of the watched files' checksums
+	// ([global] watch, config.Layout.WatchDir); default the configuration
+	// default below Root.
+	WatchDir string
 }
 
 // Executor runs the native modules.
@@ -68,6 +73,9 @@ func New(opts Options) *Executor {
 	}
 	if opts.MaxDownload <= 0 {
 		opts.MaxDownload = 256 << 20
+	}
+	if opts.WatchDir == "" {
+		opts.WatchDir = config.NewLayout(opts.Root, "", nil).WatchDir()
 	}
 	log := opts.Logger
 	if log == nil {
@@ -126,10 +134,15 @@ func unchanged(comment string) state.Result {
 
 func (e *Executor) modules() map[string]module {
 	return map[string]module{
-		"linux.cmd":     e.cmd,
-		"linux.file":    e.file,
-		"linux.dir":     e.dir,
-		"linux.symlink": e.symlink,
+		"linux.cmd":       e.cmd,
+		"linux.file":      e.file,
+		"linux.dir":       e.dir,
+		"linux.symlink":   e.symlink,
+		"linux.user":      e.user,
+		"linux.group":     e.group,
+		"linux.cronjob":   e.cronjob,
+		"common.timezone": e.timezone,
+		"linux.service":   e.service,
 	}
 }
 
