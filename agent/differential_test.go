@@ -19,6 +19,7 @@ import (
 	"github.com/visualops/opsagent/agent/state"
 	"github.com/visualops/opsagent/internal/config"
 	"github.com/visualops/opsagent/internal/fsutil"
+	"github.com/visualops/opsagent/internal/system/systemtest"
 	"github.com/visualops/opsagent/internal/testutil/gitserver"
 	"github.com/visualops/opsagent/internal/testutil/saltfork"
 	"github.com/visualops/opsagent/protocol"
@@ -87,6 +88,7 @@ func TestNativeMatchesTheRealFork(t *testing.T) {
 	}
 	salt := forkExecutor(t)
 	nativeRoot := t.TempDir()
+	systemtest.SeedAccounts(t, nativeRoot)
 	nat := native.New(native.Options{Root: mustRoot(t, nativeRoot)})
 	saltBase := t.TempDir()
 	// Both trees start alike: a directory tree for the recursive state and

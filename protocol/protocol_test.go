@@ -292,3 +292,20 @@ func FuzzDecode(f *testing.F) {
 		}
 	})
 }
+
+func TestDecodeRecipe(t *testing.T) {
+	body := `{"module":{"repo":"https://example.com/s.git","tag":"v1"},"state":[{"id":"a","module":"linux.cmd","parameter":{"cmd":"true"}}]}`
+	m, err := DecodeRecipe([]byte(body))
+	if err != nil || m.RecipeVersion != 1 || len(m.States) != 1 || m.Module.Tag != "v1" {
+		t.Fatalf("body: %+v %v", m, err)
+	}
+	frame := `{"code":"RecipeMetadata","recipe_version":7,"state":[{"id":"a","module":"meta.comment","parameter":{}}]}`
+	if m, err = DecodeRecipe([]byte(frame)); err != nil || m.RecipeVersion != 7 {
+		t.Fatalf("frame: %+v %v", m, err)
+	}
+	for _, bad := range []string{`[]`, `{}`, `{"state":[{"id":"a","module":"Bad Module"}]}`, `{"code":"WaitList","waits":[]}`, `{"state":[]} trailing`} {
+		if _, err := DecodeRecipe([]byte(bad)); err == nil {
+			t.Errorf("%s: accepted", bad)
+		}
+	}
+}

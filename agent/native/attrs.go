@@ -21,12 +21,12 @@ type attrs struct {
 }
 
 // stateAttrs reads the mode, user and group parameters.
-func stateAttrs(p params) (attrs, error) {
-	mode, haveMode, err := p.mode("mode")
+func (s *stateRun) attrs() (attrs, error) {
+	mode, haveMode, err := s.p.mode("mode")
 	if err != nil {
 		return attrs{}, err
 	}
-	uid, gid, err := owner(p)
+	uid, gid, err := s.owner()
 	if err != nil {
 		return attrs{}, err
 	}
@@ -46,34 +46,44 @@ func (a attrs) orMode(def uint32) attrs {
 func (a attrs) any() bool { return a.haveMode || a.uid >= 0 || a.gid >= 0 }
 
 // applyAttrs gives path the owner and then the mode that a asks for and
-// notes what changed in ch. It never follows a final symlink (callers pass
-// the resolved target when they mean the target); a symlink gets only its
-// owner, since Linux links have no mode.
+// notes what changed in ch (in check mode it only notes). It never follows
+// a final symlink (callers pass the resolved target when they mean the
+// target); a symlink gets only its owner, since Linux links have no mode.
 //
 // It is the one place where modes and owners are set, for files and
 // directories alike, whether just created or already there: so a mode
 // with setuid, setgid or sticky bits is set the same way in every round,
 // and the second round finds it in place. The owner goes first because
 // chown(2) clears setuid and setgid; the mode is compared after it.
-func applyAttrs(fsys *rootfs.FS, path string, a attrs, ch *changes) error {
+func (s *stateRun) applyAttrs(path string, a attrs, ch *changes) error {
+	fsys := s.fs
 	fi, err := fsys.Lstat(path)
 	if err != nil {
 		return err
 	}
+	bits := rootfs.ModeBits(fi.Mode())
 	if uid, gid, ok := rootfs.Owner(fi); ok && ((a.uid >= 0 && uid != a.uid) || (a.gid >= 0 && gid != a.gid)) {
-		if err := fsys.Chown(path, a.uid, a.gid, false); err != nil {
-			return err
-		}
 		ch.add("owner")
-		if fi, err = fsys.Lstat(path); err != nil {
-			return err
+		if s.test {
+			bits &^= 0o6000 // what chown(2) will clear
+		} else {
+			if err := fsys.Chown(path, a.uid, a.gid, false); err != nil {
+				return err
+			}
+			if fi, err = fsys.Lstat(path); err != nil {
+				return err
+			}
+			bits = rootfs.ModeBits(fi.Mode())
 		}
 	}
-	if a.haveMode && fi.Mode()&fs.ModeSymlink == 0 && rootfs.ModeBits(fi.Mode()) != a.mode {
+	if a.haveMode && fi.Mode()&fs.ModeSymlink == 0 && bits != a.mode {
+		ch.add("mode %04o", a.mode)
+		if s.test {
+			return nil
+		}
 		if err := fsys.Chmod(path, rootfs.FileMode(a.mode), false); err != nil {
 			return err
 		}
-		ch.add("mode %04o", a.mode)
 	}
 	return nil
 }
@@ -82,9 +92,9 @@ func applyAttrs(fsys *rootfs.FS, path string, a attrs, ch *changes) error {
 // after it is created (module.json: missing parents get the attributes of
 // the state's own directory). They are created 0700, so none is ever
 // open to others before it has its final mode.
-func mkdirParents(fsys *rootfs.FS, dir string, a attrs) error {
-	return fsys.MkdirAll(dir, 0o700, func(p string) error {
+func (s *stateRun) mkdirParents(dir string, a attrs) error {
+	return s.fs.MkdirAll(dir, 0o700, func(p string) error {
 		var ignored changes // a created directory reports "created" only
-		return applyAttrs(fsys, p, a, &ignored)
+		return s.applyAttrs(p, a, &ignored)
 	})
 }

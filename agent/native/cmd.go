@@ -29,7 +29,11 @@ const (
 // not), and cwd is created there. The command itself runs as the agent
 // (or the state's user) with no confinement: running arbitrary commands
 // is what the module is for.
-func (e *Executor) cmd(ctx context.Context, fsys *rootfs.FS, p params) (state.Result, error) {
+//
+// In check mode the conditions are evaluated and the command is reported
+// as one that would run; nothing runs (Salt's cmd.run with test=True).
+func (e *Executor) cmd(ctx context.Context, s *stateRun) (state.Result, error) {
+	p, fsys := s.p, s.fs
 	command, err := p.required("cmd")
 	if err != nil {
 		return state.Result{}, err
@@ -67,7 +71,7 @@ func (e *Executor) cmd(ctx context.Context, fsys *rootfs.FS, p params) (state.Re
 	if err != nil {
 		return state.Result{}, err
 	}
-	cred, err := credential(p)
+	cred, err := s.credential()
 	if err != nil {
 		return state.Result{}, err
 	}
@@ -84,6 +88,9 @@ func (e *Executor) cmd(ctx context.Context, fsys *rootfs.FS, p params) (state.Re
 		if _, err := fsys.Lstat(path); err == nil {
 			return state.Result{OK: true, Comment: fmt.Sprintf("%s skipped: %s exists (if-path-absent)", label, path)}, nil
 		}
+	}
+	if s.test {
+		return changed(fmt.Sprintf("%s would be run", label)), nil
 	}
 	dir, err := prepareCwd(fsys, cwd, cred)
 	if err != nil {
@@ -114,7 +121,7 @@ func (e *Executor) cmd(ctx context.Context, fsys *rootfs.FS, p params) (state.Re
 			out.Comment = fmt.Sprintf("%s failed with exit code %d", label, res.ExitCode)
 		}
 	default:
-		out.OK = true
+		out.OK, out.Changed = true, true
 		out.Comment = fmt.Sprintf("%s run", label)
 	}
 	return out, nil

@@ -19,7 +19,8 @@ import (
 // point not mounted yet). Recursive mode and owner changes never follow
 // symlinks inside the tree. absent removes a symlink itself, not its
 // target, and never follows links inside the tree it removes.
-func (e *Executor) dir(_ context.Context, fsys *rootfs.FS, p params) (state.Result, error) {
+func (e *Executor) dir(_ context.Context, s *stateRun) (state.Result, error) {
+	p := s.p
 	paths, err := dirPaths(p)
 	if err != nil {
 		return state.Result{}, err
@@ -29,9 +30,9 @@ func (e *Executor) dir(_ context.Context, fsys *rootfs.FS, p params) (state.Resu
 		return state.Result{}, err
 	}
 	if absent {
-		return removeDirs(fsys, paths)
+		return s.removeDirs(paths)
 	}
-	a, err := stateAttrs(p)
+	a, err := s.attrs()
 	if err != nil {
 		return state.Result{}, err
 	}
@@ -40,14 +41,16 @@ func (e *Executor) dir(_ context.Context, fsys *rootfs.FS, p params) (state.Resu
 		return state.Result{}, err
 	}
 	var comments []string
+	any := false
 	for _, d := range paths {
-		r, err := manageDir(fsys, d, a, recursive)
+		r, err := s.manageDir(d, a, recursive)
 		if err != nil {
 			return state.Result{}, err
 		}
 		comments = append(comments, r.Comment)
+		any = any || r.Changed
 	}
-	return state.Result{OK: true, Comment: strings.Join(comments, "\n")}, nil
+	return state.Result{OK: true, Changed: any, Comment: strings.Join(comments, "\n")}, nil
 }
 
 // dirPaths reads the path list; each must be absolute.
@@ -68,78 +71,86 @@ func dirPaths(p params) ([]string, error) {
 	return paths, nil
 }
 
-func removeDirs(fsys *rootfs.FS, paths []string) (state.Result, error) {
+func (s *stateRun) removeDirs(paths []string) (state.Result, error) {
 	var removed, already []string
 	for _, d := range paths {
-		if _, err := fsys.Lstat(d); errors.Is(err, fs.ErrNotExist) {
+		if _, err := s.fs.Lstat(d); errors.Is(err, fs.ErrNotExist) {
 			already = append(already, d)
 			continue
 		}
 		if d == "/" {
 			return state.Result{}, failf("Directory %s: refusing to remove the root", d)
 		}
-		if err := fsys.RemoveAll(d); err != nil {
-			return state.Result{}, failf("Directory %s: %v", d, err)
+		if !s.test {
+			if err := s.fs.RemoveAll(d); err != nil {
+				return state.Result{}, failf("Directory %s: %v", d, err)
+			}
 		}
 		removed = append(removed, d)
 	}
 	if len(removed) == 0 {
-		return state.Result{OK: true, Comment: fmt.Sprintf("Directory %s is already absent", strings.Join(already, ", "))}, nil
+		return unchanged(fmt.Sprintf("Directory %s is already absent", strings.Join(already, ", "))), nil
 	}
-	return state.Result{OK: true, Comment: fmt.Sprintf("Directory %s removed", strings.Join(removed, ", "))}, nil
+	return changed(fmt.Sprintf("Directory %s %s", strings.Join(removed, ", "), s.did("removed"))), nil
 }
 
 // manageDir makes directory d exist with attributes a.
-func manageDir(fsys *rootfs.FS, d string, a attrs, recursive bool) (state.Result, error) {
+func (s *stateRun) manageDir(d string, a attrs, recursive bool) (state.Result, error) {
 	var ch changes
-	target, err := dirTarget(fsys, d, a, &ch)
+	target, created, err := s.dirTarget(d, a, &ch)
 	if err != nil {
 		return state.Result{}, err
 	}
-	if err := applyAttrs(fsys, target, a, &ch); err != nil {
+	if created && s.test {
+		return s.result("Directory "+d, ch), nil // nothing there to look at
+	}
+	if err := s.applyAttrs(target, a, &ch); err != nil {
 		return state.Result{}, failf("Directory %s: %v", d, err)
 	}
 	if recursive && a.any() {
-		err := fsys.WalkDir(target, func(sub string, de fs.DirEntry, err error) error {
+		err := s.fs.WalkDir(target, func(sub string, de fs.DirEntry, err error) error {
 			if err != nil || sub == target || !de.IsDir() {
 				return err // a symlink's entry is not a directory: not followed
 			}
-			return applyAttrs(fsys, sub, a, &ch)
+			return s.applyAttrs(sub, a, &ch)
 		})
 		if err != nil {
 			return state.Result{}, failf("Directory %s: %v", d, err)
 		}
 	}
-	return dedupe(ch).result("Directory " + d), nil
+	return s.result("Directory "+d, dedupe(ch)), nil
 }
 
 // dirTarget is the in-root directory linux.dir manages for d, created
 // (with its missing parents, given a's attributes, 0755 by default) when
-// d does not exist.
-func dirTarget(fsys *rootfs.FS, d string, a attrs, ch *changes) (string, error) {
+// d does not exist (in check mode only reported as created).
+func (s *stateRun) dirTarget(d string, a attrs, ch *changes) (string, bool, error) {
+	fsys := s.fs
 	target := d
 	fi, err := fsys.Lstat(d)
 	if err == nil && fi.Mode()&fs.ModeSymlink != 0 {
 		if target, err = fsys.ResolveLinks(d); err != nil {
-			return "", failf("Directory %s: is a symlink that cannot be followed: %v", d, err)
+			return "", false, failf("Directory %s: is a symlink that cannot be followed: %v", d, err)
 		}
 		if fi, err = fsys.Lstat(target); errors.Is(err, fs.ErrNotExist) {
-			return "", failf("Directory %s: is a symlink to %s, which does not exist (create it first)", d, target)
+			return "", false, failf("Directory %s: is a symlink to %s, which does not exist (create it first)", d, target)
 		}
 	}
 	switch {
 	case errors.Is(err, fs.ErrNotExist):
-		if err := mkdirParents(fsys, d, a.orMode(defaultDirMode)); err != nil {
-			return "", failf("Directory %s: %v", d, err)
-		}
 		ch.add("created")
-		return d, nil
+		if !s.test {
+			if err := s.mkdirParents(d, a.orMode(defaultDirMode)); err != nil {
+				return "", false, failf("Directory %s: %v", d, err)
+			}
+		}
+		return d, true, nil
 	case err != nil:
-		return "", failf("Directory %s: %v", d, err)
+		return "", false, failf("Directory %s: %v", d, err)
 	case !fi.IsDir():
-		return "", failf("Directory %s: a file is in the way", d)
+		return "", false, failf("Directory %s: a file is in the way", d)
 	}
-	return target, nil
+	return target, false, nil
 }
 
 func dedupe(c changes) changes {

@@ -22,7 +22,8 @@ import (
 // like a chroot) and the link stays. A dangling link's target is created
 // in its directory, which must exist. A link to a directory fails as a
 // directory would. absent removes the link itself, never its target.
-func (e *Executor) file(ctx context.Context, fsys *rootfs.FS, p params) (state.Result, error) {
+func (e *Executor) file(ctx context.Context, s *stateRun) (state.Result, error) {
+	p := s.p
 	path, err := absPath(p, "path")
 	if err != nil {
 		return state.Result{}, err
@@ -32,9 +33,9 @@ func (e *Executor) file(ctx context.Context, fsys *rootfs.FS, p params) (state.R
 		return state.Result{}, err
 	}
 	if absent {
-		return removeFile(fsys, path)
+		return s.removeFile(path)
 	}
-	a, err := stateAttrs(p)
+	a, err := s.attrs()
 	if err != nil {
 		return state.Result{}, err
 	}
@@ -42,48 +43,58 @@ func (e *Executor) file(ctx context.Context, fsys *rootfs.FS, p params) (state.R
 	if err != nil {
 		return state.Result{}, err
 	}
-	target, fi, err := fileTarget(fsys, path)
+	target, fi, err := fileTarget(s.fs, path)
 	if err != nil {
 		return state.Result{}, err
 	}
 	var ch changes
 	switch {
 	case fi == nil:
-		if err := createFile(fsys, path, target, want, a); err != nil {
+		ch.add("created")
+		if s.test {
+			return s.result("File "+path, ch), nil
+		}
+		if err := s.createFile(path, target, want, a); err != nil {
 			return state.Result{}, err
 		}
-		ch.add("created")
 	case haveContent:
-		changed, err := rewriteFile(fsys, target, fi, want)
+		differs, err := contentDiffers(s.fs, target, fi, want)
 		if err != nil {
 			return state.Result{}, failf("File %s: %v", path, err)
 		}
-		if changed {
+		if differs {
 			ch.add("content")
+			if !s.test {
+				if err := rewriteFile(s.fs, target, fi, want); err != nil {
+					return state.Result{}, failf("File %s: %v", path, err)
+				}
+			}
 		}
 	}
-	if err := applyAttrs(fsys, target, a, &ch); err != nil {
+	if err := s.applyAttrs(target, a, &ch); err != nil {
 		return state.Result{}, failf("File %s: %v", path, err)
 	}
-	return ch.result("File " + path), nil
+	return s.result("File "+path, ch), nil
 }
 
 // removeFile is linux.file with absent: a symlink at path is removed, not
 // what it points to.
-func removeFile(fsys *rootfs.FS, path string) (state.Result, error) {
-	fi, err := fsys.Lstat(path)
+func (s *stateRun) removeFile(path string) (state.Result, error) {
+	fi, err := s.fs.Lstat(path)
 	switch {
 	case errors.Is(err, fs.ErrNotExist):
-		return state.Result{OK: true, Comment: fmt.Sprintf("File %s is already absent", path)}, nil
+		return unchanged(fmt.Sprintf("File %s is already absent", path)), nil
 	case err != nil:
 		return state.Result{}, failf("File %s: %v", path, err)
 	case fi.IsDir():
 		return state.Result{}, failf("File %s: is a directory, not removed (use linux.dir with absent)", path)
 	}
-	if err := fsys.Remove(path); err != nil {
-		return state.Result{}, failf("File %s: %v", path, err)
+	if !s.test {
+		if err := s.fs.Remove(path); err != nil {
+			return state.Result{}, failf("File %s: %v", path, err)
+		}
 	}
-	return state.Result{OK: true, Comment: fmt.Sprintf("File %s removed", path)}, nil
+	return changed(fmt.Sprintf("File %s %s", path, s.did("removed"))), nil
 }
 
 // fileTarget is the in-root path linux.file manages for path: path
@@ -116,38 +127,41 @@ func fileTarget(fsys *rootfs.FS, path string) (string, fs.FileInfo, error) {
 // wider mode, whatever a symlink's own 0777 says. When path itself was
 // missing its directories are created like linux.dir would (0755 and the
 // state's owner); a dangling link's target directory already exists.
-func createFile(fsys *rootfs.FS, path, target string, data []byte, a attrs) error {
+func (s *stateRun) createFile(path, target string, data []byte, a attrs) error {
 	if target == path {
 		dirs := attrs{uid: a.uid, gid: a.gid}.orMode(defaultDirMode)
-		if err := mkdirParents(fsys, parentDir(path), dirs); err != nil {
+		if err := s.mkdirParents(parentDir(path), dirs); err != nil {
 			return failf("File %s: cannot create its directory: %v", path, err)
 		}
 	}
 	a = a.orMode(defaultFileMode)
-	if err := fsys.WriteFileAtomic(target, data, rootfs.FileMode(a.mode), a.uid, a.gid); err != nil {
+	if err := s.fs.WriteFileAtomic(target, data, rootfs.FileMode(a.mode), a.uid, a.gid); err != nil {
 		return failf("File %s: %v", path, err)
 	}
 	return nil
 }
 
-// rewriteFile replaces target's content when it differs from data (module
-// .json compares MD5 sums; comparing the bytes is the same test). The new
-// inode keeps the old one's mode and owner.
-func rewriteFile(fsys *rootfs.FS, target string, fi fs.FileInfo, data []byte) (bool, error) {
-	if fi.Size() == int64(len(data)) {
-		old, err := fsys.ReadFile(target, int64(len(data)))
-		if err != nil && !errors.Is(err, rootfs.ErrTooLarge) {
-			return false, err
-		}
-		if err == nil && bytes.Equal(old, data) {
-			return false, nil
-		}
+// contentDiffers reports whether target's content differs from data
+// (module.json compares MD5 sums; comparing the bytes is the same test).
+func contentDiffers(fsys *rootfs.FS, target string, fi fs.FileInfo, data []byte) (bool, error) {
+	if fi.Size() != int64(len(data)) {
+		return true, nil
 	}
+	old, err := fsys.ReadFile(target, int64(len(data)))
+	if err != nil && !errors.Is(err, rootfs.ErrTooLarge) {
+		return false, err
+	}
+	return err != nil || !bytes.Equal(old, data), nil
+}
+
+// rewriteFile replaces target's content with data; the new inode keeps
+// the old one's mode and owner.
+func rewriteFile(fsys *rootfs.FS, target string, fi fs.FileInfo, data []byte) error {
 	uid, gid, ok := rootfs.Owner(fi)
 	if !ok {
 		uid, gid = -1, -1
 	}
-	return true, fsys.WriteFileAtomic(target, data, fi.Mode(), uid, gid)
+	return fsys.WriteFileAtomic(target, data, fi.Mode(), uid, gid)
 }
 
 // content is the file content a state asks for: remote_uri, else content.

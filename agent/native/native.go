@@ -15,16 +15,16 @@ import (
 	"fmt"
 	"log/slog"
 	"net/http"
-	"os/user"
-	"strconv"
 	"strings"
 	"syscall"
 	"time"
 
 	"github.com/visualops/opsagent/agent/state"
+	"github.com/visualops/opsagent/internal/config"
 	"github.com/visualops/opsagent/internal/fsutil"
 	"github.com/visualops/opsagent/internal/proc"
 	"github.com/visualops/opsagent/internal/rootfs"
+	"github.com/visualops/opsagent/internal/system"
 )
 
 // Options configures an Executor.
@@ -37,12 +37,21 @@ type Options struct {
 	KillGrace   time.Duration // SIGTERM → SIGKILL when a command is stopped; default 10 s
 	// MaxDownload bounds a remote_uri body; default 256 MiB.
 	MaxDownload int64
+	// System is the system below Root (distribution, package manager,
+	// users, services); nil builds one. The agent shares its own, so
+	// that status shows what the modules use.
+	System *system.Host
+	// WatchDir is the host directory of the watched files' checksums
+	// ([global] watch, config.Layout.WatchDir); default the configuration
+	// default below Root.
+	WatchDir string
 }
 
 // Executor runs the native modules.
 type Executor struct {
 	opts Options
 	log  *slog.Logger
+	sys  *system.Host
 	// rootOpts opens the root for each state; tests set Legacy to cover
 	// the resolver of kernels without openat2.
 	rootOpts rootfs.Options
@@ -65,23 +74,75 @@ func New(opts Options) *Executor {
 	if opts.MaxDownload <= 0 {
 		opts.MaxDownload = 256 << 20
 	}
+	if opts.WatchDir == "" {
+		opts.WatchDir = config.NewLayout(opts.Root, "", nil).WatchDir()
+	}
 	log := opts.Logger
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	return &Executor{opts: opts, log: log}
+	sys := opts.System
+	if sys == nil {
+		sys = system.New(system.Options{Root: opts.Root, Runner: opts.Runner, Logger: log, KillGrace: opts.KillGrace, OutputLimit: opts.OutputLimit})
+	}
+	return &Executor{opts: opts, log: log, sys: sys}
 }
 
-// A module runs one state; every path it touches goes through fsys, the
-// root opened for that state.
-type module func(ctx context.Context, fsys *rootfs.FS, p params) (state.Result, error)
+// A module runs one state. In check mode (s.test) it reports what it
+// would change and changes nothing: no file, package, user or service is
+// touched, and no command of the state runs.
+type module func(ctx context.Context, s *stateRun) (state.Result, error)
+
+// stateRun is one state being run: its parameters, the root opened for
+// it, and the system below that root.
+type stateRun struct {
+	id   string // the state's id (watch checksums are kept per state)
+	p    params
+	fs   *rootfs.FS
+	sys  *system.Host
+	test bool
+}
+
+// did is a past participle for a comment, or its check-mode form:
+// "removed" or "would be removed".
+func (s *stateRun) did(past string) string {
+	if s.test {
+		return "would be " + past
+	}
+	return past
+}
+
+// result is the comment of a state that made the changes ch to what
+// (Salt's style): "File /x updated: content, mode 0644", "File /x would
+// be updated: …" in check mode, or "… is already in the correct state".
+func (s *stateRun) result(what string, ch changes) state.Result {
+	if len(ch) == 0 {
+		return state.Result{OK: true, Comment: what + " is already in the correct state"}
+	}
+	return state.Result{OK: true, Changed: true, Comment: what + " " + s.did("updated") + ": " + strings.Join(ch, ", ")}
+}
+
+// changed is a successful result that changed something (or would have).
+func changed(comment string) state.Result {
+	return state.Result{OK: true, Changed: true, Comment: comment}
+}
+
+// unchanged is a successful result that found everything in place.
+func unchanged(comment string) state.Result {
+	return state.Result{OK: true, Comment: comment}
+}
 
 func (e *Executor) modules() map[string]module {
 	return map[string]module{
-		"linux.cmd":     e.cmd,
-		"linux.file":    e.file,
-		"linux.dir":     e.dir,
-		"linux.symlink": e.symlink,
+		"linux.cmd":       e.cmd,
+		"linux.file":      e.file,
+		"linux.dir":       e.dir,
+		"linux.symlink":   e.symlink,
+		"linux.user":      e.user,
+		"linux.group":     e.group,
+		"linux.cronjob":   e.cronjob,
+		"common.timezone": e.timezone,
+		"linux.service":   e.service,
 	}
 }
 
@@ -109,7 +170,8 @@ func (e *Executor) Execute(ctx context.Context, req state.Request) state.Result 
 		return state.Failed(fmt.Sprintf("%s: %v", req.Module, err))
 	}
 	defer fsys.Close()
-	res, err := m(ctx, fsys, p)
+	s := &stateRun{id: req.StateID, p: p, fs: fsys, sys: e.sys, test: req.Test}
+	res, err := m(ctx, s)
 	if err != nil {
 		var bp *badParam
 		if errors.As(err, &bp) {
@@ -123,61 +185,40 @@ func (e *Executor) Execute(ctx context.Context, req state.Request) state.Result 
 	return res
 }
 
-// owner resolves optional user and group names (or numeric ids) to ids;
-// -1 means "leave unchanged".
-func owner(p params) (uid, gid int, err error) {
+// owner resolves optional user and group names (or numeric ids) to ids,
+// as the root's /etc/passwd and /etc/group know them; -1 means "leave
+// unchanged".
+func (s *stateRun) owner() (uid, gid int, err error) {
 	uid, gid = -1, -1
-	name, err := p.str("user")
+	name, err := s.p.str("user")
 	if err != nil {
 		return 0, 0, err
 	}
 	if name != "" {
-		u, err := lookupUser(name)
+		u, err := s.sys.LookupUser(name)
 		if err != nil {
 			return 0, 0, &badParam{"user", err.Error()}
 		}
-		uid = u
+		uid = u.UID
 	}
-	g, err := p.str("group")
+	g, err := s.p.str("group")
 	if err != nil {
 		return 0, 0, err
 	}
 	if g != "" {
-		id, err := lookupGroup(g)
+		grp, err := s.sys.LookupGroup(g)
 		if err != nil {
 			return 0, 0, &badParam{"group", err.Error()}
 		}
-		gid = id
+		gid = grp.GID
 	}
 	return uid, gid, nil
 }
 
-func lookupUser(name string) (int, error) {
-	if n, err := strconv.Atoi(name); err == nil {
-		return n, nil
-	}
-	u, err := user.Lookup(name)
-	if err != nil {
-		return 0, fmt.Errorf("user %q does not exist on this instance", name)
-	}
-	return strconv.Atoi(u.Uid)
-}
-
-func lookupGroup(name string) (int, error) {
-	if n, err := strconv.Atoi(name); err == nil {
-		return n, nil
-	}
-	g, err := user.LookupGroup(name)
-	if err != nil {
-		return 0, fmt.Errorf("group %q does not exist on this instance", name)
-	}
-	return strconv.Atoi(g.Gid)
-}
-
 // credential is the uid/gid to run a command as (nil: as the agent). A
 // user without a group runs with that user's primary group.
-func credential(p params) (*syscall.Credential, error) {
-	uid, gid, err := owner(p)
+func (s *stateRun) credential() (*syscall.Credential, error) {
+	uid, gid, err := s.owner()
 	if err != nil || (uid < 0 && gid < 0) {
 		return nil, err
 	}
@@ -185,15 +226,9 @@ func credential(p params) (*syscall.Credential, error) {
 	if uid >= 0 {
 		cred.Uid = uint32(uid)
 		if gid < 0 {
-			name, _ := p.str("user")
-			if u, err := user.Lookup(name); err == nil {
-				if g, err := strconv.Atoi(u.Gid); err == nil {
-					cred.Gid = uint32(g)
-				}
-			} else if u, err := user.LookupId(name); err == nil {
-				if g, err := strconv.Atoi(u.Gid); err == nil {
-					cred.Gid = uint32(g)
-				}
+			name, _ := s.p.str("user")
+			if u, err := s.sys.LookupUser(name); err == nil && u.GID >= 0 {
+				cred.Gid = uint32(u.GID)
 			}
 		}
 	}
@@ -207,13 +242,6 @@ func credential(p params) (*syscall.Credential, error) {
 type changes []string
 
 func (c *changes) add(format string, a ...any) { *c = append(*c, fmt.Sprintf(format, a...)) }
-
-func (c changes) result(what string) state.Result {
-	if len(c) == 0 {
-		return state.Result{OK: true, Comment: what + " is already in the correct state"}
-	}
-	return state.Result{OK: true, Comment: what + " updated: " + strings.Join(c, ", ")}
-}
 
 // stateError is a failure whose message is the state's comment, written
 // the way Salt writes them ("File /x: …").

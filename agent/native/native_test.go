@@ -16,11 +16,13 @@ import (
 
 	"github.com/visualops/opsagent/agent/state"
 	"github.com/visualops/opsagent/internal/fsutil"
+	"github.com/visualops/opsagent/internal/system/systemtest"
 )
 
 func newExec(t *testing.T) (*Executor, string) {
 	t.Helper()
 	dir := t.TempDir()
+	systemtest.SeedAccounts(t, dir)
 	root, err := fsutil.NewRoot(dir)
 	if err != nil {
 		t.Fatal(err)

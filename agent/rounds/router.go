@@ -46,6 +46,10 @@ func (r *Router) Execute(ctx context.Context, req state.Request) state.Result {
 	if r.Salt == nil {
 		return state.Failed(fmt.Sprintf("module %s needs the Salt bridge, which is not installed", req.Module))
 	}
+	if req.Test {
+		// The 2014 adaptor has no check mode to pass test=True through.
+		return state.Failed(fmt.Sprintf("module %s runs through the Salt bridge, which has no check mode: nothing was checked", req.Module))
+	}
 	return r.Salt.Execute(ctx, req)
 }
 

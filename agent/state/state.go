@@ -14,6 +14,9 @@ type Request struct {
 	StateID       string
 	Module        string          // e.g. "linux.cmd"
 	Parameter     json.RawMessage // the state's parameter object, as pushed
+	// Test asks for check mode (Salt's test=True): report what the state
+	// would change, and change nothing.
+	Test bool
 }
 
 // Result is what a StateLog reports about one executed state.
@@ -21,6 +24,10 @@ type Result struct {
 	OK      bool
 	Comment string
 	Stdout  string
+	// Changed says the state changed something (in check mode: would
+	// have). It is not sent to the backend, whose StateLog has no such
+	// field; `opsagent apply` and the tests read it.
+	Changed bool
 }
 
 // Executor runs states. Execute must return promptly once ctx is done,

@@ -97,6 +97,8 @@ func newApp(s streams) *cli.Command {
 			versionCommand(),
 			statusCommand(),
 			runCommand(),
+			applyCommand(),
+			modulesCommand(),
 			installCommand(),
 			uninstallCommand(),
 			userdataCommand(),

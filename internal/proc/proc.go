@@ -32,11 +32,15 @@ type Cmd struct {
 	// Stderr, when set, receives the standard error apart; Output then
 	// holds the standard output alone (git and go commands whose output
 	// is parsed). Nil: both streams interleaved in Output.
-	Stderr      io.Writer
-	Credential  *syscall.Credential // run as this uid/gid; nil: as the agent
-	OutputLimit int                 // bytes of combined output kept; default 64 KiB
-	KillGrace   time.Duration       // SIGTERM → SIGKILL; default 10 s
-	Timeout     time.Duration       // 0: none
+	Stderr     io.Writer
+	Credential *syscall.Credential // run as this uid/gid; nil: as the agent
+	// Chroot, when set, is a host directory the command runs chrooted
+	// into: Path must then be absolute inside it (it is not looked up in
+	// the host's PATH) and Dir is taken inside it too.
+	Chroot      string
+	OutputLimit int           // bytes of combined output kept; default 64 KiB
+	KillGrace   time.Duration // SIGTERM → SIGKILL; default 10 s
+	Timeout     time.Duration // 0: none
 }
 
 // Result is how a command ended.
@@ -68,13 +72,22 @@ func (execRunner) Run(ctx context.Context, c Cmd) (Result, error) {
 		c.KillGrace = 10 * time.Second
 	}
 	out := newBounded(c.OutputLimit)
-	cmd := exec.Command(c.Path, c.Args...)
+	var cmd *exec.Cmd
+	if c.Chroot != "" {
+		if !strings.HasPrefix(c.Path, "/") {
+			return Result{ExitCode: -1}, fmt.Errorf("start %s: a chrooted command needs an absolute path", c.Path)
+		}
+		// Not exec.Command: it would look the name up on the host.
+		cmd = &exec.Cmd{Path: c.Path, Args: append([]string{c.Path}, c.Args...)}
+	} else {
+		cmd = exec.Command(c.Path, c.Args...)
+	}
 	cmd.Dir, cmd.Env, cmd.Stdin = c.Dir, c.Env, c.Stdin
 	cmd.Stdout, cmd.Stderr = out, out
 	if c.Stderr != nil {
 		cmd.Stderr = c.Stderr
 	}
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Credential: c.Credential}
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Credential: c.Credential, Chroot: c.Chroot}
 	// A daemon started with `cmd &` keeps our output pipe open; do not wait
 	// for it once the command itself has exited.
 	cmd.WaitDelay = time.Second

@@ -20,3 +20,20 @@ func Prefix(s string, n int) string {
 	}
 	return s[:n]
 }
+
+// Suffix is the longest suffix of s of at most n bytes that starts on a
+// character boundary (s itself when it fits; "" when n <= 0): the end of
+// a tool's output, where the reason for a failure usually is.
+func Suffix(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	if n <= 0 {
+		return ""
+	}
+	i := len(s) - n
+	for i < len(s) && !utf8.RuneStart(s[i]) {
+		i++
+	}
+	return s[i:]
+}

@@ -42,6 +42,26 @@ func FuzzPrefix(f *testing.F) {
 	})
 }
 
+func TestSuffix(t *testing.T) {
+	for _, tc := range []struct {
+		s    string
+		n    int
+		want string
+	}{
+		{"hello", 10, "hello"},
+		{"hello", 3, "llo"},
+		{"héllo", 4, "llo"}, // é is two bytes: not split
+		{"héllo", 5, "éllo"},
+		{"日本", 4, "本"},
+		{"abc", 0, ""},
+		{"abc", -1, ""},
+	} {
+		if got := Suffix(tc.s, tc.n); got != tc.want {
+			t.Errorf("Suffix(%q, %d) = %q, want %q", tc.s, tc.n, got, tc.want)
+		}
+	}
+}
+
 func TestPrintable(t *testing.T) {
 	for _, tc := range []struct{ in, want string }{
 		{"plain text, café 日本\ttab", "plain text, café 日本\ttab"},
@@ -59,6 +79,20 @@ func TestPrintable(t *testing.T) {
 			t.Errorf("Printable(%q) = %q, want %q", tc.in, got, tc.want)
 		}
 	}
+}
+
+func FuzzSuffix(f *testing.F) {
+	f.Add("héllo wörld", 4)
+	f.Add(strings.Repeat("日", 10), 7)
+	f.Fuzz(func(t *testing.T, s string, n int) {
+		p := Suffix(s, n)
+		if !strings.HasSuffix(s, p) || len(p) > max(n, 0) && p != s {
+			t.Fatalf("Suffix(%q, %d) = %q", s, n, p)
+		}
+		if utf8.ValidString(s) && !utf8.ValidString(p) {
+			t.Fatalf("Suffix(%q, %d) = %q splits a character", s, n, p)
+		}
+	})
 }
 
 func FuzzPrintable(f *testing.F) {
