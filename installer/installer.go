@@ -566,7 +566,7 @@ func (in *installation) stepConfig() {
 	path := in.layout.ConfigFile()
 	var changes []string
 	if in.opts.DryRun {
-		old, _ := fsutil.ReadFileLimit(path, config.MaxFileSize)
+		old, _ := in.fs.ReadFile(path, config.MaxFileSize)
 		data, err := in.cfg.Bytes()
 		if err != nil {
 			in.rep.add("config", Failed, "%v", err)

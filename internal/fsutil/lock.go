@@ -76,23 +76,23 @@ func Lock(path string) (*LockFile, error) {
 func openLockFile(path string, flags int) (*os.File, error) {
 	f, err := os.OpenFile(path, flags|syscall.O_NOFOLLOW|syscall.O_NONBLOCK|syscall.O_NOCTTY|syscall.O_CLOEXEC, 0o600)
 	if errors.Is(err, syscall.ELOOP) {
-		return nil, fmt.Errorf("lock %s is a symbolic link: remove it (a lock file is never followed)", path)
+		return nil, fmt.Errorf("lock %s is a symbolic link, %w: remove it (a lock file is never followed)", path, ErrNotRegular)
 	}
 	if err != nil {
 		return nil, fmt.Errorf("lock %s: %w", path, err)
 	}
-	var st syscall.Stat_t
-	if err := syscall.Fstat(int(f.Fd()), &st); err != nil {
+	st, err := f.Stat()
+	if err != nil {
 		f.Close()
 		return nil, fmt.Errorf("lock %s: %w", path, err)
 	}
-	switch {
-	case st.Mode&syscall.S_IFMT != syscall.S_IFREG:
+	if !st.Mode().IsRegular() {
 		f.Close()
-		return nil, fmt.Errorf("lock %s is not a regular file: remove it", path)
-	case st.Nlink > 1:
+		return nil, fmt.Errorf("lock %s is %s, %w: remove it", path, kind(st.Mode()), ErrNotRegular)
+	}
+	if sys, ok := st.Sys().(*syscall.Stat_t); ok && sys.Nlink > 1 {
 		f.Close()
-		return nil, fmt.Errorf("lock %s has %d hard links: remove it (a lock file has one name)", path, st.Nlink)
+		return nil, fmt.Errorf("lock %s has %d hard links: remove it (a lock file has one name)", path, sys.Nlink)
 	}
 	return f, nil
 }
