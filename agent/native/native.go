@@ -40,6 +40,9 @@ type Options struct {
 	// users, services); nil builds one. The agent shares its own, so
 	// that status shows what the modules use.
 	System *system.Host
+	// PPA is where linux.apt.ppa looks a PPA's signing key up; the zero
+	// value is Launchpad's API and Ubuntu's keyserver (tests: loopback).
+	PPA PPAEndpoints
 }
 
 // Executor runs the native modules.
@@ -126,10 +129,16 @@ func unchanged(comment string) state.Result {
 
 func (e *Executor) modules() map[string]module {
 	return map[string]module{
-		"linux.cmd":     e.cmd,
-		"linux.file":    e.file,
-		"linux.dir":     e.dir,
-		"linux.symlink": e.symlink,
+		"linux.cmd":         e.cmd,
+		"linux.file":        e.file,
+		"linux.dir":         e.dir,
+		"linux.symlink":     e.symlink,
+		"linux.apt.package": e.aptPackage,
+		"linux.yum.package": e.yumPackage,
+		"linux.apt.repo":    e.aptRepo,
+		"linux.apt.ppa":     e.aptPPA,
+		"linux.yum.repo":    e.yumRepo,
+		"linux.rpm.key":     e.rpmKey,
 	}
 }
 

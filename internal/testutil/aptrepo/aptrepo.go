@@ -5,6 +5,7 @@
 package aptrepo
 
 import (
+	"crypto/sha256"
 	"fmt"
 	"net/http"
 	"net/http/httptest"
@@ -15,6 +16,7 @@ import (
 	"strings"
 	"sync/atomic"
 	"testing"
+	"time"
 )
 
 // Package is one .deb to build.
@@ -33,7 +35,11 @@ type Package struct {
 // Repo is a flat apt repository ("deb URL ./") in a directory.
 type Repo struct {
 	Dir string
-	url string
+	// Suite, when set before the first Add, gives the repository a
+	// Release file naming it (Suite and Codename), so that apt can
+	// target it by name (apt-get -t SUITE).
+	Suite string
+	url   string
 	// Requests counts the HTTP requests served (index fetches, downloads).
 	Requests atomic.Int64
 }
@@ -126,6 +132,16 @@ func (r *Repo) Index(tb testing.TB) {
 	}
 	if err := os.WriteFile(filepath.Join(r.Dir, "Packages"), out, 0o644); err != nil {
 		tb.Fatal(err)
+	}
+	if r.Suite != "" {
+		// Unsigned, which the sources line's trusted=yes accepts; apt
+		// needs the index's hash in it.
+		sum := sha256.Sum256(out)
+		release := fmt.Sprintf("Suite: %s\nCodename: %s\nDate: %s\nSHA256:\n %x %d Packages\n",
+			r.Suite, r.Suite, time.Now().UTC().Format(time.RFC1123), sum, len(out))
+		if err := os.WriteFile(filepath.Join(r.Dir, "Release"), []byte(release), 0o644); err != nil {
+			tb.Fatal(err)
+		}
 	}
 }
 
