@@ -322,7 +322,7 @@ func packageFailed(m pkgModule, opts system.PackageOptions, out string, err erro
 	}
 	msg := err.Error()
 	if !opts.NoVerify {
-		for _, sign := range []string{"is not signed", "does not have a Release file", "NO_PUBKEY", "GPG check FAILED", "not signed"} {
+		for _, sign := range []string{"is not signed", "does not have a Release file", "NO_PUBKEY", "GPG check FAILED", "not signed", "GPG keys"} {
 			if strings.Contains(msg, sign) {
 				msg += " (signatures are verified: verify-gpg false would accept it)"
 				break
@@ -511,7 +511,7 @@ func planItems(pm system.PackageManager, plan pkgPlan, before map[string]string)
 		items = append(items, n+" "+before[n]+" removed")
 	}
 	for _, n := range plan.purge {
-		items = append(items, strings.TrimSpace(n+" "+before[n])+" purged")
+		items = append(items, strings.TrimSpace(n+" "+before[n])+" "+purgedWord(pm))
 	}
 	files := map[string]string{}
 	for _, w := range plan.files {
@@ -537,7 +537,7 @@ func doneItems(pm system.PackageManager, plan pkgPlan, before, after map[string]
 		items = append(items, n+" "+before[n]+" removed")
 	}
 	for _, n := range plan.purge {
-		items = append(items, strings.TrimSpace(n+" "+before[n])+" purged")
+		items = append(items, strings.TrimSpace(n+" "+before[n])+" "+purgedWord(pm))
 	}
 	for _, t := range plan.install {
 		item := versionChange(pm, t.Name, before[t.Name], after[t.Name])
@@ -556,6 +556,15 @@ func fileSource(plan pkgPlan, name string) string {
 		}
 	}
 	return ""
+}
+
+// purgedWord says what purging did: rpm removes a package's
+// configuration with it, so there purged is removed.
+func purgedWord(pm system.PackageManager) string {
+	if pm.Family() == system.FamilyDebian {
+		return "purged"
+	}
+	return "removed (purged: rpm keeps no configuration of removed packages)"
 }
 
 // versionChange is "x 2.0-1 installed", "x upgraded from 1.0-1 to

@@ -237,13 +237,20 @@ func packageError(tool, action string, err error) error {
 		return err
 	}
 	var reasons []string
-	last := ""
+	first := ""
 	for _, l := range strings.Split(te.Output, "\n") {
 		l = strings.TrimSpace(l)
 		if l == "" {
 			continue
 		}
-		last = l
+		if first == "" {
+			first = l
+		}
+		if strings.HasPrefix(l, "You have enabled checking of packages via GPG keys") {
+			// dnf's explanation, followed by a dump of the repository.
+			reasons = append(reasons, "packages are to be checked against GPG keys, and no key is imported (import the repository's key first, e.g. with linux.rpm.key)")
+			break
+		}
 		for _, prefix := range []string{"E: ", "Error: ", "error: ", "No match for argument", "Problem: ", "Error:"} {
 			if strings.HasPrefix(l, prefix) {
 				reasons = append(reasons, strings.TrimPrefix(l, "E: "))
@@ -253,7 +260,7 @@ func packageError(tool, action string, err error) error {
 	}
 	reason := strings.Join(reasons, "; ")
 	if reason == "" {
-		reason = last
+		reason = first
 	}
 	if len(reason) > maxReason {
 		reason = textcut.Prefix(reason, maxReason) + "…"
