@@ -393,11 +393,15 @@ func resolveWants(pm system.PackageManager, query []pkgWant, offers map[string]s
 		have, installed := before[w.name]
 		switch w.kind {
 		case wantAny:
-			if o.Candidate == "" {
+			switch {
+			case o.Candidate != "":
+				targets = append(targets, system.PackageTarget{Name: w.name, Version: o.Candidate})
+			case o.Virtual:
+				// apt-get installs its provider, or says which to choose.
+				targets = append(targets, system.PackageTarget{Name: w.name})
+			default:
 				missing = append(missing, w.name)
-				continue
 			}
-			targets = append(targets, system.PackageTarget{Name: w.name, Version: o.Candidate})
 		case wantVersion:
 			best := ""
 			for _, v := range o.Versions {

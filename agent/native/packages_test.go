@@ -232,6 +232,17 @@ func TestAptPackageDebconf(t *testing.T) {
 	}
 }
 
+// TestAptVirtualPackage: a virtual package (one that others provide) is
+// installed through its provider, and is installed once the provider is.
+func TestAptVirtualPackage(t *testing.T) {
+	rig, repo := newAptRig(t)
+	repo.Add(t, aptrepo.Package{Name: "hello-provider", Version: "1.0", Provides: "hello-virtual"})
+	res := rig.converges(t, "linux.apt.package", `{"name": [{"key": "hello-virtual"}]}`, aptQuiet...)
+	if db := installedIn(t, rig.root); db.Installed["hello-provider"] != "1.0" {
+		t.Fatalf("%+v: installed %v", res, db.Installed)
+	}
+}
+
 // TestAptRepoThenPackage: linux.apt.repo writes the list file (rewritten
 // only when its content differs), which makes the index stale, so the
 // package state after it refreshes once; then nothing is fetched again.

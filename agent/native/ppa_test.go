@@ -24,7 +24,7 @@ type launchpad struct {
 	requests atomic.Int64
 }
 
-func newLaunchpad(t *testing.T, fpr string, key []byte) *launchpad {
+func newLaunchpad(t testing.TB, fpr string, key []byte) *launchpad {
 	t.Helper()
 	lp := &launchpad{}
 	lp.srv = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {

@@ -60,6 +60,9 @@ type DpkgDB struct {
 	// Leftovers are removed packages whose configuration files remain
 	// (Status "deinstall ok config-files"), by name and name:arch.
 	Leftovers map[string]bool
+	// Provided maps each virtual package an installed package provides
+	// (its Provides field: awk, mail-transport-agent…) to that package.
+	Provided map[string]string
 }
 
 // Installed reads dpkg's status file: no process runs, and a file that
@@ -74,6 +77,10 @@ func (a *Apt) Installed(_ context.Context, names ...string) (map[string]string, 
 	for _, n := range names {
 		if v, ok := db.Installed[n]; ok {
 			out[n] = v
+		} else if p, ok := db.Provided[n]; ok {
+			// A virtual package is installed when a package providing it
+			// is; it has the provider's version.
+			out[n] = db.Installed[p]
 		}
 	}
 	return out, nil
@@ -131,8 +138,8 @@ func ParseDpkgStatus(data []byte) map[string]string { return ParseDpkgDB(data).I
 // ParseDpkgDB reads dpkg's status file: the installed packages and the
 // removed ones whose configuration files remain.
 func ParseDpkgDB(data []byte) DpkgDB {
-	db := DpkgDB{Installed: map[string]string{}, Leftovers: map[string]bool{}}
-	var pkg, ver, arch, status string
+	db := DpkgDB{Installed: map[string]string{}, Leftovers: map[string]bool{}, Provided: map[string]string{}}
+	var pkg, ver, arch, status, provides string
 	flush := func() {
 		switch {
 		case pkg == "":
@@ -141,13 +148,19 @@ func ParseDpkgDB(data []byte) DpkgDB {
 			if arch != "" {
 				db.Installed[pkg+":"+arch] = ver
 			}
+			// "Provides: awk, x-www-browser (= 1.0)"
+			for _, p := range strings.Split(provides, ",") {
+				if name, _, _ := strings.Cut(strings.TrimSpace(p), " "); name != "" {
+					db.Provided[name] = pkg
+				}
+			}
 		case strings.HasSuffix(status, " config-files"):
 			db.Leftovers[pkg] = true
 			if arch != "" {
 				db.Leftovers[pkg+":"+arch] = true
 			}
 		}
-		pkg, ver, arch, status = "", "", "", ""
+		pkg, ver, arch, status, provides = "", "", "", "", ""
 	}
 	sc := bufio.NewScanner(bytes.NewReader(data))
 	sc.Buffer(make([]byte, 0, 64<<10), 16<<20)
@@ -173,6 +186,8 @@ func ParseDpkgDB(data []byte) DpkgDB {
 			arch = string(bytes.TrimSpace(v))
 		case "Status":
 			status = string(bytes.TrimSpace(v))
+		case "Provides":
+			provides = string(bytes.TrimSpace(v))
 		}
 	}
 	flush()
@@ -233,7 +248,10 @@ func parseAptPolicy(out string) map[string]Offer {
 	cur, ver := "", ""
 	var o Offer
 	flush := func() {
-		if cur != "" && (o.Candidate != "" || len(o.Versions) > 0) {
+		if cur != "" {
+			// Known to the index with no version of its own: a virtual
+			// package, which apt-get installs through its provider.
+			o.Virtual = o.Candidate == "" && len(o.Versions) == 0
 			offers[cur] = o
 		}
 	}

@@ -41,9 +41,12 @@ Version: 2.36-9+deb12u4
 }
 
 func TestParseDpkgDBLeftovers(t *testing.T) {
-	db := ParseDpkgDB([]byte("Package: gone\nStatus: deinstall ok config-files\nArchitecture: all\nVersion: 1.0\n\nPackage: here\nStatus: install ok installed\nVersion: 2.0\n"))
+	db := ParseDpkgDB([]byte("Package: gone\nStatus: deinstall ok config-files\nArchitecture: all\nVersion: 1.0\nProvides: ghost\n\nPackage: here\nStatus: install ok installed\nProvides: awk, x-thing (= 1.0)\nVersion: 2.0\n"))
 	if !db.Leftovers["gone"] || !db.Leftovers["gone:all"] || db.Leftovers["here"] || db.Installed["here"] != "2.0" || db.Installed["gone"] != "" {
 		t.Fatalf("%+v", db)
+	}
+	if db.Provided["awk"] != "here" || db.Provided["x-thing"] != "here" || db.Provided["ghost"] != "" {
+		t.Fatalf("provided %v", db.Provided)
 	}
 }
 
@@ -78,7 +81,7 @@ nothere:
   Version table:
 `
 	got := parseAptPolicy(out)
-	if len(got) != 3 {
+	if len(got) != 4 || !got["nothere"].Virtual || got["hellod"].Virtual {
 		t.Fatalf("got %v", got)
 	}
 	if o := got["hellod"]; o.Candidate != "2.0-1" || strings.Join(o.Versions, " ") != "2.0-1 1.0-1" {

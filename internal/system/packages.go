@@ -72,6 +72,9 @@ type Offer struct {
 	Candidate string
 	// Versions is every version offered.
 	Versions []string
+	// Virtual: the index knows the name but offers no version of it:
+	// other packages provide it (apt installs one of them).
+	Virtual bool
 }
 
 // PackageTarget is one package to install: from a repository (Version is

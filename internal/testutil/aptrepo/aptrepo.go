@@ -24,6 +24,8 @@ type Package struct {
 	Name    string
 	Version string // Debian version, e.g. "1.0-1"
 	Depends string // the Depends field, "" for none
+	// Provides is the Provides field (virtual packages), "" for none.
+	Provides string
 	// Files maps an absolute path in the package to its content; a path
 	// under /etc/init.d/ or /usr/bin/, /usr/sbin/ is made executable.
 	Files map[string]string
@@ -84,6 +86,9 @@ func (r *Repo) build(tb testing.TB, p Package) {
 	control := fmt.Sprintf("Package: %s\nVersion: %s\nArchitecture: all\nMaintainer: opsagent tests <tests@example.invalid>\nDescription: test package %s\n", p.Name, p.Version, p.Name)
 	if p.Depends != "" {
 		control += "Depends: " + p.Depends + "\n"
+	}
+	if p.Provides != "" {
+		control += "Provides: " + p.Provides + "\n"
 	}
 	write := func(rel, content string, mode os.FileMode) {
 		full := filepath.Join(tree, rel)
