@@ -318,6 +318,10 @@ func TestAptRepoTargetRelease(t *testing.T) {
 	if got := installedIn(t, rig.root).Installed["hellod"]; got != "2.0-1" {
 		t.Fatalf("hellod %s, want 2.0-1", got)
 	}
+	res := rig.apply(t, "linux.apt.package", `{"name": [{"key": "hellod", "value": "latest"}], "repo": "nosuch"}`, false)
+	if res.OK || res.Comment != "linux.apt.package: apt-cache policy failed: The value 'nosuch' is invalid for APT::Default-Release as such a release is not available in the sources" {
+		t.Fatalf("unknown release: %+v", res)
+	}
 }
 
 // TestAptVerifyGPG: an unsigned repository is refused by default; with

@@ -188,7 +188,14 @@ func (e *Executor) localPackageFile(ctx context.Context, s *stateRun, param, ref
 		if fi, err := s.fs.Stat(ref); err != nil || !fi.Mode().IsRegular() {
 			return "", noop, fmt.Errorf("package file %s does not exist (or is not a file)", ref)
 		}
-		return path.Clean(ref), noop, nil
+		// The tools get the file's own path, its links resolved inside
+		// the root (the host's rpm, acting on a test root, would follow
+		// them on the host).
+		p, err := s.fs.ResolveLinks(ref)
+		if err != nil {
+			return "", noop, fmt.Errorf("package file %s: %w", ref, err)
+		}
+		return p, noop, nil
 	}
 	data, err := e.fetch(ctx, param, ref)
 	if err != nil {
@@ -253,7 +260,11 @@ func (e *Executor) rpmKey(ctx context.Context, s *stateRun) (state.Result, error
 	if s.test {
 		return changed(what + " would be imported"), nil
 	}
-	out, err := rpm.ImportKey(ctx, p)
+	resolved, err := s.fs.ResolveLinks(p) // what was read is what rpm imports
+	if err != nil {
+		return state.Result{}, failf("linux.rpm.key: %s: %v", p, err)
+	}
+	out, err := rpm.ImportKey(ctx, resolved)
 	if err != nil {
 		return state.Result{Stdout: out}, failf("linux.rpm.key: %v", err)
 	}

@@ -233,7 +233,7 @@ func (a *Apt) Offers(ctx context.Context, o PackageOptions, names ...string) (ma
 	args = append(append(args, "policy", "--"), names...)
 	res, err := a.h.Check(ctx, Cmd{Tool: "apt-cache", Args: args})
 	if err != nil {
-		return nil, err
+		return nil, packageError("apt-cache", "policy", err)
 	}
 	return parseAptPolicy(res.Output), nil
 }

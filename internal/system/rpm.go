@@ -188,7 +188,7 @@ func repoArgs(o PackageOptions) []string {
 
 // dnfQueryFormat prints each offered version as name, tab, EVR (dnf4
 // ends each package with a newline itself, dnf5 needs the \n).
-const dnfQueryFormat = `%{name}\t%{epoch}:%{version}-%{release}\n`
+const dnfQueryFormat = `%{name}\t%{arch}\t%{epoch}:%{version}-%{release}\n`
 
 // Offers asks dnf repoquery (yum: yum list) for every version of names
 // the enabled repositories offer, from the cached metadata unless it
@@ -234,20 +234,26 @@ func (r *RPM) Offers(ctx context.Context, o PackageOptions, names ...string) (ma
 // trimZeroEpoch writes an EVR as rpm -q does: no "0:".
 func trimZeroEpoch(evr string) string { return strings.TrimPrefix(evr, "0:") }
 
-// parseRepoquery reads name<TAB>epoch:version-release lines.
+// parseRepoquery reads name<TAB>arch<TAB>epoch:version-release lines;
+// each version is offered under the name and under name.arch.
 func parseRepoquery(out string) map[string][]string {
 	vs := map[string][]string{}
 	for _, line := range strings.Split(out, "\n") {
-		name, evr, ok := strings.Cut(strings.TrimSpace(line), "\t")
-		if !ok || name == "" || evr == "" {
+		f := strings.Split(strings.TrimSpace(line), "\t")
+		if len(f) != 3 || f[0] == "" || f[2] == "" {
 			continue
 		}
-		evr = trimZeroEpoch(evr)
-		if !contains(vs[name], evr) {
-			vs[name] = append(vs[name], evr)
-		}
+		addOffer(vs, f[0], f[1], trimZeroEpoch(f[2]))
 	}
 	return vs
+}
+
+func addOffer(vs map[string][]string, name, arch, evr string) {
+	for _, key := range []string{name, name + "." + arch} {
+		if !contains(vs[key], evr) {
+			vs[key] = append(vs[key], evr)
+		}
+	}
 }
 
 // parseYumList reads `yum list --showduplicates`: "name.arch  evr  repo"
@@ -274,10 +280,7 @@ func parseYumList(out string) map[string][]string {
 		if dot <= 0 {
 			continue
 		}
-		name, evr := f[0][:dot], trimZeroEpoch(f[1])
-		if !contains(vs[name], evr) {
-			vs[name] = append(vs[name], evr)
-		}
+		addOffer(vs, f[0][:dot], f[0][dot+1:], trimZeroEpoch(f[1]))
 	}
 	return vs
 }
