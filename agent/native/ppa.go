@@ -3,6 +3,7 @@ package native
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net/url"
 	"path"
@@ -178,11 +179,11 @@ func (e *Executor) ppaSigningKey(ctx context.Context, user, archive string) ([]b
 		Fingerprint string `json:"signing_key_fingerprint"`
 	}
 	if err := json.Unmarshal(body, &info); err != nil {
-		return nil, "", fmt.Errorf("Launchpad's answer for the PPA is not JSON: %w", err)
+		return nil, "", fmt.Errorf("the answer of Launchpad's API is not JSON: %w", err)
 	}
 	fpr := strings.ToUpper(strings.TrimSpace(info.Fingerprint))
 	if len(fpr) != 40 || strings.Trim(fpr, "0123456789ABCDEF") != "" {
-		return nil, "", fmt.Errorf("Launchpad gives no signing key fingerprint for the PPA (has it published anything yet?)")
+		return nil, "", errors.New("no signing key fingerprint in the answer of Launchpad's API (has the PPA published anything yet?)")
 	}
 	lookup := fmt.Sprintf("%s/pks/lookup?op=get&options=mr&search=0x%s", e.opts.PPA.keyserver(), fpr)
 	key, err := e.fetch(ctx, "name", lookup)
