@@ -188,28 +188,34 @@ func (e *Executor) content(ctx context.Context, p params) ([]byte, bool, error) 
 
 // download fetches remote_uri (http or https).
 func (e *Executor) download(ctx context.Context, uri string) ([]byte, error) {
+	return e.fetch(ctx, "remote_uri", uri)
+}
+
+// fetch downloads the http or https URL given by parameter param, at most
+// MaxDownload bytes.
+func (e *Executor) fetch(ctx context.Context, param, uri string) ([]byte, error) {
 	u, err := url.Parse(uri)
 	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
-		return nil, &badParam{"remote_uri", fmt.Sprintf("must be an http or https URL, got %q", uri)}
+		return nil, &badParam{param, fmt.Sprintf("must be an http or https URL, got %q", uri)}
 	}
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, uri, nil)
 	if err != nil {
-		return nil, &badParam{"remote_uri", err.Error()}
+		return nil, &badParam{param, err.Error()}
 	}
 	resp, err := e.opts.HTTPClient.Do(req)
 	if err != nil {
-		return nil, fmt.Errorf("cannot download remote_uri %s: %w", uri, err)
+		return nil, fmt.Errorf("cannot download %s %s: %w", param, uri, err)
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
-		return nil, fmt.Errorf("cannot download remote_uri %s: HTTP %s", uri, resp.Status)
+		return nil, fmt.Errorf("cannot download %s %s: HTTP %s", param, uri, resp.Status)
 	}
 	data, err := io.ReadAll(io.LimitReader(resp.Body, e.opts.MaxDownload+1))
 	if err != nil {
-		return nil, fmt.Errorf("cannot download remote_uri %s: %w", uri, err)
+		return nil, fmt.Errorf("cannot download %s %s: %w", param, uri, err)
 	}
 	if int64(len(data)) > e.opts.MaxDownload {
-		return nil, fmt.Errorf("remote_uri %s is larger than %d bytes", uri, e.opts.MaxDownload)
+		return nil, fmt.Errorf("%s %s is larger than %d bytes", param, uri, e.opts.MaxDownload)
 	}
 	return data, nil
 }

@@ -45,6 +45,9 @@ type Options struct {
 	// ([global] watch, config.Layout.WatchDir); default the configuration
 	// default below Root.
 	WatchDir string
+	// PPA is where linux.apt.ppa looks a PPA's signing key up; the zero
+	// value is Launchpad's API and Ubuntu's keyserver (tests: loopback).
+	PPA PPAEndpoints
 }
 
 // Executor runs the native modules.
@@ -134,15 +137,21 @@ func unchanged(comment string) state.Result {
 
 func (e *Executor) modules() map[string]module {
 	return map[string]module{
-		"linux.cmd":       e.cmd,
-		"linux.file":      e.file,
-		"linux.dir":       e.dir,
-		"linux.symlink":   e.symlink,
-		"linux.user":      e.user,
-		"linux.group":     e.group,
-		"linux.cronjob":   e.cronjob,
-		"common.timezone": e.timezone,
-		"linux.service":   e.service,
+		"linux.cmd":         e.cmd,
+		"linux.file":        e.file,
+		"linux.dir":         e.dir,
+		"linux.symlink":     e.symlink,
+		"linux.user":        e.user,
+		"linux.group":       e.group,
+		"linux.cronjob":     e.cronjob,
+		"common.timezone":   e.timezone,
+		"linux.service":     e.service,
+		"linux.apt.package": e.aptPackage,
+		"linux.yum.package": e.yumPackage,
+		"linux.apt.repo":    e.aptRepo,
+		"linux.apt.ppa":     e.aptPPA,
+		"linux.yum.repo":    e.yumRepo,
+		"linux.rpm.key":     e.rpmKey,
 	}
 }
 
