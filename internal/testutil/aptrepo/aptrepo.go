@@ -51,6 +51,9 @@ func New(tb testing.TB) *Repo {
 	tb.Helper()
 	for _, tool := range []string{"dpkg-deb", "dpkg-scanpackages"} {
 		if _, err := exec.LookPath(tool); err != nil {
+			if os.Getenv("OPSAGENT_REQUIRE_RIGS") != "" {
+				tb.Fatalf("aptrepo: %s is not installed (apt-get install dpkg-dev; OPSAGENT_REQUIRE_RIGS is set)", tool)
+			}
 			tb.Skipf("aptrepo: %s is not installed (apt-get install dpkg-dev)", tool)
 		}
 	}
