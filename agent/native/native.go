@@ -20,6 +20,7 @@ import (
 	"time"
 
 	"github.com/visualops/opsagent/agent/state"
+	"github.com/visualops/opsagent/internal/config"
 	"github.com/visualops/opsagent/internal/fsutil"
 	"github.com/visualops/opsagent/internal/proc"
 	"github.com/visualops/opsagent/internal/rootfs"
@@ -40,6 +41,12 @@ type Options struct {
 	// users, services); nil builds one. The agent shares its own, so
 	// that status shows what the modules use.
 	System *system.Host
+	// StateDir is the agent's state directory (a host path, [global]
+	// conf_path): common.archive keeps what it extracted there. Default:
+	// the default conf_path below Root.
+	StateDir string
+	// S3 is how common.archive reads s3:// sources.
+	S3 S3Options
 }
 
 // Executor runs the native modules.
@@ -69,6 +76,10 @@ func New(opts Options) *Executor {
 	if opts.MaxDownload <= 0 {
 		opts.MaxDownload = 256 << 20
 	}
+	if opts.StateDir == "" {
+		opts.StateDir = config.NewLayout(opts.Root, "", nil).StateDir()
+	}
+	opts.S3 = opts.S3.withDefaults()
 	log := opts.Logger
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
@@ -126,10 +137,14 @@ func unchanged(comment string) state.Result {
 
 func (e *Executor) modules() map[string]module {
 	return map[string]module{
-		"linux.cmd":     e.cmd,
-		"linux.file":    e.file,
-		"linux.dir":     e.dir,
-		"linux.symlink": e.symlink,
+		"linux.cmd":      e.cmd,
+		"linux.file":     e.file,
+		"linux.dir":      e.dir,
+		"linux.symlink":  e.symlink,
+		"common.git":     e.gitRepo,
+		"common.archive": e.archiveState,
+		"common.hg":      e.hgRepo,
+		"common.svn":     e.svnRepo,
 	}
 }
 

@@ -1,0 +1,140 @@
+package native
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/visualops/opsagent/internal/testutil/debroot"
+	"github.com/visualops/opsagent/internal/testutil/svnserve"
+)
+
+func svnWCRevision(t testing.TB, root, p string) string {
+	t.Helper()
+	return strings.TrimSpace(inRoot(t, root, "svn", "info", "--show-item", "revision", p))
+}
+
+// On a fresh Debian with no Subversion, the first state installs it and
+// checks out from a password-protected svnserve; the next round asks the
+// repository where trunk last changed and does nothing else (Salt 2014
+// ran svn update every round). The password goes on svn's standard
+// input: never in a command line, the environment, or a comment.
+func TestSvnInstallsSubversionAndKeepsThePasswordOffCommandLines(t *testing.T) {
+	server := svnserve.Start(t, debroot.NewWith(t, "subversion"), "deploy", "s3cret-svn-pw")
+	server.Mkdir("trunk")
+	rev := server.Put(map[string]string{"trunk/README": "one\n"}, "one")
+	r := newDebianRig(t)
+	debroot.UseExtras(t, r.root)
+	watch := &secretWatch{Runner: r.runs, secret: "s3cret-svn-pw"}
+	r.e = New(Options{Root: r.e.opts.Root, Runner: watch, StateDir: r.e.opts.StateDir})
+
+	param := gitParam("path", "/srv/app", "repo", server.URL+"/trunk", "username", "deploy", "password", "s3cret-svn-pw")
+	first := mustApply(t, r, "common.svn", param)
+	if !first.Changed || !strings.Contains(first.Comment, "svn installed (package subversion)") || !strings.Contains(first.Comment, fmt.Sprintf("checked out to /srv/app at r%d", rev)) {
+		t.Fatalf("first round: %+v", first)
+	}
+	if readIn(t, r.root, "/srv/app/README") != "one\n" {
+		t.Fatal("not checked out")
+	}
+	mark := r.runs.Mark()
+	second := mustApply(t, r, "common.svn", param)
+	if second.Changed {
+		t.Fatalf("second round: %+v", second)
+	}
+	for _, c := range r.runs.Since(mark) {
+		if c[0] != "svn" || !strings.Contains(strings.Join(c, " "), " info ") {
+			t.Fatalf("second round ran %v, want svn info only", r.runs.Since(mark))
+		}
+	}
+	if len(watch.leaks) > 0 {
+		t.Fatalf("the password was passed in %v", watch.leaks)
+	}
+	for _, s := range []string{first.Comment, first.Stdout, second.Comment} {
+		if strings.Contains(s, "s3cret-svn-pw") {
+			t.Fatalf("the password reached a comment: %s", s)
+		}
+	}
+	// svn kept no copy of it.
+	if out := inRoot(t, r.root, "sh", "-c", "grep -rl s3cret-svn-pw /root/.subversion || true"); strings.TrimSpace(out) != "" {
+		t.Fatalf("the password was cached in %s", out)
+	}
+	// A wrong password fails, and is not echoed.
+	bad := gitParam("path", "/srv/other", "repo", server.URL+"/trunk", "username", "deploy", "password", "wrong-pw-xyz")
+	if res := r.apply(t, "common.svn", bad, false); res.OK || strings.Contains(res.Comment+res.Stdout, "wrong-pw-xyz") {
+		t.Fatalf("wrong password: %+v", res)
+	}
+}
+
+// HEAD follows the repository's changes to the URL, not its other
+// paths; a number already checked out costs no network; local changes
+// that conflict fail the state unless force.
+func TestSvnFollowsPinsAndForce(t *testing.T) {
+	r := newDebianRigWith(t, "subversion")
+	server := svnserve.Start(t, r.root, "u", "p")
+	server.Mkdir("trunk", "other")
+	one := server.Put(map[string]string{"trunk/conf": "one\n"}, "one")
+	param := gitParam("path", "/srv/app", "repo", server.URL+"/trunk", "username", "u", "password", "p")
+	mustApply(t, r, "common.svn", param)
+
+	// A commit elsewhere in the repository: trunk did not change.
+	server.Put(map[string]string{"other/x": "x\n"}, "elsewhere")
+	before := treeStamp(t, filepath.Join(r.root, "srv/app"))
+	mark := r.runs.Mark()
+	if res := mustApply(t, r, "common.svn", param); res.Changed {
+		t.Fatalf("a change elsewhere: %+v", res)
+	}
+	if n := len(r.runs.Since(mark)); n != 2 {
+		t.Fatalf("ran %v, want the two svn info", r.runs.Since(mark))
+	}
+	assertStampSame(t, before, treeStamp(t, filepath.Join(r.root, "srv/app")))
+
+	two := server.Put(map[string]string{"trunk/conf": "two\n"}, "two")
+	if check := r.apply(t, "common.svn", param, true); !check.Changed || svnWCRevision(t, r.root, "/srv/app") == fmt.Sprint(two) {
+		t.Fatalf("check mode: %+v", check)
+	}
+	res := mustApply(t, r, "common.svn", param)
+	if !res.Changed || !strings.Contains(res.Comment, fmt.Sprintf("=> r%d", two)) || readIn(t, r.root, "/srv/app/conf") != "two\n" {
+		t.Fatalf("after a commit to trunk: %+v", res)
+	}
+
+	// Pinned to a number: no network once there.
+	pinned := gitParam("path", "/srv/app", "repo", server.URL+"/trunk", "username", "u", "password", "p", "revision", fmt.Sprint(one))
+	if res := mustApply(t, r, "common.svn", pinned); !res.Changed || readIn(t, r.root, "/srv/app/conf") != "one\n" {
+		t.Fatalf("pin: %+v", res)
+	}
+	mark = r.runs.Mark()
+	if res := mustApply(t, r, "common.svn", pinned); res.Changed {
+		t.Fatalf("pinned, second round: %+v", res)
+	}
+	if runs := r.runs.Since(mark); len(runs) != 1 || strings.Contains(strings.Join(runs[0], " "), "svn://") {
+		t.Fatalf("ran %v, want one local svn info", runs)
+	}
+	// PREV, relative to the working copy, does not walk back each round.
+	prev := gitParam("path", "/srv/app", "repo", server.URL+"/trunk", "revision", "PREV")
+	if res := mustApply(t, r, "common.svn", prev); res.Changed {
+		t.Fatalf("PREV: %+v", res)
+	}
+
+	// A local change that conflicts with the update.
+	if err := os.WriteFile(filepath.Join(r.root, "srv/app/conf"), []byte("local\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	res = r.apply(t, "common.svn", param, false)
+	if res.OK || !strings.Contains(res.Comment, "conflicts") || !strings.Contains(res.Comment, "set force") {
+		t.Fatalf("conflict, no force: %+v", res)
+	}
+	forced := gitParam("path", "/srv/app", "repo", server.URL+"/trunk", "username", "u", "password", "p", "force", "true")
+	// The conflicted working copy is at HEAD already; force reverts and
+	// updates whenever trunk moves next.
+	server.Put(map[string]string{"trunk/conf": "three\n"}, "three")
+	if res := mustApply(t, r, "common.svn", forced); !res.Changed || readIn(t, r.root, "/srv/app/conf") != "three\n" {
+		t.Fatalf("force: %+v, conf %q", res, readIn(t, r.root, "/srv/app/conf"))
+	}
+	// Another repository's working copy is replaced only with force.
+	other := gitParam("path", "/srv/app", "repo", server.URL+"/other", "username", "u", "password", "p")
+	if res := r.apply(t, "common.svn", other, false); res.OK || !strings.Contains(res.Comment, "set force") {
+		t.Fatalf("other URL, no force: %+v", res)
+	}
+}
