@@ -244,16 +244,26 @@ func (g *gitRun) update(ctx context.Context, c checkout) (state.Result, error) {
 	if head == t.commit && (t.kind != "branch" || branch == t.name) {
 		return s.result(g.label(), ch), nil
 	}
-	to := t.name
-	if t.commit != "" {
-		to = fmt.Sprintf("%s (%s)", short(t.commit), t.name)
+	switch {
+	case head == t.commit:
+		ch.add("branch %s checked out", t.name)
+	case t.commit == "":
+		ch.add("revision %s => %s", short(head), t.name)
+	default:
+		ch.add("revision %s => %s (%s)", short(head), short(t.commit), t.name)
 	}
-	ch.add("revision %s => %s", short(head), to)
 	if s.test {
 		return s.result(g.label(), ch), nil
 	}
 	if err := g.moveTo(ctx, c.real, refs, t, g.force); err != nil {
 		return state.Result{}, err
+	}
+	if t.kind == "branch" {
+		// A fast-forward that left HEAD elsewhere: local commits the
+		// remote lacks. The state cannot hold without discarding them.
+		if now, err := g.refs(c.real).head(ctx); err == nil && now != t.commit {
+			return state.Result{}, failf("%s: branch %s has local commits that origin/%s lacks (at %s, the remote at %s): push them, or set force to reset %s to the remote's", g.label(), t.name, t.name, short(now), short(t.commit), t.name)
+		}
 	}
 	return s.result(g.label(), ch), nil
 }
@@ -393,6 +403,7 @@ func (g *gitRun) moveTo(ctx context.Context, dir string, refs gitRefs, t gitTarg
 		if _, err := g.git(ctx, dir, "fetch", "-q", "origin", t.fetch); err != nil {
 			return err
 		}
+		refs = g.refs(dir) // read again: new packs and refs
 	}
 	if t.commit == "" {
 		c, ok, err := refs.commit(ctx, t.name)

@@ -189,6 +189,31 @@ func TestGitForce(t *testing.T) {
 		t.Fatalf("force: %+v, conf %q", res, readIn(t, r.root, "/srv/app/conf"))
 	}
 
+	// A local commit the remote lacks: the branch cannot be at the
+	// remote's without losing it.
+	inRoot(t, r.root, "sh", "-c", "cd /srv/app && echo mine > mine && git add mine && git -c user.name=t -c user.email=t@e commit -q -m mine")
+	srv.Commit("app", map[string]string{"other": "x\n"}, "three")
+	res = r.apply(t, "common.git", param, false)
+	if res.OK || !strings.Contains(res.Comment, "set force") {
+		t.Fatalf("local commit, remote moved, no force: %+v", res)
+	}
+	if _, err := os.Stat(filepath.Join(r.root, "srv/app/mine")); err != nil {
+		t.Fatal("the local commit was lost without force")
+	}
+	res = mustApply(t, r, "common.git", gitParam("path", "/srv/app", "repo", url, "force", "true"))
+	if _, err := os.Stat(filepath.Join(r.root, "srv/app/mine")); !res.Changed || err == nil || headIn(t, r.root, "/srv/app") != srv.Head("app") {
+		t.Fatalf("force over a local commit: %+v", res)
+	}
+
+	// Ahead of the remote, which did not move: the same.
+	inRoot(t, r.root, "sh", "-c", "cd /srv/app && echo mine > mine && git add mine && git -c user.name=t -c user.email=t@e commit -q -m mine")
+	if res := r.apply(t, "common.git", param, false); res.OK || !strings.Contains(res.Comment, "local commits that origin/master lacks") {
+		t.Fatalf("ahead of the remote: %+v", res)
+	}
+	if res := mustApply(t, r, "common.git", gitParam("path", "/srv/app", "repo", url, "force", "true")); !res.Changed || headIn(t, r.root, "/srv/app") != srv.Head("app") {
+		t.Fatalf("force, ahead: %+v", res)
+	}
+
 	// A directory that is not a checkout.
 	if err := os.MkdirAll(filepath.Join(r.root, "srv/other"), 0o755); err != nil {
 		t.Fatal(err)
@@ -204,7 +229,7 @@ func TestGitForce(t *testing.T) {
 		t.Fatal("the directory was touched without force")
 	}
 	res = mustApply(t, r, "common.git", gitParam("path", "/srv/other", "repo", url, "force", "true"))
-	if _, err := os.Stat(filepath.Join(r.root, "srv/other/keep")); !res.Changed || err == nil || readIn(t, r.root, "/srv/other/conf") != "remote 2\n" {
+	if _, err := os.Stat(filepath.Join(r.root, "srv/other/keep")); !res.Changed || err == nil || readIn(t, r.root, "/srv/other/conf") != "remote 2\n" || readIn(t, r.root, "/srv/other/other") != "x\n" {
 		t.Fatalf("non-checkout with force: %+v", res)
 	}
 }
