@@ -77,7 +77,7 @@ func TestGitInstallsGitAndClones(t *testing.T) {
 // and moves the checkout; the round after that asks the remote (git
 // ls-remote, a read) and changes nothing on disk.
 func TestGitBranchFollowsTheRemote(t *testing.T) {
-	r := newDebianRigWith(t, "git")
+	r := newGitRig(t)
 	srv := gitserver.New(t)
 	url := srv.CreateRepo("app", map[string]string{"index.html": "v1\n"})
 	param := gitParam("path", "/srv/app", "repo", url, "revision", "master")
@@ -115,7 +115,7 @@ func TestGitBranchFollowsTheRemote(t *testing.T) {
 // A tag or a commit already checked out costs nothing: no git runs, so
 // no network. Moving the revision to another tag fetches only then.
 func TestGitTagAndCommitOverGitDaemon(t *testing.T) {
-	r := newDebianRigWith(t, "git")
+	r := newGitRig(t)
 	srv := gitserver.New(t)
 	srv.CreateRepo("lib", map[string]string{"VERSION": "1\n"})
 	v1 := srv.Head("lib")
@@ -164,7 +164,7 @@ func TestGitTagAndCommitOverGitDaemon(t *testing.T) {
 // replaces a path that is not a git checkout; without it both fail,
 // naming force, and nothing is lost.
 func TestGitForce(t *testing.T) {
-	r := newDebianRigWith(t, "git")
+	r := newGitRig(t)
 	srv := gitserver.New(t)
 	url := srv.CreateRepo("app", map[string]string{"conf": "remote 1\n"})
 	param := gitParam("path", "/srv/app", "repo", url)
@@ -238,7 +238,7 @@ func TestGitForce(t *testing.T) {
 // ownership checks pass and the files are the user's), and a state
 // without user on that checkout says whose it is.
 func TestGitUserOwnsTheCheckout(t *testing.T) {
-	r := newDebianRigWith(t, "git")
+	r := newGitRig(t)
 	inRoot(t, r.root, "useradd", "-m", "-s", "/bin/sh", "deploy")
 	uid := strings.TrimSpace(inRoot(t, r.root, "id", "-u", "deploy"))
 	srv := gitserver.New(t)
@@ -268,7 +268,7 @@ func TestGitUserOwnsTheCheckout(t *testing.T) {
 // (no other key is tried), the host key is accepted on first contact and
 // checked after, and the key never reaches a comment.
 func TestGitSSHKeyFile(t *testing.T) {
-	r := newDebianRigWith(t, "git", "openssh-client", "openssh-server")
+	r := newGitRig(t)
 	server := sshd.Start(t, r.root, "/etc/opsagent-test/deploy_key")
 	inRoot(t, r.root, "git", "init", "-q", "--bare", "-b", "main", "/srv/git/app.git")
 	inRoot(t, r.root, "git", "clone", "-q", "/srv/git/app.git", "/tmp/work")
@@ -309,7 +309,7 @@ func TestGitSSHKeyFile(t *testing.T) {
 // A checkout go-git cannot read (its .git a file, as --separate-git-dir
 // makes) is read with git itself: still no fetch when nothing moved.
 func TestGitSeparateGitDir(t *testing.T) {
-	r := newDebianRigWith(t, "git")
+	r := newGitRig(t)
 	srv := gitserver.New(t)
 	url := srv.CreateRepo("app", map[string]string{"f": "1\n"})
 	inRoot(t, r.root, "git", "clone", "-q", "--separate-git-dir=/var/lib/app.git", url, "/srv/app")
@@ -332,7 +332,7 @@ func TestGitSeparateGitDir(t *testing.T) {
 // Check mode on a missing checkout says it would clone and clones
 // nothing.
 func TestGitCheckModeClonesNothing(t *testing.T) {
-	r := newDebianRigWith(t, "git")
+	r := newGitRig(t)
 	srv := gitserver.New(t)
 	url := srv.CreateRepo("app", map[string]string{"f": "1\n"})
 	res := r.apply(t, "common.git", gitParam("path", "/srv/app", "repo", url), true)
@@ -342,4 +342,24 @@ func TestGitCheckModeClonesNothing(t *testing.T) {
 	if _, err := os.Lstat(filepath.Join(r.root, "srv/app")); err == nil {
 		t.Fatal("check mode created the path")
 	}
+}
+
+// Check mode on a root with neither git nor ssh says both would be
+// installed for an ssh repository, and installs nothing.
+func TestGitCheckModeNamesThePrerequisites(t *testing.T) {
+	r := newDebianRig(t)
+	res := r.apply(t, "common.git", gitParam("path", "/srv/app", "repo", "git@example.com:team/app.git"), true)
+	if !res.OK || !res.Changed || !strings.Contains(res.Comment, "git would be installed; ssh would be installed; Repository git@example.com:team/app.git would be cloned to /srv/app") {
+		t.Fatalf("check mode: %+v", res)
+	}
+	if ran := r.runs.Ran(0, "apt-get", "dpkg", "git"); len(ran) > 0 {
+		t.Fatalf("check mode ran %v", ran)
+	}
+}
+
+// newGitRig is a rig on a root with git, its ssh client and an ssh
+// server installed: one cached layer for every git test.
+func newGitRig(t testing.TB) *debianRig {
+	t.Helper()
+	return newDebianRigWith(t, "git", "openssh-client", "openssh-server")
 }

@@ -41,14 +41,14 @@ func BenchmarkNoChangeRoundSources(b *testing.B) {
 		b.ReportMetric(float64(time.Since(start).Microseconds())/float64(b.N)/1000, "by-hand-ms")
 	}
 	b.Run("git-branch-ls-remote-http", func(b *testing.B) {
-		r := newDebianRigWith(b, "git")
+		r := newGitRig(b)
 		srv := gitserver.New(b)
 		url := srv.CreateRepo("app", map[string]string{"f": "1\n"})
 		bench(b, r, "common.git", gitParam("path", "/srv/app", "repo", url))
 		bare(b, r.root, "git", "ls-remote", url, "refs/heads/master")
 	})
 	b.Run("git-branch-ls-remote-daemon", func(b *testing.B) {
-		r := newDebianRigWith(b, "git")
+		r := newGitRig(b)
 		srv := gitserver.New(b)
 		srv.CreateRepo("app", map[string]string{"f": "1\n"})
 		url := srv.Daemon() + "/app.git"
@@ -56,7 +56,7 @@ func BenchmarkNoChangeRoundSources(b *testing.B) {
 		bare(b, r.root, "git", "ls-remote", url, "refs/heads/master")
 	})
 	b.Run("git-tag", func(b *testing.B) {
-		r := newDebianRigWith(b, "git")
+		r := newGitRig(b)
 		srv := gitserver.New(b)
 		url := srv.CreateRepo("app", map[string]string{"f": "1\n"})
 		srv.AnnotatedTag("app", "v1", "one")
