@@ -85,6 +85,11 @@ const (
 // to re-execute the new binary (a Restart, with the lock kept open for the
 // new image). Everything is unwound before it returns: the close frame is
 // sent, the status written, the outbox flushed.
+//
+// The lock and the outbox belong to the process and outlive sessions: a
+// reload (SIGHUP) ends the session and starts another with the new config,
+// handing it the same outbox, so that no StateLog kept in memory is lost
+// and no seq is handed out twice.
 func Run(ctx context.Context, opts Options) (*Restart, error) {
 	if opts.ConfigFile == "" {
 		opts.ConfigFile = opts.Root.Path(config.DefaultPath)
@@ -97,7 +102,7 @@ func Run(ctx context.Context, opts Options) (*Restart, error) {
 			opts.Binary, _ = filepath.EvalSymlinks(exe)
 		}
 	}
-	cfg, err := config.Load(opts.ConfigFile)
+	cfg, err := loadConfig(ctx, opts.ConfigFile)
 	if err != nil {
 		return nil, err
 	}
@@ -118,22 +123,25 @@ func Run(ctx context.Context, opts Options) (*Restart, error) {
 			_ = lock.Unlock()
 		}
 	}()
-	level, _ := config.ParseLogLevel(opts.LogLevel)
-	if opts.LogLevel == "" {
-		level, _ = config.ParseLogLevel(cfg.Global.LogLevel)
+	logs, err := openLog(layout.LogFile(), logLevel(opts, cfg), opts.Stderr)
+	if err != nil {
+		return nil, err
 	}
+	procLog := newSwitchHandler(logs.logger.Handler())
+	outboxDir := layout.OutboxDir()
+	queue := outbox.Open(outbox.Options{
+		Dir: outboxDir, MaxEntries: cfg.Agent.OutboxLimit, MaxBytes: int64(cfg.Agent.OutboxMaxBytes),
+		MaxAge: cfg.Agent.OutboxMaxAge, Logger: slog.New(procLog).With("part", "outbox"),
+	})
+	defer queue.Close() // after an early return; the session closes it otherwise
 	for {
-		logs, err := openLog(layout.LogFile(), level, opts.Stderr)
-		if err != nil {
-			return nil, err
-		}
 		for _, w := range cfg.Warnings() {
 			logs.logger.Warn(w)
 		}
-		out, restart, err := runSession(ctx, opts, cfg, layout, logs.logger)
-		if err != nil || out == stopped {
+		out, restart, next := runSession(ctx, opts, cfg, layout, logs.logger, queue)
+		if out == stopped {
 			logs.Close()
-			return nil, err
+			return nil, nil
 		}
 		if out == restarting {
 			env, herr := lock.HandOver()
@@ -150,16 +158,70 @@ func Run(ctx context.Context, opts Options) (*Restart, error) {
 			}
 			return r, nil
 		}
-		next, lerr := config.Load(opts.ConfigFile)
-		if lerr != nil {
-			logs.logger.Error("config reload failed; keeping the running config", "err", lerr)
-			logs.Close()
-			continue
-		}
 		logs.Close()
-		cfg = next
-		layout = config.NewLayout(opts.Root, opts.ConfigFile, cfg)
+		cfg, layout, logs = next.cfg, next.layout, next.logs
+		procLog.set(logs.logger.Handler())
+		if d := layout.OutboxDir(); d != outboxDir {
+			logs.logger.Warn("the state directory changed; the lock and the outbox stay where they are until the agent restarts", "outbox", outboxDir, "new", d)
+		}
+		queue.SetLimits(cfg.Agent.OutboxLimit, int64(cfg.Agent.OutboxMaxBytes), cfg.Agent.OutboxMaxAge)
+		if err := queue.RetryDisk(); err != nil {
+			logs.logger.Warn("outbox: still in memory", "err", err)
+		}
 	}
+}
+
+// logLevel is --log-level when given, else the config's loglvl.
+func logLevel(opts Options, cfg *config.Config) slog.Level {
+	if opts.LogLevel != "" {
+		level, _ := config.ParseLogLevel(opts.LogLevel)
+		return level
+	}
+	level, _ := config.ParseLogLevel(cfg.Global.LogLevel)
+	return level
+}
+
+// loadConfig is config.Load, given up when ctx is done: whatever sits at
+// the config's path, SIGTERM still stops the agent.
+func loadConfig(ctx context.Context, path string) (*config.Config, error) {
+	type loaded struct {
+		cfg *config.Config
+		err error
+	}
+	ch := make(chan loaded, 1)
+	go func() {
+		c, err := config.Load(path)
+		ch <- loaded{c, err}
+	}()
+	select {
+	case l := <-ch:
+		return l.cfg, l.err
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+}
+
+// reload is what a SIGHUP hands to the next session: the new config, its
+// layout and its log, each checked while the running session went on.
+type reload struct {
+	cfg    *config.Config
+	layout config.Layout
+	logs   logSink
+}
+
+// prepareReload loads and checks the config for a reload. An error leaves
+// everything as it is: the running session is not touched.
+func prepareReload(ctx context.Context, opts Options) (*reload, error) {
+	cfg, err := loadConfig(ctx, opts.ConfigFile)
+	if err != nil {
+		return nil, err
+	}
+	layout := config.NewLayout(opts.Root, opts.ConfigFile, cfg)
+	logs, err := openLog(layout.LogFile(), logLevel(opts, cfg), opts.Stderr)
+	if err != nil {
+		return nil, err
+	}
+	return &reload{cfg: cfg, layout: layout, logs: logs}, nil
 }
 
 // session is one life of the agent's components with one config. A reload
@@ -182,9 +244,11 @@ type session struct {
 	saltError  string // the Salt path's current problem, "" when it is ready
 }
 
-// runSession runs until ctx is done, a reload is asked, or an update asks
-// to re-execute.
-func runSession(ctx context.Context, opts Options, cfg *config.Config, layout config.Layout, log *slog.Logger) (outcome, *rounds.Restart, error) {
+// runSession runs until ctx is done, a reload is asked (and its config
+// loaded: a config that cannot be loaded leaves the session running), or an
+// update asks to re-execute. The outbox is the process's: the session closes
+// it unless it ends for a reload.
+func runSession(ctx context.Context, opts Options, cfg *config.Config, layout config.Layout, log *slog.Logger, queue *outbox.Outbox) (outcome, *rounds.Restart, *reload) {
 	owner := config.NewOwner(cfg)
 	s := &session{opts: opts, layout: layout, owner: owner, log: log, started: time.Now()}
 	s.id = newIdentity(layout, owner, log)
@@ -201,6 +265,9 @@ func runSession(ctx context.Context, opts Options, cfg *config.Config, layout co
 	if updater == nil {
 		s.update = newSelfUpdate(layout, owner, opts.Version, opts.Binary, log.With("part", "update"))
 		updater = s.update
+		if msg := s.update.keyProblem(); msg != "" {
+			s.addInitError(msg)
+		}
 	}
 	store := rounds.NewStore(rounds.Files{Recipe: layout.RecipeFile(), PendingUpdate: layout.PendingUpdateFile()}, clock.Real{}, log)
 
@@ -225,6 +292,7 @@ func runSession(ctx context.Context, opts Options, cfg *config.Config, layout co
 			Logger:      log,
 			OutputLimit: cur.Agent.OutputLimit,
 			KillGrace:   cur.Agent.KillGrace,
+			WatchDir:    layout.WatchDir(),
 		}),
 	}
 	link := &linkProxy{}
@@ -257,15 +325,6 @@ func runSession(ctx context.Context, opts Options, cfg *config.Config, layout co
 			}
 		},
 	})
-	queue := outbox.Open(outbox.Options{
-		Dir: layout.OutboxDir(), MaxEntries: cur.Agent.OutboxLimit, MaxBytes: int64(cur.Agent.OutboxMaxBytes),
-		MaxAge: cur.Agent.OutboxMaxAge, Logger: log.With("part", "outbox"),
-	})
-	defer func() {
-		if err := queue.Close(); err != nil {
-			log.Error("outbox: the last StateLogs may not be on disk", "err", err)
-		}
-	}()
 	s.mgr = conn.New(conn.Options{
 		URL:              cur.Userdata.WSURI,
 		CAFile:           rootedOrEmpty(layout.Root(), cur.Network.CAFile),
@@ -303,13 +362,23 @@ func runSession(ctx context.Context, opts Options, cfg *config.Config, layout co
 	log.Info("agent started", "version", opts.Version, "backend", conn.Redact(cur.Userdata.WSURI), "app_id", cur.Userdata.AppID, "engine", cur.Agent.Engine)
 
 	out := stopped
+	var next *reload
 wait:
 	for {
 		select {
 		case <-ctx.Done():
 			log.Info("agent stopping")
 		case <-opts.Reload:
-			out = reloading
+			r, err := prepareReload(ctx, opts)
+			if err != nil {
+				if ctx.Err() != nil {
+					log.Info("agent stopping")
+					break wait
+				}
+				log.Error("config reload failed; keeping the running config (the session and its connection go on untouched)", "err", err)
+				continue
+			}
+			out, next = reloading, r
 			log.Info("reloading the config")
 		case <-opts.UpdateNow:
 			s.updateRequested(sctx)
@@ -325,11 +394,13 @@ wait:
 	}
 	cancel()
 	wg.Wait()
-	if err := queue.Flush(context.Background()); err != nil {
-		log.Error("outbox: the last StateLogs may not be on disk", "err", err)
+	if out != reloading {
+		if err := queue.Close(); err != nil {
+			log.Error("outbox: the last StateLogs may not be on disk", "err", err)
+		}
 	}
 	s.writeStatus(s.snapshot())
-	return out, restart, nil
+	return out, restart, next
 }
 
 // updateRequested hands a request left by `opsagent update` to the round
@@ -348,7 +419,7 @@ func (s *session) updateRequested(ctx context.Context) {
 		return
 	}
 	s.log.Info("update requested by hand", "version", r.Version, "force", r.Force)
-	s.engine.Deliver(ctx, s.update.request(*r))
+	s.engine.DeliverUpdateByHand(ctx, *s.update.request(*r))
 }
 
 // pause applies the floor of the pauses between rounds, saying so when a
@@ -484,6 +555,7 @@ func (s *session) snapshot() statusfile.Snapshot {
 			NextSeq:       cs.Outbox.NextSeq,
 			DroppedFrames: cs.DroppedFrames,
 			DroppedLogs:   cs.Outbox.Dropped,
+			DroppedBy:     cs.Outbox.DroppedBy,
 			LastError:     cs.LastError,
 		},
 		Engine:     s.engine.Status(),

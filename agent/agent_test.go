@@ -22,6 +22,9 @@ import (
 	"github.com/visualops/opsagent/internal/testutil/wait"
 )
 
+// inprocAPIToken is the in-process backend's API token (every call needs one).
+const inprocAPIToken = "agent-test-api-token-0123456789"
+
 // inprocBackend runs the real backend in this process on loopback.
 type inprocBackend struct {
 	addr string
@@ -30,7 +33,7 @@ type inprocBackend struct {
 
 func startInprocBackend(t *testing.T) *inprocBackend {
 	t.Helper()
-	srv, err := backend.New(backend.Options{DataDir: t.TempDir(), OpenEnrollment: true, Logger: slog.New(slog.DiscardHandler)})
+	srv, err := backend.New(backend.Options{DataDir: t.TempDir(), APIToken: inprocAPIToken, OpenEnrollment: true, Logger: slog.New(slog.DiscardHandler)})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -50,6 +53,7 @@ func (b *inprocBackend) put(t *testing.T, app, body string) {
 	t.Helper()
 	req, _ := http.NewRequest(http.MethodPut, "http://"+b.addr+"/api/apps/"+app+"/recipe", strings.NewReader(body))
 	req.Header.Set("Content-Type", "application/json")
+	req.Header.Set("Authorization", "Bearer "+inprocAPIToken)
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
 		t.Fatal(err)
@@ -62,7 +66,9 @@ func (b *inprocBackend) put(t *testing.T, app, body string) {
 }
 
 func (b *inprocBackend) instances(app string) []map[string]any {
-	resp, err := http.Get("http://" + b.addr + "/api/apps/" + app + "/instances")
+	req, _ := http.NewRequest(http.MethodGet, "http://"+b.addr+"/api/apps/"+app+"/instances", nil)
+	req.Header.Set("Authorization", "Bearer "+inprocAPIToken)
+	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
 		return nil
 	}

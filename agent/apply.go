@@ -131,7 +131,7 @@ func Apply(ctx context.Context, opts ApplyOptions) ([]ApplyResult, error) {
 // file (trying a recipe needs no installation), and no required userdata
 // keys (apply talks to no backend).
 func applyConfig(path string) (*config.Config, error) {
-	data, err := fsutil.ReadFileLimit(path, config.MaxFileSize)
+	data, err := fsutil.ReadFixedFile(path, config.MaxFileSize)
 	if errors.Is(err, fs.ErrNotExist) {
 		return config.Default(), nil
 	}
@@ -157,6 +157,7 @@ func newExecutor(layout config.Layout, cfg *config.Config, log *slog.Logger, sys
 			OutputLimit: cfg.Agent.OutputLimit,
 			KillGrace:   cfg.Agent.KillGrace,
 			System:      sys,
+			WatchDir:    layout.WatchDir(),
 		}),
 	}
 	return router, salt.Close

@@ -60,7 +60,7 @@ func (id *identity) InstanceID(ctx context.Context) (string, error) {
 	if ctx.Err() != nil {
 		return "", ctx.Err()
 	}
-	data, merr := fsutil.ReadFileLimit(id.layout.MachineIDFile(), 4<<10)
+	data, merr := fsutil.ReadFixedFile(id.layout.MachineIDFile(), 4<<10)
 	if mid := strings.TrimSpace(string(data)); merr == nil && mid != "" {
 		id.log.Warn("no instance metadata; using /etc/machine-id as the instance id (set [network] instance_id to choose one)", "err", err, "instance_id", mid)
 		return mid, nil

@@ -8,7 +8,9 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
+	"time"
 
 	"github.com/visualops/opsagent/internal/config"
 	"github.com/visualops/opsagent/internal/fsutil"
@@ -161,5 +163,31 @@ func TestTokenFilePapercuts(t *testing.T) {
 	os.Mkdir(p, 0o755)
 	if _, err := id.Token(); err == nil || !strings.Contains(err.Error(), "not a regular file") || !strings.Contains(err.Error(), "remove it") {
 		t.Fatalf("directory in place of the token: %v", err)
+	}
+}
+
+// TestMachineIDFIFOFailsAtOnce: a FIFO at /etc/machine-id (read when there
+// is no metadata) blocked the Handshake's identity for good, and with it
+// SIGTERM; it is refused at once.
+func TestMachineIDFIFOFailsAtOnce(t *testing.T) {
+	dead := httptest.NewServer(http.NotFoundHandler())
+	dead.Close()
+	id, dir, _ := identityRig(t, dead.URL, "[userdata]\nws_uri = ws://x/agent/\napp_id = a\n")
+	p := filepath.Join(dir, "etc/machine-id")
+	if err := syscall.Mkfifo(p, 0o444); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { _, err := id.InstanceID(context.Background()); done <- err }()
+	select {
+	case err := <-done:
+		if err == nil || !strings.Contains(err.Error(), "named pipe (FIFO)") {
+			t.Errorf("err = %v", err)
+		}
+	case <-time.After(30 * time.Second):
+		if w, err := os.OpenFile(p, os.O_WRONLY|syscall.O_NONBLOCK, 0); err == nil {
+			w.Close() // releases the blocked reader
+		}
+		t.Fatal("the instance id blocked on a FIFO at /etc/machine-id")
 	}
 }

@@ -1,11 +1,15 @@
 package agent
 
 import (
+	"context"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
 	"os"
 	"path/filepath"
+	"sync/atomic"
+	"syscall"
 
 	"gopkg.in/natefinch/lumberjack.v2"
 )
@@ -29,11 +33,20 @@ func openLog(path string, level slog.Level, extra io.Writer) (logSink, error) {
 	if err := os.MkdirAll(filepath.Dir(path), 0o750); err != nil {
 		return logSink{}, fmt.Errorf("log file %s: %w ([global] logfile)", path, err)
 	}
-	f, err := os.OpenFile(path, os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o640)
+	// O_NONBLOCK: a FIFO there would block the open until a reader came
+	// (ENXIO instead), and the agent, wedged, would ignore SIGTERM.
+	f, err := os.OpenFile(path, os.O_CREATE|os.O_APPEND|os.O_WRONLY|syscall.O_NONBLOCK|syscall.O_NOCTTY, 0o640)
+	if errors.Is(err, syscall.ENXIO) {
+		return logSink{}, fmt.Errorf("log file %s is a named pipe (FIFO), not a file: remove it ([global] logfile)", path)
+	}
 	if err != nil {
 		return logSink{}, fmt.Errorf("log file %s: %w ([global] logfile)", path, err)
 	}
+	st, err := f.Stat()
 	_ = f.Close()
+	if err == nil && !st.Mode().IsRegular() {
+		return logSink{}, fmt.Errorf("log file %s is not a regular file (%s): remove it ([global] logfile)", path, st.Mode().Type())
+	}
 	lj := &lumberjack.Logger{Filename: path, MaxSize: 10, MaxBackups: 5, Compress: true}
 	var w io.Writer = lj
 	if extra != nil {
@@ -41,4 +54,50 @@ func openLog(path string, level slog.Level, extra io.Writer) (logSink, error) {
 	}
 	h := slog.NewTextHandler(w, &slog.HandlerOptions{Level: level})
 	return logSink{logger: slog.New(h), file: lj}, nil
+}
+
+// switchHandler is a slog.Handler that writes to whatever handler was set
+// last: what lives as long as the process (the outbox) logs through it, and
+// a reload that opens a new log file (or a new level) sets the new one.
+type switchHandler struct {
+	cur *atomic.Pointer[slog.Handler]
+	// with is what WithAttrs and WithGroup asked for, applied to the
+	// current handler at each record.
+	with []func(slog.Handler) slog.Handler
+}
+
+func newSwitchHandler(h slog.Handler) switchHandler {
+	s := switchHandler{cur: &atomic.Pointer[slog.Handler]{}}
+	s.set(h)
+	return s
+}
+
+func (s switchHandler) set(h slog.Handler) { s.cur.Store(&h) }
+
+func (s switchHandler) handler() slog.Handler {
+	h := *s.cur.Load()
+	for _, w := range s.with {
+		h = w(h)
+	}
+	return h
+}
+
+func (s switchHandler) Enabled(ctx context.Context, l slog.Level) bool {
+	return (*s.cur.Load()).Enabled(ctx, l)
+}
+
+func (s switchHandler) Handle(ctx context.Context, r slog.Record) error {
+	return s.handler().Handle(ctx, r)
+}
+
+func (s switchHandler) WithAttrs(as []slog.Attr) slog.Handler {
+	return s.derive(func(h slog.Handler) slog.Handler { return h.WithAttrs(as) })
+}
+
+func (s switchHandler) WithGroup(name string) slog.Handler {
+	return s.derive(func(h slog.Handler) slog.Handler { return h.WithGroup(name) })
+}
+
+func (s switchHandler) derive(w func(slog.Handler) slog.Handler) switchHandler {
+	return switchHandler{cur: s.cur, with: append(append([]func(slog.Handler) slog.Handler(nil), s.with...), w)}
 }

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"strings"
 	"sync"
 	"time"
 
@@ -39,7 +40,7 @@ func WriteUpdateRequest(l config.Layout, r UpdateRequest) error {
 // takeUpdateRequest reads and removes the pending request, if any.
 func takeUpdateRequest(l config.Layout) (*UpdateRequest, error) {
 	p := l.UpdateRequestFile()
-	data, err := fsutil.ReadFileLimit(p, 64<<10)
+	data, err := fsutil.ReadFixedFile(p, 64<<10)
 	if errors.Is(err, os.ErrNotExist) {
 		return nil, nil
 	}
@@ -60,6 +61,10 @@ type selfUpdate struct {
 	u   *updater.Updater
 	log *slog.Logger
 
+	owner       *config.Owner
+	configFile  string
+	embeddedKey string
+
 	mu     sync.Mutex
 	manual map[string]UpdateRequest // version → a person's request (force, …)
 	last   updater.Step
@@ -76,12 +81,12 @@ type UpdateStatus struct {
 }
 
 func newSelfUpdate(l config.Layout, owner *config.Owner, current, target string, log *slog.Logger) *selfUpdate {
-	su := &selfUpdate{log: log, manual: map[string]UpdateRequest{}}
+	su := &selfUpdate{log: log, manual: map[string]UpdateRequest{}, owner: owner, configFile: l.ConfigFile(), embeddedKey: dist.EmbeddedPublicKey()}
 	cur := owner.Current()
 	su.u = updater.New(updater.Options{
 		Layout: l, Current: current, Target: target,
 		Settings:      owner.Current,
-		EmbeddedKey:   dist.EmbeddedPublicKey(),
+		EmbeddedKey:   su.embeddedKey,
 		HealthTimeout: cur.Agent.UpdateHealthTimeout,
 		Logger:        log,
 		OnStep: func(s updater.Step) {
@@ -93,9 +98,31 @@ func newSelfUpdate(l config.Layout, owner *config.Owner, current, target string,
 	return su
 }
 
-// Apply is rounds.Updater: an AgentUpdate (or a person's request for that
-// version) applied between rounds.
-func (s *selfUpdate) Apply(ctx context.Context, au protocol.AgentUpdate) (*rounds.Restart, error) {
+// keyProblem says what is wrong with [userdata] pubkey ("" when nothing),
+// for the session to report once (log, status and the Handshake's
+// init_errors): a malformed key is skipped when updates are verified, and
+// the compiled-in release key still verifies them.
+func (s *selfUpdate) keyProblem() string {
+	return keyProblem(s.owner.Current(), s.configFile, s.embeddedKey)
+}
+
+func keyProblem(cfg *config.Config, configFile, embedded string) string {
+	if strings.TrimSpace(cfg.Userdata.PubKey) == "" {
+		return ""
+	}
+	if _, err := dist.ParsePublicKey(cfg.Userdata.PubKey); err != nil {
+		still := "updates are verified with the release key compiled into this binary only"
+		if embedded == "" {
+			still = "this binary has no compiled-in release key, so every update is refused until it is fixed"
+		}
+		return fmt.Sprintf("config %s: [userdata] pubkey is ignored: %v; %s (set it to the base64 line of the release minisign.pub, e.g. re-run the userdata or opsagent install --pubkey)", configFile, err, still)
+	}
+	return ""
+}
+
+// Prepare is rounds.Updater: an AgentUpdate (or a person's request for
+// that version) downloaded, verified and smoke-tested in the background.
+func (s *selfUpdate) Prepare(ctx context.Context, au protocol.AgentUpdate) (rounds.Prepared, error) {
 	req := updater.Request{Version: au.Version, URL: au.URL}
 	s.mu.Lock()
 	if m, ok := s.manual[au.Version]; ok {
@@ -106,18 +133,41 @@ func (s *selfUpdate) Apply(ctx context.Context, au protocol.AgentUpdate) (*round
 		delete(s.manual, au.Version)
 	}
 	s.mu.Unlock()
-	r, err := s.u.Do(ctx, req)
+	p, err := s.u.Prepare(ctx, req)
 	if err != nil {
-		s.mu.Lock()
-		s.last = updater.Step{Phase: "refused", Version: au.Version, Reason: err.Error()}
-		s.mu.Unlock()
+		if ctx.Err() == nil { // not replaced or stopped: refused
+			s.refused(au.Version, err)
+		}
+		return nil, err
+	}
+	return &preparedUpdate{s: s, p: p}, nil
+}
+
+func (s *selfUpdate) refused(version string, err error) {
+	s.mu.Lock()
+	s.last = updater.Step{Phase: "refused", Version: version, Reason: err.Error()}
+	s.mu.Unlock()
+}
+
+// preparedUpdate is rounds.Prepared.
+type preparedUpdate struct {
+	s *selfUpdate
+	p *updater.Prepared
+}
+
+func (p *preparedUpdate) Install() (*rounds.Restart, error) {
+	r, err := p.p.Install()
+	if err != nil {
+		p.s.refused(p.p.Version, err)
 		return nil, err
 	}
 	return &rounds.Restart{Binary: r.Binary, Version: r.Version}, nil
 }
 
+func (p *preparedUpdate) Discard() { p.p.Discard() }
+
 // request records a person's request and returns the AgentUpdate to hand
-// to the engine.
+// to the engine (DeliverUpdateByHand).
 func (s *selfUpdate) request(r UpdateRequest) *protocol.AgentUpdate {
 	s.mu.Lock()
 	s.manual[r.Version] = r

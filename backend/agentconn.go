@@ -207,11 +207,12 @@ func (rd *reader) readFailed(err error) {
 		if rd.c.instance == "" {
 			reason = fmt.Sprintf("frames before the Handshake are limited to %d bytes", limit)
 		}
-		rd.s.log.Warn("agent frame over the size limit; closing", "remote", rd.remote, "instance_id", rd.c.instance, "limit", limit)
+		rd.s.refusals.add(refFrameTooLarge, "remote", rd.remote, "instance_id", rd.c.instance, "reason", reason)
 		rd.c.close(websocket.CloseMessageTooBig, reason)
 	case errors.As(err, &ne) && ne.Timeout() && rd.c.instance == "":
-		rd.s.log.Warn("no Handshake in time; closing", "remote", rd.remote, "timeout", rd.s.opts.HandshakeTimeout)
-		rd.c.close(websocket.ClosePolicyViolation, "no Handshake within "+rd.s.opts.HandshakeTimeout.String())
+		reason := "no Handshake within " + rd.s.opts.HandshakeTimeout.String()
+		rd.s.refusals.add(refNoHandshake, "remote", rd.remote, "reason", reason)
+		rd.c.close(websocket.ClosePolicyViolation, reason)
 	}
 }
 
@@ -259,7 +260,7 @@ func (rd *reader) handshake(m *protocol.Handshake) bool {
 		c.close(websocket.ClosePolicyViolation, "one connection serves one instance: reconnect to handshake as another")
 		return false
 	}
-	switch rd.s.handshake(c, m) {
+	switch rd.s.handshake(c, m, rd.remote) {
 	case hsRefused:
 		return false
 	case hsNotReady:
@@ -277,12 +278,13 @@ func (rd *reader) handshake(m *protocol.Handshake) bool {
 // more such Handshake closes the connection.
 func (rd *reader) appNotReady(app string) bool {
 	if rd.notReady >= maxNotReady {
-		rd.s.log.Warn("Handshakes for an unknown app keep coming on one connection; closing", "remote", rd.remote, "app_id", clip(app), "answered", rd.notReady)
-		rd.c.close(websocket.ClosePolicyViolation, fmt.Sprintf("the app does not exist (%d Handshakes got AppNotReady): reconnect later", rd.notReady))
+		reason := fmt.Sprintf("the app does not exist (%d Handshakes got AppNotReady): reconnect later", rd.notReady)
+		rd.s.refusals.add(refNoHandshake, "remote", rd.remote, "app_id", clip(app), "reason", reason)
+		rd.c.close(websocket.ClosePolicyViolation, reason)
 		return false
 	}
 	rd.notReady++
-	rd.s.log.Info("Handshake for an unknown app; AppNotReady", "remote", rd.remote, "app_id", clip(app), "answer", rd.notReady)
+	rd.s.refusals.add(refAppUnknown, "remote", rd.remote, "app_id", clip(app), "reason", "AppNotReady: no such app")
 	frame, _ := protocol.Encode(&protocol.AppNotReady{})
 	rd.c.send(frame)
 	return true
@@ -290,8 +292,14 @@ func (rd *reader) appNotReady(app string) bool {
 
 // badFrame logs at most one line per interval per connection, so that one
 // misbehaving agent cannot flood the backend's log: bad frames and forged
-// StateLogs share the interval. Client-supplied args must be clipped.
+// StateLogs share the interval. Before a Handshake the connection is
+// anyone's, and many of them could each log a line: those are counted
+// with the refusals instead. Client-supplied args must be clipped.
 func (rd *reader) badFrame(msg string, args ...any) {
+	if rd.c.instance == "" {
+		rd.s.refusals.add(refEarlyFrame, append([]any{"remote", rd.remote, "reason", msg}, args...)...)
+		return
+	}
 	ok, suppressed := rd.bad.allow(time.Now())
 	if !ok {
 		return
@@ -337,32 +345,38 @@ const (
 )
 
 // handshake checks the identity, the app and the token (or, for a new
-// instance, the enrollment secret) and registers the connection. The ids
-// are logged clipped until checkIdentity has bounded them.
-func (s *Server) handshake(c *agentConn, m *protocol.Handshake) hsResult {
+// instance, the enrollment secret and the enrollment limit) and registers
+// the connection. Refusals are counted (refusals.go), with the ids
+// clipped until checkIdentity has bounded them.
+func (s *Server) handshake(c *agentConn, m *protocol.Handshake, remote string) hsResult {
 	if reason := checkIdentity(&m.Identity); reason != "" {
-		s.log.Warn("Handshake refused", "instance_id", clip(m.InstanceID), "app_id", clip(m.AppID), "reason", reason)
+		s.refusals.add(refBadIdentity, "remote", remote, "instance_id", clip(m.InstanceID), "app_id", clip(m.AppID), "reason", reason)
 		c.close(websocket.ClosePolicyViolation, reason)
 		return hsRefused
 	}
+	refuse := func(r *refusal) hsResult {
+		s.refusals.add(r.kind, "remote", remote, "instance_id", m.InstanceID, "app_id", m.AppID, "reason", r.log)
+		c.close(r.code, r.reason)
+		return hsRefused
+	}
+	app, err := s.appFor(m.AppID)
+	switch {
+	case errors.Is(err, errNoApp):
+		return hsNotReady
+	case err != nil:
+		return refuse(&refusal{refAppFailed, websocket.CloseTryAgainLater,
+			"the backend cannot load this app now (a storage problem on its side); reconnect later", err.Error()})
+	}
 	log := s.log.With("instance_id", m.InstanceID, "app_id", m.AppID)
 	s.mu.Lock()
-	app, ok := s.apps[m.AppID]
-	switch {
-	case s.closed:
+	if s.closed {
 		s.mu.Unlock()
-		c.close(websocket.CloseGoingAway, "backend shutting down")
-		return hsRefused
-	case !ok:
-		s.mu.Unlock()
-		return hsNotReady
+		return refuse(&refusal{refShuttingDown, websocket.CloseGoingAway, "backend shutting down", "backend shutting down"})
 	}
-	firstSeen, refusal := s.admit(app, m)
-	if refusal != nil {
+	firstSeen, r := s.admit(app, m, time.Now())
+	if r != nil {
 		s.mu.Unlock()
-		log.Warn("Handshake refused", "reason", refusal.log)
-		c.close(refusal.code, refusal.reason)
-		return hsRefused
+		return refuse(r)
 	}
 	c.app, c.instance, c.agentVersion = m.AppID, m.InstanceID, m.AgentVersion
 	if m.InitErrors != nil {
@@ -372,7 +386,7 @@ func (s *Server) handshake(c *agentConn, m *protocol.Handshake) hsResult {
 		// Queued before the connection is registered, so that no broadcast
 		// can come first: the agent tells the protocol by the first frame.
 		c.logStream = m.LogStream
-		c.sendAck(c.logStream, s.logs.highSeq(c.app, c.instance, c.logStream))
+		c.ack(c.logStream, s.st.HighSeq(c.app, c.instance, c.logStream))
 	}
 	old := s.register(c)
 	frames := s.welcome(app, c, m.AgentVersion)
@@ -391,30 +405,41 @@ func (s *Server) handshake(c *agentConn, m *protocol.Handshake) hsResult {
 	return hsRegistered
 }
 
-// refusal is why admit turned a Handshake away: a close code, a close
-// reason for the agent and a longer line for the backend's log.
+// refusal is why admit turned a Handshake away: its kind (refusals.go), a
+// close code, a close reason for the agent and a longer one for the log.
 type refusal struct {
+	kind        string
 	code        int
 	reason, log string
 }
 
 // admit checks a known instance's token, or enrolls a new instance when it
-// presents the app's enrollment secret (or enrollment is open). Called with
-// s.mu held.
-func (s *Server) admit(app *appState, m *protocol.Handshake) (firstSeen bool, r *refusal) {
+// presents the app's enrollment secret (or enrollment is open) within the
+// app's enrollment limit. A revoked instance id is refused either way.
+// Called with s.mu held.
+func (s *Server) admit(app *appState, m *protocol.Handshake, now time.Time) (firstSeen bool, r *refusal) {
+	if _, revoked := app.Revoked[m.InstanceID]; revoked {
+		return false, &refusal{refRevoked, websocket.ClosePolicyViolation, revokedReason,
+			"instance revoked (POST /api/apps/" + app.AppID + "/instances/" + m.InstanceID + "/admit lets it enroll again)"}
+	}
 	h := hashToken(m.InstanceToken)
 	if known, seen := app.TokenHashes[m.InstanceID]; seen {
 		if !sameHash(known, h) {
-			return false, &refusal{websocket.ClosePolicyViolation, "instance token mismatch", "instance token differs from the one first seen for this instance"}
+			return false, &refusal{refTokenMismatch, websocket.ClosePolicyViolation, "instance token mismatch", "instance token differs from the one first seen for this instance"}
 		}
 		return false, nil
 	}
-	if !s.opts.OpenEnrollment && !enrollmentOK(m.EnrollmentSecret, s.secrets[app.AppID]) {
-		return false, &refusal{websocket.ClosePolicyViolation, enrollReason,
+	if !s.opts.OpenEnrollment && !enrollmentOK(m.EnrollmentSecret, app.Secret) {
+		return false, &refusal{refBadSecret, websocket.ClosePolicyViolation, enrollReason,
 			"new instance without the right enrollment secret; the agent needs [userdata] enroll_secret from GET /api/apps/" + app.AppID + "/enrollment"}
 	}
-	if err := s.store.appendToken(app.AppID, m.InstanceID, h); err != nil {
-		return false, &refusal{websocket.CloseInternalServerErr, "backend storage error", "cannot store the instance token: " + err.Error()}
+	// After the secret: those without it cannot use up the app's quota.
+	if !s.enroll.allow(app.AppID, now) {
+		return false, &refusal{refEnrollLimit, websocket.CloseTryAgainLater, s.enroll.reason(),
+			"over the app's enrollment limit: " + s.enroll.reason()}
+	}
+	if err := s.st.AddInstance(app.AppID, m.InstanceID, h); err != nil {
+		return false, &refusal{refStorage, websocket.CloseInternalServerErr, "backend storage error", "cannot store the instance token: " + err.Error()}
 	}
 	app.TokenHashes[m.InstanceID] = h
 	return true, nil
@@ -482,11 +507,11 @@ func (s *Server) stateLog(c *agentConn, m *protocol.StateLog) {
 	}
 	e := LogEntry{ReceivedAt: time.Now().UTC(), InstanceID: c.instance, AgentSeq: m.Seq, RecipeVersion: m.RecipeVersion,
 		StateID: m.StateID, Result: m.Result, Comment: m.Comment, Stdout: m.Stdout}
-	var ack *agentConn
+	var ack acker // nil interface, not a nil *agentConn
 	if m.Seq > 0 && c.logStream != "" {
 		e.LogStream, ack = c.logStream, c
 	}
-	if err := s.logs.submit(c.app, e, ack); err != nil {
+	if err := s.st.Submit(c.app, e, ack); err != nil {
 		s.log.Error("cannot store a StateLog", "app_id", c.app, "instance_id", c.instance, "err", err)
 	}
 	if m.Result {
@@ -494,10 +519,10 @@ func (s *Server) stateLog(c *agentConn, m *protocol.StateLog) {
 	}
 }
 
-// sendAck queues a StateLogAck. It never blocks: the log writer calls it,
+// ack queues a StateLogAck. It never blocks: the log writer calls it,
 // and a full queue (an agent that reads nothing) is closed from another
 // goroutine, as closing writes a frame.
-func (c *agentConn) sendAck(stream string, seq int64) {
+func (c *agentConn) ack(stream string, seq int64) {
 	frame, err := protocol.Encode(&protocol.StateLogAck{LogStream: stream, Seq: seq})
 	if err != nil {
 		return
@@ -514,6 +539,17 @@ func (c *agentConn) sendAck(stream string, seq int64) {
 		go c.close(websocket.CloseTryAgainLater, "send queue full")
 	}
 }
+
+// refuse closes the connection without acknowledging more: its StateLogs
+// could not all be stored, and the agent sends them again after
+// reconnecting. It never blocks (the log writer calls it).
+func (c *agentConn) refuse(reason string) {
+	if c.storeFailed.CompareAndSwap(false, true) {
+		go c.close(websocket.CloseInternalServerErr, reason)
+	}
+}
+
+func (c *agentConn) refused() bool { return c.storeFailed.Load() }
 
 func (s *Server) waitQuery(c *agentConn, m *protocol.WaitQuery) {
 	s.mu.Lock()

@@ -109,8 +109,10 @@ func TestRepeatedAppNotReadyClosesTheConnection(t *testing.T) {
 	}
 	hs(3)
 	a.expectClose(websocket.ClosePolicyViolation, "the app does not exist")
-	if n := logs.count("Handshake for an unknown app"); n != 3 {
-		t.Errorf("%d log lines for 3 AppNotReady answers, want 3", n)
+	// Counted, not logged one by one (anyone may send them): one summary.
+	e.srv.refusals.flush()
+	if n, m := logs.count("level=WARN"), logs.count("by_kind.app_unknown=3 by_kind.no_handshake=1"); n != 1 || m != 1 {
+		t.Errorf("%d warnings, %d summaries of 3 AppNotReady answers and a close, want one:\n%s", n, m, logs.String())
 	}
 }
 
@@ -221,13 +223,14 @@ func TestClientStringsClippedInLogs(t *testing.T) {
 	eventually(t, "the StateLog stored", func() bool { return logs.count("msg=StateLog") == 1 })
 	a.send(&protocol.Handshake{Identity: identity(long, "app1", tok("t"), "2.1", secret)})
 	a.expectClose(websocket.ClosePolicyViolation, "one connection serves one instance")
-	for _, want := range []string{"Handshake refused", "agent connected", "msg=StateLog", "second Handshake"} {
+	e.srv.refusals.flush() // the summary of the refused Handshakes, with the last as a sample
+	for _, want := range []string{"by_kind.bad_identity=2", "agent connected", "msg=StateLog", "second Handshake"} {
 		if logs.count(want) == 0 {
 			t.Errorf("no log line %q:\n%.2000s", want, logs.String())
 		}
 	}
-	if n := logs.count("…(16384 bytes)"); n != 5 {
-		t.Errorf("%d lines mark a clipped 16 KiB string, want 5 (2 refused Handshakes, agent connected, StateLog, second Handshake):\n%.3000s", n, logs.String())
+	if n := logs.count("…(16384 bytes)"); n != 4 {
+		t.Errorf("%d lines mark a clipped 16 KiB string, want 4 (the refusals' summary, agent connected, StateLog, second Handshake):\n%.3000s", n, logs.String())
 	}
 	if l := logs.longest(); l > 1<<10 {
 		t.Errorf("a log line of %d bytes, want under 1 KiB", l)

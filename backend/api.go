@@ -1,16 +1,18 @@
 package backend
 
 import (
-	"crypto/subtle"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"mime"
 	"net/http"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/gorilla/websocket"
 
 	"github.com/visualops/opsagent/protocol"
 )
@@ -35,6 +37,8 @@ func (s *Server) apiRoutes() []route {
 		{"PUT", "/api/apps/{app}/recipe", s.putRecipe, false},
 		{"GET", "/api/apps/{app}/recipe", s.getRecipe, false},
 		{"GET", "/api/apps/{app}/instances", s.listInstances, false},
+		{"DELETE", "/api/apps/{app}/instances/{instance}", s.revokeInstance, false},
+		{"POST", "/api/apps/{app}/instances/{instance}/admit", s.admitInstance, false},
 		{"GET", "/api/apps/{app}/logs", s.getLogs, false},
 		{"POST", "/api/apps/{app}/waits", s.postWait, false},
 		{"POST", "/api/apps/{app}/update", s.postUpdate, false},
@@ -70,21 +74,6 @@ func (s *Server) routes(mux *http.ServeMux) {
 
 func (s *Server) healthz(w http.ResponseWriter, _ *http.Request) {
 	writeJSON(w, http.StatusOK, map[string]any{"ok": true})
-}
-
-// auth requires the bearer token when one is configured.
-func (s *Server) auth(h http.Handler) http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if s.opts.APIToken != "" {
-			got, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
-			if !ok || subtle.ConstantTimeCompare([]byte(got), []byte(s.opts.APIToken)) != 1 {
-				w.Header().Set("WWW-Authenticate", `Bearer realm="opsagent"`)
-				apiError(w, http.StatusUnauthorized, "missing or wrong API token: send 'Authorization: Bearer <token>'")
-				return
-			}
-		}
-		h.ServeHTTP(w, r)
-	})
 }
 
 // requireJSON refuses bodies not declared as JSON. Besides catching
@@ -164,25 +153,33 @@ func bodyError(w http.ResponseWriter, err error) {
 	apiError(w, http.StatusBadRequest, "%v", err)
 }
 
+// app is the loaded app a route names: 404 when there is none, 503 when
+// it is stored but does not load.
 func (s *Server) app(w http.ResponseWriter, r *http.Request) (*appState, bool) {
 	id := r.PathValue("app")
-	s.mu.Lock()
-	a := s.apps[id]
-	s.mu.Unlock()
-	if a == nil {
+	a, err := s.appFor(id)
+	switch {
+	case errors.Is(err, errNoApp):
 		apiError(w, http.StatusNotFound, "app %q does not exist: create it with PUT /api/apps/%s/recipe", id, id)
+		return nil, false
+	case err != nil:
+		storageError(w, "app "+id, err)
 		return nil, false
 	}
 	return a, true
 }
 
+// listApps lists loaded apps, and those that failed to load with why.
 func (s *Server) listApps(w http.ResponseWriter, _ *http.Request) {
 	s.mu.Lock()
 	out := []map[string]any{}
 	for _, id := range sortedKeys(s.apps) {
 		a := s.apps[id]
 		out = append(out, map[string]any{"app_id": id, "recipe_version": a.RecipeVersion, "connected": len(s.agents[id]),
-			"log_seq": s.logs.lastSeq(id)})
+			"log_seq": s.st.LastSeq(id)})
+	}
+	for _, id := range sortedKeys(s.failed) {
+		out = append(out, map[string]any{"app_id": id, "failed": s.failed[id].Error()})
 	}
 	s.mu.Unlock()
 	writeJSON(w, http.StatusOK, map[string]any{"apps": out})
@@ -230,20 +227,15 @@ func (s *Server) putRecipe(w http.ResponseWriter, r *http.Request) {
 	}
 	rec := msg.(*protocol.RecipeMetadata)
 
-	s.mu.Lock()
-	a := s.apps[id]
-	if a == nil {
-		// A new app gets its enrollment secret before it exists, so that
-		// no instance can ever enroll without one.
-		secret, _, err := s.loadOrCreateSecret(id)
-		if err != nil {
-			s.mu.Unlock()
-			apiError(w, http.StatusInternalServerError, "cannot create the app's enrollment secret: %v", err)
-			return
-		}
-		s.secrets[id] = secret
-		a = &appState{AppID: id, TokenHashes: map[string]string{}, Waits: map[string][]string{}}
+	a, err := s.appFor(id)
+	if errors.Is(err, errNoApp) {
+		a, err = s.create(id)
 	}
+	if err != nil {
+		storageError(w, "cannot store the recipe", err)
+		return
+	}
+	s.mu.Lock()
 	next := *a
 	next.RecipeVersion = a.RecipeVersion + 1
 	next.Module = rec.Module
@@ -252,14 +244,13 @@ func (s *Server) putRecipe(w http.ResponseWriter, r *http.Request) {
 		next.States[i] = stateJSON{ID: st.ID, Module: st.Module, Parameter: st.Parameter}
 	}
 	next.Waits = map[string][]string{} // waits belong to a recipe version
-	next.done = nil
-	if err := s.store.save(&next); err != nil {
+	next.done, next.stateIDs = nil, nil
+	if err := s.st.SaveApp(&next); err != nil {
 		s.mu.Unlock()
-		apiError(w, http.StatusInternalServerError, "cannot store the recipe: %v", err)
+		storageError(w, "cannot store the recipe", err)
 		return
 	}
 	*a = next
-	s.apps[id] = a
 	frame, _ := protocol.Encode(a.recipe())
 	version := a.RecipeVersion
 	s.mu.Unlock()
@@ -282,8 +273,11 @@ func (s *Server) getRecipe(w http.ResponseWriter, r *http.Request) {
 // Instance is one row of GET /api/apps/{app}/instances. The StateLog
 // fields come from in-memory summaries (summary.go), never from the logs.
 type Instance struct {
-	InstanceID     string     `json:"instance_id"`
-	Connected      bool       `json:"connected"`
+	InstanceID string `json:"instance_id"`
+	Connected  bool   `json:"connected"`
+	// RevokedAt is set for a revoked instance: it may not connect until
+	// admitted again (DELETE …/instances/{id}, POST …/{id}/admit).
+	RevokedAt      *time.Time `json:"revoked_at,omitempty"`
 	AgentVersion   string     `json:"agent_version,omitempty"`
 	ConnectedSince *time.Time `json:"connected_since,omitempty"`
 	RecipeVersion  int64      `json:"recipe_version,omitempty"`
@@ -303,11 +297,21 @@ func (s *Server) listInstances(w http.ResponseWriter, r *http.Request) {
 	if !ok {
 		return
 	}
-	sums := s.logs.summaries(a.AppID)
+	sums := s.st.Summaries(a.AppID)
 	s.mu.Lock()
 	out := []Instance{}
-	for _, id := range sortedKeys(a.TokenHashes) {
+	ids := sortedKeys(a.TokenHashes)
+	for _, id := range sortedKeys(a.Revoked) {
+		if _, ok := a.TokenHashes[id]; !ok {
+			ids = append(ids, id)
+		}
+	}
+	slices.Sort(ids)
+	for _, id := range ids {
 		in := Instance{InstanceID: id}
+		if at, ok := a.Revoked[id]; ok {
+			in.RevokedAt = &at
+		}
 		in.addSummary(sums[id])
 		if c := s.agents[a.AppID][id]; c != nil {
 			since := c.since
@@ -363,7 +367,7 @@ func (s *Server) getLogs(w http.ResponseWriter, r *http.Request) {
 		}
 		limit = n
 	}
-	logs, more, err := s.logs.read(r.PathValue("app"), after, limit, maxPageBytes)
+	logs, more, err := s.st.ReadLogs(r.PathValue("app"), after, limit, maxPageBytes)
 	if err != nil {
 		apiError(w, http.StatusInternalServerError, "cannot read the logs: %v", err)
 		return
@@ -408,9 +412,9 @@ func (s *Server) postWait(w http.ResponseWriter, r *http.Request) {
 	}
 	if !already {
 		next.Waits[*body.InstanceID] = append(append([]string(nil), next.Waits[*body.InstanceID]...), *body.StateID)
-		if err := s.store.save(&next); err != nil {
+		if err := s.st.SaveApp(&next); err != nil {
 			s.mu.Unlock()
-			apiError(w, http.StatusInternalServerError, "cannot store the wait: %v", err)
+			storageError(w, "cannot store the wait", err)
 			return
 		}
 		*a = next
@@ -447,9 +451,9 @@ func (s *Server) postUpdate(w http.ResponseWriter, r *http.Request) {
 	s.mu.Lock()
 	next := *a
 	next.Update = u
-	if err := s.store.save(&next); err != nil {
+	if err := s.st.SaveApp(&next); err != nil {
 		s.mu.Unlock()
-		apiError(w, http.StatusInternalServerError, "cannot store the update: %v", err)
+		storageError(w, "cannot store the update", err)
 		return
 	}
 	*a = next
@@ -471,4 +475,72 @@ func jsonType(goKind string) string {
 		return "boolean"
 	}
 	return "number"
+}
+
+// revokeInstance forgets an instance's token and bars its id: it cannot
+// connect, nor enroll again with the enrollment secret (which it may well
+// hold), until admitted. Its connection, if any, is closed. The revocation
+// is stored durably before the answer.
+func (s *Server) revokeInstance(w http.ResponseWriter, r *http.Request) {
+	a, ok := s.app(w, r)
+	if !ok {
+		return
+	}
+	id := r.PathValue("instance")
+	now := time.Now().UTC()
+	s.mu.Lock()
+	_, enrolled := a.TokenHashes[id]
+	at, already := a.Revoked[id]
+	if !enrolled && !already {
+		s.mu.Unlock()
+		apiError(w, http.StatusNotFound, "instance %q is not enrolled in app %s (GET /api/apps/%s/instances lists them)", clip(id), a.AppID, a.AppID)
+		return
+	}
+	if !already {
+		if err := s.st.RevokeInstance(a.AppID, id, now); err != nil {
+			s.mu.Unlock()
+			storageError(w, "cannot store the revocation (the instance is not revoked)", err)
+			return
+		}
+		delete(a.TokenHashes, id)
+		a.Revoked[id], at = now, now
+	}
+	c := s.agents[a.AppID][id]
+	s.mu.Unlock()
+	if c != nil {
+		c.close(websocket.ClosePolicyViolation, revokedReason)
+	}
+	if !already {
+		s.log.Info("instance revoked", "app_id", a.AppID, "instance_id", id, "was_connected", c != nil)
+	}
+	writeJSON(w, http.StatusOK, map[string]any{"app_id": a.AppID, "instance_id": id, "revoked_at": at, "disconnected": c != nil})
+}
+
+// admitInstance lifts a revocation: the instance id may enroll again, with
+// the enrollment secret and a token of its own (the old one is forgotten).
+func (s *Server) admitInstance(w http.ResponseWriter, r *http.Request) {
+	a, ok := s.app(w, r)
+	if !ok {
+		return
+	}
+	if err := decodeBody(w, r, &struct{}{}, true); err != nil {
+		bodyError(w, err)
+		return
+	}
+	id := r.PathValue("instance")
+	s.mu.Lock()
+	if _, revoked := a.Revoked[id]; !revoked {
+		s.mu.Unlock()
+		apiError(w, http.StatusNotFound, "instance %q is not revoked in app %s", clip(id), a.AppID)
+		return
+	}
+	if err := s.st.AdmitInstance(a.AppID, id); err != nil {
+		s.mu.Unlock()
+		storageError(w, "cannot store the admission (the instance stays revoked)", err)
+		return
+	}
+	delete(a.Revoked, id)
+	s.mu.Unlock()
+	s.log.Info("revoked instance admitted again; it enrolls anew with the enrollment secret", "app_id", a.AppID, "instance_id", id)
+	writeJSON(w, http.StatusOK, map[string]any{"app_id": a.AppID, "instance_id": id, "admitted": true})
 }

@@ -198,7 +198,7 @@ func TestShutdownStoresPendingStateLogs(t *testing.T) {
 	if err := json.Unmarshal(data, &doc); err != nil || doc.Streams["i-1"]["s1"] != 10 || doc.LogSeq != 10 {
 		t.Fatalf("streams.json after shutdown: %s (%v)", data, err)
 	}
-	if err := srv.logs.submit("app1", LogEntry{InstanceID: "i-1"}, nil); !errors.Is(err, errLogsClosed) {
+	if err := fileLogs(srv).submit("app1", LogEntry{InstanceID: "i-1"}, nil); !errors.Is(err, errLogsClosed) {
 		t.Fatalf("a StateLog after shutdown: %v, want it refused", err)
 	}
 }

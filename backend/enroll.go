@@ -5,15 +5,12 @@ import (
 	"crypto/sha256"
 	"crypto/subtle"
 	"encoding/hex"
-	"errors"
 	"fmt"
 	"net/http"
-	"os"
-	"path/filepath"
 	"regexp"
-	"strings"
+	"sync"
+	"time"
 
-	"github.com/visualops/opsagent/internal/fsutil"
 	"github.com/visualops/opsagent/protocol"
 )
 
@@ -24,7 +21,6 @@ import (
 // identifies it, so rotating the secret does not disturb it.
 
 const (
-	secretFile  = "enroll.secret"
 	secretBytes = 32
 
 	maxInstanceID       = 128
@@ -35,66 +31,12 @@ const (
 
 var instanceIDPattern = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._:-]*$`)
 
-func (s *Server) secretPath(app string) string {
-	return filepath.Join(s.store.appDir(app), secretFile)
-}
-
 func newSecret() (string, error) {
 	buf := make([]byte, secretBytes)
 	if _, err := rand.Read(buf); err != nil {
 		return "", fmt.Errorf("random enrollment secret: %w", err)
 	}
 	return hex.EncodeToString(buf), nil
-}
-
-// loadSecrets gives every loaded app its secret, creating the missing ones
-// (apps stored before secrets existed).
-func (s *Server) loadSecrets() error {
-	for id := range s.apps {
-		secret, created, err := s.loadOrCreateSecret(id)
-		if err != nil {
-			return fmt.Errorf("backend: app %s: %w", id, err)
-		}
-		if created {
-			s.log.Info("app had no enrollment secret; created one (new instances must present it)", "app_id", id, "file", s.secretPath(id))
-		}
-		s.secrets[id] = secret
-	}
-	return nil
-}
-
-// loadOrCreateSecret reads <data>/apps/<app>/enroll.secret, or writes a new
-// one when it is missing or empty.
-func (s *Server) loadOrCreateSecret(app string) (secret string, created bool, err error) {
-	path := s.secretPath(app)
-	data, err := os.ReadFile(path)
-	if err != nil && !errors.Is(err, os.ErrNotExist) {
-		return "", false, fmt.Errorf("enrollment secret %s: %w (fix its permissions, or delete it to get a new one)", path, err)
-	}
-	if secret = strings.TrimSpace(string(data)); secret != "" {
-		if len(secret) > maxEnrollmentSecret {
-			return "", false, fmt.Errorf("enrollment secret %s: longer than %d bytes, which agents cannot send: shorten it or delete the file to get a new one", path, maxEnrollmentSecret)
-		}
-		return secret, false, nil
-	}
-	if secret, err = newSecret(); err != nil {
-		return "", false, err
-	}
-	if err := s.writeSecret(app, secret); err != nil {
-		return "", false, err
-	}
-	return secret, true, nil
-}
-
-func (s *Server) writeSecret(app, secret string) error {
-	if err := os.MkdirAll(s.store.appDir(app), 0o700); err != nil {
-		return fmt.Errorf("data dir: %w", err)
-	}
-	path := s.secretPath(app)
-	if err := fsutil.WriteFileAtomic(path, []byte(secret+"\n"), 0o600); err != nil {
-		return fmt.Errorf("enrollment secret %s: %w", path, err)
-	}
-	return nil
 }
 
 // enrollmentOK compares in constant time; hashing first also hides the
@@ -132,7 +74,7 @@ func (s *Server) getEnrollment(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	s.mu.Lock()
-	secret := s.secrets[a.AppID]
+	secret := a.Secret
 	s.mu.Unlock()
 	writeJSON(w, http.StatusOK, map[string]string{"app_id": a.AppID, "enrollment_secret": secret})
 }
@@ -154,15 +96,78 @@ func (s *Server) rotateEnrollment(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	s.mu.Lock()
-	err = s.writeSecret(a.AppID, secret)
+	err = s.st.SaveSecret(a.AppID, secret)
 	if err == nil {
-		s.secrets[a.AppID] = secret
+		a.Secret = secret
 	}
 	s.mu.Unlock()
 	if err != nil {
-		apiError(w, http.StatusInternalServerError, "cannot store the new secret (the old one stays valid): %v", err)
+		storageError(w, "cannot store the new secret (the old one stays valid)", err)
 		return
 	}
 	s.log.Info("enrollment secret rotated", "app_id", a.AppID)
 	writeJSON(w, http.StatusOK, map[string]string{"app_id": a.AppID, "enrollment_secret": secret})
+}
+
+// revokedReason is the close reason for a revoked instance.
+const revokedReason = "instance revoked on the backend: it may not connect (an operator can admit it again)"
+
+// Enrollment is bounded per app, that is per enrollment secret: whoever
+// holds the secret could otherwise enroll made-up instance ids without end,
+// each getting the app's recipes. A token bucket: Limit new instances per
+// Window, and a full window's worth at once, so that an autoscaling group
+// launching at once is let in (the default, 100 a minute, takes 300
+// instances in about 2 minutes: agents retry refused Handshakes with
+// backoff of up to a minute), while a leaked secret yields at most that
+// many ids, which the instance list shows and revocation removes. Known
+// instances are never counted.
+const (
+	defaultEnrollLimit  = 100
+	defaultEnrollWindow = time.Minute
+)
+
+type enrollLimiter struct {
+	limit  int // new instances per window; <= 0: none
+	window time.Duration
+
+	mu      sync.Mutex
+	buckets map[string]*enrollBucket // app → its bucket
+}
+
+type enrollBucket struct {
+	tokens float64
+	last   time.Time
+}
+
+func newEnrollLimiter(limit int, window time.Duration) *enrollLimiter {
+	return &enrollLimiter{limit: limit, window: window, buckets: map[string]*enrollBucket{}}
+}
+
+// allow takes one enrollment from app's bucket, or reports that it is
+// empty.
+func (l *enrollLimiter) allow(app string, now time.Time) bool {
+	if l.limit <= 0 {
+		return true
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	b := l.buckets[app]
+	if b == nil {
+		b = &enrollBucket{tokens: float64(l.limit), last: now}
+		l.buckets[app] = b
+	}
+	if elapsed := now.Sub(b.last); elapsed > 0 {
+		b.tokens = min(float64(l.limit), b.tokens+float64(l.limit)*elapsed.Seconds()/l.window.Seconds())
+		b.last = now
+	}
+	if b.tokens < 1 {
+		return false
+	}
+	b.tokens--
+	return true
+}
+
+// reason is the close reason of a Handshake over the limit.
+func (l *enrollLimiter) reason() string {
+	return fmt.Sprintf("too many new instances for this app (over %d per %s); reconnect later", l.limit, l.window)
 }

@@ -3,10 +3,13 @@ package backend
 import (
 	"encoding/hex"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
+	"time"
 
 	"github.com/gorilla/websocket"
 
@@ -214,4 +217,184 @@ func flipFirst(s string) string {
 		return "1" + s[1:]
 	}
 	return "0" + s[1:]
+}
+
+// TestEnrollmentLimitPerApp: an app enrolls at most EnrollLimit new
+// instances per window; the next one is closed 1013 (the agent comes back
+// later). Refused secrets do not use up the quota, known instances are
+// never counted, and each app has its own.
+func TestEnrollmentLimitPerApp(t *testing.T) {
+	var logs logBuffer
+	e := newEnv(t, "", func(o *Options) {
+		o.EnrollLimit, o.EnrollWindow, o.Logger, o.refusalEvery = 3, time.Hour, logs.logger(), time.Hour
+	})
+	e.api("PUT", "/api/apps/app1/recipe", recipeJSON)
+	e.api("PUT", "/api/apps/app2/recipe", recipeJSON)
+	secret := e.secret("app1")
+	for i := range 5 {
+		e.handshake(identity(fmt.Sprintf("i-bad-%d", i), "app1", tok("b"), "2.1", "wrong")).expectClose(websocket.ClosePolicyViolation, "enrollment secret")
+	}
+	for i := 1; i <= 3; i++ {
+		e.handshake(identity(fmt.Sprintf("i-%d", i), "app1", tok("t"), "2.1", secret)).expectRecipe()
+	}
+	e.handshake(identity("i-4", "app1", tok("t"), "2.1", secret)).expectClose(websocket.CloseTryAgainLater, "too many new instances for this app (over 3 per 1h0m0s)")
+	if got := e.instances("app1"); len(got) != 3 || got["i-4"] {
+		t.Fatalf("instances %v, want i-1..i-3 only", got)
+	}
+	e.handshake(identity("i-1", "app1", tok("t"), "2.1", "")).expectRecipe() // known: not counted
+	e.handshake(identity("i-1", "app2", tok("t"), "2.1", e.secret("app2"))).expectRecipe()
+	e.srv.refusals.flush()
+	if n := logs.count("by_kind.bad_enrollment_secret=5 by_kind.over_enrollment_limit=1"); n != 1 {
+		t.Errorf("want one summary of the refusals:\n%s", logs.String())
+	}
+}
+
+func TestEnrollLimiterRefills(t *testing.T) {
+	l := newEnrollLimiter(2, time.Minute)
+	t0 := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	for _, s := range []struct {
+		at   time.Duration
+		app  string
+		want bool
+	}{
+		{0, "a", true}, {0, "a", true}, {0, "a", false}, {0, "b", true}, // a full window's worth at once, per app
+		{20 * time.Second, "a", false}, {30 * time.Second, "a", true}, {30 * time.Second, "a", false}, // then at 2 a minute
+		{time.Hour, "a", true}, {time.Hour, "a", true}, {time.Hour, "a", false}, // never more than the burst
+	} {
+		if got := l.allow(s.app, t0.Add(s.at)); got != s.want {
+			t.Errorf("at %v, app %s: allow = %v", s.at, s.app, got)
+		}
+	}
+	if !newEnrollLimiter(-1, time.Minute).allow("a", t0) {
+		t.Error("a limit of -1 refused")
+	}
+}
+
+// TestRevokeInstance: DELETE …/instances/{id} forgets the instance's token
+// and bars its id (with or without the enrollment secret, any token),
+// closes its connection, shows in the listing and survives a restart;
+// POST …/admit lets it enroll again.
+func TestRevokeInstance(t *testing.T) {
+	e := newEnv(t, "", nil)
+	e.api("PUT", "/api/apps/app1/recipe", recipeJSON)
+	secret := e.secret("app1")
+	a := e.connect("i-1", "app1", "1", "2.1")
+	a.expectRecipe()
+	b := e.connect("i-2", "app1", "2", "2.1")
+	b.expectRecipe()
+	code, out := e.api("DELETE", "/api/apps/app1/instances/i-1", "")
+	if code != 200 || out["disconnected"] != true || out["revoked_at"] == nil {
+		t.Fatalf("DELETE: %d %v", code, out)
+	}
+	a.expectClose(websocket.ClosePolicyViolation, "instance revoked")
+	for _, id := range []protocol.Identity{identity("i-1", "app1", tok("1"), "2.1", ""), identity("i-1", "app1", tok("1"), "2.1", secret),
+		identity("i-1", "app1", tok("new"), "2.1", secret)} {
+		e.handshake(id).expectClose(websocket.ClosePolicyViolation, "instance revoked")
+	}
+	b.send(&protocol.Test{Identity: protocol.Identity{InstanceID: "i-2", AppID: "app1"}})
+	if _, ok := b.expect().(*protocol.TestAns); !ok {
+		t.Fatal("another instance was disturbed")
+	}
+	if code, out := e.api("DELETE", "/api/apps/app1/instances/i-1", ""); code != 200 || out["disconnected"] != false {
+		t.Errorf("DELETE again: %d %v, want 200 (already revoked)", code, out)
+	}
+	if code, out := e.api("DELETE", "/api/apps/app1/instances/i-9", ""); code != 404 {
+		t.Errorf("DELETE of an instance never enrolled: %d %v", code, out)
+	}
+	if code, out := e.api("POST", "/api/apps/app1/instances/i-2/admit", "{}"); code != 404 {
+		t.Errorf("admit of an instance not revoked: %d %v", code, out)
+	}
+	e.stop()
+	e = newEnv(t, e.dir, nil)
+	if in := e.instance("app1", "i-1"); in.RevokedAt == nil || in.Connected {
+		t.Fatalf("after a restart i-1 is %+v, want it listed as revoked", in)
+	}
+	e.handshake(identity("i-1", "app1", tok("1"), "2.1", secret)).expectClose(websocket.ClosePolicyViolation, "instance revoked")
+	if code, out := e.api("POST", "/api/apps/app1/instances/i-1/admit", ""); code != 200 {
+		t.Fatalf("admit: %d %v", code, out)
+	}
+	e.handshake(identity("i-1", "app1", tok("1"), "2.1", "")).expectClose(websocket.ClosePolicyViolation, "enrollment secret")
+	e.handshake(identity("i-1", "app1", tok("new"), "2.1", secret)).expectRecipe()
+	if in := e.instance("app1", "i-1"); in.RevokedAt != nil {
+		t.Errorf("after admission: %+v", in)
+	}
+}
+
+// TestBadHandshakesLoggedAsOneSummary: 2 000 refused Handshakes of every
+// kind, as fast as they come, log nothing one by one; the interval's
+// summary counts them all in one line.
+func TestBadHandshakesLoggedAsOneSummary(t *testing.T) {
+	var logs logBuffer
+	e := newEnv(t, "", func(o *Options) { o.Logger, o.refusalEvery = logs.logger(), time.Hour })
+	e.api("PUT", "/api/apps/app1/recipe", recipeJSON)
+	secret := e.secret("app1")
+	e.connect("i-known", "app1", "k", "2.1").expectRecipe()
+	e.connect("i-gone", "app1", "g", "2.1").expectRecipe()
+	if code, out := e.api("DELETE", "/api/apps/app1/instances/i-gone", ""); code != 200 {
+		t.Fatal(code, out)
+	}
+	before := len(strings.Split(logs.String(), "\n"))
+	kinds := []protocol.Identity{
+		identity("i-new", "app1", tok("n"), "2.1", "wrong secret"),   // bad secret
+		identity("i-new", "app1", "short", "2.1", secret),            // bad identity
+		identity("i-known", "app1", tok("other"), "2.1", secret),     // token mismatch
+		identity("i-gone", "app1", tok("g"), "2.1", secret),          // revoked
+		identity("i-new", "no-such-app", tok("n"), "2.1", "nothing"), // AppNotReady
+	}
+	url := "ws" + strings.TrimPrefix(e.http.URL, "http") + "/agent/"
+	const total, workers = 2000, 8
+	var wg sync.WaitGroup
+	errs := make(chan error, workers)
+	for w := range workers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := w; i < total; i += workers {
+				ws, _, err := websocket.DefaultDialer.Dial(url, nil)
+				if err != nil {
+					errs <- err
+					return
+				}
+				frame, _ := protocol.Encode(&protocol.Handshake{Identity: kinds[i%len(kinds)]})
+				_ = ws.WriteMessage(websocket.TextMessage, frame)
+				_, _, err = ws.ReadMessage() // a close, or AppNotReady
+				ws.Close()
+				if err != nil && !websocket.IsCloseError(err, websocket.ClosePolicyViolation) {
+					errs <- fmt.Errorf("handshake %d: %w", i, err)
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Fatal(err)
+	}
+	// The AppNotReady ones are counted as the backend answers; the client
+	// closes as soon as it has read the answer.
+	eventually(t, "every refusal counted", func() bool {
+		e.srv.refusals.mu.Lock()
+		defer e.srv.refusals.mu.Unlock()
+		n := 0
+		for _, c := range e.srv.refusals.counts {
+			n += c
+		}
+		return n == total
+	})
+	lines := strings.Split(strings.TrimSpace(logs.String()), "\n")
+	for _, l := range lines[before-1:] {
+		if !strings.Contains(l, "agent disconnected") { // the two setup agents, closed by their cleanup
+			t.Errorf("logged during the refusals: %s", l)
+		}
+	}
+	e.srv.refusals.flush()
+	if n := logs.count("total=2000"); n != 1 || logs.count("by_kind.") != 1 {
+		t.Fatalf("want exactly one summary line with total=2000:\n%s", logs.String())
+	}
+	for _, kind := range []string{"bad_enrollment_secret=400", "bad_identity=400", "token_mismatch=400", "revoked=400", "app_unknown=400"} {
+		if logs.count(kind) != 1 {
+			t.Errorf("summary without %s:\n%s", kind, logs.String())
+		}
+	}
 }

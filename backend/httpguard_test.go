@@ -198,7 +198,7 @@ func TestEveryRouteButHealthzNeedsTheToken(t *testing.T) {
 			public = append(public, rt.method+" "+rt.pattern)
 		}
 		path := strings.ReplaceAll(rt.pattern, "{app}", "app1")
-		for _, auth := range []string{"", "Bearer wrong", "s3cret-api-token", "Basic s3cret-api-token", "Bearer s3cret-api-token-and-more"} {
+		for _, auth := range []string{"", "Bearer", "Bearer ", "Bearer wrong", "s3cret-api-token", "Basic s3cret-api-token", "Bearer s3cret-api-token-and-more", "bearer s3cret-api-token", "Bearer s3cret-api-toke"} {
 			req := e.request(rt.method, path, "{}")
 			req.Header.Set("Authorization", auth)
 			code, body := status(t, req)

@@ -20,8 +20,6 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/gorilla/websocket"
-
 	"github.com/visualops/opsagent/internal/fsutil"
 	"github.com/visualops/opsagent/internal/textcut"
 	"github.com/visualops/opsagent/protocol"
@@ -85,6 +83,9 @@ type logStore struct {
 
 	dirty    map[*appLog]struct{} // writer only: apps whose streams.json is stale
 	closeErr error                // set by the writer before done is closed
+	// errLog spaces the lines about StateLogs that could not be stored
+	// (writer only): on a full disk every agent's resend would log one.
+	errLog logLimiter
 
 	// segmentOpens counts segment files opened for reading, so tests can
 	// prove that a listing reads none and a page reads few.
@@ -94,9 +95,9 @@ type logStore struct {
 // logReq is one StateLog handed to the writer.
 type logReq struct {
 	app   string
-	entry LogEntry   // Seq still 0; field caps applied
-	rest  []byte     // entry's JSON line after `{"seq":0`, encoded by the reader goroutine
-	ack   *agentConn // the protocol-2 connection to acknowledge, or nil
+	entry LogEntry // Seq still 0; field caps applied
+	rest  []byte   // entry's JSON line after `{"seq":0`, encoded by the reader goroutine
+	ack   acker    // the protocol-2 connection to acknowledge, or nil
 }
 
 // appLog is one app's segments and summaries.
@@ -125,6 +126,7 @@ type segment struct {
 	size    int64
 	modTime time.Time
 	counts  map[string]int64 // instance → StateLogs in this segment
+	torn    bool             // ends in a torn line that could not be cut off: never appended to
 }
 
 // item is a StateLog of a batch that is to be stored.
@@ -137,34 +139,42 @@ type item struct {
 func newLogStore(root string, opts logOptions, log *slog.Logger) *logStore {
 	return &logStore{
 		root: root, opts: opts, log: log,
-		in:    make(chan *logReq, submitQueue),
-		done:  make(chan struct{}),
-		apps:  map[string]*appLog{},
-		dirty: map[*appLog]struct{}{},
+		in:     make(chan *logReq, submitQueue),
+		done:   make(chan struct{}),
+		apps:   map[string]*appLog{},
+		dirty:  map[*appLog]struct{}{},
+		errLog: logLimiter{every: 10 * time.Second},
 	}
 }
 
-// openLogStore loads the logs of apps and starts the writer. An app whose
-// logs cannot be loaded is left out and its error returned.
-func openLogStore(root string, apps []string, opts logOptions, log *slog.Logger) (*logStore, map[string]error) {
-	ls := newLogStore(root, opts, log)
-	errs := map[string]error{}
-	for _, id := range apps {
-		a, err := ls.openApp(id)
-		if err != nil {
-			errs[id] = err
-			continue
-		}
-		ls.apps[id] = a
+// load opens one app's StateLogs and hands them to the writer. It reads
+// on the caller's goroutine: the writer sees the app only once it is
+// registered here, so it goes on storing other apps' StateLogs meanwhile.
+// On error nothing is registered, and a later load reads everything again.
+func (ls *logStore) load(id string) error {
+	a, err := ls.openApp(id)
+	if err != nil {
+		return err
 	}
-	go ls.run()
-	return ls, errs
+	ls.mu.Lock()
+	defer ls.mu.Unlock()
+	if ls.apps[id] != nil || ls.closed {
+		if a.active != nil {
+			_ = a.active.Close()
+		}
+		if ls.closed {
+			return errLogsClosed
+		}
+		return fmt.Errorf("app %s: its StateLogs are already open", id)
+	}
+	ls.apps[id] = a
+	return nil
 }
 
 // submit hands a StateLog to the writer, after capping and encoding it on
 // the caller's goroutine. It blocks only while the writer's queue is full.
 // ack, when not nil, is the connection to acknowledge once it is stored.
-func (ls *logStore) submit(app string, e LogEntry, ack *agentConn) error {
+func (ls *logStore) submit(app string, e LogEntry, ack acker) error {
 	capEntry(&e, ls.opts.maxOutput)
 	rest, err := encodeRest(e)
 	if err != nil {
@@ -183,10 +193,12 @@ func (ls *logStore) submit(app string, e LogEntry, ack *agentConn) error {
 // writer.
 func (ls *logStore) close() error {
 	ls.submitMu.Lock()
+	ls.mu.Lock() // load checks closed under mu
 	if !ls.closed {
 		ls.closed = true
 		close(ls.in) // no submit can be sending: they hold submitMu
 	}
+	ls.mu.Unlock()
 	ls.submitMu.Unlock()
 	<-ls.done
 	return ls.closeErr
@@ -251,12 +263,14 @@ func (ls *logStore) finish() {
 			errs = append(errs, err)
 		}
 	}
+	ls.mu.Lock() // load registers apps from other goroutines
 	for _, a := range ls.apps {
 		if a.active != nil {
 			_ = a.active.Close()
 			a.active = nil
 		}
 	}
+	ls.mu.Unlock()
 	ls.closeErr = errors.Join(errs...)
 }
 
@@ -272,12 +286,14 @@ type ackTo struct {
 	instance, stream string
 }
 
+// errNotLoaded refuses a StateLog of an app whose StateLogs are not open.
+var errNotLoaded = errors.New("the app's StateLogs are not loaded")
+
 type streamKey struct{ app, instance, stream string }
 
 // commit stores a batch: dedup, write and fsync per app, publish to
 // readers, then one StateLogAck per protocol-2 connection.
 func (ls *logStore) commit(batch []*logReq) {
-	ls.ensureApps(batch)
 	apps, acks := ls.plan(batch)
 	var rotated []*appLog
 	for _, ab := range apps {
@@ -302,46 +318,35 @@ func (ls *logStore) commit(batch []*logReq) {
 		ls.retain(a, time.Now())
 	}
 	for c, to := range acks {
-		if !c.storeFailed.Load() {
-			c.sendAck(to.stream, ls.high(to.a, to.instance, to.stream))
+		if !c.refused() {
+			c.ack(to.stream, ls.high(to.a, to.instance, to.stream))
 		}
-	}
-}
-
-// ensureApps loads the logs of apps first seen in this batch (created
-// since start): a leftover logs/ directory is continued, not overwritten.
-func (ls *logStore) ensureApps(batch []*logReq) {
-	for _, r := range batch {
-		if _, ok := ls.apps[r.app]; ok {
-			continue
-		}
-		a, err := ls.openApp(r.app)
-		if err != nil {
-			ls.log.Error("cannot load an app's StateLogs; starting it afresh", "app_id", r.app, "err", err)
-			a = newAppLog(r.app, ls.appLogsDir(r.app))
-		}
-		ls.mu.Lock()
-		ls.apps[r.app] = a
-		ls.mu.Unlock()
 	}
 }
 
 // plan drops duplicates and hands out backend seqs. A StateLog is a
 // duplicate when its stream already has its seq or a higher one, stored or
 // earlier in this batch.
-func (ls *logStore) plan(batch []*logReq) (map[string]*appBatch, map[*agentConn]ackTo) {
+func (ls *logStore) plan(batch []*logReq) (map[string]*appBatch, map[acker]ackTo) {
 	ls.mu.Lock()
 	defer ls.mu.Unlock()
 	apps := map[string]*appBatch{}
-	acks := map[*agentConn]ackTo{}
+	acks := map[acker]ackTo{}
 	pending := map[streamKey]int64{}
 	for _, r := range batch {
-		if r.ack != nil && r.ack.storeFailed.Load() {
+		if r.ack != nil && r.ack.refused() {
 			continue // its connection is closing; the agent sends it again
 		}
 		ab := apps[r.app]
 		if ab == nil {
-			ab = &appBatch{a: ls.apps[r.app]}
+			a := ls.apps[r.app]
+			if a == nil {
+				// Never opened afresh: whatever is stored of the app has
+				// not been read, so nothing may be written next to it.
+				ls.refuse(r, errNotLoaded)
+				continue
+			}
+			ab = &appBatch{a: a}
 			apps[r.app] = ab
 		}
 		e := &r.entry
@@ -396,12 +401,31 @@ func (ls *logStore) failed(a *appLog, items []item, err error) {
 			lost++
 			continue
 		}
-		if c.storeFailed.CompareAndSwap(false, true) {
-			go c.close(websocket.CloseInternalServerErr, "backend could not store StateLogs; reconnect to send them again")
-		}
+		c.refuse("backend could not store StateLogs; reconnect to send them again")
 	}
-	ls.log.Error("cannot store StateLogs: check the disk (full? read-only?); protocol-2 agents were disconnected and will resend theirs",
+	ls.logError("cannot store StateLogs: check the disk (full? read-only?); protocol-2 agents were disconnected and will resend theirs",
 		"app_id", a.id, "dir", a.dir, "statelogs", len(items), "lost_protocol1", lost, "err", err)
+}
+
+// refuse turns away one StateLog that cannot be stored, and says so.
+func (ls *logStore) refuse(r *logReq, err error) {
+	if r.ack != nil {
+		r.ack.refuse("backend could not store StateLogs; reconnect to send them again")
+	}
+	ls.logError("StateLog refused", "app_id", r.app, "instance_id", r.entry.InstanceID, "lost_protocol1", r.ack == nil, "err", err)
+}
+
+// logError logs one line per interval about StateLogs not stored, and how
+// many such lines were held back.
+func (ls *logStore) logError(msg string, args ...any) {
+	ok, suppressed := ls.errLog.allow(time.Now())
+	if !ok {
+		return
+	}
+	if suppressed > 0 {
+		args = append(args, "suppressed_since_last", suppressed)
+	}
+	ls.log.Error(msg, args...)
 }
 
 func (ls *logStore) logStored(items []item) {
@@ -501,17 +525,40 @@ func (ls *logStore) rotate(a *appLog, seq int64) error {
 		return err
 	}
 	path := segmentPath(a.dir, seq)
-	f, err := os.OpenFile(path, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+	if n := len(a.segs); n > 0 && a.segs[n-1].first == seq {
+		// A segment this writer created, left empty by a failed write:
+		// reuse it, if it still is what the writer knows of it.
+		return ls.reopen(a, a.segs[n-1])
+	}
+	// O_EXCL: a file already there was never read, so it is not ours to
+	// append to (nor, on a failed write, to cut back).
+	f, err := os.OpenFile(path, os.O_CREATE|os.O_EXCL|os.O_WRONLY|os.O_APPEND, 0o600)
 	if err != nil {
 		return fmt.Errorf("new segment: %w", err)
 	}
 	a.active, a.newFile, a.rotated = f, true, true
-	if n := len(a.segs); n > 0 && a.segs[n-1].first == seq {
-		return nil // an empty segment left by a failed write: reuse it
-	}
 	ls.mu.Lock()
 	a.segs = append(a.segs, &segment{first: seq, path: path, modTime: time.Now(), counts: map[string]int64{}})
 	ls.mu.Unlock()
+	return nil
+}
+
+// reopen opens a known segment for appending, after checking that its
+// size is what the writer last wrote or read there.
+func (ls *logStore) reopen(a *appLog, seg *segment) error {
+	f, err := os.OpenFile(seg.path, os.O_WRONLY|os.O_APPEND, 0)
+	if err != nil {
+		return fmt.Errorf("StateLog segment: %w", err)
+	}
+	st, err := f.Stat()
+	if err == nil && st.Size() != seg.size {
+		err = fmt.Errorf("%d bytes, %d expected: it changed behind the backend's back", st.Size(), seg.size)
+	}
+	if err != nil {
+		_ = f.Close()
+		return fmt.Errorf("StateLog segment %s: %w", seg.path, err)
+	}
+	a.active, a.newFile = f, true
 	return nil
 }
 
@@ -791,20 +838,28 @@ func (ls *logStore) openApp(id string) (*appLog, error) {
 	a.rotated = false
 	ls.retain(a, time.Now())
 	if a.streamsDirty {
+		// Not fatal: the highs are in the segments, and the writer saves
+		// them with the next StateLogs. Loading must not need a write (a
+		// full disk would keep the app from loading at all).
 		if err := ls.saveStreams(a); err != nil {
-			return nil, err
+			ls.log.Warn("cannot save the stream highs; saved with the next StateLogs", "app_id", a.id, "err", err)
 		}
 	}
 	return a, nil
 }
 
-// openActive reopens the newest segment for appending.
+// openActive reopens the newest segment for appending, unless its torn
+// tail could not be cut off: then the next StateLog starts a new segment.
 func (ls *logStore) openActive(a *appLog) error {
 	if len(a.segs) == 0 || a.active != nil {
 		return nil
 	}
 	a.dirReady = true
-	f, err := os.OpenFile(a.segs[len(a.segs)-1].path, os.O_WRONLY|os.O_APPEND, 0)
+	last := a.segs[len(a.segs)-1]
+	if last.torn {
+		return nil
+	}
+	f, err := os.OpenFile(last.path, os.O_WRONLY|os.O_APPEND, 0)
 	if err != nil {
 		return fmt.Errorf("StateLog segment: %w (fix its permissions)", err)
 	}

@@ -80,7 +80,7 @@ func benchInstancesHeap(b *testing.B) {
 // readEveryLog is listInstances as it was: every log into memory, then
 // the last one per instance.
 func readEveryLog(b *testing.B, s *Server) {
-	logs, _, err := s.logs.read("app1", 0, int(^uint(0)>>1), int(^uint(0)>>1))
+	logs, _, err := fileLogs(s).read("app1", 0, int(^uint(0)>>1), int(^uint(0)>>1))
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -145,7 +145,7 @@ func writeBenchLogs(b *testing.B, dir string, instances int, total int64, stdout
 	}
 	var tokens []byte
 	for i := range instances {
-		line, _ := json.Marshal(tokenLine{fmt.Sprintf("i-%d", i), hashToken(tok("x"))})
+		line, _ := json.Marshal(tokenLine{InstanceID: fmt.Sprintf("i-%d", i), Hash: hashToken(tok("x"))})
 		tokens = append(append(tokens, line...), '\n')
 	}
 	if err := os.WriteFile(filepath.Join(dir, "apps", "app1", "tokens.jsonl"), tokens, 0o600); err != nil {

@@ -108,10 +108,10 @@ func TestRotationRetentionAndPaging(t *testing.T) {
 	}
 	// A page is found by segment name: it opens the segment holding its
 	// first seq, and the next one at most.
-	opens := e.srv.logs.segmentOpens.Load()
+	opens := fileLogs(e.srv).segmentOpens.Load()
 	var p logPage
 	e.getJSON(fmt.Sprintf("/api/apps/app1/logs?after=%d&limit=2", segs[len(segs)/2].first), &p)
-	if n := e.srv.logs.segmentOpens.Load() - opens; n > 2 || len(p.Logs) != 2 || p.Logs[0].Seq != segs[len(segs)/2].first+1 {
+	if n := fileLogs(e.srv).segmentOpens.Load() - opens; n > 2 || len(p.Logs) != 2 || p.Logs[0].Seq != segs[len(segs)/2].first+1 {
 		t.Fatalf("a middle page opened %d of %d segments and got %+v", n, len(segs), p.Logs)
 	}
 	// A cursor in deleted StateLogs resumes at the oldest retained.
@@ -316,7 +316,7 @@ func TestListingInstancesReadsNoLogs(t *testing.T) {
 	}
 	check := func(when string) {
 		t.Helper()
-		opens := e.srv.logs.segmentOpens.Load()
+		opens := fileLogs(e.srv).segmentOpens.Load()
 		for i := range 4 {
 			in := e.instance("app1", fmt.Sprintf("i-%d", i))
 			// The listing shows the last StateLog with its output cut to
@@ -326,14 +326,14 @@ func TestListingInstancesReadsNoLogs(t *testing.T) {
 				t.Fatalf("%s: summary %+v", when, in)
 			}
 		}
-		if n := e.srv.logs.segmentOpens.Load() - opens; n != 0 {
+		if n := fileLogs(e.srv).segmentOpens.Load() - opens; n != 0 {
 			t.Fatalf("%s: listing instances opened %d segments", when, n)
 		}
 	}
 	check("with the logs")
-	opens := e.srv.logs.segmentOpens.Load()
+	opens := fileLogs(e.srv).segmentOpens.Load()
 	e.storedLogs("app1", 10000)
-	if e.srv.logs.segmentOpens.Load() == opens {
+	if fileLogs(e.srv).segmentOpens.Load() == opens {
 		t.Fatal("the segment counter does not count: this test proves nothing")
 	}
 	if err := os.RemoveAll(logsDir(dir, "app1")); err != nil {
@@ -410,7 +410,7 @@ func TestStoreFailureClosesWithoutAck(t *testing.T) {
 	a.push("i-1", "s1", 1, 3, "out")
 	// Break the active segment under the writer (mu orders this after its
 	// last use and before its next).
-	ls := e.srv.logs
+	ls := fileLogs(e.srv)
 	ls.mu.Lock()
 	ls.apps["app1"].active.Close()
 	ls.mu.Unlock()
@@ -466,5 +466,60 @@ func TestRetentionLeavesRoomForTheActiveSegment(t *testing.T) {
 		if got := retentionVictims(segs(c.sizes...), 16<<10, 4096, time.Hour, now); got != c.want {
 			t.Errorf("segments %v: %d victims, want %d", c.sizes, got, c.want)
 		}
+	}
+}
+
+// TestNewSegmentNeverOpensAFileItDidNotRead: a new segment is created
+// exclusively. A link (or any file) planted where the next segment goes
+// was never read by the store, so it is neither appended to nor cut back
+// on a failed write: the StateLogs are refused, not acknowledged, and the
+// link's target is untouched; once it is gone they are stored.
+func TestNewSegmentNeverOpensAFileItDidNotRead(t *testing.T) {
+	// Segments of one StateLog each: the next segment's name is known.
+	e := newEnv(t, "", func(o *Options) { o.LogSegmentBytes = 4096 })
+	e.api("PUT", "/api/apps/app1/recipe", recipeJSON)
+	a := e.connect2("i-1", "app1", "tok", "s1")
+	a.expectAck("s1")
+	a.expectRecipe()
+	out := strings.Repeat("o", 3000)
+	a.push("i-1", "s1", 1, 3, out)
+	victim := filepath.Join(t.TempDir(), "victim")
+	if err := os.WriteFile(victim, []byte("someone else's file\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	next := segmentPath(logsDir(e.dir, "app1"), 4)
+	if err := os.Symlink(victim, next); err != nil {
+		t.Fatal(err)
+	}
+	m4 := stateLog("i-1", 4)
+	m4.Stdout = &out
+	a.send(m4)
+	for {
+		m, err := a.next()
+		var ce *websocket.CloseError
+		if errors.As(err, &ce) && ce.Code == websocket.CloseInternalServerErr {
+			break
+		}
+		if err != nil {
+			t.Fatalf("StateLog 4: %v, want close 1011", err)
+		}
+		if ack, ok := m.(*protocol.StateLogAck); ok && ack.Seq > 3 {
+			t.Fatalf("StateLogAck %d: StateLog 4 was acknowledged", ack.Seq)
+		}
+	}
+	if data, _ := os.ReadFile(victim); string(data) != "someone else's file\n" {
+		t.Fatalf("the link's target was written: %q", data)
+	}
+	if err := os.Remove(next); err != nil {
+		t.Fatal(err)
+	}
+	b := e.connect2("i-1", "app1", "tok", "s1")
+	if seq := b.expectAck("s1"); seq != 3 {
+		t.Fatalf("first StateLogAck %d, want 3", seq)
+	}
+	b.expectRecipe()
+	b.push("i-1", "s1", 4, 4, out)
+	if got := agentSeqs(e.storedLogs("app1", 100), "i-1", "s1"); fmt.Sprint(got) != "[1 2 3 4]" {
+		t.Fatalf("stored %v", got)
 	}
 }

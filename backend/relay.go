@@ -12,7 +12,8 @@ import (
 // state whose parameter names other states as "@{<instance id>.state.<state
 // id>}" (the IDE's reference form, with the instance id as the component)
 // is released, for every instance of the app, once each of those states
-// has succeeded in the current recipe version. Waits the backend releases
+// has succeeded in the current recipe version, as reported by the named
+// instance itself for a state of that recipe. Waits the backend releases
 // itself are kept under allInstances; POST /api/apps/{app}/waits still
 // releases a wait for one instance by hand.
 const allInstances = "*"
@@ -48,11 +49,14 @@ func waitRefs(param json.RawMessage) [][2]string {
 }
 
 // relay records that instance's state succeeded in version and releases
-// the waits this completes.
+// the waits this completes. Only a state of the instance's own recipe (its
+// app's current one) counts: a success reported for any other id would let
+// an enrolled instance release waits on states it does not have, and grow
+// the done set without bound.
 func (s *Server) relay(app, instance string, version int64, stateID string) {
 	s.mu.Lock()
 	a := s.apps[app]
-	if a == nil || version != a.RecipeVersion {
+	if a == nil || version != a.RecipeVersion || !a.hasState(stateID) {
 		s.mu.Unlock()
 		return
 	}
@@ -90,7 +94,7 @@ func (s *Server) relay(app, instance string, version int64, stateID string) {
 		next.Waits[k] = v
 	}
 	next.Waits[allInstances] = append(slices.Clone(a.Waits[allInstances]), released...)
-	if err := s.store.save(&next); err != nil {
+	if err := s.st.SaveApp(&next); err != nil {
 		a.Waits = next.Waits
 		s.mu.Unlock()
 		s.log.Error("cannot store released waits; they are released in memory only", "app_id", app, "err", err)
@@ -103,6 +107,18 @@ func (s *Server) relay(app, instance string, version int64, stateID string) {
 		n := s.broadcast(app, frame, nil)
 		s.log.Info("wait released: every state it waits on succeeded", "app_id", app, "state_id", id, "after", key, "pushed_to", n)
 	}
+}
+
+// hasState reports whether the current recipe has a state with this id.
+// Called with s.mu held.
+func (a *appState) hasState(id string) bool {
+	if a.stateIDs == nil {
+		a.stateIDs = make(map[string]bool, len(a.States))
+		for _, st := range a.States {
+			a.stateIDs[st.ID] = true
+		}
+	}
+	return a.stateIDs[id]
 }
 
 // releasedFor lists the waits of the current version released for an

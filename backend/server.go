@@ -1,12 +1,16 @@
 // Package backend is the embedded reference backend (`opsagent backend`): a
 // small but real control plane speaking spec/protocol.md to agents over
 // WebSocket, with a JSON API to put recipes, read StateLogs, release waits
-// and roll out updates. It keeps its state in a data directory (atomic JSON
-// files; StateLogs in bounded, fsynced JSONL segments per app, see
-// logstore.go) so a restart loses nothing, and acknowledges protocol-2
-// StateLogs only once they are durable (protocol/PROTOCOL-2.md). A new
-// instance id enrolls only with its app's enrollment secret (enroll.go);
-// browsers are kept out by Host and Origin checks (httpguard.go).
+// and roll out updates. It keeps its state through an appStore (store.go:
+// today atomic JSON files and StateLogs in bounded, fsynced JSONL segments
+// per app, see logstore.go) so a restart loses nothing, acknowledges
+// protocol-2 StateLogs only once they are durable (protocol/PROTOCOL-2.md),
+// and keeps an app it cannot load as failed, never creating it afresh
+// (apps.go). Every API call needs the API token (apitoken.go). A new
+// instance id enrolls only with its app's enrollment secret, within the
+// app's enrollment limit, and can be revoked (enroll.go); refusals are
+// logged as summaries (refusals.go); browsers are kept out by Host and
+// Origin checks (httpguard.go).
 package backend
 
 import (
@@ -30,8 +34,11 @@ import (
 
 // Options configures a Server.
 type Options struct {
-	DataDir  string
-	APIToken string // bearer token required on /api/ (except /api/healthz); "" = none
+	DataDir string
+	// APIToken is the bearer token every /api/ call but /api/healthz
+	// needs, on any address. "" means the one in <DataDir>/api-token,
+	// created (256 random bits, 0600) on first start; see APITokenFile.
+	APIToken string
 	Logger   *slog.Logger
 	MaxFrame int // default protocol.DefaultMaxFrame
 
@@ -45,6 +52,12 @@ type Options struct {
 	// OpenEnrollment lets any client that knows an app id enroll a new
 	// instance id without the app's enrollment secret (the 2014 behaviour).
 	OpenEnrollment bool
+	// EnrollLimit is how many new instances an app may enroll per
+	// EnrollWindow (a token bucket holding one window's worth; enroll.go):
+	// 0 means the default, 100 per minute; below 0, no limit. A Handshake
+	// over it is closed 1013 and the agent comes back later.
+	EnrollLimit  int
+	EnrollWindow time.Duration
 
 	PingInterval     time.Duration // default 25 s
 	DeadAfter        time.Duration // default 60 s
@@ -71,6 +84,18 @@ type Options struct {
 	// badFrameEvery spaces the log lines about one connection's bad frames;
 	// default 10 s. Unexported: only tests change it.
 	badFrameEvery time.Duration
+	// refusalEvery is the interval of the refusal summary (refusals.go);
+	// default 10 s. Unexported: only tests change it.
+	refusalEvery time.Duration
+
+	// loadRetryMin and loadRetryMax bound the wait before an app that
+	// failed to load is tried again (doubling from min to max); defaults
+	// 1 s and 1 min. Unexported: only tests change them.
+	loadRetryMin, loadRetryMax time.Duration
+
+	// newStore opens the store; default the file store in DataDir.
+	// Unexported: the store suite runs the Server on other stores.
+	newStore func(Options) (appStore, error)
 }
 
 // Server is the backend. Use Handler with any http.Server, or
@@ -79,16 +104,24 @@ type Server struct {
 	opts  Options
 	lock  *fsutil.LockFile // the data directory's
 	log   *slog.Logger
-	store store
-	logs  *logStore
+	st    appStore
 	up    websocket.Upgrader
 	hosts atomic.Pointer[hostSet] // replaced once ListenAndServe knows its address
 
-	mu      sync.Mutex
-	apps    map[string]*appState
-	secrets map[string]string                // app → enrollment secret (enroll.secret)
-	agents  map[string]map[string]*agentConn // app → instance → live connection
-	closed  bool
+	apiAuth      apiAuth
+	apiTokenFile string // <data>/api-token when the token comes from there
+	refusals     *refusalLog
+	enroll       *enrollLimiter
+
+	// loadMu makes loads and creations of apps one at a time, so that two
+	// requests never load (or create) the same app twice.
+	loadMu sync.Mutex
+
+	mu     sync.Mutex
+	apps   map[string]*appState             // loaded apps
+	failed map[string]*appFailure           // stored apps that did not load
+	agents map[string]map[string]*agentConn // app → instance → live connection
+	closed bool
 }
 
 // New opens (or creates) the data directory and loads its state.
@@ -108,16 +141,26 @@ func New(opts Options) (*Server, error) {
 	def(&opts.DeadAfter, 60*time.Second)
 	def(&opts.HandshakeTimeout, 10*time.Second)
 	def(&opts.badFrameEvery, 10*time.Second)
+	def(&opts.loadRetryMin, time.Second)
+	def(&opts.loadRetryMax, time.Minute)
+	def(&opts.refusalEvery, defaultRefusalLog)
+	def(&opts.EnrollWindow, defaultEnrollWindow)
+	if opts.EnrollLimit == 0 {
+		opts.EnrollLimit = defaultEnrollLimit
+	}
+	if opts.newStore == nil {
+		opts.newStore = func(o Options) (appStore, error) { return openFileStore(o.DataDir, o.logOptions(), o.Logger), nil }
+	}
 	if opts.SendQueue <= 0 {
 		opts.SendQueue = 64
 	}
 	if err := logDefaults(&opts); err != nil {
 		return nil, err
 	}
-	log := opts.Logger
-	if log == nil {
-		log = slog.New(slog.DiscardHandler)
+	if opts.Logger == nil {
+		opts.Logger = slog.New(slog.DiscardHandler)
 	}
+	log := opts.Logger
 	if err := os.MkdirAll(opts.DataDir, 0o700); err != nil {
 		return nil, fmt.Errorf("backend: data dir %s: %w", opts.DataDir, err)
 	}
@@ -126,31 +169,48 @@ func New(opts Options) (*Server, error) {
 	if err != nil {
 		return nil, fmt.Errorf("backend: data dir %s is in use: %w", opts.DataDir, err)
 	}
+	auth, tokenFile, err := newAPIAuth(opts.DataDir, opts.APIToken)
+	if err != nil {
+		_ = lock.Unlock()
+		return nil, err
+	}
+	st, err := opts.newStore(opts)
+	if err != nil {
+		_ = lock.Unlock()
+		return nil, fmt.Errorf("backend: %w", err)
+	}
 	s := &Server{
-		lock:  lock,
-		opts:  opts,
-		log:   log,
-		store: store{dir: opts.DataDir},
+		apiAuth: auth, apiTokenFile: tokenFile,
+		lock: lock,
+		opts: opts,
+		log:  log,
+		st:   st,
+
+		refusals: &refusalLog{log: log, every: opts.refusalEvery},
+		enroll:   newEnrollLimiter(opts.EnrollLimit, opts.EnrollWindow),
 		// Small read buffers and pooled write buffers keep an idle agent
 		// connection cheap (a fleet is mostly idle connections).
-		up:      websocket.Upgrader{ReadBufferSize: 1 << 10, WriteBufferSize: 4 << 10, WriteBufferPool: &sync.Pool{}},
-		agents:  map[string]map[string]*agentConn{},
-		secrets: map[string]string{},
+		up:     websocket.Upgrader{ReadBufferSize: 1 << 10, WriteBufferSize: 4 << 10, WriteBufferPool: &sync.Pool{}},
+		apps:   map[string]*appState{},
+		failed: map[string]*appFailure{},
+		agents: map[string]map[string]*agentConn{},
 	}
 	// Browsers always send Origin on a WebSocket upgrade; agents send none.
 	s.up.CheckOrigin = s.originAllowed
 	s.hosts.Store(newHostSet(opts.AllowedHosts))
-	apps, errs := s.store.loadAll()
-	for _, err := range errs {
-		log.Error("backend: cannot load an app; it is skipped", "err", err)
-	}
-	s.apps = apps
-	s.openLogs()
-	if err := s.loadSecrets(); err != nil {
-		_ = s.logs.close()
+	ids, err := st.AppIDs()
+	if err != nil {
+		// Without the list no app is known, and a PUT could not tell a
+		// new app from a stored one it cannot see: refuse to start.
+		_ = st.Close()
 		_ = lock.Unlock()
-		return nil, err
+		return nil, fmt.Errorf("backend: data dir %s: %w", opts.DataDir, err)
 	}
+	s.loadMu.Lock()
+	for _, id := range ids {
+		_, _ = s.load(id) // a failure is logged and kept in s.failed
+	}
+	s.loadMu.Unlock()
 	return s, nil
 }
 
@@ -177,18 +237,14 @@ func logDefaults(o *Options) error {
 	return nil
 }
 
-// openLogs loads every app's StateLogs and starts the log writer. An app
-// whose logs cannot be loaded is skipped, like an unreadable app.json.
-func (s *Server) openLogs() {
-	lo := logOptions{segmentBytes: s.opts.LogSegmentBytes, retentionBytes: s.opts.LogRetentionBytes,
-		retentionAge: s.opts.LogRetentionAge, maxOutput: s.opts.MaxOutputBytes, commitDelay: s.opts.logCommitDelay}
-	ls, errs := openLogStore(filepath.Join(s.opts.DataDir, "apps"), sortedKeys(s.apps), lo, s.log)
-	for id, err := range errs {
-		s.log.Error("backend: cannot load an app's StateLogs; the app is skipped", "app_id", id, "err", err)
-		delete(s.apps, id)
-	}
-	s.logs = ls
+func (o Options) logOptions() logOptions {
+	return logOptions{segmentBytes: o.LogSegmentBytes, retentionBytes: o.LogRetentionBytes,
+		retentionAge: o.LogRetentionAge, maxOutput: o.MaxOutputBytes, commitDelay: o.logCommitDelay}
 }
+
+// APITokenFile is the file the API token was read from or created in
+// (<data>/api-token), or "" when Options.APIToken gave it.
+func (s *Server) APITokenFile() string { return s.apiTokenFile }
 
 // Close stores the StateLogs already received (write, fsync) and stops
 // the log writer; StateLogs arriving later are refused. ListenAndServe
@@ -196,7 +252,8 @@ func (s *Server) openLogs() {
 // agents are closed.
 func (s *Server) Close() error {
 	defer s.lock.Unlock()
-	if err := s.logs.close(); err != nil {
+	s.refusals.flush()
+	if err := s.st.Close(); err != nil {
 		return fmt.Errorf("backend: closing the StateLog store: %w", err)
 	}
 	return nil
@@ -217,9 +274,6 @@ func (s *Server) Handler() http.Handler {
 // connection with a normal close frame. ready, when not nil, receives the
 // bound address once listening.
 func (s *Server) ListenAndServe(ctx context.Context, addr string, ready func(net.Addr)) error {
-	if err := CheckExposure(addr, s.opts.APIToken); err != nil {
-		return err
-	}
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
 		return fmt.Errorf("backend: listen %s: %w", addr, err)
@@ -243,25 +297,6 @@ func (s *Server) ListenAndServe(ctx context.Context, addr string, ready func(net
 	// Last: a connection may still hand over a StateLog read before its
 	// close; Close waits for it and fsyncs.
 	return s.Close()
-}
-
-// CheckExposure refuses to serve the API on a non-loopback address without
-// a token: anyone reaching it could push commands to every instance.
-func CheckExposure(addr, token string) error {
-	if token != "" {
-		return nil
-	}
-	host, _, err := net.SplitHostPort(addr)
-	if err != nil {
-		return fmt.Errorf("backend: --listen %q: %w", addr, err)
-	}
-	if host == "localhost" {
-		return nil
-	}
-	if ip := net.ParseIP(host); ip != nil && ip.IsLoopback() {
-		return nil
-	}
-	return fmt.Errorf("backend: --listen %s is not a loopback address: set --api-token (or OPSAGENT_API_TOKEN) so that only you can push recipes", addr)
 }
 
 // CloseAgents sends a normal close to every agent (shutdown).

@@ -204,11 +204,16 @@ func (ls *logStore) scanSegment(a *appLog, seg *segment, prev *int64, locs map[s
 	if good == seg.size {
 		return nil
 	}
-	if err := f.Truncate(good); err != nil {
-		return fmt.Errorf("StateLog segment %s: cut its torn tail: %w", seg.path, err)
+	// Cutting it off is a write, which a full or read-only disk may
+	// refuse: then the segment is left as it is and not appended to.
+	err = f.Truncate(good)
+	if err == nil {
+		err = f.Sync()
 	}
-	if err := f.Sync(); err != nil {
-		return fmt.Errorf("StateLog segment %s: %w", seg.path, err)
+	if err != nil {
+		ls.log.Warn("cannot cut a torn tail off a StateLog segment; the next StateLogs go to a new one", "path", seg.path, "err", err)
+		seg.torn = true
+		return nil
 	}
 	ls.log.Warn("cut a torn tail off a StateLog segment (a crash mid-write; none of it was acknowledged)", "path", seg.path, "bytes", seg.size-good)
 	seg.size = good
@@ -305,7 +310,6 @@ func (ls *logStore) saveStreams(a *appLog) error {
 		return fmt.Errorf("stream highs: %w", err)
 	}
 	a.streamsDirty, a.streamsSaved = false, time.Now()
-	delete(ls.dirty, a)
 	return nil
 }
 
@@ -318,7 +322,9 @@ func (ls *logStore) saveStreamsDue(now time.Time) bool {
 		}
 		if err := ls.saveStreams(a); err != nil {
 			ls.log.Error("cannot save the stream highs; retrying", "app_id", a.id, "err", err)
+			continue
 		}
+		delete(ls.dirty, a)
 	}
 	return len(ls.dirty) > 0
 }

@@ -79,7 +79,8 @@ func BenchmarkFleet(b *testing.B) {
 }
 
 func fleet(b *testing.B, n int) {
-	be := startBackend(b, b.TempDir(), "127.0.0.1:0")
+	// No enrollment limit: the whole fleet enrolls at once here.
+	be := startBackend(b, b.TempDir(), "127.0.0.1:0", "--enroll-limit", "-1")
 	// Version 1 exists so handshakes succeed; version 2 is the measured push.
 	be.api(nil, "PUT", "/api/apps/fleet/recipe", `{"state":[]}`)
 	time.Sleep(200 * time.Millisecond)
@@ -231,11 +232,13 @@ func updateParts(tb testing.TB, logFile string) []updatePart {
 		tb.Fatal(err)
 	}
 	milestones := []struct{ name, msg string }{
-		{"", `msg="applying update"`},
+		{"", `msg="preparing update in the background`},
 		{"download", `msg="update: verifying"`},
 		{"verify", `msg="update: extracting"`},
 		{"extract", `msg="update: smoke-testing"`},
-		{"smoke-test", `msg="update: swapping"`},
+		{"smoke-test", `msg="update: ready"`},
+		{"install-wait", `msg="installing update"`},
+		{"install", `msg="update: swapping"`},
 		{"swap", `msg="update: confirming"`},
 		{"re-exec", `msg="agent started" version=2.0.0`},
 		{"handshake", `msg="connected; Handshake sent"`},

@@ -91,6 +91,7 @@ func (p *proc) stop(t testing.TB, sig syscall.Signal) (int, time.Duration) {
 type backendProc struct {
 	*proc
 	addr, data string
+	token      string // the API token, as a client reads it from <data>/api-token
 }
 
 func startBackend(t testing.TB, data, listen string, extra ...string) *backendProc {
@@ -98,14 +99,27 @@ func startBackend(t testing.TB, data, listen string, extra ...string) *backendPr
 	addrFile := filepath.Join(t.TempDir(), "addr")
 	// Open enrollment: these tests start agents before their app exists;
 	// TestEnrollment covers the secret.
-	p := start(t, append([]string{"backend", "--listen", listen, "--data", data, "--addr-file", addrFile, "--open-enrollment"}, extra...)...)
+	// An empty OPSAGENT_API_TOKEN (whatever the caller's environment
+	// holds): the backend makes its own token, which the tests read back.
+	p := startEnv(t, []string{"OPSAGENT_API_TOKEN="}, append([]string{"backend", "--listen", listen, "--data", data, "--addr-file", addrFile, "--open-enrollment"}, extra...)...)
 	var addr string
 	eventually(t, "backend listening", func() bool {
 		b, err := os.ReadFile(addrFile)
 		addr = strings.TrimSpace(string(b))
 		return err == nil && addr != ""
 	})
-	return &backendProc{proc: p, addr: addr, data: data}
+	return &backendProc{proc: p, addr: addr, data: data, token: readAPIToken(t, data)}
+}
+
+// readAPIToken reads the API token the backend made in its data directory
+// on first start, as `export OPSAGENT_API_TOKEN=$(cat <data>/api-token)`.
+func readAPIToken(t testing.TB, data string) string {
+	t.Helper()
+	tok, err := os.ReadFile(filepath.Join(data, "api-token"))
+	if err != nil {
+		t.Fatalf("the backend's API token: %v", err)
+	}
+	return strings.TrimSpace(string(tok))
 }
 
 // api calls the backend's API; failures panic (t may be nil in benchmarks).
@@ -114,6 +128,7 @@ func (b *backendProc) api(_ testing.TB, method, path, body string) map[string]an
 	if body != "" {
 		req.Header.Set("Content-Type", "application/json")
 	}
+	req.Header.Set("Authorization", "Bearer "+b.token)
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
 		panic(fmt.Sprintf("%s %s: %v", method, path, err))
@@ -138,7 +153,9 @@ type logEntry struct {
 }
 
 func (b *backendProc) logs(_ testing.TB, app string) []logEntry {
-	resp, err := http.Get("http://" + b.addr + "/api/apps/" + app + "/logs?limit=10000")
+	req, _ := http.NewRequest("GET", "http://"+b.addr+"/api/apps/"+app+"/logs?limit=10000", nil)
+	req.Header.Set("Authorization", "Bearer "+b.token)
+	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
 		return nil
 	}

@@ -138,13 +138,35 @@ func tarball(t testing.TB, version string, bin []byte) []byte {
 }
 
 // bucket serves a release directory over loopback HTTP like the S3
-// bucket, and can refuse requests for a while or hold the tarball.
+// bucket, and can refuse requests for a while, hold the tarball, or stall
+// it in the middle; it records each request of the tarball.
 type bucket struct {
 	*httptest.Server
 	dir      string
 	failures atomic.Int64 // answer 503 to this many more requests
 	hold     atomic.Pointer[chan struct{}]
 	requests atomic.Int64
+	// stall, when set, stops every tarball response at byte stall.at of
+	// the file until stall.release is closed (and stall cleared).
+	stall atomic.Pointer[stallPoint]
+	// marker is a file whose existence each tarball request records.
+	marker atomic.Pointer[string]
+
+	mu       sync.Mutex
+	tarballs []*tarballRequest
+}
+
+// stallPoint is where tarball responses stop sending.
+type stallPoint struct {
+	at      int64
+	release chan struct{}
+}
+
+// tarballRequest is one request of the tarball as the bucket saw it.
+type tarballRequest struct {
+	rangeHdr string
+	marker   bool         // bucket.marker existed when it came
+	sent     atomic.Int64 // body bytes written
 }
 
 func newBucket(t testing.TB) *bucket {
@@ -156,15 +178,91 @@ func newBucket(t testing.TB) *bucket {
 			http.Error(w, "try again", http.StatusServiceUnavailable)
 			return
 		}
-		if h := b.hold.Load(); h != nil && strings.HasSuffix(r.URL.Path, dist.TarballName) {
-			select {
-			case <-*h:
-			case <-r.Context().Done():
-				return
+		if strings.HasSuffix(r.URL.Path, dist.TarballName) {
+			if h := b.hold.Load(); h != nil {
+				select {
+				case <-*h:
+				case <-r.Context().Done():
+					return
+				}
 			}
+			tr := &tarballRequest{rangeHdr: r.Header.Get("Range")}
+			if m := b.marker.Load(); m != nil {
+				_, err := os.Stat(*m)
+				tr.marker = err == nil
+			}
+			b.mu.Lock()
+			b.tarballs = append(b.tarballs, tr)
+			b.mu.Unlock()
+			w = &stallWriter{ResponseWriter: w, b: b, req: tr, ctx: r.Context()}
 		}
 		files.ServeHTTP(w, r)
 	}))
 	t.Cleanup(b.Close)
 	return b
+}
+
+// tarballRequests returns the tarball requests seen so far.
+func (b *bucket) tarballRequests() []*tarballRequest {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return append([]*tarballRequest(nil), b.tarballs...)
+}
+
+// stallAt makes tarball responses stop at byte at; the returned function
+// lets them go on.
+func (b *bucket) stallAt(at int64) (release func()) {
+	p := &stallPoint{at: at, release: make(chan struct{})}
+	b.stall.Store(p)
+	return func() { b.stall.Store(nil); close(p.release) }
+}
+
+// stallWriter writes a tarball response, stopping at the bucket's stall
+// point (a byte offset of the file: a Range response starts further in).
+type stallWriter struct {
+	http.ResponseWriter
+	b   *bucket
+	req *tarballRequest
+	ctx context.Context
+	pos int64 // offset in the file of the next byte written
+}
+
+func (s *stallWriter) WriteHeader(code int) {
+	if code == http.StatusPartialContent {
+		var start, end, size int64
+		if _, err := fmt.Sscanf(s.Header().Get("Content-Range"), "bytes %d-%d/%d", &start, &end, &size); err == nil {
+			s.pos = start
+		}
+	}
+	s.ResponseWriter.WriteHeader(code)
+}
+
+func (s *stallWriter) Write(p []byte) (int, error) {
+	written := 0
+	for len(p) > 0 {
+		chunk := p
+		if st := s.b.stall.Load(); st != nil {
+			if s.pos >= st.at {
+				_ = http.NewResponseController(s.ResponseWriter).Flush()
+				select {
+				case <-st.release:
+				case <-s.ctx.Done():
+					return written, s.ctx.Err()
+				}
+				continue
+			}
+			if s.pos+int64(len(chunk)) > st.at {
+				chunk = chunk[:st.at-s.pos]
+			}
+		}
+		n, err := s.ResponseWriter.Write(chunk)
+		written += n
+		s.pos += int64(n)
+		s.req.sent.Add(int64(n))
+		if err != nil {
+			return written, err
+		}
+		p = p[n:]
+	}
+	return written, nil
 }

@@ -8,9 +8,13 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
+
+	"github.com/visualops/opsagent/internal/dist"
 )
 
 // updateRig is an instance installed at 1.0.0 from a release bucket,
@@ -160,10 +164,11 @@ func TestSelfUpdateBetweenRounds(t *testing.T) {
 	// not retried in a loop, and the rounds go on under 2.0.0.
 	k := len(r.b.logs(t, "upd"))
 	eventually(t, "rounds under 2.0.0 after the rollback", func() bool { return len(r.b.logs(t, "upd")) >= k+3 })
-	agentLog, _ = os.ReadFile(filepath.Join(r.root, "var/log/visualops/agent.log"))
-	if !bytes.Contains(agentLog, []byte("update to 3.0.0 refused: it was rolled back here")) {
-		t.Error("agent.log does not show the re-offered 3.0.0 refused")
-	}
+	// Refused once the resumed recipe's first round has ended.
+	eventually(t, "agent.log showing the re-offered 3.0.0 refused", func() bool {
+		agentLog, _ = os.ReadFile(filepath.Join(r.root, "var/log/visualops/agent.log"))
+		return bytes.Contains(agentLog, []byte("update to 3.0.0 refused: it was rolled back here"))
+	})
 	if !bytes.Equal(r.installed(), v2) {
 		t.Error("the installed binary is not 2.0.0 after the rollback")
 	}
@@ -212,29 +217,157 @@ func TestUpdateByHand(t *testing.T) {
 	eventually(t, "1.0.0 started and connected", func() bool { return r.b.connectedAs("hand", r.id) == "1.0.0" })
 }
 
-// TestKilledDuringDownloadResumesAtNextStart: kill -9 while the update
-// downloads; the watchdog (cron.sh, run here as cron would) starts the
-// agent again, which applies the persisted pending update.
-func TestKilledDuringDownloadResumesAtNextStart(t *testing.T) {
-	r := newUpdateRig(t, "kill", `{"state":[{"id":"c","module":"linux.cmd","parameter":{"cmd":"true","cwd":"/tmp"}}]}`)
-	hold := make(chan struct{})
-	r.bucket.hold.Store(&hold)
+// releaseSize is the size of version's opsagent.tgz in the bucket.
+func (r *updateRig) releaseSize(version string) int64 {
+	st, err := os.Stat(filepath.Join(r.bucket.dir, version, dist.TarballName))
+	if err != nil {
+		r.t.Fatal(err)
+	}
+	return st.Size()
+}
+
+// partialDownload is the size of the tarball download in progress.
+func (r *updateRig) partialDownload() int64 {
+	st, err := os.Stat(filepath.Join(r.root, "var/lib/visualops/opsagent/update", dist.TarballName+".unverified"))
+	if err != nil {
+		return 0
+	}
+	return st.Size()
+}
+
+func hasLog(logs []logEntry, stateID string) bool {
+	for _, l := range logs {
+		if l.StateID == stateID {
+			return true
+		}
+	}
+	return false
+}
+
+// TestSlowReleaseServerDoesNotFreezeRecipes: the release server stops
+// sending in the middle of the tarball. Meanwhile the agent applies a new
+// recipe, is released from a meta.wait, and `opsagent status` says how far
+// the download is ("downloading N of M"); once the server goes on, the
+// update is installed.
+func TestSlowReleaseServerDoesNotFreezeRecipes(t *testing.T) {
+	r := newUpdateRig(t, "slow", `{"state":[{"id":"c","module":"linux.cmd","parameter":{"cmd":"true","cwd":"/tmp"}}]}`)
+	size := r.releaseSize("2.0.0")
+	var once sync.Once
+	release := r.bucket.stallAt(size / 2)
+	t.Cleanup(func() { once.Do(release) })
 	r.update("2.0.0")
-	eventually(t, "the download started", func() bool {
-		u, _ := statusOf(r.root)["update"].(map[string]any)
-		return u["phase"] == "downloading"
+	eventually(t, "half of the tarball on disk, then the server stalls", func() bool { return r.partialDownload() == size/2 })
+
+	r.b.api(t, "PUT", "/api/apps/slow/recipe", `{"state":[
+	  {"id":"n1","module":"linux.cmd","parameter":{"cmd":"true","cwd":"/tmp"}},
+	  {"id":"w","module":"meta.wait","parameter":{"state":["@{other.state.1}"]}},
+	  {"id":"n2","module":"linux.cmd","parameter":{"cmd":"true","cwd":"/tmp"}}]}`)
+	eventually(t, "the new recipe's first state reported while the download stalls", func() bool { return hasLog(r.b.logs(t, "slow"), "n1") })
+	eventually(t, "the round waiting on w", func() bool { return engineField(r.root, "waiting_on") == "w" })
+	r.b.api(t, "POST", "/api/apps/slow/waits", `{"instance_id":"i-slow","state_id":"w"}`)
+	eventually(t, "the wait released and the round going on", func() bool { return hasLog(r.b.logs(t, "slow"), "n2") })
+
+	progress := regexp.MustCompile(`update: +1\.0\.0 → 2\.0\.0: downloading [0-9.]+ (KiB|MiB) of [0-9.]+ MiB`)
+	var line string
+	eventually(t, "status saying 'downloading N of M'", func() bool {
+		out, _ := exec.Command(binary, "--root", r.root, "status").CombinedOutput()
+		line = progress.FindString(string(out))
+		return line != ""
 	})
+	if v := r.b.connectedAs("slow", r.id); v != "1.0.0" || r.partialDownload() != size/2 {
+		t.Fatalf("the download did not stall: agent %s, %d bytes on disk", v, r.partialDownload())
+	}
+	once.Do(release)
+	eventually(t, "2.0.0 connected once the server went on", func() bool { return r.b.connectedAs("slow", r.id) == "2.0.0" })
+	var sent int64
+	for _, tr := range r.bucket.tarballRequests() {
+		sent += tr.sent.Load()
+	}
+	t.Logf("FIGURES slow release server: tarball %d bytes, stalled at %d; status said %q; %d tarball requests, %d bytes sent", size, size/2, line, len(r.bucket.tarballRequests()), sent)
+}
+
+// TestKilledDuringDownloadResumesAtNextStart: kill -9 while the update
+// downloads (the server stalled half-way); the watchdog (cron.sh, run here
+// as cron would) starts the agent again, which runs the persisted
+// recipe's first round, then resumes the download where it stopped (Range)
+// and installs the update.
+func TestKilledDuringDownloadResumesAtNextStart(t *testing.T) {
+	r := newUpdateRig(t, "kill", `{"state":[{"id":"mark","module":"linux.file","parameter":{"path":"/srv/marker","content":"converged\n"}}]}`)
+	marker := filepath.Join(r.root, "srv/marker")
+	eventually(t, "the recipe applied", func() bool { _, err := os.Stat(marker); return err == nil })
+	size := r.releaseSize("2.0.0")
+	release := r.bucket.stallAt(size / 2)
+	r.update("2.0.0")
+	eventually(t, "half of the tarball on disk", func() bool { return r.partialDownload() == size/2 })
 	pid := agentPID(r.root)
 	if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
 		t.Fatal(err)
 	}
 	eventually(t, "the agent gone", func() bool { return agentPID(r.root) == 0 })
-	r.bucket.hold.Store(nil)
-	close(hold)
+	have := r.partialDownload()
+	if err := os.Remove(marker); err != nil {
+		t.Fatal(err)
+	}
+	r.bucket.marker.Store(&marker)
+	release()
+	before := len(r.bucket.tarballRequests())
 	if out, err := exec.Command("/bin/sh", filepath.Join(r.root, "var/lib/visualops/opsagent/cron.sh")).CombinedOutput(); err != nil {
 		t.Fatalf("cron.sh: %v\n%s", err, out)
 	}
 	eventually(t, "2.0.0 connected after the restart", func() bool { return r.b.connectedAs("kill", r.id) == "2.0.0" })
+	after := r.bucket.tarballRequests()[before:]
+	if len(after) != 1 {
+		t.Fatalf("%d tarball requests after the restart, want 1", len(after))
+	}
+	if want := fmt.Sprintf("bytes=%d-", have); after[0].rangeHdr != want {
+		t.Errorf("the restarted agent asked for Range %q, want %q (%d bytes kept across the kill)", after[0].rangeHdr, want, have)
+	}
+	if got := after[0].sent.Load(); got != size-have {
+		t.Errorf("the restarted agent fetched %d bytes, want the %d missing", got, size-have)
+	}
+	if !after[0].marker {
+		t.Error("the pending update was retried before the persisted recipe's first round (the marker it writes was not there)")
+	}
+	t.Logf("FIGURES kill during download: tarball %d bytes, %d kept across kill -9, %d fetched after the restart with Range %s", size, have, after[0].sent.Load(), after[0].rangeHdr)
+}
+
+// TestMalformedPubkeyStillUpdatesWithCompiledInKey: [userdata] pubkey is
+// garbage. The agent says so once (init error, at the backend and in
+// status) and the update signed with the release key compiled into it is
+// still verified and installed.
+func TestMalformedPubkeyStillUpdatesWithCompiledInKey(t *testing.T) {
+	r := newUpdateRig(t, "badkey", `{"state":[{"id":"c","module":"linux.cmd","parameter":{"cmd":"true","cwd":"/tmp"}}]}`)
+	if err := syscall.Kill(agentPID(r.root), syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "the agent stopped", func() bool { return agentPID(r.root) == 0 })
+	confPath := filepath.Join(r.root, "etc/opsagent.conf")
+	conf, err := os.ReadFile(confPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	bad := regexp.MustCompile(`(?m)^pubkey=.*$`).ReplaceAll(conf, []byte("pubkey=RWQ-not-a-minisign-key"))
+	if bytes.Equal(bad, conf) {
+		t.Fatalf("no pubkey line in\n%s", conf)
+	}
+	if err := os.WriteFile(confPath, bad, 0o640); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := exec.Command("/bin/sh", filepath.Join(r.root, "var/lib/visualops/opsagent/cron.sh")).CombinedOutput(); err != nil {
+		t.Fatalf("cron.sh: %v\n%s", err, out)
+	}
+	eventually(t, "1.0.0 connected again", func() bool { return r.b.connectedAs("badkey", r.id) == "1.0.0" })
+	r.update("2.0.0")
+	eventually(t, "2.0.0 connected", func() bool { return r.b.connectedAs("badkey", r.id) == "2.0.0" })
+	eventually(t, "the bad key reported to the backend", func() bool {
+		ie, _ := r.b.instance("badkey", r.id)["init_errors"].(string)
+		return strings.Contains(ie, "[userdata] pubkey is ignored") && strings.Contains(ie, "compiled into this binary")
+	})
+	_, st := status(t, r.root)
+	snap, _ := st["status"].(map[string]any)
+	if ie := fmt.Sprint(snap["init_errors"]); !strings.Contains(ie, "[userdata] pubkey is ignored") {
+		t.Errorf("status init errors %s do not name the bad key", ie)
+	}
 }
 
 // checkSecretsAndModes: the instance token appears nowhere but its own

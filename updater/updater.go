@@ -1,9 +1,11 @@
 // Package updater is the agent's self-update (spec/install-update.md,
-// "Self-update"): between rounds it downloads a release, verifies its
-// minisign signature before anything is extracted, takes the binary for
-// this architecture with the safe extractor, smoke-tests it, swaps it in
-// with minio/selfupdate (keeping the previous binary as opsagent.old) and
-// asks the caller to re-execute it. It never execs or exits by itself.
+// "Self-update"), in two steps. Prepare downloads a release (in the
+// background while rounds go on: it may take long on a slow link),
+// verifies its minisign signature before anything is extracted, takes the
+// binary for this architecture with the safe extractor and smoke-tests it.
+// Install, called between rounds, swaps it in with minio/selfupdate
+// (keeping the previous binary as opsagent.old) and asks the caller to
+// re-execute it. It never execs or exits by itself.
 //
 // Rollback is done by something that is not the new binary: before the
 // swap the updater records "confirming" with a deadline in the update
@@ -30,6 +32,7 @@ import (
 	"github.com/minio/selfupdate"
 
 	"github.com/visualops/opsagent/internal/archive"
+	"github.com/visualops/opsagent/internal/clock"
 	"github.com/visualops/opsagent/internal/config"
 	"github.com/visualops/opsagent/internal/dist"
 	"github.com/visualops/opsagent/internal/proc"
@@ -51,11 +54,23 @@ type Options struct {
 	EmbeddedKey   string
 	HealthTimeout time.Duration // [agent] update_health_timeout; default 120 s
 	MaxDownload   int64         // default 256 MiB
-	Retries       int           // download attempts; default 5
-	RetryDelay    time.Duration // first pause between attempts, doubled each time (30 s cap); default 1 s
-	HTTPClient    *http.Client
-	Runner        proc.Runner
-	Logger        *slog.Logger
+	// Retries is how many download attempts in a row may get nothing
+	// more before the download is given up; an attempt that made progress
+	// resets the count. Default 5.
+	Retries    int
+	RetryDelay time.Duration // first pause between attempts, doubled each time (30 s cap); default 1 s
+	// StallWindow and StallMinBytes are the stall rule: an attempt is
+	// aborted (and the next one resumes with Range) when fewer than
+	// StallMinBytes arrive in a StallWindow. Defaults DefaultStallWindow
+	// and DefaultStallMinBytes.
+	StallWindow   time.Duration
+	StallMinBytes int64
+	// HTTPClient fetches releases; default one without a flat timeout
+	// (the stall rule bounds each attempt).
+	HTTPClient *http.Client
+	Clock      clock.Clock // the stall windows and the pauses between attempts; default the wall clock
+	Runner     proc.Runner
+	Logger     *slog.Logger
 	// OnStep is told of each step (status, progress bar).
 	OnStep func(Step)
 	// NoWatchdog does not start `cron.sh watch` before the swap (tests
@@ -65,11 +80,11 @@ type Options struct {
 
 // Step is where an update stands.
 type Step struct {
-	Phase   string // downloading, verifying, extracting, smoke-testing, swapping, confirming, refused
+	Phase   string // downloading, verifying, extracting, smoke-testing, ready, swapping, confirming, refused
 	Version string
-	Bytes   int64 // downloaded so far
-	Total   int64 // -1 when unknown
-	Reason  string
+	Bytes   int64  // downloaded so far
+	Total   int64  // -1 when unknown
+	Reason  string // why it was refused; while downloading, why the last attempt was interrupted
 }
 
 // Request is one update: an AgentUpdate, or `opsagent update` by hand,
@@ -110,8 +125,17 @@ func New(opts Options) *Updater {
 	if opts.RetryDelay <= 0 {
 		opts.RetryDelay = time.Second
 	}
+	if opts.StallWindow <= 0 {
+		opts.StallWindow = DefaultStallWindow
+	}
+	if opts.StallMinBytes <= 0 {
+		opts.StallMinBytes = DefaultStallMinBytes
+	}
 	if opts.HTTPClient == nil {
-		opts.HTTPClient = &http.Client{Timeout: 10 * time.Minute}
+		opts.HTTPClient = &http.Client{}
+	}
+	if opts.Clock == nil {
+		opts.Clock = clock.Real{}
 	}
 	if opts.Runner == nil {
 		opts.Runner = proc.New()
@@ -134,9 +158,31 @@ func (r *Refusal) Error() string { return r.Reason }
 
 func refuse(format string, a ...any) error { return &Refusal{Reason: fmt.Sprintf(format, a...)} }
 
-// Do runs one update to the point where the new binary is in place, and
-// returns the Restart that the caller performs once it has unwound.
+// Do runs one update to the point where the new binary is in place (Prepare
+// then Install), and returns the Restart that the caller performs once it
+// has unwound. `opsagent update` with no agent running uses it.
 func (u *Updater) Do(ctx context.Context, req Request) (*Restart, error) {
+	p, err := u.Prepare(ctx, req)
+	if err != nil {
+		return nil, err
+	}
+	return p.Install()
+}
+
+// Prepared is a release downloaded, verified, extracted and smoke-tested,
+// waiting to be swapped in: Install it between rounds, or Discard it.
+type Prepared struct {
+	u       *Updater
+	bin     string // the new binary, Layout.NewBinary
+	Version string
+}
+
+// Prepare downloads req's release, checks its signature and VERSION,
+// extracts this architecture's binary and runs its `version --json`. It
+// changes nothing that runs: the agent calls it on a goroutine of its own
+// while rounds go on. Cancelled, it keeps the partial download so that
+// the next Prepare of the same url resumes it.
+func (u *Updater) Prepare(ctx context.Context, req Request) (*Prepared, error) {
 	v := req.Version
 	if err := dist.CheckVersion(v); err != nil {
 		return nil, refuse("update to %q: %v", v, err)
@@ -159,11 +205,17 @@ func (u *Updater) Do(ctx context.Context, req Request) (*Restart, error) {
 		}
 		url = strings.TrimRight(settings.Userdata.BaseRemote, "/") + "/" + v + "/" + dist.TarballName
 	}
-	verifier, err := dist.NewVerifier(settings.Userdata.PubKey, u.opts.EmbeddedKey)
-	if err != nil {
-		return nil, refuse("update to %s: %v", v, err)
+	// A malformed [userdata] pubkey is skipped, not fatal: the release key
+	// compiled into this binary still verifies (the agent reports the bad
+	// key once, at start).
+	verifier, keyErr := dist.NewVerifier(settings.Userdata.PubKey, u.opts.EmbeddedKey)
+	if keyErr != nil {
+		u.log.Warn("update: a configured release key is malformed and ignored", "err", keyErr)
 	}
 	if verifier.Len() == 0 && !req.InsecureSkipSignature {
+		if keyErr != nil {
+			return nil, refuse("update to %s refused: no usable key to verify its signature: [userdata] pubkey: %v", v, keyErr)
+		}
 		return nil, refuse("update to %s refused: no trusted key to verify its signature (set [userdata] pubkey)", v)
 	}
 	l := u.opts.Layout
@@ -173,14 +225,27 @@ func (u *Updater) Do(ctx context.Context, req Request) (*Restart, error) {
 	}
 	tarball := filepath.Join(dir, dist.TarballName+".unverified")
 	sig := filepath.Join(dir, dist.SignatureName)
-	defer os.Remove(sig)
-	defer os.Remove(tarball)
+	defer removePartial(sig)
+	defer func() {
+		// Kept while cancelled, for the next Prepare to resume; a refusal
+		// or a finished preparation leaves nothing behind.
+		if ctx.Err() == nil {
+			removePartial(tarball)
+		}
+	}()
 	u.step(Step{Phase: "downloading", Version: v, Total: -1})
-	if err := u.download(ctx, url, tarball, v, true); err != nil {
+	if err := u.download(ctx, fetchSpec{url: url, path: tarball, version: v, what: dist.TarballName,
+		limit: u.opts.MaxDownload, progress: true, resume: true}); err != nil {
 		return nil, err
 	}
 	if !req.InsecureSkipSignature {
-		if err := u.download(ctx, url+".minisig", sig, v, false); err != nil {
+		// Capped while it downloads: a signature is a few hundred bytes,
+		// and an endless one must not fill the disk first.
+		if err := u.download(ctx, fetchSpec{url: url + ".minisig", path: sig, version: v, what: "the signature",
+			limit: dist.MaxSignatureSize}); err != nil {
+			if ctx.Err() != nil {
+				return nil, err
+			}
 			return nil, refuse("update to %s refused: no signature at %s.minisig: %v", v, url, err)
 		}
 		u.step(Step{Phase: "verifying", Version: v})
@@ -195,13 +260,26 @@ func (u *Updater) Do(ctx context.Context, req Request) (*Restart, error) {
 	if err := extractRelease(ctx, tarball, newBin, v); err != nil {
 		return nil, err
 	}
-	defer os.Remove(newBin)
 	u.step(Step{Phase: "smoke-testing", Version: v})
 	if err := u.smokeTest(ctx, newBin, v); err != nil {
+		_ = os.Remove(newBin)
 		return nil, err
 	}
-	return u.swap(newBin, v)
+	u.step(Step{Phase: "ready", Version: v})
+	return &Prepared{u: u, bin: newBin, Version: v}, nil
 }
+
+// Install swaps the prepared binary in (between rounds: it takes well
+// under a second) and returns the Restart to perform.
+func (p *Prepared) Install() (*Restart, error) {
+	defer p.Discard()
+	return p.u.swap(p.bin, p.Version)
+}
+
+// Discard removes the prepared binary (a newer update replaced it, or the
+// agent stops before the round ends: the persisted pending update is
+// prepared again at the next start).
+func (p *Prepared) Discard() { _ = os.Remove(p.bin) }
 
 func (u *Updater) step(s Step) {
 	u.log.Info("update: "+s.Phase, "version", s.Version, "bytes", s.Bytes)

@@ -199,7 +199,7 @@ func TestUpdateSwapsKeepsOldAndRecordsConfirming(t *testing.T) {
 			phases = append(phases, s.Phase)
 		}
 	}
-	if got := strings.Join(phases, ","); got != "downloading,verifying,extracting,smoke-testing,swapping,confirming" {
+	if got := strings.Join(phases, ","); got != "downloading,verifying,extracting,smoke-testing,ready,swapping,confirming" {
 		t.Errorf("steps %s", got)
 	}
 	if _, err := os.Stat(filepath.Join(r.layout.DownloadDir(), dist.TarballName+".unverified")); err == nil {

@@ -133,7 +133,7 @@ func (c *link) negotiate(version int, acked int64) {
 		c.m.protocol = version
 		c.m.mu.Unlock()
 		if version == 2 {
-			c.m.out.AckThrough(acked)
+			c.m.out.AckHandshake(acked)
 		} else {
 			c.m.log.Info("the backend speaks protocol 1: StateLogs leave the outbox once written to the socket")
 		}

@@ -41,6 +41,10 @@ type Options struct {
 	// users, services); nil builds one. The agent shares its own, so
 	// that status shows what the modules use.
 	System *system.Host
+	// WatchDir is the host directory of the watched files' checksums
+	// ([global] watch, config.Layout.WatchDir); default the configuration
+	// default below Root.
+	WatchDir string
 	// StateDir is the agent's state directory (a host path, [global]
 	// conf_path): common.archive keeps what it extracted there. Default:
 	// the default conf_path below Root.
@@ -75,6 +79,9 @@ func New(opts Options) *Executor {
 	}
 	if opts.MaxDownload <= 0 {
 		opts.MaxDownload = 256 << 20
+	}
+	if opts.WatchDir == "" {
+		opts.WatchDir = config.NewLayout(opts.Root, "", nil).WatchDir()
 	}
 	if opts.StateDir == "" {
 		opts.StateDir = config.NewLayout(opts.Root, "", nil).StateDir()
@@ -137,14 +144,19 @@ func unchanged(comment string) state.Result {
 
 func (e *Executor) modules() map[string]module {
 	return map[string]module{
-		"linux.cmd":      e.cmd,
-		"linux.file":     e.file,
-		"linux.dir":      e.dir,
-		"linux.symlink":  e.symlink,
-		"common.git":     e.gitRepo,
-		"common.archive": e.archiveState,
-		"common.hg":      e.hgRepo,
-		"common.svn":     e.svnRepo,
+		"linux.cmd":       e.cmd,
+		"linux.file":      e.file,
+		"linux.dir":       e.dir,
+		"linux.symlink":   e.symlink,
+		"linux.user":      e.user,
+		"linux.group":     e.group,
+		"linux.cronjob":   e.cronjob,
+		"common.timezone": e.timezone,
+		"linux.service":   e.service,
+		"common.git":      e.gitRepo,
+		"common.archive":  e.archiveState,
+		"common.hg":       e.hgRepo,
+		"common.svn":      e.svnRepo,
 	}
 }
 

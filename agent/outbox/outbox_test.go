@@ -336,7 +336,7 @@ func FuzzReplay(f *testing.F) {
 	f.Add([]byte("\xff\xff\xff\xff garbage"))
 	f.Add([]byte{})
 	f.Fuzz(func(t *testing.T, data []byte) {
-		st, off, _ := replay(bytes.NewReader(data))
+		st, off, _, _ := replay(bytes.NewReader(data))
 		if off < 0 || off > int64(len(data)) {
 			t.Fatalf("offset %d of %d", off, len(data))
 		}
@@ -376,6 +376,188 @@ func BenchmarkPush(b *testing.B) {
 				b.Fatal(err)
 			}
 			b.ReportMetric(float64(o.Status().Exposure.Microseconds())/1000, "max-unwritten-ms")
+			if dir != "" {
+				// What the file holds for at most 1000 live entries: it is
+				// compacted as acknowledgements come, never the whole run.
+				st, _ := os.Stat(filepath.Join(dir, fileName))
+				b.ReportMetric(float64(st.Size())/(1<<20), "file-MiB")
+			}
 		})
+	}
+}
+
+// TestEveryDropCountedWithItsReason: whatever takes a StateLog out of the
+// queue without the backend having it is counted in Dropped, by reason: the
+// three bounds, a replaced recipe (which used to go uncounted), and
+// StateLogs kept in memory when the outbox is closed (which used to
+// vanish, with status saying 0 dropped).
+func TestEveryDropCountedWithItsReason(t *testing.T) {
+	clk := clock.NewFake(time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC))
+	o, _ := open(t, "", func(o *Options) { o.MaxEntries = 4; o.MaxAge = time.Hour; o.Clock = clk })
+	o.Push(stateLog(1, "old"))
+	clk.Advance(2 * time.Hour)
+	for i := 1; i <= 5; i++ { // "old" goes for its age, n1 for the count
+		o.Push(stateLog(1, fmt.Sprintf("n%d", i)))
+	}
+	one := o.Status().Bytes / 4
+	o.SetLimits(4, 2*one, time.Hour) // a reload with a smaller byte bound: n2, n3 go
+	if got := strings.Join(ids(o), " "); got != "5:n4 6:n5" {
+		t.Fatalf("after the new byte bound: %s", got)
+	}
+	o.Supersede(2) // n4, n5 go with their recipe
+	o.Push(stateLog(2, "k1"))
+	o.Push(stateLog(2, "k2"))
+	if err := o.Close(); err != nil { // k1, k2 were only in memory
+		t.Fatal(err)
+	}
+	want := map[string]int64{DroppedMaxAge: 1, DroppedLimit: 1, DroppedMaxBytes: 2, DroppedReplaced: 2, DroppedInMemory: 2}
+	st := o.Status()
+	var sum int64
+	for k, v := range want {
+		if st.DroppedBy[k] != v {
+			t.Errorf("dropped for %s: %d, want %d (all: %v)", k, st.DroppedBy[k], v, st.DroppedBy)
+		}
+		sum += v
+	}
+	if st.Dropped != sum || st.Depth != 0 {
+		t.Errorf("dropped %d (want %d), depth %d", st.Dropped, sum, st.Depth)
+	}
+}
+
+// TestRetryDiskAfterAWriteFailure: after the disk failed (memory mode),
+// RetryDisk writes the whole queue back, with its stream and counter; a
+// restart then finds every StateLog, including those pushed in memory,
+// and the counter goes on after them.
+func TestRetryDiskAfterAWriteFailure(t *testing.T) {
+	dir := t.TempDir()
+	o, _ := open(t, dir, nil)
+	o.Push(stateLog(1, "a"))
+	if err := o.Flush(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	o.mu.Lock()
+	_ = o.disk.f.Close() // the next write fails, as on a full disk
+	o.mu.Unlock()
+	o.Push(stateLog(1, "b"))
+	wait.Eventually(t, "the switch to memory", func() bool { return strings.HasPrefix(o.Status().Storage, "memory: ") })
+	o.Push(stateLog(1, "c"))
+	o.AckThrough(1)
+	if err := o.RetryDisk(); err != nil {
+		t.Fatal(err)
+	}
+	if st := o.Status(); st.Storage != "disk" {
+		t.Fatalf("storage after RetryDisk: %s", st.Storage)
+	}
+	o.Push(stateLog(1, "d"))
+	stream := o.Stream()
+	if err := o.Close(); err != nil {
+		t.Fatal(err)
+	}
+	o2, _ := open(t, dir, nil)
+	if got := strings.Join(ids(o2), " "); got != "2:b 3:c 4:d" || o2.Stream() != stream {
+		t.Fatalf("after a restart: %s (stream %s, was %s)", got, o2.Stream(), stream)
+	}
+	if seq := o2.Push(stateLog(1, "e")); seq != 5 {
+		t.Fatalf("counter after a restart: %d", seq)
+	}
+}
+
+// TestOutboxFileThatIsNotAFile: a FIFO (or a link) at outbox.log is
+// refused at open, without blocking (a FIFO opened read-write blocked the
+// first read forever), and the outbox works in memory; RetryDisk never
+// overwrites what it could not read: that takes a restart.
+func TestOutboxFileThatIsNotAFile(t *testing.T) {
+	for name, plant := range map[string]func(p string) error{
+		"fifo":    func(p string) error { return syscall.Mkfifo(p, 0o600) },
+		"symlink": func(p string) error { return os.Symlink("/etc/passwd", p) },
+	} {
+		t.Run(name, func(t *testing.T) {
+			dir := t.TempDir()
+			p := filepath.Join(dir, fileName)
+			if err := plant(p); err != nil {
+				t.Fatal(err)
+			}
+			opened := make(chan *Outbox, 1)
+			go func() { opened <- Open(Options{Dir: dir}) }()
+			var o *Outbox
+			select {
+			case o = <-opened:
+				t.Cleanup(func() { o.Close() })
+			case <-time.After(20 * time.Second):
+				if w, err := os.OpenFile(p, os.O_WRONLY|syscall.O_NONBLOCK, 0); err == nil {
+					w.Write(make([]byte, 8)) // releases the blocked replay
+					w.Close()
+				}
+				t.Fatal("Open blocked on what is at outbox.log")
+			}
+			if st := o.Status(); !strings.HasPrefix(st.Storage, "memory: ") || !strings.Contains(st.Storage, p) {
+				t.Fatalf("storage %q", st.Storage)
+			}
+			o.Push(stateLog(1, "in memory"))
+			if err := o.RetryDisk(); err == nil || !strings.Contains(err.Error(), "restart the agent") {
+				t.Fatalf("RetryDisk over an unread file: %v", err)
+			}
+			if fi, err := os.Lstat(p); err != nil || fi.Mode().IsRegular() {
+				t.Fatalf("what was planted was replaced: %v %v", fi, err)
+			}
+		})
+	}
+}
+
+// TestHandshakeAboveTheCounterRenumbers: an earlier run kept StateLogs in
+// memory (its disk had failed), they reached the backend, and the run
+// ended; this run opened the stale file and handed out the same seqs
+// again. The backend's first acknowledgement shows it: this run's entries
+// are renumbered after the backend's seq (else the backend drops them as
+// duplicates), the file says so, and later acknowledgements are normal.
+func TestHandshakeAboveTheCounterRenumbers(t *testing.T) {
+	dir := t.TempDir()
+	o, _ := open(t, dir, nil)
+	for i := 1; i <= 3; i++ {
+		o.Push(stateLog(1, fmt.Sprintf("a%d", i)))
+	}
+	o.Close()
+	p := filepath.Join(dir, fileName)
+	stale, _ := os.ReadFile(p)
+	// The earlier run: seqs 4..10 reach the backend but not the file.
+	o, _ = open(t, dir, nil)
+	for i := 4; i <= 10; i++ {
+		o.Push(stateLog(1, fmt.Sprintf("mem%d", i)))
+	}
+	o.Close()
+	if err := os.WriteFile(p, stale, 0o600); err != nil {
+		t.Fatal(err)
+	}
+
+	o, logs := open(t, dir, nil)
+	o.Push(stateLog(1, "b1")) // seq 4 again
+	o.Push(stateLog(1, "b2")) // seq 5 again
+	o.AckHandshake(10)
+	if got := strings.Join(ids(o), " "); got != "11:b1 12:b2" {
+		t.Fatalf("after the handshake: %s", got)
+	}
+	if e, _ := o.After(10); e.Log.Seq != 11 {
+		t.Errorf("the StateLog's own seq is %d", e.Log.Seq)
+	}
+	if !strings.Contains(logs.String(), "renumbered") {
+		t.Errorf("no log line:\n%s", logs)
+	}
+	if seq := o.Push(stateLog(1, "b3")); seq != 13 {
+		t.Errorf("next seq %d, want 13", seq)
+	}
+	// Later handshakes at or above this run's first seq are normal.
+	o.AckHandshake(11)
+	if got := strings.Join(ids(o), " "); got != "12:b2 13:b3" {
+		t.Fatalf("after a second handshake: %s", got)
+	}
+	o.Close()
+	o2, _ := open(t, dir, nil)
+	if got := strings.Join(ids(o2), " "); got != "12:b2 13:b3" {
+		t.Fatalf("after a restart: %s", got)
+	}
+	// A first handshake below this run's first seq changes nothing.
+	o2.AckHandshake(12)
+	if got := strings.Join(ids(o2), " "); got != "13:b3" {
+		t.Fatalf("normal handshake: %s", got)
 	}
 }

@@ -34,15 +34,26 @@ type Link interface {
 	Supersede(current int64)
 }
 
-// Updater applies a self-update between rounds. Apply downloads, verifies
-// and installs u; it returns a Restart when the new binary is in place and
-// the agent must re-execute it, or an error (and no Restart) when the
-// update was refused or failed, leaving the running binary as it was. It
-// never exits or execs itself: the engine returns the Restart from Run so
-// that `opsagent run` unwinds cleanly (close frame, status, outbox) and
-// re-executes as its very last step.
+// Updater applies a self-update in two steps. Prepare downloads,
+// verifies and readies u; the engine runs it on a goroutine of its own, so
+// that recipes, waits and timers are handled while a slow release server
+// trickles, and cancels its ctx when a newer update replaces it or the
+// engine stops. It returns the Prepared update, or an error when the
+// update was refused or failed, leaving the running binary as it was.
 type Updater interface {
-	Apply(ctx context.Context, u protocol.AgentUpdate) (*Restart, error)
+	Prepare(ctx context.Context, u protocol.AgentUpdate) (Prepared, error)
+}
+
+// Prepared is an update ready to be swapped in. The engine calls Install
+// between rounds only (it is quick); it returns a Restart when the new
+// binary is in place and the agent must re-execute it, or an error when
+// the swap failed (the running binary unchanged). Install never exits or
+// execs itself: the engine returns the Restart from Run so that `opsagent
+// run` unwinds cleanly (close frame, status, outbox) and re-executes as its
+// very last step. Discard drops an update that will not be installed.
+type Prepared interface {
+	Install() (*Restart, error)
+	Discard()
 }
 
 // Restart asks the process to re-execute Binary, the new version.
@@ -104,6 +115,7 @@ type Status struct {
 	NextRoundAt     time.Time              `json:"next_round_at,omitzero"`
 	LastResults     map[string]StateResult `json:"last_results,omitempty"`
 	PendingUpdate   string                 `json:"pending_update,omitempty"`
+	UpdateStage     string                 `json:"update_stage,omitempty"` // of the pending update: held, preparing, ready
 	UpdateNote      string                 `json:"update_note,omitempty"`
 	RoundsSucceeded int64                  `json:"rounds_succeeded"`
 	RoundsFailed    int64                  `json:"rounds_failed"`
@@ -171,6 +183,22 @@ func (e *Engine) Deliver(ctx context.Context, m protocol.Message) {
 	case <-ctx.Done():
 	}
 }
+
+// DeliverUpdateByHand hands the engine an update a person asked for on the
+// instance (`opsagent update`). Unlike an AgentUpdate, it always starts a
+// fresh preparation, even of the version already being prepared: the
+// person's permissions (--force, …) are taken when a preparation starts.
+func (e *Engine) DeliverUpdateByHand(ctx context.Context, u protocol.AgentUpdate) {
+	select {
+	case e.events <- updateByHand{u}:
+	case <-ctx.Done():
+	}
+}
+
+// updateByHand is DeliverUpdateByHand's event; it never goes on the wire.
+type updateByHand struct{ u protocol.AgentUpdate }
+
+func (updateByHand) MessageCode() string { return "update-by-hand" }
 
 // Connected tells the engine a Handshake has just been sent, so that a
 // round blocked on a wait asks the backend what it missed.

@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -124,21 +125,61 @@ func (s *script) waitStarted(t *testing.T, id string) {
 	}
 }
 
+// fakeUpdater prepares updates as the test says and records what it
+// prepares, installs and discards.
 type fakeUpdater struct {
-	applied chan protocol.AgentUpdate
-	restart bool  // answer with a Restart
-	err     error // answer with a refusal
+	applied   chan protocol.AgentUpdate // Install called
+	prepared  chan protocol.AgentUpdate // Prepare called (nil: not recorded)
+	gate      chan struct{}             // Prepare blocks until it is closed or ctx is done (nil: does not block)
+	restart   bool                      // Install answers with a Restart
+	err       error                     // Prepare refuses
+	onPrepare func()                    // called first thing in Prepare
+
+	mu        sync.Mutex
+	cancelled []string // versions whose preparation was cancelled
+	discarded []string
 }
 
-func (f *fakeUpdater) Apply(_ context.Context, u protocol.AgentUpdate) (*Restart, error) {
-	f.applied <- u
+func (f *fakeUpdater) Prepare(ctx context.Context, u protocol.AgentUpdate) (Prepared, error) {
+	if f.onPrepare != nil {
+		f.onPrepare()
+	}
+	if f.prepared != nil {
+		f.prepared <- u
+	}
+	if f.gate != nil {
+		select {
+		case <-f.gate:
+		case <-ctx.Done():
+			f.mu.Lock()
+			f.cancelled = append(f.cancelled, u.Version)
+			f.mu.Unlock()
+			return nil, ctx.Err()
+		}
+	}
 	if f.err != nil {
 		return nil, f.err
 	}
-	if f.restart {
-		return &Restart{Binary: "/opt/visualops/bin/opsagent", Version: u.Version}, nil
+	return &fakePrepared{f: f, u: u}, nil
+}
+
+type fakePrepared struct {
+	f *fakeUpdater
+	u protocol.AgentUpdate
+}
+
+func (p *fakePrepared) Install() (*Restart, error) {
+	p.f.applied <- p.u
+	if p.f.restart {
+		return &Restart{Binary: "/opt/visualops/bin/opsagent", Version: p.u.Version}, nil
 	}
 	return nil, nil
+}
+
+func (p *fakePrepared) Discard() {
+	p.f.mu.Lock()
+	p.f.discarded = append(p.f.discarded, p.u.Version)
+	p.f.mu.Unlock()
 }
 
 type harness struct {
@@ -356,8 +397,149 @@ func TestUpdateHeldUntilRoundEnds(t *testing.T) {
 	case <-time.After(hang):
 		t.Fatal("update not applied after the round")
 	}
-	if _, err := os.Stat(filepath.Join(h.dir, "pending-update.json")); !os.IsNotExist(err) {
-		t.Errorf("pending update still persisted after apply: %v", err)
+	// Forgotten once Install returned (the fake answers before).
+	waitFor(t, func() bool {
+		_, err := os.Stat(filepath.Join(h.dir, "pending-update.json"))
+		return os.IsNotExist(err)
+	})
+}
+
+// While an update is being prepared (a release server that stalls), the
+// engine goes on: a new recipe is applied, a wait is released, the timer
+// between rounds fires. The update is installed once it is ready and no
+// round runs.
+func TestRecipesAndWaitsHandledWhileAnUpdatePrepares(t *testing.T) {
+	up := &fakeUpdater{applied: make(chan protocol.AgentUpdate, 2), prepared: make(chan protocol.AgentUpdate, 2), gate: make(chan struct{})}
+	h := newHarness(t, "", func(o *Options) { o.Updater = up })
+	h.push(recipe(1, "a"))
+	h.link.expect(t, 1, "a", true)
+	h.push(&protocol.AgentUpdate{Version: "2.2"})
+	if u := <-up.prepared; u.Version != "2.2" {
+		t.Fatalf("preparing %s", u.Version)
+	}
+	waitFor(t, func() bool { return h.eng.Status().UpdateStage == "preparing" })
+	// The preparation hangs; the engine does not.
+	h.push(recipe(2, "b", "w:meta.wait", "c"))
+	h.link.expect(t, 2, "b", true)
+	waitFor(t, func() bool { return h.eng.Status().WaitingOn == "w" })
+	h.push(&protocol.StatePush{RecipeVersion: 2, StateID: "w"})
+	h.link.expect(t, 2, "w", true)
+	h.link.expect(t, 2, "c", true)
+	h.advanceTimer(10 * time.Minute)
+	h.link.expect(t, 2, "b", true)
+	h.link.expect(t, 2, "w", true)
+	h.link.expect(t, 2, "c", true)
+	// The backend offers the same update again at a Handshake: the
+	// preparation goes on.
+	h.push(&protocol.AgentUpdate{Version: "2.2"})
+	select {
+	case u := <-up.applied:
+		t.Fatalf("update %s installed before it was prepared", u.Version)
+	default:
+	}
+	close(up.gate)
+	select {
+	case u := <-up.applied:
+		if u.Version != "2.2" {
+			t.Fatalf("installed %s", u.Version)
+		}
+	case <-time.After(hang):
+		t.Fatal("the prepared update was not installed between rounds")
+	}
+	up.mu.Lock()
+	defer up.mu.Unlock()
+	if len(up.cancelled) != 0 || len(up.prepared) != 0 {
+		t.Errorf("the same update offered again restarted its preparation: cancelled %v, %d more preparations", up.cancelled, len(up.prepared))
+	}
+}
+
+// A newer update cancels the preparation of the pending one; a person's
+// request restarts even the preparation of the same version (its
+// permissions are taken at the start).
+func TestNewerUpdateCancelsThePreparation(t *testing.T) {
+	up := &fakeUpdater{applied: make(chan protocol.AgentUpdate, 2), prepared: make(chan protocol.AgentUpdate, 4), gate: make(chan struct{})}
+	h := newHarness(t, "", func(o *Options) { o.Updater = up })
+	h.push(&protocol.AgentUpdate{Version: "2.2"})
+	<-up.prepared
+	h.push(&protocol.AgentUpdate{Version: "2.3"})
+	if u := <-up.prepared; u.Version != "2.3" {
+		t.Fatalf("preparing %s, want 2.3", u.Version)
+	}
+	h.eng.DeliverUpdateByHand(h.ctx, protocol.AgentUpdate{Version: "2.3"})
+	if u := <-up.prepared; u.Version != "2.3" {
+		t.Fatalf("preparing %s, want 2.3 again", u.Version)
+	}
+	up.mu.Lock()
+	got := fmt.Sprint(up.cancelled)
+	up.mu.Unlock()
+	if got != "[2.2 2.3]" {
+		t.Errorf("cancelled preparations %s, want [2.2 2.3]", got)
+	}
+	close(up.gate)
+	if u := <-up.applied; u.Version != "2.3" {
+		t.Fatalf("installed %s", u.Version)
+	}
+}
+
+// After a start, the persisted recipe's first round runs before the
+// persisted pending update is prepared again: a release server that
+// stalls, or an update that crashes the agent, cannot keep an instance
+// from converging.
+func TestPersistedRecipeRoundsBeforePendingUpdate(t *testing.T) {
+	dir := t.TempDir()
+	h := newHarness(t, dir, nil)
+	h.push(recipe(4, "a", "b"))
+	h.link.expect(t, 4, "a", true)
+	h.link.expect(t, 4, "b", true)
+	h.stop()
+	store := NewStore(Files{Recipe: filepath.Join(dir, "recipe.json"), PendingUpdate: filepath.Join(dir, "pending-update.json")}, clock.Real{}, nil)
+	if err := store.SaveUpdate(&protocol.AgentUpdate{Version: "2.2"}); err != nil {
+		t.Fatal(err)
+	}
+
+	gate := make(chan struct{})
+	var early atomic.Bool
+	up := &fakeUpdater{applied: make(chan protocol.AgentUpdate, 2), prepared: make(chan protocol.AgentUpdate, 2), onPrepare: func() {
+		select {
+		case <-gate:
+		default:
+			early.Store(true) // the first round still runs
+		}
+	}}
+	h2 := newHarness(t, dir, func(o *Options) {
+		o.Updater = up
+		o.Executor.(*script).block["a"] = gate
+	})
+	h2.exec.waitStarted(t, "a")
+	waitFor(t, func() bool { st := h2.eng.Status(); return st.PendingUpdate == "2.2" && st.UpdateStage == "held" })
+	// The backend offers it again at the Handshake: still held.
+	h2.push(&protocol.AgentUpdate{Version: "2.2"})
+	close(gate)
+	h2.link.expect(t, 4, "a", true)
+	h2.link.expect(t, 4, "b", true)
+	if u := <-up.prepared; u.Version != "2.2" {
+		t.Fatalf("prepared %s", u.Version)
+	}
+	if u := <-up.applied; u.Version != "2.2" {
+		t.Fatalf("installed %s", u.Version)
+	}
+	if early.Load() {
+		t.Error("the pending update was prepared before the resumed recipe's first round ended")
+	}
+}
+
+// Stopped while an update is being prepared, the engine keeps it persisted
+// for the next start (the cancelled preparation is no refusal).
+func TestStopKeepsThePendingUpdate(t *testing.T) {
+	for i := 0; i < 20; i++ { // the engine's select picks at random between the stop and the cancelled preparation
+		up := &fakeUpdater{applied: make(chan protocol.AgentUpdate, 1), prepared: make(chan protocol.AgentUpdate, 1), gate: make(chan struct{})}
+		h := newHarness(t, "", func(o *Options) { o.Updater = up })
+		h.push(&protocol.AgentUpdate{Version: "2.2"})
+		<-up.prepared
+		h.stop()
+		if u, err := h.store.LoadUpdate(); err != nil || u == nil || u.Version != "2.2" {
+			t.Fatalf("after a stop during the preparation, the pending update is %+v (%v), want 2.2 kept", u, err)
+		}
 	}
 }
 

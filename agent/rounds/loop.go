@@ -30,19 +30,36 @@ type loop struct {
 	ctx       context.Context
 	rec       *Recipe
 	pending   *protocol.AgentUpdate
+	prep      *preparation // the pending update, being prepared in the background
+	ready     Prepared     // the pending update, prepared: installed when no round runs
 	cur       *roundRun
 	timer     clock.Timer
 	restarted bool // the running round is the immediate restart after a failure
 	round     int64
 	module    *protocol.ModuleSource // last states repository named (or the config's)
-	restart   *Restart               // set when an applied update asks to re-execute
+	restart   *Restart               // set when an installed update asks to re-execute
+	// holdUpdates: after a start, the resumed recipe's first round ends
+	// before a pending update is prepared, so that an instance converges
+	// first, whatever the update (or the release server) does.
+	holdUpdates bool
+}
+
+// preparation is an update being prepared on its own goroutine.
+type preparation struct {
+	cancel context.CancelFunc
+	done   chan preparedUpdate // receives once
+}
+
+type preparedUpdate struct {
+	p   Prepared
+	err error
 }
 
 // Run applies recipes until ctx is cancelled (it returns nil, nil) or an
-// applied update asks to re-execute the new binary (it returns that
+// installed update asks to re-execute the new binary (it returns that
 // Restart, with no round running). It resumes the persisted recipe at
-// once, before the backend is reachable, and applies a persisted pending
-// update first.
+// once, before the backend is reachable; a persisted pending update is
+// prepared once that recipe's first round has ended.
 func (e *Engine) Run(ctx context.Context) (*Restart, error) {
 	l := &loop{e: e, ctx: ctx, module: e.opts.DefaultModule}
 	rec, err := e.opts.Store.LoadRecipe()
@@ -59,16 +76,20 @@ func (e *Engine) Run(ctx context.Context) (*Restart, error) {
 	} else if u != nil && u.Version == e.opts.CurrentVersion {
 		e.log.Info("the pending update is the running version; done with it", "version", u.Version)
 		l.setPending(nil)
+	} else if u != nil && e.opts.Updater == nil {
+		l.setPending(nil)
+		l.noUpdater(u.Version)
 	} else if u != nil {
 		l.setPending(u)
-		l.applyUpdate()
-	}
-	if l.restart != nil {
-		return l.restart, nil
 	}
 	if l.rec != nil && len(l.rec.States) > 0 {
+		l.holdUpdates = true
 		l.startRound()
+		if l.pending != nil {
+			e.log.Info("pending update held until the resumed recipe's first round ends", "version", l.pending.Version)
+		}
 	}
+	l.prepareUpdate()
 	for {
 		if l.restart != nil {
 			l.stopTimer()
@@ -83,10 +104,15 @@ func (e *Engine) Run(ctx context.Context) (*Restart, error) {
 		if l.timer != nil {
 			timerC = l.timer.C()
 		}
+		var prepC <-chan preparedUpdate
+		if l.prep != nil {
+			prepC = l.prep.done
+		}
 		select {
 		case <-ctx.Done():
 			l.stopRound()
 			l.stopTimer()
+			l.dropUpdate() // the pending update stays persisted for the next start
 			e.setStatus(func(s *Status) { s.Phase = "stopped"; s.StateIndex = -1; s.StateID = "" })
 			return nil, nil
 		case m := <-e.events:
@@ -105,6 +131,9 @@ func (e *Engine) Run(ctx context.Context) (*Restart, error) {
 			l.timer = nil
 			l.restarted = false
 			l.startRound()
+		case res := <-prepC:
+			l.prep = nil
+			l.prepared(res)
 		}
 	}
 }
@@ -147,16 +176,38 @@ func (l *loop) handle(m protocol.Message) {
 		}
 		l.release(m.RecipeVersion, ids, "WaitList")
 	case *protocol.AgentUpdate:
-		if l.pending != nil {
-			e.log.Info("update replaces the pending one", "version", m.Version, "replaced", l.pending.Version)
-		}
-		l.setPending(m)
-		if l.cur == nil {
-			l.applyUpdate()
-		} else {
-			e.log.Info("update held until the current round ends", "version", m.Version)
-		}
+		l.update(*m, false)
+	case updateByHand:
+		l.update(m.u, true)
 	}
+}
+
+// update makes u the pending update and starts preparing it in the
+// background; it is installed once prepared and no round runs. An
+// AgentUpdate the same as the pending one (the backend offers it again at
+// every Handshake) lets the preparation go on.
+func (l *loop) update(u protocol.AgentUpdate, byHand bool) {
+	e := l.e
+	if e.opts.Updater == nil {
+		l.noUpdater(u.Version)
+		return
+	}
+	if !byHand && l.pending != nil && *l.pending == u {
+		e.log.Debug("update already pending; its preparation goes on", "version", u.Version)
+		return
+	}
+	if l.pending != nil {
+		e.log.Info("update replaces the pending one", "version", u.Version, "replaced", l.pending.Version)
+	}
+	l.dropUpdate()
+	l.setPending(&u)
+	l.prepareUpdate()
+}
+
+func (l *loop) noUpdater(version string) {
+	note := fmt.Sprintf("self-update is not available in this build; update to %s dropped", version)
+	l.e.log.Warn(note)
+	l.e.setStatus(func(s *Status) { s.UpdateNote = note })
 }
 
 func (l *loop) recipe(m *protocol.RecipeMetadata) {
@@ -211,8 +262,11 @@ func (l *loop) recipe(m *protocol.RecipeMetadata) {
 	e.log.Info("new recipe", "recipe_version", m.RecipeVersion, "states", len(m.States))
 	if len(l.rec.States) == 0 {
 		e.setStatus(func(s *Status) { s.Phase = "idle" })
+		l.betweenRounds()
 		return
 	}
+	// A new recipe pre-empts a pending update: its round starts now, and
+	// the update (still downloading, or ready) is installed when it ends.
 	l.startRound()
 }
 
@@ -276,37 +330,112 @@ func (l *loop) setPending(u *protocol.AgentUpdate) {
 	if u != nil {
 		version = u.Version
 	}
-	l.e.setStatus(func(s *Status) { s.PendingUpdate = version })
+	l.e.setStatus(func(s *Status) { s.PendingUpdate = version; s.UpdateStage = "" })
 }
 
-// applyUpdate runs between rounds only.
-func (l *loop) applyUpdate() {
+func (l *loop) setStage(stage string) {
+	l.e.setStatus(func(s *Status) { s.UpdateStage = stage })
+}
+
+// prepareUpdate starts preparing the pending update on a goroutine of its
+// own (download, verify, extract, smoke-test), unless updates are held or
+// it is already being prepared or ready.
+func (l *loop) prepareUpdate() {
 	e := l.e
-	if l.pending == nil {
+	if l.pending == nil || l.prep != nil || l.ready != nil || e.opts.Updater == nil {
+		return
+	}
+	if l.holdUpdates {
+		l.setStage("held")
 		return
 	}
 	u := *l.pending
-	if e.opts.Updater == nil {
+	ctx, cancel := context.WithCancel(l.ctx)
+	p := &preparation{cancel: cancel, done: make(chan preparedUpdate, 1)}
+	l.prep = p
+	l.setStage("preparing")
+	e.log.Info("preparing update in the background; it is installed between rounds", "version", u.Version, "url", u.URL)
+	go func() {
+		defer cancel()
+		prep, err := e.opts.Updater.Prepare(ctx, u)
+		p.done <- preparedUpdate{p: prep, err: err}
+	}()
+}
+
+// prepared takes the result of the preparation that just ended.
+func (l *loop) prepared(res preparedUpdate) {
+	e := l.e
+	u := *l.pending
+	if l.ctx.Err() != nil {
+		// Stopping (the select may pick this before ctx.Done): the pending
+		// update stays persisted for the next start.
+		if res.p != nil {
+			res.p.Discard()
+		}
+		return
+	}
+	if res.err != nil {
 		l.setPending(nil)
-		note := fmt.Sprintf("self-update is not available in this build; update to %s dropped", u.Version)
-		e.log.Warn(note)
+		note := fmt.Sprintf("update to %s refused: %v", u.Version, res.err)
+		e.log.Error("update refused; keeping the running version", "version", u.Version, "err", res.err)
 		e.setStatus(func(s *Status) { s.UpdateNote = note })
 		return
 	}
-	e.log.Info("applying update", "version", u.Version, "url", u.URL)
-	// The pending update stays persisted while it is applied: killed in
-	// the middle (during the download, say), the agent applies it again at
-	// its next start. The new version drops it (CurrentVersion).
-	restart, err := e.opts.Updater.Apply(l.ctx, u)
-	if l.ctx.Err() != nil {
-		return // stopping: keep it for the next start
+	l.ready = res.p
+	l.setStage("ready")
+	if l.cur != nil {
+		e.log.Info("update ready; installed when the round ends", "version", u.Version)
+		return
 	}
+	l.install()
+}
+
+// dropUpdate stops a preparation in progress (waiting until it has let go
+// of its files) and discards a prepared update; the pending update itself
+// stays.
+func (l *loop) dropUpdate() {
+	if l.prep != nil {
+		l.prep.cancel()
+		if res := <-l.prep.done; res.p != nil {
+			res.p.Discard()
+		}
+		l.prep = nil
+	}
+	if l.ready != nil {
+		l.ready.Discard()
+		l.ready = nil
+	}
+}
+
+// betweenRounds is called when no round runs: a held update is prepared
+// now, and a prepared one installed.
+func (l *loop) betweenRounds() {
+	if l.holdUpdates {
+		l.holdUpdates = false
+		l.prepareUpdate()
+	}
+	l.install()
+}
+
+// install swaps the prepared update in; between rounds only.
+func (l *loop) install() {
+	e := l.e
+	if l.ready == nil {
+		return
+	}
+	p, u := l.ready, *l.pending
+	l.ready = nil
+	e.log.Info("installing update", "version", u.Version)
+	// The pending update stays persisted through a restart into the new
+	// version, which drops it (CurrentVersion); killed before that, the
+	// agent prepares it again at its next start.
+	restart, err := p.Install()
 	if restart == nil {
 		l.setPending(nil)
 	}
 	if err != nil {
 		note := fmt.Sprintf("update to %s refused: %v", u.Version, err)
-		e.log.Error("update refused; keeping the running version", "version", u.Version, "err", err)
+		e.log.Error("update failed; keeping the running version", "version", u.Version, "err", err)
 		e.setStatus(func(s *Status) { s.UpdateNote = note })
 		return
 	}
@@ -342,13 +471,13 @@ func (l *loop) roundEnded(out outcome) {
 	case roundSucceeded:
 		e.setStatus(func(s *Status) { s.RoundsSucceeded++ })
 		l.restarted = false
-		if l.applyUpdate(); l.restart != nil {
+		if l.betweenRounds(); l.restart != nil {
 			return
 		}
 		l.wait("delay", e.opts.RoundDelay)
 	case roundFailed:
 		e.setStatus(func(s *Status) { s.RoundsFailed++ })
-		if l.applyUpdate(); l.restart != nil {
+		if l.betweenRounds(); l.restart != nil {
 			return
 		}
 		if !l.restarted {

@@ -144,7 +144,7 @@ func (s *Store) write(path string, v any) error {
 }
 
 func (s *Store) read(path string, v any) (bool, error) {
-	data, err := fsutil.ReadFileLimit(path, MaxFileSize)
+	data, err := fsutil.ReadFixedFile(path, MaxFileSize)
 	if errors.Is(err, os.ErrNotExist) {
 		return false, nil
 	}

@@ -28,8 +28,12 @@ type Connection struct {
 	OutboxStorage string    `json:"outbox_storage"` // "disk", or "memory: why"
 	NextSeq       int64     `json:"next_seq"`       // seq the next StateLog gets
 	DroppedFrames int64     `json:"dropped_frames"`
-	DroppedLogs   int64     `json:"dropped_logs"` // by the outbox's bounds, oldest first, this run
-	LastError     string    `json:"last_error,omitempty"`
+	DroppedLogs   int64     `json:"dropped_logs"` // StateLogs the outbox dropped this run: the sum of DroppedBy
+	// DroppedBy counts them by reason: outbox_limit, outbox_max_bytes,
+	// outbox_max_age (the bounds, oldest first), recipe_replaced,
+	// lost_from_memory (kept in memory when the agent stopped).
+	DroppedBy map[string]int64 `json:"dropped_by,omitempty"`
+	LastError string           `json:"last_error,omitempty"`
 }
 
 // Snapshot is the whole file.
@@ -76,7 +80,7 @@ var ErrNoStatus = errors.New("no status file")
 // Read loads the file.
 func Read(path string) (Snapshot, error) {
 	var s Snapshot
-	data, err := fsutil.ReadFileLimit(path, MaxSize)
+	data, err := fsutil.ReadFixedFile(path, MaxSize)
 	if errors.Is(err, os.ErrNotExist) {
 		return s, fmt.Errorf("status %s: %w (has the agent ever run? start it with 'systemctl start opsagent' or 'opsagent run')", path, ErrNoStatus)
 	}

@@ -5,6 +5,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -32,5 +33,27 @@ func TestWriteRead(t *testing.T) {
 	os.WriteFile(p, []byte("{torn"), 0o640)
 	if _, err := Read(p); err == nil || !strings.Contains(err.Error(), "not valid JSON") {
 		t.Errorf("torn file: %v", err)
+	}
+}
+
+// TestReadAFIFOFailsAtOnce: a FIFO planted at status.json made `opsagent
+// status` hang; Read refuses it with an error that says what is there.
+func TestReadAFIFOFailsAtOnce(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "status.json")
+	if err := syscall.Mkfifo(p, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { _, err := Read(p); done <- err }()
+	select {
+	case err := <-done:
+		if err == nil || !strings.Contains(err.Error(), p) || !strings.Contains(err.Error(), "named pipe (FIFO)") {
+			t.Errorf("Read of a FIFO: %v", err)
+		}
+	case <-time.After(20 * time.Second):
+		if w, err := os.OpenFile(p, os.O_WRONLY|syscall.O_NONBLOCK, 0); err == nil {
+			w.Close() // releases the blocked reader
+		}
+		t.Fatal("Read blocked on a FIFO at status.json")
 	}
 }

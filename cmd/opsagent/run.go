@@ -18,7 +18,8 @@ func runCommand() *cli.Command {
 		Name:  "run",
 		Usage: "run the agent: connect to the backend and apply recipes in rounds (the service's command)",
 		Description: "Reads the config, takes the single-instance lock, and runs until SIGTERM or SIGINT (exit 0).\n" +
-			"SIGHUP re-reads the config and restarts the connection and the current round with it.\n" +
+			"SIGHUP re-reads the config and, once it has loaded, restarts the connection and the current round with it\n" +
+			"(queued StateLogs are kept); a config that does not load is logged and changes nothing.\n" +
 			"SIGUSR1 takes a request left by 'opsagent update'.\n" +
 			"After a self-update it re-executes the new binary with the same arguments, keeping the lock.",
 		Action: func(ctx context.Context, cmd *cli.Command) error {

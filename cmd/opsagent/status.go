@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"sort"
+	"strings"
 	"time"
 
 	"github.com/urfave/cli/v3"
@@ -108,7 +109,7 @@ func printStatus(w io.Writer, r statusReport, now time.Time) {
 		fmt.Fprintf(w, "last error: %s\n", p(s.Connection.LastError))
 	}
 	c := s.Connection
-	fmt.Fprintf(w, "outbox:     %d StateLogs queued (%s), %d dropped; %d bad frames ignored\n", c.OutboxDepth, byteSize(c.OutboxBytes), c.DroppedLogs, c.DroppedFrames)
+	fmt.Fprintf(w, "outbox:     %d StateLogs queued (%s), %d dropped%s; %d bad frames ignored\n", c.OutboxDepth, byteSize(c.OutboxBytes), c.DroppedLogs, droppedBy(c.DroppedBy), c.DroppedFrames)
 	if c.OutboxStorage != "" && c.OutboxStorage != "disk" {
 		fmt.Fprintf(w, "outbox:     in %s (StateLogs will not survive a restart)\n", p(c.OutboxStorage))
 	}
@@ -148,30 +149,69 @@ func printStatus(w io.Writer, r statusReport, now time.Time) {
 		}
 		fmt.Fprintf(w, "  %s %-*s  %s\n", mark, width, p(id), oneLine(res.Comment))
 	}
-	switch u := s.Update; {
-	case e.PendingUpdate != "":
-		fmt.Fprintf(w, "update:     %s pending (applied when the round ends)\n", p(e.PendingUpdate))
-	case u != nil:
-		line := fmt.Sprintf("%s %s", u.Version, u.Phase)
-		if u.From != "" {
-			line = fmt.Sprintf("%s → %s: %s", u.From, u.Version, u.Phase)
-		}
-		if u.Phase == "downloading" && u.Bytes > 0 {
-			line += " " + byteSize(u.Bytes)
-			if u.Total > 0 {
-				line += " of " + byteSize(u.Total)
-			}
-		}
-		if u.Reason != "" {
-			line += " (" + u.Reason + ")"
-		}
+	if line := updateLine(s); line != "" {
 		fmt.Fprintf(w, "update:     %s\n", p(line))
-	case e.UpdateNote != "":
-		fmt.Fprintf(w, "update:     %s\n", p(e.UpdateNote))
 	}
 	for _, ie := range s.InitErrors {
 		fmt.Fprintf(w, "init error: %s\n", p(ie))
 	}
+}
+
+// updateLine is the update's line of the status: the pending update's
+// stage (held, downloading N of M, ready), or the last update's outcome.
+func updateLine(s statusfile.Snapshot) string {
+	e, u := s.Engine, s.Update
+	if u != nil && u.Version != e.PendingUpdate {
+		u = nil // the last update's record, not the pending one's
+	}
+	switch {
+	case e.PendingUpdate != "" && e.UpdateStage == "held":
+		return e.PendingUpdate + " pending (prepared once the resumed recipe's first round ends)"
+	case e.PendingUpdate != "" && e.UpdateStage == "ready":
+		return e.PendingUpdate + " downloaded and verified; installed when the round ends"
+	case e.PendingUpdate != "" && u != nil:
+		return describeStep(u)
+	case e.PendingUpdate != "":
+		return e.PendingUpdate + " pending (installed between rounds)"
+	case s.Update != nil:
+		return describeStep(s.Update)
+	}
+	return e.UpdateNote
+}
+
+// describeStep renders where an update stands: "1.0 → 2.0: downloading
+// 1.2 MiB of 30.0 MiB (why the last attempt was interrupted)".
+func describeStep(u *statusfile.Update) string {
+	line := fmt.Sprintf("%s %s", u.Version, u.Phase)
+	if u.From != "" {
+		line = fmt.Sprintf("%s → %s: %s", u.From, u.Version, u.Phase)
+	}
+	if u.Phase == "downloading" {
+		line += " " + byteSize(u.Bytes)
+		if u.Total > 0 {
+			line += " of " + byteSize(u.Total)
+		}
+	}
+	if u.Reason != "" {
+		line += " (" + u.Reason + ")"
+	}
+	return line
+}
+
+// droppedBy is " (reason n, …)", reasons in a fixed order.
+func droppedBy(by map[string]int64) string {
+	reasons := make([]string, 0, len(by))
+	for r := range by {
+		reasons = append(reasons, r)
+	}
+	sort.Strings(reasons)
+	for i, r := range reasons {
+		reasons[i] = fmt.Sprintf("%s %d", r, by[r])
+	}
+	if len(reasons) == 0 {
+		return ""
+	}
+	return " (" + strings.Join(reasons, ", ") + ")"
 }
 
 func byteSize(n int64) string {

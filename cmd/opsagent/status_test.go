@@ -52,7 +52,8 @@ func TestStatusRunning(t *testing.T) {
 	snap := statusfile.Snapshot{
 		PID: os.Getpid(), AgentVersion: "2.1", InstanceID: "i-1", AppID: "app-1",
 		StartedAt: now, UpdatedAt: now,
-		Connection: statusfile.Connection{Connected: true, Since: now, Backend: "ws://127.0.0.1:1/agent/", OutboxDepth: 2, DroppedLogs: 1},
+		Connection: statusfile.Connection{Connected: true, Since: now, Backend: "ws://127.0.0.1:1/agent/", OutboxDepth: 2, DroppedLogs: 3,
+			DroppedBy: map[string]int64{"recipe_replaced": 1, "outbox_max_bytes": 2}},
 		Engine: rounds.Status{RecipeVersion: 7, States: 3, Phase: "running", Round: 4, StateIndex: 1, StateID: "state-2",
 			LastResults:   map[string]rounds.StateResult{"state-1": {OK: true, Comment: "File /x updated"}},
 			PendingUpdate: "2.2"},
@@ -66,7 +67,7 @@ func TestStatusRunning(t *testing.T) {
 		t.Fatalf("exit %d err %q", code, errs)
 	}
 	for _, want := range []string{"running as pid", "connected since", "version 7, 3 states; round 4",
-		"running state 2/3 state-2", "ok   state-1  File /x updated", "2 StateLogs queued (0 B), 1 dropped",
+		"running state 2/3 state-2", "ok   state-1  File /x updated", "2 StateLogs queued (0 B), 3 dropped (outbox_max_bytes 2, recipe_replaced 1)",
 		"2.2 pending", "init error: cannot create /var/log/visualops"} {
 		if !strings.Contains(out, want) {
 			t.Errorf("status output lacks %q:\n%s", want, out)
@@ -82,6 +83,31 @@ func TestStatusRunning(t *testing.T) {
 	}
 	if !rep.Running || rep.Snapshot.Engine.RecipeVersion != 7 || rep.Snapshot.Connection.OutboxDepth != 2 {
 		t.Errorf("json report %+v", rep)
+	}
+}
+
+// While the pending update downloads, status says how far: "downloading N
+// of M", and why the last attempt was interrupted.
+func TestStatusShowsDownloadProgress(t *testing.T) {
+	for _, tc := range []struct {
+		engine rounds.Status
+		update *statusfile.Update
+		want   string
+	}{
+		{rounds.Status{PendingUpdate: "2.2", UpdateStage: "preparing"},
+			&statusfile.Update{Phase: "downloading", Version: "2.2", From: "2.1", Bytes: 3 << 19, Total: 10 << 20, Reason: "attempt 1: stalled"},
+			"update:     2.1 → 2.2: downloading 1.5 MiB of 10.0 MiB (attempt 1: stalled)"},
+		{rounds.Status{PendingUpdate: "2.2", UpdateStage: "held"}, nil,
+			"update:     2.2 pending (prepared once the resumed recipe's first round ends)"},
+		{rounds.Status{PendingUpdate: "2.2", UpdateStage: "ready"}, &statusfile.Update{Phase: "ready", Version: "2.2"},
+			"update:     2.2 downloaded and verified; installed when the round ends"},
+		{rounds.Status{PendingUpdate: "2.3", UpdateStage: "preparing"}, &statusfile.Update{Phase: "refused", Version: "2.2", Reason: "no signature"},
+			"update:     2.3 pending (installed between rounds)"},
+	} {
+		line := "update:     " + updateLine(statusfile.Snapshot{Engine: tc.engine, Update: tc.update})
+		if line != tc.want {
+			t.Errorf("got  %q\nwant %q", line, tc.want)
+		}
 	}
 }
 

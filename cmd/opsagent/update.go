@@ -74,7 +74,7 @@ func askAgent(ctx context.Context, l config.Layout, pid int, req agent.UpdateReq
 	if err := syscall.Kill(pid, syscall.SIGUSR1); err != nil {
 		return fmt.Errorf("tell the agent (pid %d): %w", pid, err)
 	}
-	fmt.Fprintf(out, "asked the running agent (pid %d) to update to %s when its round ends\n", pid, req.Version)
+	fmt.Fprintf(out, "asked the running agent (pid %d) to update to %s: it downloads it now and installs it when its round ends\n", pid, req.Version)
 	if wait <= 0 {
 		return nil
 	}
@@ -107,16 +107,10 @@ func askAgent(ctx context.Context, l config.Layout, pid int, req agent.UpdateReq
 }
 
 func describeUpdate(s statusfile.Snapshot, want string) string {
-	switch {
-	case s.Engine.PendingUpdate == want:
-		return "waiting for the round to end"
-	case s.Update != nil && s.Update.Version == want:
-		u := s.Update
-		line := u.Phase
-		if u.Phase == "downloading" && u.Bytes > 0 {
-			line += " " + byteSize(u.Bytes)
+	if s.Engine.PendingUpdate == want || (s.Update != nil && s.Update.Version == want) {
+		if line := updateLine(s); line != "" {
+			return line
 		}
-		return line
 	}
 	return fmt.Sprintf("agent %s runs", s.AgentVersion)
 }

@@ -151,7 +151,7 @@ func (c *Config) Warnings() []string { return append([]string(nil), c.warnings..
 
 // Load reads and validates the config at path (a host path).
 func Load(path string) (*Config, error) {
-	data, err := fsutil.ReadFileLimit(path, MaxFileSize)
+	data, err := fsutil.ReadFixedFile(path, MaxFileSize)
 	if err != nil {
 		if errors.Is(err, os.ErrNotExist) {
 			return nil, fmt.Errorf("config %s: file not found (run 'opsagent install', or pass --config): %w", path, err)

@@ -27,9 +27,9 @@ var (
 )
 
 const (
-	// maxSignatureSize bounds a .minisig read: a real one is about 300
-	// bytes plus its comments.
-	maxSignatureSize = 16 << 10
+	// MaxSignatureSize bounds a .minisig, read or downloaded: a real one
+	// is about 300 bytes plus its comments.
+	MaxSignatureSize = 16 << 10
 	// maxLegacySize bounds the message of a legacy (non-prehashed)
 	// signature, which must be held in memory whole to be verified.
 	maxLegacySize = 256 << 20
@@ -46,19 +46,27 @@ type Verifier struct {
 // ([userdata] pubkey) or as the whole file. Empty strings are ignored, so a
 // caller can pass optional keys as they are (the configured key and
 // EmbeddedPublicKey()); duplicates are trusted once.
+//
+// A key that does not parse is skipped, not fatal: the verifier it returns
+// (never nil) trusts every key that parsed, and the error names each one
+// that did not (#n counting from 1, abbreviated). A typo in [userdata]
+// pubkey must not disable the release key compiled into the binary, the
+// one key that can still deliver the fix.
 func NewVerifier(keys ...string) (*Verifier, error) {
 	v := &Verifier{}
+	var bad []error
 	for i, text := range keys {
 		if strings.TrimSpace(text) == "" {
 			continue
 		}
 		pub, err := ParsePublicKey(text)
 		if err != nil {
-			return nil, fmt.Errorf("trusted key #%d (%s): %w", i+1, abbreviate(text), err)
+			bad = append(bad, fmt.Errorf("trusted key #%d (%s): %w", i+1, abbreviate(text), err))
+			continue
 		}
 		v.add(pub)
 	}
-	return v, nil
+	return v, errors.Join(bad...)
 }
 
 func (v *Verifier) add(pub minisign.PublicKey) {
@@ -109,7 +117,7 @@ func (v *Verifier) VerifyFile(path, sigPath string) error {
 // readSignature reads a .minisig; one too large to be a signature is
 // malformed rather than read without bound.
 func readSignature(sigPath string) ([]byte, error) {
-	sig, err := fsutil.ReadFileLimit(sigPath, maxSignatureSize)
+	sig, err := fsutil.ReadFileLimit(sigPath, MaxSignatureSize)
 	switch {
 	case errors.Is(err, fsutil.ErrTooLarge):
 		return nil, fmt.Errorf("%s: %w: %w", sigPath, ErrMalformedSignature, err)

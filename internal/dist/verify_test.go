@@ -57,11 +57,24 @@ func TestVerifierTwoKeys(t *testing.T) {
 	}
 }
 
-func TestNewVerifierRefusesGarbage(t *testing.T) {
+// A key that does not parse is named in the error and skipped: the keys
+// that parse still verify (a typo in [userdata] pubkey must not disable
+// the compiled-in release key).
+func TestNewVerifierSkipsGarbageKeepsTheRest(t *testing.T) {
 	a := newKey(t)
-	_, err := NewVerifier(a.pub.String(), "", "RWQ-not-a-key")
-	if err == nil || !strings.Contains(err.Error(), "#3") || !strings.Contains(err.Error(), "RWQ-not-a-key") {
-		t.Fatalf("garbage key: %v (want it named as #3)", err)
+	v, err := NewVerifier("RWQ-not-a-key", "", a.pub.String())
+	if err == nil || !strings.Contains(err.Error(), "#1") || !strings.Contains(err.Error(), "RWQ-not-a-key") {
+		t.Fatalf("garbage key: %v (want it named as #1)", err)
+	}
+	if v == nil || v.Len() != 1 {
+		t.Fatalf("verifier %v: want the one good key trusted", v)
+	}
+	data := []byte("release")
+	if err := v.Verify(data, Sign(a.priv, data, "t")); err != nil {
+		t.Errorf("the good key no longer verifies: %v", err)
+	}
+	if v, err := NewVerifier("garbage one", "garbage two"); err == nil || v.Len() != 0 || !strings.Contains(err.Error(), "#2") {
+		t.Errorf("two garbage keys: %v, %d keys", err, v.Len())
 	}
 }
 
@@ -168,7 +181,7 @@ func TestVerifierMalformedSignature(t *testing.T) {
 	if err := v.VerifyFile(path, sigPath); !errors.Is(err, ErrMalformedSignature) || !strings.Contains(err.Error(), sigPath) {
 		t.Errorf("VerifyFile: want ErrMalformedSignature naming %s, got %v", sigPath, err)
 	}
-	huge := strings.Repeat("x", maxSignatureSize+1)
+	huge := strings.Repeat("x", MaxSignatureSize+1)
 	path, sigPath = writeSigned(t, data, []byte(huge))
 	if err := v.VerifyFile(path, sigPath); !errors.Is(err, ErrMalformedSignature) {
 		t.Errorf("oversized .minisig: %v", err)

@@ -66,7 +66,7 @@ func SyncDir(dir string) error {
 // A path that cannot be read (other than missing, or larger than data) is
 // an error, not a reason to overwrite it.
 func WriteFileIfChanged(path string, data []byte, perm os.FileMode) (changed bool, err error) {
-	have, err := ReadFileLimit(path, int64(len(data))+1)
+	have, err := ReadFixedFile(path, int64(len(data))+1) // a FIFO there must not block
 	if err == nil && bytes.Equal(have, data) {
 		if st, err := os.Stat(path); err == nil && st.Mode().Perm() == perm {
 			return false, nil

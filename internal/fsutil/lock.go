@@ -107,7 +107,7 @@ func ofdLock(f *os.File, typ int16) error {
 // never takes the lock, so an agent starting at the same moment is not
 // turned away. It is how `opsagent status` tells if the agent runs.
 func HolderPID(path string) (pid int, held bool, err error) {
-	f, err := os.Open(path)
+	f, err := OpenFixedFile(path) // a FIFO there must not hang `status`
 	if err != nil {
 		if errors.Is(err, os.ErrNotExist) {
 			return 0, false, nil

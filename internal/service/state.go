@@ -65,7 +65,7 @@ func stateLockPath(statePath string) string { return statePath + ".lock" } // = 
 // the zero UpdateState and no error; unknown keys (a newer writer's) are
 // ignored; the first of repeated keys wins, as with the shell's grep | head.
 func ReadUpdateState(path string) (UpdateState, error) {
-	data, err := fsutil.ReadFileLimit(path, maxStateFile)
+	data, err := fsutil.ReadFixedFile(path, maxStateFile)
 	if errors.Is(err, fs.ErrNotExist) {
 		return UpdateState{}, nil
 	}

@@ -32,14 +32,18 @@ type WatchdogOptions struct {
 	KillGrace time.Duration // SIGTERM → SIGKILL when stopping a rolled-back agent; default 10 s
 	MaxStarts int           // starts of a new version that exit before it is rolled back; default 3
 	WatchMax  time.Duration // watch mode gives up (leaving it to cron) after; default 24 h
+	// VersionTimeout bounds the installed binary's `version --json`, which
+	// a rollback asks first; default 10 s.
+	VersionTimeout time.Duration
 }
 
 // Watchdog defaults.
 const (
-	DefaultWatchInterval = 2 * time.Second
-	DefaultKillGrace     = 10 * time.Second
-	DefaultMaxStarts     = 3
-	DefaultWatchMax      = 24 * time.Hour
+	DefaultWatchInterval  = 2 * time.Second
+	DefaultKillGrace      = 10 * time.Second
+	DefaultMaxStarts      = 3
+	DefaultWatchMax       = 24 * time.Hour
+	DefaultVersionTimeout = 10 * time.Second
 )
 
 // The bootstrap log is cut back to its last BootstrapLogKeep bytes once it
@@ -64,23 +68,24 @@ func RenderWatchdogWith(l config.Layout, o WatchdogOptions) []byte {
 		args[i] = shellQuote(a)
 	}
 	return render("cron.sh.tmpl", map[string]string{
-		"Binary":        shellQuote(l.Binary()),
-		"OldBinary":     shellQuote(l.OldBinary()),
-		"AgentLock":     shellQuote(l.LockFile()),
-		"StateFile":     shellQuote(UpdateStatePath(l)),
-		"StateLock":     shellQuote(stateLockPath(UpdateStatePath(l))),
-		"WatchdogLock":  shellQuote(WatchdogLockPath(l)),
-		"BootstrapLog":  shellQuote(l.BootstrapLog()),
-		"SystemdRunDir": shellQuote(l.SystemdRunDir()),
-		"UnitFile":      shellQuote(l.UnitFile()),
-		"UnitName":      shellQuote(UnitName),
-		"AgentArgs":     strings.Join(args, " "),
-		"MaxStarts":     strconv.Itoa(orDefault(o.MaxStarts, DefaultMaxStarts)),
-		"KillGrace":     seconds(o.KillGrace, DefaultKillGrace),
-		"WatchInterval": seconds(o.Interval, DefaultWatchInterval),
-		"WatchMax":      seconds(o.WatchMax, DefaultWatchMax),
-		"LogMax":        strconv.Itoa(BootstrapLogMax),
-		"LogKeep":       strconv.Itoa(BootstrapLogKeep),
+		"Binary":         shellQuote(l.Binary()),
+		"OldBinary":      shellQuote(l.OldBinary()),
+		"AgentLock":      shellQuote(l.LockFile()),
+		"StateFile":      shellQuote(UpdateStatePath(l)),
+		"StateLock":      shellQuote(stateLockPath(UpdateStatePath(l))),
+		"WatchdogLock":   shellQuote(WatchdogLockPath(l)),
+		"BootstrapLog":   shellQuote(l.BootstrapLog()),
+		"SystemdRunDir":  shellQuote(l.SystemdRunDir()),
+		"UnitFile":       shellQuote(l.UnitFile()),
+		"UnitName":       shellQuote(UnitName),
+		"AgentArgs":      strings.Join(args, " "),
+		"MaxStarts":      strconv.Itoa(orDefault(o.MaxStarts, DefaultMaxStarts)),
+		"KillGrace":      seconds(o.KillGrace, DefaultKillGrace),
+		"WatchInterval":  seconds(o.Interval, DefaultWatchInterval),
+		"WatchMax":       seconds(o.WatchMax, DefaultWatchMax),
+		"VersionTimeout": seconds(o.VersionTimeout, DefaultVersionTimeout),
+		"LogMax":         strconv.Itoa(BootstrapLogMax),
+		"LogKeep":        strconv.Itoa(BootstrapLogKeep),
 	})
 }
 

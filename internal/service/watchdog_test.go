@@ -55,10 +55,15 @@ func newWatchdogIn(t *testing.T, dir string, o WatchdogOptions) *watchdog {
 
 // fakeAgent is a fake opsagent of version; extra is shell run before it
 // writes the lock file (e.g. "exit 1" for a crash at start, or a trap that
-// ignores SIGTERM).
+// ignores SIGTERM). It answers `version --json` as opsagent does (the
+// watchdog asks it before a rollback).
 func (w *watchdog) fakeAgent(version, extra string) []byte {
 	return fmt.Appendf(nil, `#!/bin/sh
 # fake opsagent %[1]s
+if [ "$1" = version ]; then
+	printf '{\n  "version": "%[1]s",\n  "go_version": "go1"\n}\n'
+	exit 0
+fi
 echo "$$ %[1]s $*" >>%[2]s
 %[3]s
 echo "$$" >%[4]s
@@ -453,6 +458,72 @@ func TestWatchdogRollsBackAfterTheDeadline(t *testing.T) {
 	if s := w.state(); s.Starts != 0 {
 		t.Errorf("the start of the old version was counted: starts=%d", s.Starts)
 	}
+}
+
+// A stale update state (confirming 2.0.0, its deadline passed, or its
+// starts used up) while the installed binary is another version, e.g. a
+// swap that never happened or a reinstall since: the healthy agent is left
+// running, nothing is rolled back, and the state says the update did not
+// take effect.
+func TestWatchdogStaleStateRollsNothingBack(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		name  string
+		state UpdateState
+		run   bool // an agent runs
+	}{
+		{"deadline passed, agent running", UpdateState{Phase: PhaseConfirming, From: "1.5.0", To: "2.0.0", Deadline: time.Now().Add(-time.Hour)}, true},
+		{"starts used up, agent down", UpdateState{Phase: PhaseConfirming, From: "1.5.0", To: "2.0.0", Deadline: time.Now().Add(time.Hour), Starts: 3}, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			w := newWatchdog(t, WatchdogOptions{})
+			// The installed binary is a healthy 1.0.0; opsagent.old an
+			// older 0.9.0 that a rollback would wrongly bring back.
+			healthy := w.fakeAgent("1.0.0", "")
+			w.write(w.l.Binary(), healthy, 0o755)
+			w.oldBin = w.fakeAgent("0.9.0", "")
+			w.write(w.l.OldBinary(), w.oldBin, 0o755)
+			pid := 0
+			if tc.run {
+				pid = w.startAgent()
+			}
+			w.setState(tc.state)
+			w.run()
+			if !bytes.Equal(w.binary(), healthy) {
+				t.Errorf("the healthy binary was replaced:\n%s\nlog:\n%s", w.binary(), w.log())
+			}
+			if p, v := w.runningAgent(); v != "1.0.0" || (tc.run && p != pid) {
+				t.Errorf("agent %d (%s) runs, want 1.0.0 (pid %d) left running\nlog:\n%s", p, v, pid, w.log())
+			}
+			s := w.state()
+			if s.Phase != PhaseFailed || !strings.Contains(s.Reason, "did not take effect") || !strings.Contains(s.Reason, "is version 1.0.0") {
+				t.Errorf("state %+v, want failed saying the installed binary is 1.0.0", s)
+			}
+			if !strings.Contains(w.log(), "not rolling back") {
+				t.Errorf("not logged:\n%s", w.log())
+			}
+			// A later pass leaves it all alone.
+			before := w.state()
+			w.run()
+			if after := w.state(); after.Phase != before.Phase || !bytes.Equal(w.binary(), healthy) {
+				t.Errorf("a later pass changed %+v to %+v", before, after)
+			}
+		})
+	}
+}
+
+// The installed binary that cannot say its version (it hangs on `version
+// --json`) is the broken new one: the rollback goes ahead, after the
+// timeout.
+func TestWatchdogRollsBackABinaryThatCannotSayItsVersion(t *testing.T) {
+	t.Parallel()
+	w := newWatchdog(t, WatchdogOptions{VersionTimeout: time.Second})
+	w.newBin = []byte("#!/bin/sh\n# fake opsagent 2.0.0 that hangs on everything\nwhile :; do sleep 1; done\n")
+	w.write(w.l.Binary(), w.newBin, 0o755)
+	w.setState(UpdateState{Phase: PhaseConfirming, From: "1.0.0", To: "2.0.0", Deadline: time.Now().Add(-time.Second)})
+	w.run()
+	w.checkRolledBack(0, "the new version 2.0.0 did not confirm by its deadline")
 }
 
 func (w *watchdog) checkRolledBack(newPID int, reason string) {

@@ -67,7 +67,7 @@ var ErrTooOpen = errors.New("readable by others")
 
 // Read returns the token in path ("" for an empty file).
 func Read(path string) (string, error) {
-	data, err := fsutil.ReadFileLimit(path, maxFile)
+	data, err := fsutil.ReadFixedFile(path, maxFile)
 	if err != nil {
 		return "", fmt.Errorf("instance token %s: %w", path, err)
 	}

@@ -46,7 +46,7 @@ func (s *story) waitInstance(what string, cond func(instanceRow) bool) (instance
 		var page struct {
 			Instances []instanceRow `json:"instances"`
 		}
-		if api("GET", s.api+"/api/apps/"+app+"/instances", "", &page) != nil {
+		if api(s.token, "GET", s.api+"/api/apps/"+app+"/instances", "", &page) != nil {
 			return false
 		}
 		for _, in := range page.Instances {
@@ -73,7 +73,7 @@ func (s *story) logs(after int64) ([]logEntry, error) {
 	var page struct {
 		Logs []logEntry `json:"logs"`
 	}
-	err := api("GET", fmt.Sprintf("%s/api/apps/%s/logs?after=%d", s.api, app, after), "", &page)
+	err := api(s.token, "GET", fmt.Sprintf("%s/api/apps/%s/logs?after=%d", s.api, app, after), "", &page)
 	return page.Logs, err
 }
 

@@ -117,6 +117,7 @@ type story struct {
 	pubkey   string
 	base     string // base_remote: where instances download releases
 	api      string // the backend's HTTP address
+	token    string // its API token, read from <data>/api-token
 	addr     string
 	imds     string
 	logsSeen int64
@@ -185,7 +186,9 @@ func (s *story) publishDist(dist, version string) error {
 func (s *story) backend() error {
 	s.n.title("the backend: opsagent backend, and the app's recipe")
 	addrFile := filepath.Join(s.dir, "backend.addr")
-	if _, err := s.start("backend", nil, s.bin, "backend", "--listen", "127.0.0.1:0", "--data", filepath.Join(s.dir, "backend-data"), "--addr-file", addrFile); err != nil {
+	data := filepath.Join(s.dir, "backend-data")
+	// OPSAGENT_API_TOKEN emptied: the backend makes its own token.
+	if _, err := s.start("backend", []string{"OPSAGENT_API_TOKEN="}, s.bin, "backend", "--listen", "127.0.0.1:0", "--data", data, "--addr-file", addrFile); err != nil {
 		return err
 	}
 	var err error
@@ -194,10 +197,18 @@ func (s *story) backend() error {
 	}
 	s.api = "http://" + s.addr
 	ok("backend at %s; agents connect to ws://%s/agent/", s.api, s.addr)
+	// As an operator would: export OPSAGENT_API_TOKEN=$(cat <data>/api-token).
+	tokenFile := filepath.Join(data, "api-token")
+	tok, err := fsutil.ReadFileLimit(tokenFile, 4<<10)
+	if err != nil {
+		return fmt.Errorf("the backend's API token: %w", err)
+	}
+	s.token = strings.TrimSpace(string(tok))
+	ok("API token: %s, made on first start; every API call sends it as 'Authorization: Bearer …'", tokenFile)
 	var put struct {
 		RecipeVersion int `json:"recipe_version"`
 	}
-	if err := api("PUT", s.api+"/api/apps/"+app+"/recipe", recipe, &put); err != nil {
+	if err := api(s.token, "PUT", s.api+"/api/apps/"+app+"/recipe", recipe, &put); err != nil {
 		return err
 	}
 	ok("PUT /api/apps/%s/recipe → recipe_version %d: comment, dir, file, symlink, cmd, wait, cmd", app, put.RecipeVersion)
@@ -209,7 +220,7 @@ func (s *story) bootstrap() error {
 	var enroll struct {
 		Secret string `json:"enrollment_secret"`
 	}
-	if err := api("GET", s.api+"/api/apps/"+app+"/enrollment", "", &enroll); err != nil {
+	if err := api(s.token, "GET", s.api+"/api/apps/"+app+"/enrollment", "", &enroll); err != nil {
 		return err
 	}
 	ok("GET /api/apps/%s/enrollment: the secret a new instance presents once", app)
@@ -258,7 +269,7 @@ func (s *story) rounds() error {
 		return err
 	}
 	info("… the round now waits on 'db-ready' until the backend releases it")
-	if err := api("POST", s.api+"/api/apps/"+app+"/waits", `{"instance_id":"`+instance+`","state_id":"db-ready"}`, nil); err != nil {
+	if err := api(s.token, "POST", s.api+"/api/apps/"+app+"/waits", `{"instance_id":"`+instance+`","state_id":"db-ready"}`, nil); err != nil {
 		return err
 	}
 	ok("POST /api/apps/%s/waits {\"state_id\":\"db-ready\"}: released", app)
@@ -293,7 +304,7 @@ func (s *story) update() error {
 	}
 	seen := s.logsSeen
 	t := time.Now()
-	if err := api("POST", s.api+"/api/apps/"+app+"/update", `{"version":"2.0.0"}`, nil); err != nil {
+	if err := api(s.token, "POST", s.api+"/api/apps/"+app+"/update", `{"version":"2.0.0"}`, nil); err != nil {
 		return err
 	}
 	ok("POST /api/apps/%s/update {\"version\":\"2.0.0\"} while state warm-cache runs", app)
@@ -320,7 +331,7 @@ func (s *story) update() error {
 
 func (s *story) rollback() error {
 	s.n.title("rollback: the broken 3.0.0")
-	if err := api("POST", s.api+"/api/apps/"+app+"/update", `{"version":"3.0.0"}`, nil); err != nil {
+	if err := api(s.token, "POST", s.api+"/api/apps/"+app+"/update", `{"version":"3.0.0"}`, nil); err != nil {
 		return err
 	}
 	ok("POST /api/apps/%s/update {\"version\":\"3.0.0\"}", app)

@@ -214,8 +214,8 @@ func (r *rig) startS3(versitygw string) (*s3, error) {
 	return &s3{endpoint: "http://" + addr, env: []string{"AWS_ACCESS_KEY_ID=" + s3Access, "AWS_SECRET_ACCESS_KEY=" + s3Secret}}, nil
 }
 
-// api calls the backend's HTTP API.
-func api(method, url, body string, out any) error {
+// api calls the backend's HTTP API with its token.
+func api(token, method, url, body string, out any) error {
 	req, err := http.NewRequest(method, url, strings.NewReader(body))
 	if err != nil {
 		return err
@@ -223,6 +223,7 @@ func api(method, url, body string, out any) error {
 	if body != "" {
 		req.Header.Set("Content-Type", "application/json")
 	}
+	req.Header.Set("Authorization", "Bearer "+token)
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
 		return err

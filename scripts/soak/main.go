@@ -103,6 +103,7 @@ type soak struct {
 
 	backend *backend
 	api     string // http://127.0.0.1:port
+	token   string // the backend's API token (<data>/api-token)
 	client  *http.Client
 
 	files *fileServer
@@ -264,6 +265,11 @@ func (s *soak) setup(ctx context.Context) error {
 	}
 	s.api = "http://" + s.backend.addr
 	say("   backend (--open-enrollment) at %s, pid %d", s.api, s.backend.pid())
+	tok, err := fsutil.ReadFileLimit(filepath.Join(s.backend.data, "api-token"), 4<<10)
+	if err != nil {
+		return fmt.Errorf("the backend's API token: %w", err)
+	}
+	s.token = strings.TrimSpace(string(tok))
 
 	var put struct {
 		RecipeVersion int64 `json:"recipe_version"`
@@ -333,7 +339,8 @@ func (s *soak) childEnv() []string {
 	for _, kv := range os.Environ() {
 		k, _, _ := strings.Cut(kv, "=")
 		switch k {
-		case "TMPDIR", "OPSAGENT_CONFIG", "OPSAGENT_ROOT", "OPSAGENT_LOG_LEVEL", "WS_URI", "APP_ID", "VERSION", "BASE_REMOTE", "PUBKEY", "ENROLL_SECRET", "MOD_REPO", "MOD_TAG":
+		case "TMPDIR", "OPSAGENT_CONFIG", "OPSAGENT_ROOT", "OPSAGENT_LOG_LEVEL", "WS_URI", "APP_ID", "VERSION", "BASE_REMOTE", "PUBKEY", "ENROLL_SECRET", "MOD_REPO", "MOD_TAG",
+			"OPSAGENT_API_TOKEN": // the backend makes its own, read back from its data directory
 			continue
 		}
 		env = append(env, kv)
@@ -557,6 +564,7 @@ func (s *soak) call(ctx context.Context, method, path string, body, out any) err
 	if body != nil {
 		req.Header.Set("Content-Type", "application/json")
 	}
+	req.Header.Set("Authorization", "Bearer "+s.token)
 	resp, err := s.client.Do(req)
 	if err != nil {
 		return err
