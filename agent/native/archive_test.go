@@ -238,6 +238,11 @@ func TestArchiveZipAndWrongChecksum(t *testing.T) {
 	if res := mustApply(t, r, "common.archive", right); res.Changed || ct.n.Load() != n {
 		t.Fatalf("zip second round: %+v", res)
 	}
+	for _, bad := range []string{"file:///tmp/a.tar.gz", "/tmp/a.tar.gz", "ftp://h/a.tgz", "s3://bucket-only"} {
+		if res := r.apply(t, "common.archive", archiveParam("source", bad, "path", "/x"), false); res.OK || !strings.Contains(res.Comment, "parameter source") {
+			t.Errorf("source %q: %+v", bad, res)
+		}
+	}
 	for _, bad := range []string{"md5:xyz", "crc32:1234", "md5:" + strings.Repeat("a", 31)} {
 		if res := r.apply(t, "common.archive", archiveParam("source", url, "path", "/x", "checksum", bad), false); res.OK || !strings.Contains(res.Comment, "parameter checksum") {
 			t.Errorf("checksum %q: %+v", bad, res)

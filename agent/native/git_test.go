@@ -110,6 +110,17 @@ func TestGitBranchFollowsTheRemote(t *testing.T) {
 	}
 	only(t, r.runs, mark, "git", "ls-remote")
 	assertStampSame(t, before, treeStamp(t, filepath.Join(r.root, "srv/app")))
+
+	// Detached by hand, with no revision: the remote's HEAD names the
+	// branch to go back to.
+	inRoot(t, r.root, "git", "-C", "/srv/app", "checkout", "-q", "--detach")
+	noRev := gitParam("path", "/srv/app", "repo", url)
+	if res := mustApply(t, r, "common.git", noRev); !res.Changed || !strings.Contains(res.Comment, "branch master checked out") {
+		t.Fatalf("detached: %+v", res)
+	}
+	if b := strings.TrimSpace(inRoot(t, r.root, "git", "-C", "/srv/app", "symbolic-ref", "--short", "HEAD")); b != "master" {
+		t.Fatalf("on %q after the state, want master", b)
+	}
 }
 
 // A tag or a commit already checked out costs nothing: no git runs, so
@@ -157,6 +168,40 @@ func TestGitTagAndCommitOverGitDaemon(t *testing.T) {
 	}
 	if res := r.apply(t, "common.git", gitParam("path", "/opt/lib", "repo", url, "revision", "nosuch"), false); res.OK || !strings.Contains(res.Comment, "revision nosuch is neither a branch, a tag nor a commit") {
 		t.Fatalf("unknown revision: %+v", res)
+	}
+
+	// A commit pushed after the clone is fetched (every branch) and
+	// checked out.
+	srv.Commit("lib", map[string]string{"VERSION": "3\n"}, "three")
+	v3 := srv.Head("lib")
+	if res := mustApply(t, r, "common.git", gitParam("path", "/opt/lib", "repo", url, "revision", v3)); !res.Changed || headIn(t, r.root, "/opt/lib") != v3 {
+		t.Fatalf("new commit: %+v", res)
+	}
+
+	// The same repository over another URL: the origin follows the state
+	// (as Salt's git.latest did), and nothing needs fetching.
+	httpURL := srv.RepoURL("lib")
+	res = mustApply(t, r, "common.git", gitParam("path", "/opt/lib", "repo", httpURL, "revision", v3))
+	if !res.Changed || !strings.Contains(res.Comment, "remote origin "+url+" => "+httpURL) || headIn(t, r.root, "/opt/lib") != v3 {
+		t.Fatalf("new origin: %+v", res)
+	}
+	if origin := strings.TrimSpace(inRoot(t, r.root, "git", "-C", "/opt/lib", "config", "remote.origin.url")); origin != httpURL {
+		t.Fatalf("origin %s", origin)
+	}
+	mark = r.runs.Mark()
+	if res := mustApply(t, r, "common.git", gitParam("path", "/opt/lib", "repo", httpURL, "revision", v3)); res.Changed {
+		t.Fatalf("new origin, second round: %+v", res)
+	}
+	none(t, r.runs, mark)
+
+	// A repository that is not there: the clone fails and leaves nothing
+	// half made.
+	res = r.apply(t, "common.git", gitParam("path", "/opt/none", "repo", srv.Daemon()+"/none.git"), false)
+	if res.OK {
+		t.Fatalf("missing repository: %+v", res)
+	}
+	if entries, _ := os.ReadDir(filepath.Join(r.root, "opt/none")); len(entries) > 0 {
+		t.Fatalf("a failed clone left %v", entries)
 	}
 }
 

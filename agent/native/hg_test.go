@@ -168,3 +168,30 @@ func TestHgPasswordStaysOffCommandLines(t *testing.T) {
 		t.Fatalf("wrong password: %+v (refused %d)", res, refused.Load())
 	}
 }
+
+// A working copy in the dirstate-v2 format (whose first bytes are not
+// the parent) is read with hg itself.
+func TestHgDirstateV2(t *testing.T) {
+	r := newDebianRigWith(t, "mercurial")
+	server := hgserve.Start(t, r.root)
+	tip := server.Commit(map[string]string{"f": "1\n"}, "one")
+	// Debian's Mercurial has no fast dirstate-v2 code: allowed here.
+	if err := os.WriteFile(filepath.Join(r.root, "etc/mercurial/hgrc"), []byte("[storage]\ndirstate-v2.slow-path = allow\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	inRoot(t, r.root, "hg", "--config", "format.use-dirstate-v2=yes", "clone", "-q", server.URL, "/srv/app")
+	if !strings.Contains(readIn(t, r.root, "/srv/app/.hg/requires"), "dirstate-v2") {
+		t.Fatal("not a dirstate-v2 working copy")
+	}
+	mark := r.runs.Mark()
+	if res := mustApply(t, r, "common.hg", gitParam("path", "/srv/app", "repo", server.URL)); res.Changed {
+		t.Fatalf("hand-made dirstate-v2 clone at the tip %s: %+v", short(tip), res)
+	}
+	var ran []string
+	for _, c := range r.runs.Since(mark) {
+		ran = append(ran, c[2])
+	}
+	if strings.Join(ran, " ") != "log identify" {
+		t.Fatalf("ran hg %v, want log (the working copy) and identify (the remote)", ran)
+	}
+}

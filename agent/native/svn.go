@@ -3,6 +3,7 @@ package native
 import (
 	"context"
 	"encoding/xml"
+	"errors"
 	"fmt"
 	"regexp"
 	"strings"
@@ -142,10 +143,15 @@ func (sv *svnRun) svn(ctx context.Context, dir string, remote bool, args ...stri
 		}
 	}
 	full = append(full, args...)
-	if stdin != nil {
-		return sv.v.run(ctx, dir, stdin, nil, full...)
+	if stdin == nil {
+		return sv.v.run(ctx, dir, nil, nil, full...)
 	}
-	return sv.v.run(ctx, dir, nil, nil, full...)
+	out, err := sv.v.run(ctx, dir, stdin, nil, full...)
+	var tf *toolFailure
+	if errors.As(err, &tf) && strings.Contains(tf.stderr, "password-from-stdin") {
+		return out, failf("%s: this svn is older than 1.10 and cannot read a password from its standard input; the agent passes none on a command line: upgrade subversion", sv.label())
+	}
+	return out, err
 }
 
 // svnInfo is what svn info says of a working copy or a URL.

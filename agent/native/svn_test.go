@@ -1,11 +1,19 @@
 package native
 
 import (
+	"context"
+	"encoding/json"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
+
+	"github.com/visualops/opsagent/agent/state"
+	"github.com/visualops/opsagent/internal/fsutil"
+	"github.com/visualops/opsagent/internal/proc"
 
 	"github.com/visualops/opsagent/internal/testutil/debroot"
 	"github.com/visualops/opsagent/internal/testutil/svnserve"
@@ -136,5 +144,49 @@ func TestSvnFollowsPinsAndForce(t *testing.T) {
 	other := gitParam("path", "/srv/app", "repo", server.URL+"/other", "username", "u", "password", "p")
 	if res := r.apply(t, "common.svn", other, false); res.OK || !strings.Contains(res.Comment, "set force") {
 		t.Fatalf("other URL, no force: %+v", res)
+	}
+	otherForced := gitParam("path", "/srv/app", "repo", server.URL+"/other", "username", "u", "password", "p", "force", "true")
+	if res := mustApply(t, r, "common.svn", otherForced); !res.Changed || readIn(t, r.root, "/srv/app/x") != "x\n" {
+		t.Fatalf("other URL with force: %+v", res)
+	}
+	if _, err := os.Stat(filepath.Join(r.root, "srv/app/conf")); err == nil {
+		t.Fatal("trunk's files are still there")
+	}
+}
+
+// fakeSvn answers every run as an svn older than 1.10 would a
+// --password-from-stdin.
+type fakeSvn struct{ runs [][]string }
+
+func (f *fakeSvn) Run(_ context.Context, c proc.Cmd) (proc.Result, error) {
+	f.runs = append(f.runs, append([]string{c.Path}, c.Args...))
+	io.WriteString(c.Stderr, "svn: invalid option: --password-from-stdin\nType 'svn help' for usage.\n")
+	return proc.Result{ExitCode: 1}, nil
+}
+
+// An svn that cannot read the password from its standard input is not
+// given it on the command line instead: the state fails saying why.
+func TestSvnTooOldForAPasswordOnStdin(t *testing.T) {
+	dir := t.TempDir()
+	for p, content := range map[string]string{"usr/bin/svn": "#!/bin/sh\n", "etc/passwd": "root:x:0:0:root:/root:/bin/sh\n", "etc/os-release": "ID=debian\n"} {
+		if err := os.MkdirAll(filepath.Dir(filepath.Join(dir, p)), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(dir, p), []byte(content), 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	root, err := fsutil.NewRoot(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fake := &fakeSvn{}
+	e := New(Options{Root: root, Runner: fake, StateDir: filepath.Join(dir, "state")})
+	res := e.Execute(context.Background(), state.Request{StateID: "s", Module: "common.svn", Parameter: json.RawMessage(gitParam("path", "/srv/app", "repo", "svn://127.0.0.1:1/repo", "username", "u", "password", "pw-xyz"))})
+	if res.OK || !strings.Contains(res.Comment, "older than 1.10") || strings.Contains(res.Comment, "pw-xyz") {
+		t.Fatalf("old svn: %+v", res)
+	}
+	if len(fake.runs) != 1 || !slices.Contains(fake.runs[0], "--password-from-stdin") || slices.Contains(fake.runs[0], "pw-xyz") {
+		t.Fatalf("ran %v", fake.runs)
 	}
 }
