@@ -61,6 +61,8 @@ type Executor struct {
 	// rootOpts opens the root for each state; tests set Legacy to cover
 	// the resolver of kernels without openat2.
 	rootOpts rootfs.Options
+	// svnLocal remembers what svn info said of working copies.
+	svnLocal svnInfoCache
 }
 
 // New returns an Executor.

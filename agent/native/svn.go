@@ -7,6 +7,9 @@ import (
 	"fmt"
 	"regexp"
 	"strings"
+	"sync"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/visualops/opsagent/agent/state"
 	"github.com/visualops/opsagent/internal/system"
@@ -78,7 +81,7 @@ func (e *Executor) svnRepo(ctx context.Context, s *stateRun) (state.Result, erro
 	if s.test && note != "" {
 		return changed(joinNotes(note, fmt.Sprintf("Repository %s would be checked out to %s, or updated", redactURL(repo), path))), nil
 	}
-	sv := &svnRun{s: s, v: v, path: path, repo: repo, kind: kind, rev: rev, username: strings.TrimSpace(username), password: password, force: force}
+	sv := &svnRun{s: s, v: v, cache: &e.svnLocal, path: path, repo: repo, kind: kind, rev: rev, username: strings.TrimSpace(username), password: password, force: force}
 	res, err := sv.apply(ctx)
 	if err != nil {
 		return state.Result{}, err
@@ -120,6 +123,7 @@ func svnRevision(rev string) (kind, value string, err error) {
 type svnRun struct {
 	s                  *stateRun
 	v                  *vcsTool
+	cache              *svnInfoCache
 	path, repo         string
 	kind, rev          string
 	username, password string
@@ -177,6 +181,48 @@ func (sv *svnRun) info(ctx context.Context, dir string, remote bool, args ...str
 	return in, nil
 }
 
+// svnInfoCache remembers what svn info said of a working copy, with the
+// identity and change times of its .svn/wc.db: svn writes that database
+// whenever it changes the working copy, so an unchanged one saves an svn
+// process per round (a pinned revision then runs none).
+type svnInfoCache struct {
+	mu sync.Mutex
+	m  map[string]svnCached
+}
+
+type svnCached struct {
+	stamp string
+	info  svnInfo
+}
+
+// localInfo is svn info of the working copy at dir, from the cache when
+// its database has not changed.
+func (sv *svnRun) localInfo(ctx context.Context, dir string) (svnInfo, error) {
+	stamp := ""
+	if fi, err := sv.s.fs.Stat(dir + "/.svn/wc.db"); err == nil {
+		if st, ok := fi.Sys().(*unix.Stat_t); ok {
+			stamp = fmt.Sprintf("%d:%d:%d:%d:%d", st.Dev, st.Ino, st.Size, st.Mtim.Nano(), st.Ctim.Nano())
+		}
+	}
+	sv.cache.mu.Lock()
+	c, ok := sv.cache.m[dir]
+	sv.cache.mu.Unlock()
+	if ok && stamp != "" && c.stamp == stamp {
+		return c.info, nil
+	}
+	in, err := sv.info(ctx, dir, false, "--", dir)
+	if err != nil || stamp == "" {
+		return in, err
+	}
+	sv.cache.mu.Lock()
+	if sv.cache.m == nil {
+		sv.cache.m = map[string]svnCached{}
+	}
+	sv.cache.m[dir] = svnCached{stamp: stamp, info: in}
+	sv.cache.mu.Unlock()
+	return in, nil
+}
+
 func (sv *svnRun) apply(ctx context.Context) (state.Result, error) {
 	s := sv.s
 	c, err := s.inspectCheckout(sv.path, ".svn")
@@ -188,7 +234,7 @@ func (sv *svnRun) apply(ctx context.Context) (state.Result, error) {
 		if err := sv.v.checkOwner(c); err != nil {
 			return state.Result{}, err
 		}
-		if local, err = sv.info(ctx, c.real, false, "--", c.real); err != nil {
+		if local, err = sv.localInfo(ctx, c.real); err != nil {
 			return state.Result{}, err
 		}
 		if strings.TrimRight(local.Entry.URL, "/") != sv.repo {
@@ -239,6 +285,8 @@ func (sv *svnRun) apply(ctx context.Context) (state.Result, error) {
 	if conflicts := svnConflicts(out); len(conflicts) > 0 {
 		return state.Result{Stdout: sv.v.redact(out)}, failf("%s: the update left conflicts with local changes in %s: resolve them (svn resolve), or set force to discard local changes", sv.label(), strings.Join(conflicts, ", "))
 	}
+	// Remembered now, so that the next round runs no local svn info.
+	_, _ = sv.localInfo(ctx, c.real)
 	return s.result(sv.label(), ch), nil
 }
 
@@ -259,7 +307,7 @@ func (sv *svnRun) checkout(ctx context.Context, c *checkout) (state.Result, erro
 		sv.v.removeFailedClone(*c)
 		return state.Result{}, err
 	}
-	in, err := sv.info(ctx, c.real, false, "--", c.real)
+	in, err := sv.localInfo(ctx, c.real)
 	if err != nil {
 		return state.Result{}, err
 	}

@@ -93,8 +93,10 @@ func TestSvnFollowsPinsAndForce(t *testing.T) {
 	if res := mustApply(t, r, "common.svn", param); res.Changed {
 		t.Fatalf("a change elsewhere: %+v", res)
 	}
-	if n := len(r.runs.Since(mark)); n != 2 {
-		t.Fatalf("ran %v, want the two svn info", r.runs.Since(mark))
+	// One svn info, of the URL: the working copy's is remembered while
+	// its database does not change.
+	if runs := r.runs.Since(mark); len(runs) != 1 || !strings.Contains(strings.Join(runs[0], " "), "info --xml -r HEAD -- svn://") {
+		t.Fatalf("ran %v, want one svn info of the URL", runs)
 	}
 	assertStampSame(t, before, treeStamp(t, filepath.Join(r.root, "srv/app")))
 
@@ -116,9 +118,23 @@ func TestSvnFollowsPinsAndForce(t *testing.T) {
 	if res := mustApply(t, r, "common.svn", pinned); res.Changed {
 		t.Fatalf("pinned, second round: %+v", res)
 	}
+	none(t, r.runs, mark)
+	// A new agent (nothing remembered) asks svn once, locally.
+	fresh := New(Options{Root: r.e.opts.Root, Runner: r.runs, StateDir: r.e.opts.StateDir})
+	mark = r.runs.Mark()
+	if res := fresh.Execute(context.Background(), state.Request{StateID: "s", Module: "common.svn", Parameter: json.RawMessage(pinned)}); !res.OK || res.Changed {
+		t.Fatalf("pinned, new agent: %+v", res)
+	}
 	if runs := r.runs.Since(mark); len(runs) != 1 || strings.Contains(strings.Join(runs[0], " "), "svn://") {
 		t.Fatalf("ran %v, want one local svn info", runs)
 	}
+	// Moved by hand: the working copy's database changed, so svn is
+	// asked again and the pin restored.
+	inRoot(t, r.root, "svn", "update", "-q", "--non-interactive", "--no-auth-cache", "--username", "u", "--password", "p", "/srv/app")
+	if res := fresh.Execute(context.Background(), state.Request{StateID: "s", Module: "common.svn", Parameter: json.RawMessage(pinned)}); !res.Changed || readIn(t, r.root, "/srv/app/conf") != "one\n" {
+		t.Fatalf("pinned after a hand update: %+v", res)
+	}
+
 	// PREV, relative to the working copy, does not walk back each round.
 	prev := gitParam("path", "/srv/app", "repo", server.URL+"/trunk", "revision", "PREV")
 	if res := mustApply(t, r, "common.svn", prev); res.Changed {
