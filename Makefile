@@ -56,12 +56,12 @@ staticcheck: $(STATICCHECK)
 ## derivation, which the race detector slows twenty-fold (e2e took 14.5
 ## minutes under it, 2 without), and the race detector would watch only
 ## e2e's harness, not the opsagent processes it starts. versitygw (a real
-## S3 server) is built for the publish tests.
+## S3 server) is built for the publish tests and common.archive's s3://.
 NORACE      = /release$$|/internal/dist$$|/e2e$$
 RACE_PKGS   = $$($(GO) list ./... | grep -Ev '$(NORACE)')
 NORACE_PKGS = $$($(GO) list ./... | grep -E '$(NORACE)')
 unit: $(VERSITYGW)
-	CGO_ENABLED=1 $(GO) test -race -count=1 -timeout 12m $(RACE_PKGS)
+	CGO_ENABLED=1 OPSAGENT_VERSITYGW=$(VERSITYGW) $(GO) test -race -count=1 -timeout 12m $(RACE_PKGS)
 	OPSAGENT_VERSITYGW=$(VERSITYGW) $(GO) test -count=1 -timeout 10m $(NORACE_PKGS)
 
 $(VERSITYGW):

@@ -48,6 +48,12 @@ type Options struct {
 	// PPA is where linux.apt.ppa looks a PPA's signing key up; the zero
 	// value is Launchpad's API and Ubuntu's keyserver (tests: loopback).
 	PPA PPAEndpoints
+	// StateDir is the agent's state directory (a host path, [global]
+	// conf_path): common.archive keeps what it extracted there. Default:
+	// the default conf_path below Root.
+	StateDir string
+	// S3 is how common.archive reads s3:// sources.
+	S3 S3Options
 }
 
 // Executor runs the native modules.
@@ -58,6 +64,8 @@ type Executor struct {
 	// rootOpts opens the root for each state; tests set Legacy to cover
 	// the resolver of kernels without openat2.
 	rootOpts rootfs.Options
+	// svnLocal remembers what svn info said of working copies.
+	svnLocal svnInfoCache
 }
 
 // New returns an Executor.
@@ -80,6 +88,10 @@ func New(opts Options) *Executor {
 	if opts.WatchDir == "" {
 		opts.WatchDir = config.NewLayout(opts.Root, "", nil).WatchDir()
 	}
+	if opts.StateDir == "" {
+		opts.StateDir = config.NewLayout(opts.Root, "", nil).StateDir()
+	}
+	opts.S3 = opts.S3.withDefaults()
 	log := opts.Logger
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
@@ -152,6 +164,10 @@ func (e *Executor) modules() map[string]module {
 		"linux.apt.ppa":     e.aptPPA,
 		"linux.yum.repo":    e.yumRepo,
 		"linux.rpm.key":     e.rpmKey,
+		"common.git":        e.gitRepo,
+		"common.archive":    e.archiveState,
+		"common.hg":         e.hgRepo,
+		"common.svn":        e.svnRepo,
 	}
 }
 

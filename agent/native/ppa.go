@@ -171,7 +171,7 @@ func launchpadName(n string) bool {
 // is not the one Launchpad gave.
 func (e *Executor) ppaSigningKey(ctx context.Context, user, archive string) ([]byte, string, error) {
 	api := fmt.Sprintf("%s/~%s/+archive/ubuntu/%s", e.opts.PPA.api(), url.PathEscape(user), url.PathEscape(archive))
-	body, err := e.fetch(ctx, "name", api)
+	body, err := e.fetchBytes(ctx, "name", api)
 	if err != nil {
 		return nil, "", fmt.Errorf("asking Launchpad for the PPA: %w (check the name; a private PPA's key may not be public)", err)
 	}
@@ -186,7 +186,7 @@ func (e *Executor) ppaSigningKey(ctx context.Context, user, archive string) ([]b
 		return nil, "", errors.New("no signing key fingerprint in the answer of Launchpad's API (has the PPA published anything yet?)")
 	}
 	lookup := fmt.Sprintf("%s/pks/lookup?op=get&options=mr&search=0x%s", e.opts.PPA.keyserver(), fpr)
-	key, err := e.fetch(ctx, "name", lookup)
+	key, err := e.fetchBytes(ctx, "name", lookup)
 	if err != nil {
 		return nil, "", fmt.Errorf("fetching signing key %s: %w", fpr, err)
 	}

@@ -197,7 +197,7 @@ func (e *Executor) localPackageFile(ctx context.Context, s *stateRun, param, ref
 		}
 		return p, noop, nil
 	}
-	data, err := e.fetch(ctx, param, ref)
+	data, err := e.fetchBytes(ctx, param, ref)
 	if err != nil {
 		return "", noop, err
 	}

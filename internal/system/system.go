@@ -24,6 +24,7 @@ import (
 	"os"
 	"path"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/visualops/opsagent/internal/fsutil"
@@ -252,6 +253,9 @@ type Cmd struct {
 	Timeout time.Duration
 	// Stderr, when set, receives the standard error apart (see proc.Cmd).
 	Stderr io.Writer
+	// Credential runs the tool as this uid/gid (nil: as the agent). Ids
+	// are the root's: the process changes root first, then credentials.
+	Credential *syscall.Credential
 }
 
 // ToolError is a tool that ran and failed; its output is kept for the
@@ -318,6 +322,7 @@ func (h *Host) procCmd(toolPath string, c Cmd) proc.Cmd {
 		OutputLimit: h.opts.OutputLimit,
 		KillGrace:   h.opts.KillGrace,
 		Timeout:     c.Timeout,
+		Credential:  c.Credential,
 	}
 	if h.Chrooted() {
 		pc.Chroot = h.opts.Root.Dir()
