@@ -50,6 +50,7 @@ type Executor struct {
 	// rootOpts opens the root for each state; tests set Legacy to cover
 	// the resolver of kernels without openat2.
 	rootOpts rootfs.Options
+	lang     langCache // what pip, npm and gem said of their layout (langpkg.go)
 }
 
 // New returns an Executor.
@@ -130,6 +131,11 @@ func (e *Executor) modules() map[string]module {
 		"linux.file":    e.file,
 		"linux.dir":     e.dir,
 		"linux.symlink": e.symlink,
+
+		"common.pip.package": e.pipPackage,
+		"common.virtualenv":  e.virtualenv,
+		"common.npm.package": e.npmPackage,
+		"common.gem.package": e.gemPackage,
 	}
 }
 
