@@ -108,13 +108,9 @@ func (m *gemManager) facts(ctx context.Context) (*gemFacts, error) {
 	return v.(*gemFacts), nil
 }
 
-// parseGemEnvironment reads `gem environment`:
-//
-//	  - INSTALLATION DIRECTORY: /var/lib/gems/3.1.0
-//	  - GEM PATHS:
-//	     - /var/lib/gems/3.1.0
-//	     - /usr/share/rubygems-integration/all
-//	  - GEM CONFIGURATION:
+// parseGemEnvironment reads `gem environment`: the item "INSTALLATION
+// DIRECTORY: DIR", and the item "GEM PATHS:" followed by one more
+// indented item per directory.
 func parseGemEnvironment(out string) *gemFacts {
 	f := &gemFacts{}
 	inPaths := false

@@ -149,17 +149,26 @@ func (v *venv) needsBuild(wantReal string) (bool, string) {
 	if err != nil || !fi.Mode().IsRegular() || fi.Mode().Perm()&0o111 == 0 {
 		return true, "rebuilt (its interpreter is gone)"
 	}
-	if v.pyBin == "" || wantReal == "" {
-		return false, ""
-	}
 	// The environment's interpreter: bin/python followed, or, for an
 	// environment that copied it, the one pyvenv.cfg names.
 	have, err := s.fs.ResolveLinks(py)
 	if err != nil {
 		return false, ""
 	}
+	cfg := v.readCfg()
+	// bin/python links to python3, which an upgrade of the distribution
+	// moves to a new minor version: the environment's packages are built
+	// for the old one, under lib/pythonX.Y, which the new one does not
+	// read.
+	if m := pyNameRE.FindStringSubmatch(path.Base(have)); m != nil {
+		if made := cfg["version"]; made != "" && m[1] != majorMinorOf(made) {
+			return true, fmt.Sprintf("rebuilt (it was made with Python %s, its interpreter is now %s)", majorMinorOf(made), m[1])
+		}
+	}
+	if v.pyBin == "" || wantReal == "" {
+		return false, ""
+	}
 	if strings.HasPrefix(have, v.dir+"/") {
-		cfg := v.readCfg()
 		exe := cfg["executable"]
 		if exe == "" {
 			return false, "" // cannot tell: keep it
@@ -192,7 +201,20 @@ func (v *venv) readCfg() map[string]string {
 // versionProbe prints MAJOR.MINOR on Python 2 and 3 alike.
 const versionProbe = `import sys; print("%d.%d" % sys.version_info[:2])`
 
-var pyVersionRE = regexp.MustCompile(`^([23])\.([0-9]+)$`)
+var (
+	pyVersionRE = regexp.MustCompile(`^([23])\.([0-9]+)$`)
+	// An interpreter named for its version: python3.11.
+	pyNameRE = regexp.MustCompile(`^python([23]\.[0-9]+)$`)
+)
+
+// majorMinorOf is "3.11" for "3.11.2".
+func majorMinorOf(v string) string {
+	parts := strings.SplitN(v, ".", 3)
+	if len(parts) < 2 {
+		return v
+	}
+	return parts[0] + "." + parts[1]
+}
 
 // siteNote is added to what was built.
 func (v *venv) siteNote() string {

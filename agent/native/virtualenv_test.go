@@ -67,7 +67,9 @@ func TestVirtualenv(t *testing.T) {
 		t.Fatal(err)
 	}
 	withReq := `{"path": "/srv/venv", "system-site-packages": false, "requirements-file": "/srv/req.txt"}`
-	pipRuns := func(mark int) int { return len(rig.runs.ranWith(mark, "python", "install", "--requirement", "/srv/req.txt")) }
+	pipRuns := func(mark int) int {
+		return len(rig.runs.ranWith(mark, "python", "install", "--requirement", "/srv/req.txt"))
+	}
 	mark = rig.runs.Mark()
 	res = rig.converges(t, mod, withReq, quiet...)
 	if !strings.Contains(res.Comment, "requirements of /srv/req.txt installed") || pipRuns(mark) != 1 {
@@ -101,6 +103,21 @@ func TestVirtualenv(t *testing.T) {
 	rig.converges(t, mod, `{"path": "/srv/venv2", "system-site-packages": "false", "requirements-file": "/srv/req2.txt", "extra-search-dir": ["/srv/wheels"]}`, quiet...)
 	if _, err := os.Stat(filepath.Join(rig.root, "srv/venv2/lib/python3.11/site-packages/opslocal-1.0.dist-info")); err != nil {
 		t.Errorf("opslocal from extra-search-dir: %v", err)
+	}
+
+	// The distribution's python3 moved to another minor version (as an
+	// upgrade to the next release does; here the environment says it was
+	// made with 3.10): rebuilt, requirements again.
+	cfgPath := filepath.Join(rig.root, "srv/venv2/pyvenv.cfg")
+	if err := os.WriteFile(cfgPath, []byte(strings.Replace(cfg("srv/venv2"), "version = 3.11.", "version = 3.10.", 1)), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	res = rig.converges(t, mod, `{"path": "/srv/venv2", "system-site-packages": "false", "requirements-file": "/srv/req2.txt", "extra-search-dir": ["/srv/wheels"]}`, quiet...)
+	if !strings.Contains(res.Comment, "rebuilt (it was made with Python 3.10, its interpreter is now 3.11) with python3") || !strings.Contains(res.Comment, "requirements of /srv/req2.txt installed") {
+		t.Errorf("after a Python upgrade: %q", res.Comment)
+	}
+	if !strings.Contains(cfg("srv/venv2"), "version = 3.11.") {
+		t.Errorf("pyvenv.cfg after the rebuild: %s", cfg("srv/venv2"))
 	}
 
 	// The interpreter is removed (the distribution's Python goes away):
