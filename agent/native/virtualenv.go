@@ -38,8 +38,8 @@ func (e *Executor) virtualenv(ctx context.Context, s *stateRun) (state.Result, e
 	if err != nil {
 		return state.Result{}, err
 	}
-	if dir == "/" {
-		return state.Result{}, &badParam{"path", "must not be /"}
+	if systemDirs[dir] {
+		return state.Result{}, &badParam{"path", fmt.Sprintf("%s is a system directory: a virtualenv there would put its bin/python and lib/ among the system's (use a directory of its own, e.g. /opt/venv)", dir)}
 	}
 	pyBin, err := s.p.str("python-bin")
 	if err != nil {
@@ -87,6 +87,23 @@ func (v *venv) fail(format string, a ...any) (state.Result, error) {
 // reqMarker keeps the checksum of the requirements last installed.
 const reqMarker = ".opsagent-requirements"
 
+// systemDirs are never made environments.
+var systemDirs = map[string]bool{
+	"/": true, "/bin": true, "/boot": true, "/dev": true, "/etc": true, "/home": true, "/lib": true, "/lib64": true,
+	"/opt": true, "/proc": true, "/root": true, "/run": true, "/sbin": true, "/srv": true, "/sys": true, "/tmp": true,
+	"/usr": true, "/usr/bin": true, "/usr/lib": true, "/usr/local": true, "/usr/local/bin": true, "/usr/local/lib": true,
+	"/usr/sbin": true, "/usr/share": true, "/var": true, "/var/lib": true,
+}
+
+// venvEntries are what venv and virtualenv put in an environment's
+// directory (and the module's checksum): a rebuild (--clear, which
+// deletes the directory's content) happens only when nothing else is
+// there.
+var venvEntries = map[string]bool{
+	"bin": true, "include": true, "lib": true, "lib64": true, "local": true, "share": true,
+	"pyvenv.cfg": true, ".gitignore": true, "pip-selfcheck.json": true, reqMarker: true,
+}
+
 func (v *venv) converge(ctx context.Context) (state.Result, error) {
 	s := v.s
 	if fi, err := s.fs.Lstat(v.dir); err == nil && !fi.IsDir() {
@@ -109,6 +126,11 @@ func (v *venv) converge(ctx context.Context) (state.Result, error) {
 
 	build, why := v.needsBuild(wantReal)
 	created := false
+	if build && why != "created" {
+		if err := v.rebuildBlocked(why); err != nil {
+			return v.fail("%v", err)
+		}
+	}
 	if build {
 		if s.test {
 			v.ch.add("%s with %s%s", why, python, v.siteNote())
@@ -214,6 +236,29 @@ func majorMinorOf(v string) string {
 		return v
 	}
 	return parts[0] + "." + parts[1]
+}
+
+// rebuildBlocked says why the environment cannot be rebuilt: rebuilding
+// (--clear) deletes the directory's content, and files that are not the
+// environment's are kept out of harm's way.
+func (v *venv) rebuildBlocked(why string) error {
+	names, err := dirNames(v.s.fs, v.dir)
+	if err != nil {
+		return err
+	}
+	var foreign []string
+	for _, n := range names {
+		if !venvEntries[n] {
+			foreign = append(foreign, n)
+		}
+	}
+	if len(foreign) == 0 {
+		return nil
+	}
+	if len(foreign) > 5 {
+		foreign = append(foreign[:5], "…")
+	}
+	return fmt.Errorf("must be %s, but %s holds other files (%s), which rebuilding would delete: move them away, or remove the directory", why, v.dir, strings.Join(foreign, ", "))
 }
 
 // siteNote is added to what was built.

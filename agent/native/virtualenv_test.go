@@ -166,7 +166,7 @@ func TestVirtualenvPython2(t *testing.T) {
 echo "$@" >> /tmp/virtualenv.calls
 for last; do :; done
 mkdir -p "$last/bin"
-ln -sf /usr/local/bin/python2.7 "$last/bin/python"
+ln -sf "$(command -v "$2")" "$last/bin/python"
 `)
 	param := `{"path": "/srv/py2", "python-bin": "python2.7", "system-site-packages": false, "extra-search-dir": ["/srv/wheels", "/srv/more"]}`
 	res := rig.converges(t, "common.virtualenv", param, "virtualenv", "python2.7")
@@ -176,5 +176,35 @@ ln -sf /usr/local/bin/python2.7 "$last/bin/python"
 	calls, _ := os.ReadFile(filepath.Join(rig.root, "tmp/virtualenv.calls"))
 	if string(calls) != "--python python2.7 --extra-search-dir /srv/wheels --extra-search-dir /srv/more -- /srv/py2\n" {
 		t.Errorf("virtualenv ran with %q", calls)
+	}
+
+	// Another python-bin: the environment is rebuilt with it (--clear,
+	// which deletes the directory's content), but not over files that
+	// are not the environment's.
+	write("usr/local/bin/python2.6", "#!/bin/sh\necho 2.6\n")
+	write("srv/py2/app.py", "print('mine')\n")
+	other := `{"path": "/srv/py2", "python-bin": "python2.6", "system-site-packages": false}`
+	res = rig.apply(t, "common.virtualenv", other, false)
+	if res.OK || res.Comment != "Virtualenv /srv/py2: must be rebuilt (its interpreter /usr/local/bin/python2.7 is not python-bin python2.6), but /srv/py2 holds other files (app.py), which rebuilding would delete: move them away, or remove the directory" {
+		t.Errorf("rebuild over a file of the user's: %+v", res)
+	}
+	if _, err := os.Stat(filepath.Join(rig.root, "srv/py2/app.py")); err != nil {
+		t.Errorf("app.py: %v", err)
+	}
+	if err := os.Remove(filepath.Join(rig.root, "srv/py2/app.py")); err != nil {
+		t.Fatal(err)
+	}
+	res = rig.converges(t, "common.virtualenv", other, "virtualenv", "python2.6")
+	if res.Comment != "Virtualenv /srv/py2 updated: rebuilt (its interpreter /usr/local/bin/python2.7 is not python-bin python2.6) with python2.6" {
+		t.Errorf("rebuilt: %q", res.Comment)
+	}
+	calls, _ = os.ReadFile(filepath.Join(rig.root, "tmp/virtualenv.calls"))
+	if !strings.HasSuffix(string(calls), "\n--python python2.6 --clear -- /srv/py2\n") {
+		t.Errorf("virtualenv ran with %q", calls)
+	}
+
+	res = rig.apply(t, "common.virtualenv", `{"path": "/usr/local/"}`, false)
+	if res.OK || !strings.Contains(res.Comment, "parameter path: /usr/local is a system directory") {
+		t.Errorf("path /usr/local: %+v", res)
 	}
 }
