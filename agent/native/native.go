@@ -66,6 +66,7 @@ type Executor struct {
 	rootOpts rootfs.Options
 	// svnLocal remembers what svn info said of working copies.
 	svnLocal svnInfoCache
+	lang     langCache // what pip, npm and gem said of their layout (langpkg.go)
 }
 
 // New returns an Executor.
@@ -149,25 +150,29 @@ func unchanged(comment string) state.Result {
 
 func (e *Executor) modules() map[string]module {
 	return map[string]module{
-		"linux.cmd":         e.cmd,
-		"linux.file":        e.file,
-		"linux.dir":         e.dir,
-		"linux.symlink":     e.symlink,
-		"linux.user":        e.user,
-		"linux.group":       e.group,
-		"linux.cronjob":     e.cronjob,
-		"common.timezone":   e.timezone,
-		"linux.service":     e.service,
-		"linux.apt.package": e.aptPackage,
-		"linux.yum.package": e.yumPackage,
-		"linux.apt.repo":    e.aptRepo,
-		"linux.apt.ppa":     e.aptPPA,
-		"linux.yum.repo":    e.yumRepo,
-		"linux.rpm.key":     e.rpmKey,
-		"common.git":        e.gitRepo,
-		"common.archive":    e.archiveState,
-		"common.hg":         e.hgRepo,
-		"common.svn":        e.svnRepo,
+		"linux.cmd":          e.cmd,
+		"linux.file":         e.file,
+		"linux.dir":          e.dir,
+		"linux.symlink":      e.symlink,
+		"linux.user":         e.user,
+		"linux.group":        e.group,
+		"linux.cronjob":      e.cronjob,
+		"common.timezone":    e.timezone,
+		"linux.service":      e.service,
+		"linux.apt.package":  e.aptPackage,
+		"linux.yum.package":  e.yumPackage,
+		"linux.apt.repo":     e.aptRepo,
+		"linux.apt.ppa":      e.aptPPA,
+		"linux.yum.repo":     e.yumRepo,
+		"linux.rpm.key":      e.rpmKey,
+		"common.git":         e.gitRepo,
+		"common.archive":     e.archiveState,
+		"common.hg":          e.hgRepo,
+		"common.svn":         e.svnRepo,
+		"common.pip.package": e.pipPackage,
+		"common.virtualenv":  e.virtualenv,
+		"common.npm.package": e.npmPackage,
+		"common.gem.package": e.gemPackage,
 	}
 }
 

@@ -39,7 +39,7 @@ func newDebianRigWith(t testing.TB, pkgs ...string) *debianRig {
 func inRoot(t testing.TB, root string, args ...string) string {
 	t.Helper()
 	cmd := exec.Command("chroot", append([]string{root}, args...)...)
-	cmd.Env = []string{"PATH=/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL=C", "HOME=/root",
+	cmd.Env = []string{"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL=C", "HOME=/root",
 		"GIT_AUTHOR_NAME=t", "GIT_AUTHOR_EMAIL=t@example.com", "GIT_COMMITTER_NAME=t", "GIT_COMMITTER_EMAIL=t@example.com"}
 	out, err := cmd.CombinedOutput()
 	if err != nil {
