@@ -57,8 +57,8 @@ func TestPkgSpecs(t *testing.T) {
 		{`[{"key": "--index-url=http://x"}]`, nil, "is not a package name"},
 		{`[]`, nil, "is required"},
 		{`[{"key": ""}]`, nil, "is required"},
-		{`[{"value": "1.0"}]`, nil, "must be a package name"},
-		{`42`, nil, "must be a list of packages"},
+		{`[{"value": "1.0"}]`, nil, "must be a {key, value} entry"},
+		{`true`, nil, "must be a list of {key, value} entries"},
 	} {
 		p, err := parseParams(json.RawMessage(`{"name": ` + tc.param + `}`))
 		if err != nil {

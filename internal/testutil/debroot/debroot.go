@@ -37,6 +37,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/visualops/opsagent/internal/proc"
 )
 
 // Suite is the Debian release of the base root.
@@ -265,6 +267,9 @@ func New(tb testing.TB) string {
 // overlayfs is not available ("" to fail then).
 func newOn(tb testing.TB, lowers, copyFrom string) string {
 	tb.Helper()
+	// Daemons the test starts in the root must trap SIGHUP (their
+	// reload) even when the test runs under nohup, as the agent does.
+	proc.PassSIGHUPToChildren()
 	work := tb.TempDir()
 	root := filepath.Join(work, "root")
 	for _, d := range []string{"upper", "work", "root"} {
