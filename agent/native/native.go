@@ -143,6 +143,12 @@ func (e *Executor) modules() map[string]module {
 		"linux.cronjob":   e.cronjob,
 		"common.timezone": e.timezone,
 		"linux.service":   e.service,
+
+		"linux.docker.running": e.dockerRunning,
+		"linux.docker.deploy":  e.dockerDeploy,
+		"linux.docker.pulled":  e.dockerPulled,
+		"linux.docker.built":   e.dockerBuilt,
+		"linux.docker.pushed":  e.dockerPushed,
 	}
 }
 
