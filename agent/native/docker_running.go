@@ -543,12 +543,15 @@ func (e *Executor) converge(ctx context.Context, s *stateRun, c *dockerapi.Clien
 			if err != nil {
 				return comments, true, err
 			}
-			if err := startContainer(ctx, c, ct.ID, w.name); err != nil {
-				return comments, true, err
-			}
 			if crashed != "" {
 				// Started again, but the failure is the user's to see.
+				if err := c.Start(ctx, ct.ID); err != nil {
+					return comments, true, dockerErr(err, "%s; starting it again failed", crashed)
+				}
 				return comments, true, failf("%s; it was started again", crashed)
+			}
+			if err := startContainer(ctx, c, ct.ID, w.name); err != nil {
+				return comments, true, err
 			}
 			comments = append(comments, fmt.Sprintf("Container %s started (it was %s)", w.name, ct.State))
 		default:

@@ -4,6 +4,7 @@ import (
 	"archive/tar"
 	"bytes"
 	"context"
+	"crypto/sha256"
 	"encoding/json"
 	"fmt"
 	"log/slog"
@@ -12,6 +13,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"strings"
 	"testing"
@@ -184,25 +186,52 @@ func main() {
 }
 `
 
-// buildApp compiles testApp statically into dir/app (no registry on the
-// internet: the images are FROM scratch with this one binary).
+// buildApp puts testApp, compiled statically, at dir/app (no registry
+// on the internet: the images are FROM scratch with this one binary).
+// The binary is cached in the test cache beside debroot's, by source.
 func buildApp(t testing.TB, dir string) {
 	t.Helper()
-	src := t.TempDir()
-	if err := os.WriteFile(filepath.Join(src, "main.go"), []byte(testApp), 0o644); err != nil {
-		t.Fatal(err)
+	cache := os.Getenv("OPSAGENT_TEST_CACHE")
+	if cache == "" {
+		d, err := os.UserCacheDir()
+		if err != nil {
+			d = os.TempDir()
+		}
+		cache = filepath.Join(d, "opsagent-test")
 	}
-	if err := os.WriteFile(filepath.Join(src, "go.mod"), []byte("module testapp\n\ngo 1.21\n"), 0o644); err != nil {
+	sum := sha256.Sum256([]byte(testApp + runtime.Version()))
+	bin := filepath.Join(cache, fmt.Sprintf("docker-test-app-%x", sum[:8]))
+	if _, err := os.Stat(bin); err != nil {
+		src := t.TempDir()
+		if err := os.WriteFile(filepath.Join(src, "main.go"), []byte(testApp), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(src, "go.mod"), []byte("module testapp\n\ngo 1.21\n"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.MkdirAll(cache, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		tmp := fmt.Sprintf("%s.%d", bin, os.Getpid())
+		cmd := exec.Command("go", "build", "-trimpath", "-o", tmp, ".")
+		cmd.Dir = src
+		cmd.Env = append(os.Environ(), "CGO_ENABLED=0", "GOFLAGS=-mod=mod", "GOWORK=off")
+		if out, err := cmd.CombinedOutput(); err != nil {
+			t.Fatalf("go build of the test app: %v\n%s", err, out)
+		}
+		if err := os.Rename(tmp, bin); err != nil {
+			t.Fatal(err)
+		}
+	}
+	data, err := os.ReadFile(bin)
+	if err != nil {
 		t.Fatal(err)
 	}
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	cmd := exec.Command("go", "build", "-trimpath", "-o", filepath.Join(dir, "app"), ".")
-	cmd.Dir = src
-	cmd.Env = append(os.Environ(), "CGO_ENABLED=0", "GOFLAGS=-mod=mod", "GOWORK=off")
-	if out, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("go build of the test app: %v\n%s", err, out)
+	if err := os.WriteFile(filepath.Join(dir, "app"), data, 0o755); err != nil {
+		t.Fatal(err)
 	}
 }
 
@@ -270,6 +299,7 @@ func (r *dockerRig) noSecret(t testing.TB, secret string, results ...state.Resul
 }
 
 func TestDockerRunningConvergesAndRecreatesOnlyOnChange(t *testing.T) {
+	t.Parallel()
 	rig := newDockerRig(t)
 	id1 := rig.buildImage(t, "test/app:1", "one")
 	id2 := rig.buildImage(t, "test/app:2", "two")
@@ -414,6 +444,7 @@ func TestDockerRunningConvergesAndRecreatesOnlyOnChange(t *testing.T) {
 }
 
 func TestDockerRunningCountNamesAndPorts(t *testing.T) {
+	t.Parallel()
 	rig := newDockerRig(t)
 	rig.buildImage(t, "test/app:latest", "one")
 	param := func(count string) string {
@@ -447,6 +478,7 @@ func TestDockerRunningCountNamesAndPorts(t *testing.T) {
 }
 
 func TestDockerRunningRestartsOnWatchedFile(t *testing.T) {
+	t.Parallel()
 	rig := newDockerRig(t)
 	rig.buildImage(t, "test/app:latest", "one")
 	conf := filepath.Join(rig.root, "etc/app.conf")
@@ -480,6 +512,7 @@ func TestDockerRunningRestartsOnWatchedFile(t *testing.T) {
 }
 
 func TestDockerRunningFailsWithTheOutputOfAContainerThatStops(t *testing.T) {
+	t.Parallel()
 	rig := newDockerRig(t)
 	rig.buildImage(t, "test/app:latest", "one")
 	param := `{"container": "bad", "image": "test/app", "command": ["/app", "exit"]}`
@@ -514,6 +547,7 @@ func (r *dockerRig) writeRootContext(t testing.TB, dir, variant string) string {
 }
 
 func TestDockerBuiltBuildsOnlyWhenTheContextChanges(t *testing.T) {
+	t.Parallel()
 	rig := newDockerRig(t)
 	ctxDir := rig.writeRootContext(t, "opt/docker/app", "one")
 	if err := os.WriteFile(filepath.Join(ctxDir, ".dockerignore"), []byte("# logs are not part of the image\n*.log\n"), 0o644); err != nil {
@@ -594,6 +628,7 @@ func TestDockerBuiltBuildsOnlyWhenTheContextChanges(t *testing.T) {
 }
 
 func TestDockerPushedAndPulledWithCredentials(t *testing.T) {
+	t.Parallel()
 	const user, password = "deployer", "s3cret-Pa55word"
 	rig := newDockerRig(t)
 	reg := dockerd.StartRegistry(t, user, password)
@@ -689,6 +724,7 @@ func TestDockerPushedAndPulledWithCredentials(t *testing.T) {
 }
 
 func TestDockerPushedCommitsAContainerOncePerContainer(t *testing.T) {
+	t.Parallel()
 	rig := newDockerRig(t)
 	reg := dockerd.StartRegistry(t, "", "")
 	rig.buildImage(t, "test/app:latest", "one")
@@ -722,6 +758,7 @@ func TestDockerPushedCommitsAContainerOncePerContainer(t *testing.T) {
 }
 
 func TestDockerDeployWritesFilesAndRecreatesOnChange(t *testing.T) {
+	t.Parallel()
 	rig := newDockerRig(t)
 	reg := dockerd.StartRegistry(t, "", "")
 	image := reg.Host + "/deploy/app"
@@ -781,6 +818,7 @@ func waitFor(t testing.TB, what string, cond func() bool) {
 }
 
 func TestDockerWithoutAnEngine(t *testing.T) {
+	t.Parallel()
 	root := t.TempDir()
 	fr, err := fsutil.NewRoot(root)
 	if err != nil {
@@ -805,4 +843,3 @@ func TestDockerWithoutAnEngine(t *testing.T) {
 		t.Fatalf("%+v", res)
 	}
 }
-

@@ -495,8 +495,8 @@ type ContainerState struct {
 		Running   bool   `json:"Running"`
 		OOMKilled bool   `json:"OOMKilled"`
 		Status    string `json:"Status"`
-		ExitCode int    `json:"ExitCode"`
-		Error    string `json:"Error"`
+		ExitCode  int    `json:"ExitCode"`
+		Error     string `json:"Error"`
 	} `json:"State"`
 	Config struct {
 		Labels map[string]string `json:"Labels"`
