@@ -120,7 +120,6 @@ func TestLongSocketPathIsReachedThroughItsDirectory(t *testing.T) {
 	}
 }
 
-
 func TestCredentialsTravelOnlyInTheHeader(t *testing.T) {
 	sock := filepath.Join(t.TempDir(), "d.sock")
 	f := startFake(t, sock, "1.41")
