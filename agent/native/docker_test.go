@@ -23,6 +23,7 @@ import (
 	"github.com/visualops/opsagent/internal/dockerapi"
 	"github.com/visualops/opsagent/internal/fsutil"
 	"github.com/visualops/opsagent/internal/proc"
+	"github.com/visualops/opsagent/internal/testutil/aptrepo"
 	"github.com/visualops/opsagent/internal/testutil/dockerd"
 	"github.com/visualops/opsagent/internal/testutil/syncbuf"
 )
@@ -188,8 +189,20 @@ func main() {
 
 // buildApp puts testApp, compiled statically, at dir/app (no registry
 // on the internet: the images are FROM scratch with this one binary).
-// The binary is cached in the test cache beside debroot's, by source.
 func buildApp(t testing.TB, dir string) {
+	t.Helper()
+	data := cachedBinary(t, "docker-test-app", testApp)
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "app"), data, 0o755); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// cachedBinary compiles a one-file Go program statically and returns
+// the binary, cached in the test cache (beside debroot's) by source.
+func cachedBinary(t testing.TB, name, source string) []byte {
 	t.Helper()
 	cache := os.Getenv("OPSAGENT_TEST_CACHE")
 	if cache == "" {
@@ -199,14 +212,14 @@ func buildApp(t testing.TB, dir string) {
 		}
 		cache = filepath.Join(d, "opsagent-test")
 	}
-	sum := sha256.Sum256([]byte(testApp + runtime.Version()))
-	bin := filepath.Join(cache, fmt.Sprintf("docker-test-app-%x", sum[:8]))
+	sum := sha256.Sum256([]byte(source + runtime.Version()))
+	bin := filepath.Join(cache, fmt.Sprintf("%s-%x", name, sum[:8]))
 	if _, err := os.Stat(bin); err != nil {
 		src := t.TempDir()
-		if err := os.WriteFile(filepath.Join(src, "main.go"), []byte(testApp), 0o644); err != nil {
+		if err := os.WriteFile(filepath.Join(src, "main.go"), []byte(source), 0o644); err != nil {
 			t.Fatal(err)
 		}
-		if err := os.WriteFile(filepath.Join(src, "go.mod"), []byte("module testapp\n\ngo 1.21\n"), 0o644); err != nil {
+		if err := os.WriteFile(filepath.Join(src, "go.mod"), []byte("module "+name+"\n\ngo 1.21\n"), 0o644); err != nil {
 			t.Fatal(err)
 		}
 		if err := os.MkdirAll(cache, 0o755); err != nil {
@@ -217,7 +230,7 @@ func buildApp(t testing.TB, dir string) {
 		cmd.Dir = src
 		cmd.Env = append(os.Environ(), "CGO_ENABLED=0", "GOFLAGS=-mod=mod", "GOWORK=off")
 		if out, err := cmd.CombinedOutput(); err != nil {
-			t.Fatalf("go build of the test app: %v\n%s", err, out)
+			t.Fatalf("go build of %s: %v\n%s", name, err, out)
 		}
 		if err := os.Rename(tmp, bin); err != nil {
 			t.Fatal(err)
@@ -227,12 +240,7 @@ func buildApp(t testing.TB, dir string) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(filepath.Join(dir, "app"), data, 0o755); err != nil {
-		t.Fatal(err)
-	}
+	return data
 }
 
 // writeContext writes a build context: the app and a Dockerfile whose
@@ -841,5 +849,117 @@ func TestDockerWithoutAnEngine(t *testing.T) {
 	res = apply("linux.docker.pulled", `{"repo": "nginx"}`, false)
 	if res.OK || !strings.Contains(res.Comment, "Image nginx:latest: no Docker engine answers on /var/run/docker.sock, and dockerd is not installed and cannot be") {
 		t.Fatalf("%+v", res)
+	}
+}
+
+// fakeDockerd is the "dockerd" of the test's docker.io package: it
+// serves /var/run/docker.sock in the root it runs in (chrooted there by
+// the init script) and forwards every connection to an abstract socket,
+// which the test's real engine answers through (abstract sockets belong
+// to the network namespace, not the file system, so a chroot reaches
+// them). The root thus gets a working engine at its own socket, started
+// by its own init script.
+const fakeDockerd = `package main
+
+import (
+	"io"
+	"net"
+	"os"
+)
+
+func main() {
+	_ = os.Remove("/var/run/docker.sock")
+	l, err := net.Listen("unix", "/var/run/docker.sock")
+	if err != nil {
+		os.Exit(1)
+	}
+	for {
+		c, err := l.Accept()
+		if err != nil {
+			return
+		}
+		go func() {
+			defer c.Close()
+			u, err := net.Dial("unix", os.Args[1])
+			if err != nil {
+				return
+			}
+			defer u.Close()
+			go func() { _, _ = io.Copy(u, c); _ = u.(*net.UnixConn).CloseWrite() }()
+			_, _ = io.Copy(c, u)
+		}()
+	}
+}
+`
+
+// dockerInit is the package's init script.
+const dockerInit = `#!/bin/sh
+PIDFILE=/run/docker-test.pid
+running() { [ -s $PIDFILE ] && kill -0 "$(cat $PIDFILE)" 2>/dev/null; }
+case "$1" in
+start)
+	running && exit 0
+	start-stop-daemon --start --quiet --background --make-pidfile --pidfile $PIDFILE --exec /usr/sbin/dockerd -- "$(cat /etc/default/docker-test)"
+	;;
+stop)
+	start-stop-daemon --stop --quiet --pidfile $PIDFILE --remove-pidfile
+	;;
+status)
+	running && exit 0
+	exit 3
+	;;
+*)
+	exit 2
+	;;
+esac
+`
+
+func TestDockerEngineInstalledAndStartedWhenMissing(t *testing.T) {
+	t.Parallel()
+	engine := dockerd.Start(t)
+	rig := newDebianRig(t)
+	abstract := fmt.Sprintf("@opsagent-test-dockerd-%d-%d", os.Getpid(), time.Now().UnixNano())
+	calls := engine.Serve(t, abstract)
+	repo := aptrepo.New(t)
+	repo.Add(t, aptrepo.Package{Name: "docker.io", Version: "99.0-1", Files: map[string]string{
+		"/usr/sbin/dockerd":        string(cachedBinary(t, "fake-dockerd", fakeDockerd)),
+		"/etc/init.d/docker":       dockerInit,
+		"/etc/default/docker-test": abstract,
+	}})
+	repo.Use(t, rig.root)
+	// The image, built on the engine beforehand (the test's setup).
+	dr := &dockerRig{engine: engine}
+	dr.buildImage(t, "test/app:latest", "one")
+	param := `{"container": "web", "image": "test/app"}`
+
+	mark := rig.runs.Mark()
+	res := rig.apply(t, "linux.docker.running", param, true)
+	if !res.OK || !res.Changed || !strings.Contains(res.Comment, "the Docker engine would be installed and started") {
+		t.Fatalf("check mode: %+v", res)
+	}
+	if ran := rig.runs.Since(mark); len(ran) != 0 {
+		t.Fatalf("check mode ran %v", ran)
+	}
+	res = rig.apply(t, "linux.docker.running", param, false)
+	if !res.OK || !res.Changed {
+		t.Fatalf("first round: %+v", res)
+	}
+	for _, want := range []string{"package docker.io installed (Docker engine)", "service docker started", "Container web created from test/app:latest and started"} {
+		if !strings.Contains(res.Comment, want) {
+			t.Fatalf("first round: %q lacks %q", res.Comment, want)
+		}
+	}
+	if n := calls.Count(0, "POST /containers/create"); n != 1 {
+		t.Fatalf("the root's engine created %d containers", n)
+	}
+	// The next round finds the engine running: no package manager, no
+	// service command, nothing changed.
+	mark = rig.runs.Mark()
+	res = rig.apply(t, "linux.docker.running", param, false)
+	if !res.OK || res.Changed || res.Comment != "Container web is already in the correct state" {
+		t.Fatalf("second round: %+v", res)
+	}
+	if ran := rig.runs.Since(mark); len(ran) != 0 {
+		t.Fatalf("the second round ran %v", ran)
 	}
 }
