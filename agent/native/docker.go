@@ -382,7 +382,7 @@ func removeOldImage(ctx context.Context, c *dockerapi.Client, oldID string) stri
 	if err := c.RemoveImage(ctx, oldID); err != nil {
 		return ""
 	}
-	return fmt.Sprintf("previous image %s removed", shortID(oldID))
+	return fmt.Sprintf("Previous image %s removed", shortID(oldID))
 }
 
 // shortID is an image or container id as the docker command prints it.

@@ -604,7 +604,7 @@ func TestDockerBuiltBuildsOnlyWhenTheContextChanges(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if second.ID == first.ID || !strings.Contains(res.Comment, "Container svc recreated (image test/built:latest rebuilt)") || !strings.Contains(res.Comment, "previous image "+shortID(first.ID)+" removed") {
+	if second.ID == first.ID || !strings.Contains(res.Comment, "Container svc recreated (image test/built:latest rebuilt)") || !strings.Contains(res.Comment, "Previous image "+shortID(first.ID)+" removed") {
 		t.Fatalf("rebuild: %q", res.Comment)
 	}
 	if field(rig.container(t, "svc"), "Image") != second.ID {
