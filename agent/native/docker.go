@@ -71,6 +71,9 @@ func (s *stateRun) dockerEngine(ctx context.Context) (*dockerapi.Client, []strin
 		return c, nil, nil
 	}
 	reason := err
+	if errors.Is(err, dockerapi.ErrTooOld) {
+		return nil, nil, fmt.Errorf("%w: upgrade it", err) // installing or starting would not help
+	}
 	if s.test {
 		what := "the docker service would be started"
 		if !s.sys.HasTool(dockerPrerequisite.Tool) {

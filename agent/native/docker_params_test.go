@@ -3,12 +3,17 @@ package native
 import (
 	"context"
 	"encoding/json"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
 
 	"github.com/visualops/opsagent/agent/state"
 	"github.com/visualops/opsagent/internal/fsutil"
+	"github.com/visualops/opsagent/internal/proc"
 )
 
 func TestDockerParamsAreReadAsTheIDEWritesThem(t *testing.T) {
@@ -162,5 +167,36 @@ func TestDockerBadParametersFailNamingThem(t *testing.T) {
 		if res.OK || !strings.Contains(res.Comment, c.want) || !strings.HasPrefix(res.Comment, c.module+": ") {
 			t.Errorf("%s %s: %q, want %q", c.module, c.param, res.Comment, c.want)
 		}
+	}
+}
+
+func TestDockerTooOldEngineFailsWithoutInstallingAnything(t *testing.T) {
+	root := t.TempDir()
+	sock := filepath.Join(root, "var/run/docker.sock")
+	if err := os.MkdirAll(filepath.Dir(sock), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	l, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Skipf("cannot listen on %s: %v", sock, err)
+	}
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Api-Version", "1.24") // Docker 1.12
+		_, _ = w.Write([]byte("OK"))
+	})}
+	go func() { _ = srv.Serve(l) }()
+	t.Cleanup(func() { _ = srv.Close() })
+	fr, err := fsutil.NewRoot(root)
+	if err != nil {
+		t.Fatal(err)
+	}
+	runs := &recordingRunner{Runner: proc.New()}
+	e := New(Options{Root: fr, Runner: runs})
+	res := e.Execute(context.Background(), state.Request{StateID: "s", Module: "linux.docker.running", Parameter: json.RawMessage(`{"container": "web", "image": "app"}`)})
+	if res.OK || !strings.Contains(res.Comment, "the Docker engine is too old: it speaks API 1.24; at least 1.30 (Docker 17.06) is needed: upgrade it") {
+		t.Fatalf("%+v", res)
+	}
+	if runs.Mark() != 0 {
+		t.Fatalf("ran %v", runs.Since(0))
 	}
 }

@@ -458,8 +458,13 @@ func TestDockerRunningCountNamesAndPorts(t *testing.T) {
 	param := func(count string) string {
 		return `{"container": "api", "image": "test/app", "count": "` + count + `", "port_bindings": [{"key": "8000/tcp", "value": "127.0.0.1:19000"}]}`
 	}
+	// A container of that name made without the agent (by hand, or by the
+	// 2014 agent) is recreated once: its configuration is unknown.
+	if _, err := rig.engine.Client.Create(context.Background(), "api", dockerapi.CreateBody{Image: "test/app"}); err != nil {
+		t.Fatal(err)
+	}
 	res := rig.must(t, "linux.docker.running", param("0"), false, true)
-	if !rig.exists(t, "api") {
+	if !rig.exists(t, "api") || !strings.Contains(res.Comment, "Container api recreated: it was not created by this agent (it has no configuration label)") {
 		t.Fatalf("no count: %q", res.Comment)
 	}
 	res = rig.must(t, "linux.docker.running", param("3"), false, true)
@@ -561,7 +566,7 @@ func TestDockerBuiltBuildsOnlyWhenTheContextChanges(t *testing.T) {
 	if err := os.WriteFile(filepath.Join(ctxDir, ".dockerignore"), []byte("# logs are not part of the image\n*.log\n"), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	param := `{"tag": "test/built", "path": "/opt/docker/app", "containers": ["svc"]}`
+	param := `{"tag": "test/built", "path": "/opt/docker/app", "containers": ["svc", "legacy"]}`
 	if res := rig.must(t, "linux.docker.built", param, true, true); !strings.Contains(res.Comment, "would be built from /opt/docker/app: it is not here") {
 		t.Fatalf("check mode: %q", res.Comment)
 	}
@@ -591,6 +596,11 @@ func TestDockerBuiltBuildsOnlyWhenTheContextChanges(t *testing.T) {
 	}
 	rig.quiet(t, "linux.docker.built", param, quiet...)
 
+	// A container made without the agent's label (by hand, or by the 2014
+	// agent) cannot be recreated from it: it is removed, as in 2014.
+	if _, err := rig.engine.Client.Create(context.Background(), "legacy", dockerapi.CreateBody{Image: "test/built"}); err != nil {
+		t.Fatal(err)
+	}
 	// A change in the context rebuilds, recreates the container on the
 	// new image and removes the old image.
 	if err := os.WriteFile(filepath.Join(ctxDir, "Dockerfile"), []byte("FROM scratch\nCOPY app /app\nLABEL variant=changed\nCMD [\"/app\"]\n"), 0o644); err != nil {
@@ -609,6 +619,9 @@ func TestDockerBuiltBuildsOnlyWhenTheContextChanges(t *testing.T) {
 	}
 	if field(rig.container(t, "svc"), "Image") != second.ID {
 		t.Fatal("the container does not run the new image")
+	}
+	if rig.exists(t, "legacy") || !strings.Contains(res.Comment, "Container legacy removed (image test/built:latest rebuilt; a linux.docker.running state creates it again)") {
+		t.Fatalf("a container without the label: %q", res.Comment)
 	}
 	if _, err := rig.engine.Client.ImageInspect(context.Background(), first.ID); !dockerapi.IsNotFound(err) {
 		t.Fatalf("the old image is still there: %v", err)
@@ -793,7 +806,7 @@ func TestDockerDeployWritesFilesAndRecreatesOnChange(t *testing.T) {
 		t.Fatalf("deploy file: %q %v (%q)", data, err, res.Comment)
 	}
 	var out string
-	waitFor(t, "the container's output", func() bool { out = rig.logs(t, "site"); return strings.Contains(out, "cat /etc/site.conf") })
+	waitFor(t, "the container's output", func() bool { out = rig.logs(t, "site"); return strings.Contains(out, "cat /etc/site.conf: ") })
 	if !strings.Contains(out, `"colour=blue"`) {
 		t.Fatalf("the container sees %q", out)
 	}
@@ -805,7 +818,7 @@ func TestDockerDeployWritesFilesAndRecreatesOnChange(t *testing.T) {
 	if !strings.Contains(res.Comment, "written") || !strings.Contains(res.Comment, "Container site recreated: files changed") || field(rig.container(t, "site"), "Id") == id {
 		t.Fatalf("changed file: %q", res.Comment)
 	}
-	waitFor(t, "the container's output", func() bool { out = rig.logs(t, "site"); return strings.Contains(out, "cat /etc/site.conf") })
+	waitFor(t, "the container's output", func() bool { out = rig.logs(t, "site"); return strings.Contains(out, "cat /etc/site.conf: ") })
 	if !strings.Contains(out, `"colour=green"`) {
 		t.Fatalf("the container sees %q", out)
 	}

@@ -94,6 +94,9 @@ func dialUnix(ctx context.Context, socket string) (net.Conn, error) {
 // Version is the negotiated API version ("1.41").
 func (c *Client) Version() string { return c.version }
 
+// ErrTooOld is an engine that answers but whose API is too old to use.
+var ErrTooOld = errors.New("the Docker engine is too old")
+
 // Error is a request the engine refused.
 type Error struct {
 	Status   int
@@ -139,7 +142,7 @@ func (c *Client) Ping(ctx context.Context) error {
 	case v == "":
 		v = minVersion // engines before 1.25 do not say; the calls below fail clearly if too old
 	case versionLess(v, minVersion):
-		return fmt.Errorf("the engine speaks API %s; at least %s (Docker 17.06) is needed", v, minVersion)
+		return fmt.Errorf("%w: it speaks API %s; at least %s (Docker 17.06) is needed", ErrTooOld, v, minVersion)
 	case versionLess(maxVersion, v):
 		v = maxVersion
 	}
