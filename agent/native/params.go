@@ -120,9 +120,10 @@ func (p params) list(name string) ([]string, error) {
 type pair struct{ key, value string }
 
 // pairs reads a dict parameter the way the IDE sends it: a list of
-// {"key": …, "value": …} objects (the value optional, a number or a
-// string), plain strings (a key without a value), or a JSON object.
-// Entries with an empty key are skipped, as the 2014 adaptor did.
+// {"key": …, "value": …} objects (the value optional, a string, a number
+// or a boolean), plain strings (a key without a value), or a JSON object.
+// Keys are trimmed; entries with an empty key are skipped, as the 2014
+// adaptor did.
 func (p params) pairs(name string) ([]pair, error) {
 	v, ok := p[name]
 	if !ok || string(v) == "null" {
@@ -139,6 +140,10 @@ func (p params) pairs(name string) ([]pair, error) {
 		var n json.Number
 		if json.Unmarshal(raw, &n) == nil {
 			return n.String(), true
+		}
+		var b bool
+		if json.Unmarshal(raw, &b) == nil {
+			return strconv.FormatBool(b), true
 		}
 		return "", false
 	}
@@ -161,7 +166,7 @@ func (p params) pairs(name string) ([]pair, error) {
 			if !ok {
 				return nil, &badParam{name + "." + k, "must be a string, got " + kindOf(obj[k])}
 			}
-			if k != "" {
+			if k = strings.TrimSpace(k); k != "" {
 				out = append(out, pair{k, val})
 			}
 		}
@@ -190,8 +195,8 @@ func (p params) pairs(name string) ([]pair, error) {
 		if !ok {
 			return nil, &badParam{fmt.Sprintf("%s[%d].value", name, i), "must be a string, got " + kindOf(kv.Value)}
 		}
-		if *kv.Key != "" {
-			out = append(out, pair{*kv.Key, val})
+		if k := strings.TrimSpace(*kv.Key); k != "" {
+			out = append(out, pair{k, val})
 		}
 	}
 	return out, nil
