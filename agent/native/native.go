@@ -130,6 +130,12 @@ func (e *Executor) modules() map[string]module {
 		"linux.file":    e.file,
 		"linux.dir":     e.dir,
 		"linux.symlink": e.symlink,
+		"linux.mkfs":    e.mkfs,
+		"linux.mount":   e.mount,
+		"linux.lvm.pv":  e.lvmPV,
+		"linux.lvm.vg":  e.lvmVG,
+		"linux.lvm.lv":  e.lvmLV,
+		"linux.raid":    e.raid,
 	}
 }
 

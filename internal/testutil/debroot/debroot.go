@@ -50,7 +50,9 @@ var Extras = []string{
 	"cron",                           // linux.cronjob
 	"git", "mercurial", "subversion", // common.git, common.hg, common.svn
 	"python3-pip", "python3-venv", "ruby", "npm", // common.pip.package, common.virtualenv, common.gem.package, common.npm.package
-	"supervisor", // linux.supervisord
+	"supervisor",                // linux.supervisord
+	"xfsprogs", "lvm2", "mdadm", // linux.mkfs (xfs), linux.lvm.*, linux.raid
+	"puppet", // linux.puppet.*
 }
 
 // Base is the cached base root: its directory (never modify it) and the
