@@ -1,14 +1,17 @@
 package native
 
 import (
+	"context"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
 
+	"github.com/visualops/opsagent/internal/proc"
 	"github.com/visualops/opsagent/internal/testutil/debroot"
 	"github.com/visualops/opsagent/internal/testutil/loopdev"
+	"golang.org/x/sys/unix"
 )
 
 // newLVMRig is a Debian rig whose LVM writes metadata only: this kernel
@@ -156,4 +159,138 @@ func TestLVMRefusesDevicesThatHoldData(t *testing.T) {
 	if typ, _ := blkidType(t, data); typ != "LVM2_member" {
 		t.Fatalf("after force: %q", typ)
 	}
+}
+
+// Real output of LVM 2.03.16 (Debian 12), captured from the rig above.
+const (
+	samplePVs = `  {
+      "report": [
+          {
+              "pv": [
+                  {"pv_name":"/dev/loop0", "vg_name":"vgtest"},
+                  {"pv_name":"/dev/loop1", "vg_name":""}
+              ]
+          }
+      ]
+  }
+`
+	sampleLVs = `  {
+      "report": [
+          {
+              "lv": [
+                  {"vg_name":"vgtest", "lv_name":"lvtest", "lv_size":"20971520", "vg_extent_size":"4194304"}
+              ]
+          }
+      ]
+  }
+`
+	sampleVGs = `  {
+      "report": [
+          {
+              "vg": [
+                  {"vg_name":"vgtest"}
+              ]
+          }
+      ]
+  }
+`
+	sampleLVMBlkid = "DEVNAME=/dev/loop2\nUUID=G5QV6A-9gpr-j1CA-KUP0-VdVJ-V0eZ-72PUU1\nVERSION=LVM2\\ 001\nTYPE=LVM2_member\nUSAGE=raid\n"
+)
+
+// TestLVMReports parses the JSON reports and blkid's view of a PV as the
+// tools print them.
+func TestLVMReports(t *testing.T) {
+	rows, err := parseLVMReport([]byte(samplePVs), "pv")
+	if err != nil || len(rows) != 2 || rows[0]["pv_name"] != "/dev/loop0" || rows[0]["vg_name"] != "vgtest" || rows[1]["vg_name"] != "" {
+		t.Fatalf("%v %v", rows, err)
+	}
+	rows, err = parseLVMReport([]byte(sampleLVs), "lv")
+	if err != nil || len(rows) != 1 || rows[0]["lv_size"] != "20971520" {
+		t.Fatalf("%v %v", rows, err)
+	}
+	if _, err := parseLVMReport([]byte("  WARNING: no JSON"), "lv"); err == nil {
+		t.Fatal("garbage parsed")
+	}
+	for in, want := range map[string]uint64{"500M": 500 << 20, "500": 500 << 20, "1.5g": 3 << 29, "8s": 4096, "256k": 256 << 10, "2T": 2 << 40} {
+		if got, err := parseLVMSize(in); err != nil || got != want {
+			t.Errorf("parseLVMSize(%q) = %d, %v; want %d", in, got, err, want)
+		}
+	}
+	if _, err := parseLVMSize("lots"); err == nil {
+		t.Error("lots parsed")
+	}
+}
+
+// TestLVMOptionsFromRealRecipes: the parameter spellings of the real
+// recipes (testdata/recipes complex-linux.lvm.*) become LVM 2.03's
+// options, and what LVM 2.03 no longer has fails naming the parameter.
+// The tools are answered (scripted) so that only the command lines are
+// under test.
+func TestLVMOptionsFromRealRecipes(t *testing.T) {
+	root := fakeRoot(t, []string{"blkid", "lvm", "pvcreate", "pvs", "vgs", "lvs", "vgcreate", "lvcreate"}, map[string]uint64{
+		"dev/sdb1": unix.Mkdev(8, 17), "dev/loop0": unix.Mkdev(7, 0), "dev/loop1": unix.Mkdev(7, 1),
+	})
+	made := map[string]bool{}
+	run := &scripted{fn: func(tool string, args []string) proc.Result {
+		switch tool {
+		case "blkid":
+			if made[args[len(args)-1]] {
+				return proc.Result{Output: sampleLVMBlkid}
+			}
+			return proc.Result{ExitCode: 2}
+		case "pvcreate":
+			made[args[len(args)-1]] = true
+			return proc.Result{Output: "  Physical volume \"/dev/sdb1\" successfully created.\n"}
+		case "pvs":
+			return proc.Result{Output: samplePVs}
+		case "vgs":
+			return proc.Result{Output: sampleVGs}
+		case "lvs":
+			return proc.Result{Output: sampleLVs}
+		case "lvcreate", "vgcreate":
+			return proc.Result{}
+		}
+		return proc.Result{ExitCode: 127}
+	}}
+	e := fakeExec(t, root, run)
+	last := func(prefix string) string {
+		t.Helper()
+		for _, c := range run.take() {
+			if strings.HasPrefix(c, prefix) {
+				return c
+			}
+		}
+		t.Fatalf("no %s ran", prefix)
+		return ""
+	}
+
+	r := e.Execute(context.Background(), req("linux.lvm.pv", `{"PV-size": "500M", "data-alignment": "256k", "data-alignment offset": "8k", "force": "y", "label-sector": 1, "metadata copies": "1", "metadata size": "8", "metadata-ignore": "n", "metadata-type": "lvm2", "path": ["/dev/sdb1"], "zero": "y"}`, false))
+	mustOK(t, r, "created on /dev/sdb1")
+	if got := last("pvcreate"); got != "pvcreate --force --yes --zero y --dataalignment 256k --dataalignmentoffset 8k --metadatasize 8 --pvmetadatacopies 1 --metadataignore n --labelsector 1 --setphysicalvolumesize 500M /dev/sdb1" {
+		t.Fatalf("pvcreate %q", got)
+	}
+
+	// /dev/loop1 is a free PV (samplePVs): vgcreate takes it with the options.
+	r = e.Execute(context.Background(), req("linux.lvm.vg", `{"PE size": "4M", "allocation policy": "contiguous", "autobackup": "y", "clustered": "n", "max-lv-number": "128", "max-pv-number": "128", "metadata type": "lvm2", "metadata-copies": "1", "name": "vgnew", "path": ["/dev/loop1"], "tag": "vgtag"}`, false))
+	mustOK(t, r, "Volume group vgnew updated: created with /dev/loop1")
+	if got := last("vgcreate"); got != "vgcreate vgnew --maxlogicalvolumes 128 --maxphysicalvolumes 128 --vgmetadatacopies 1 --physicalextentsize 4M --autobackup y --addtag vgtag --alloc contiguous /dev/loop1" {
+		t.Fatalf("vgcreate %q", got)
+	}
+	mustFail(t, e.Execute(context.Background(), req("linux.lvm.vg", `{"name": "vgc", "path": ["/dev/loop1"], "clustered": true}`, false)), "parameter clustered: clustered volume groups (clvmd) no longer exist in LVM 2.03")
+	mustFail(t, e.Execute(context.Background(), req("linux.lvm.pv", `{"path": ["/dev/sdb1"], "metadata-type": "lvm1"}`, false)), "parameter metadata-type: lvm1 metadata is no longer supported")
+
+	r = e.Execute(context.Background(), req("linux.lvm.lv", `{"autobackup": "y", "available": "y", "contiguous": "n", "lv-size": "500M", "monitor": "y", "name": "lvnew", "path": ["/dev/sdb1"], "permission": "rw", "readahead": "auto", "tag": "lvtag", "vg-name": "vgtest", "zero": "y", "ignore-monitoring": true, "no-udev-sync": "n"}`, false))
+	mustOK(t, r, "Logical volume vgtest/lvnew updated: created")
+	if got := last("lvcreate"); got != "lvcreate --yes --name lvnew --size 500M --contiguous n --monitor y --ignoremonitoring --permission rw --readahead auto --zero y --activate y --autobackup y --addtag lvtag vgtest /dev/sdb1" {
+		t.Fatalf("lvcreate %q", got)
+	}
+	// A snapshot: name is the new volume, snapshot its origin (the 2014
+	// fork swapped them, found the origin present and created nothing).
+	r = e.Execute(context.Background(), req("linux.lvm.lv", `{"le-size": "500M", "name": "sstest", "snapshot": "lvtest", "vg-name": "vgtest"}`, false))
+	mustOK(t, r, "Logical volume vgtest/sstest updated: created as a snapshot of vgtest/lvtest")
+	if got := last("lvcreate"); got != "lvcreate --yes --name sstest --size 500M --snapshot vgtest/lvtest" {
+		t.Fatalf("lvcreate %q", got)
+	}
+	mustFail(t, e.Execute(context.Background(), req("linux.lvm.lv", `{"name": "x", "vg-name": "vgtest"}`, false)), "parameter le-size: is required to create the volume")
+	mustFail(t, e.Execute(context.Background(), req("linux.lvm.lv", `{"name": "x", "vg-name": "vgtest", "le-size": "1G", "le-number": "10"}`, false)), "give le-size or le-number, not both")
 }

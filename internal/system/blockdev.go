@@ -71,7 +71,8 @@ func (s Signature) Describe() string {
 }
 
 func article(word string) string {
-	if word != "" && strings.ContainsRune("aeiouAEIOU", rune(word[0])) {
+	// "an xfs": said ex-eff-ess.
+	if word != "" && strings.ContainsRune("aeiouxAEIOUX", rune(word[0])) {
 		return "an"
 	}
 	return "a"
