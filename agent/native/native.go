@@ -126,16 +126,17 @@ func unchanged(comment string) state.Result {
 
 func (e *Executor) modules() map[string]module {
 	return map[string]module{
-		"linux.cmd":     e.cmd,
-		"linux.file":    e.file,
-		"linux.dir":     e.dir,
-		"linux.symlink": e.symlink,
-		"linux.mkfs":    e.mkfs,
-		"linux.mount":   e.mount,
-		"linux.lvm.pv":  e.lvmPV,
-		"linux.lvm.vg":  e.lvmVG,
-		"linux.lvm.lv":  e.lvmLV,
-		"linux.raid":    e.raid,
+		"linux.cmd":         e.cmd,
+		"linux.file":        e.file,
+		"linux.dir":         e.dir,
+		"linux.symlink":     e.symlink,
+		"linux.mkfs":        e.mkfs,
+		"linux.mount":       e.mount,
+		"linux.lvm.pv":      e.lvmPV,
+		"linux.lvm.vg":      e.lvmVG,
+		"linux.lvm.lv":      e.lvmLV,
+		"linux.raid":        e.raid,
+		"linux.supervisord": e.supervisord,
 	}
 }
 
