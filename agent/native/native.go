@@ -126,17 +126,24 @@ func unchanged(comment string) state.Result {
 
 func (e *Executor) modules() map[string]module {
 	return map[string]module{
-		"linux.cmd":         e.cmd,
-		"linux.file":        e.file,
-		"linux.dir":         e.dir,
-		"linux.symlink":     e.symlink,
-		"linux.mkfs":        e.mkfs,
-		"linux.mount":       e.mount,
-		"linux.lvm.pv":      e.lvmPV,
-		"linux.lvm.vg":      e.lvmVG,
-		"linux.lvm.lv":      e.lvmLV,
-		"linux.raid":        e.raid,
-		"linux.supervisord": e.supervisord,
+		"linux.cmd":          e.cmd,
+		"linux.file":         e.file,
+		"linux.dir":          e.dir,
+		"linux.symlink":      e.symlink,
+		"linux.mkfs":         e.mkfs,
+		"linux.mount":        e.mount,
+		"linux.lvm.pv":       e.lvmPV,
+		"linux.lvm.vg":       e.lvmVG,
+		"linux.lvm.lv":       e.lvmLV,
+		"linux.raid":         e.raid,
+		"linux.supervisord":  e.supervisord,
+		"linux.puppet.apply": e.puppetApply,
+		"linux.puppet.agent": e.puppetAgent,
+		"linux.puppet.run":   e.puppetRunOnce,
+		"linux.chef.client":  e.chefClient,
+		"linux.chef.solo":    e.chefSolo,
+		"linux.mesos.master": e.refuse("linux.mesos.master"),
+		"linux.mesos.slave":  e.refuse("linux.mesos.slave"),
 	}
 }
 
