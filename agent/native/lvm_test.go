@@ -65,11 +65,23 @@ func TestLVMCreatesWhatIsMissing(t *testing.T) {
 		loopdev.New(t, rig.root, n, 64<<20)
 	}
 
+	// Check mode: nothing installed, nothing created.
+	check := rig.apply(t, "linux.lvm.pv", `{"path": ["/dev/sdb1", "/dev/sdb2"]}`, true)
+	if !check.OK || !check.Changed || check.Comment != "Physical volumes /dev/sdb1, /dev/sdb2 would be updated: created on /dev/sdb1, /dev/sdb2, package lvm2 would be installed (it provides lvm)" {
+		t.Fatalf("check mode: %+v", check)
+	}
+	if rig.e.sys.HasTool("lvm") {
+		t.Fatal("check mode installed lvm2")
+	}
 	mark := rig.runs.Mark()
 	first := rig.converges(t, "linux.lvm.pv", `{"path": ["/dev/sdb1", "/dev/sdb2"]}`, lvmTools...)
 	mustOK(t, first, "Physical volumes /dev/sdb1, /dev/sdb2 updated: created on /dev/sdb1, /dev/sdb2, installed package lvm2 (prerequisite: lvm)")
 	ranExactly(t, rig, mark, []string{"pvcreate /dev/sdb1 /dev/sdb2"}, "pvcreate", "vgcreate", "lvcreate")
 
+	check = rig.apply(t, "linux.lvm.vg", `{"name": "vgtest", "path": ["/dev/sdb1", "/dev/sdb2"]}`, true)
+	if !check.Changed || check.Comment != "Volume group vgtest would be updated: created with /dev/sdb1, /dev/sdb2" {
+		t.Fatalf("check mode: %+v", check)
+	}
 	mark = rig.runs.Mark()
 	first = rig.converges(t, "linux.lvm.vg", `{"name": "vgtest", "path": ["/dev/sdb1", "/dev/sdb2"]}`, lvmTools...)
 	mustOK(t, first, "Volume group vgtest updated: created with /dev/sdb1, /dev/sdb2")
@@ -92,6 +104,10 @@ func TestLVMCreatesWhatIsMissing(t *testing.T) {
 	}
 
 	// The LV, with the IDE's "lv-size" spelling.
+	check = rig.apply(t, "linux.lvm.lv", `{"name": "lvtest", "vg-name": "vgtest", "lv-size": "20M"}`, true)
+	if !check.Changed || check.Comment != "Logical volume vgtest/lvtest would be updated: created" {
+		t.Fatalf("check mode: %+v", check)
+	}
 	mark = rig.runs.Mark()
 	first = rig.converges(t, "linux.lvm.lv", `{"name": "lvtest", "vg-name": "vgtest", "lv-size": "20M", "path": ["/dev/sdb1", "/dev/sdb2"]}`, lvmTools...)
 	mustOK(t, first, "Logical volume vgtest/lvtest updated: created")

@@ -60,7 +60,9 @@ func TestPuppetApplyForReal(t *testing.T) {
 	if _, err := os.Stat(filepath.Join(rig.root, "srv/hello")); err == nil {
 		t.Fatal("the manifest after a failed one ran")
 	}
-	mustFail(t, rig.apply(t, "linux.puppet.apply", `{"manifests": ["/etc/site.pp"], "version": "3.7.3"}`, false), "linux.puppet.apply: puppet 7.23.0-1+deb12u1 is installed (package puppet), not version 3.7.3")
+	r = rig.apply(t, "linux.puppet.apply", `{"manifests": ["/etc/site.pp"], "version": "3.7.3"}`, false)
+	mustFail(t, r, "linux.puppet.apply: puppet 7.23.0-1")
+	mustFail(t, r, "is installed (package puppet), not version 3.7.3: install that version first")
 	mustOK(t, rig.apply(t, "linux.puppet.apply", `{"manifests": ["/etc/site.pp"], "version": "7.23.0"}`, false), "changes applied")
 }
 
