@@ -261,7 +261,6 @@ func familyRegexp(name string) string {
 	return "^/" + regexp.QuoteMeta(name) + "(_[0-9]+)?$"
 }
 
-
 // renewContainers recreates the named containers (and their name_N
 // siblings) after their image changed: one created by
 // linux.docker.running is recreated from the configuration on its label,

@@ -53,7 +53,7 @@ func TestGitInstallsGitAndClones(t *testing.T) {
 	param := gitParam("path", "/srv/app", "repo", url)
 
 	first := mustApply(t, r, "common.git", param)
-	if !first.Changed || !strings.Contains(first.Comment, "git installed (package git)") || !strings.Contains(first.Comment, "cloned to /srv/app at master") {
+	if !first.Changed || !strings.Contains(first.Comment, "git installed (prerequisite)") || !strings.Contains(first.Comment, "cloned to /srv/app at master") {
 		t.Fatalf("first round: %+v", first)
 	}
 	if got := readIn(t, r.root, "/srv/app/index.html"); got != "v1\n" {
@@ -394,7 +394,7 @@ func TestGitCheckModeClonesNothing(t *testing.T) {
 func TestGitCheckModeNamesThePrerequisites(t *testing.T) {
 	r := newDebianRig(t)
 	res := r.apply(t, "common.git", gitParam("path", "/srv/app", "repo", "git@example.com:team/app.git"), true)
-	if !res.OK || !res.Changed || !strings.Contains(res.Comment, "git would be installed; ssh would be installed; Repository git@example.com:team/app.git would be cloned to /srv/app") {
+	if !res.OK || !res.Changed || !strings.Contains(res.Comment, "git would be installed (prerequisite); openssh-client would be installed (prerequisite); Repository git@example.com:team/app.git would be cloned to /srv/app") {
 		t.Fatalf("check mode: %+v", res)
 	}
 	if ran := r.runs.Ran(0, "apt-get", "dpkg", "git"); len(ran) > 0 {

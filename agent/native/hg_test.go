@@ -28,7 +28,7 @@ func TestHgInstallsMercurialAndClones(t *testing.T) {
 	debroot.UseExtras(t, r.root)
 	param := gitParam("path", "/srv/app", "repo", server.URL)
 	first := mustApply(t, r, "common.hg", param)
-	if !first.Changed || !strings.Contains(first.Comment, "hg installed (package mercurial)") || !strings.Contains(first.Comment, "cloned to /srv/app at default") {
+	if !first.Changed || !strings.Contains(first.Comment, "mercurial installed (prerequisite)") || !strings.Contains(first.Comment, "cloned to /srv/app at default") {
 		t.Fatalf("first round: %+v", first)
 	}
 	if readIn(t, r.root, "/srv/app/README") != "one\n" || hgParent(t, r.root, "/srv/app") != tip {

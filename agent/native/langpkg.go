@@ -165,16 +165,12 @@ func convergePackages(ctx context.Context, s *stateRun, m langManager, specs []p
 		return c.fail(err)
 	}
 	if !toolReady && c.needsTool(have) {
-		if s.test {
-			c.ch.add("%s installed (prerequisite)", prerequisitePackage(s, pre))
-			return s.result(c.label, append(c.ch, c.plan(have, nil)...)), nil
-		}
-		pkg, err := s.sys.EnsureTool(ctx, pre)
+		missing, err := s.need(ctx, pre, &c.ch)
 		if err != nil {
 			return c.fail(err)
 		}
-		if pkg != "" {
-			c.ch.add("%s installed (prerequisite)", pkg)
+		if missing {
+			return s.result(c.label, append(c.ch, c.plan(have, nil)...)), nil
 		}
 		if have, err = m.installed(ctx, c.keys); err != nil {
 			return c.fail(err)
@@ -352,17 +348,6 @@ func (c *pkgRun) plan(have map[string][]installedPkg, newest map[string]string) 
 		}
 	}
 	return planned
-}
-
-// prerequisitePackage names the package that would provide the tool, for
-// check mode's comment.
-func prerequisitePackage(s *stateRun, pre system.Prerequisite) string {
-	if d, err := s.sys.Distro(); err == nil {
-		if pkg := pre.Packages[d.Family()]; pkg != "" {
-			return pkg
-		}
-	}
-	return pre.Tool
 }
 
 func hasVersion(m langManager, have []installedPkg, want string) bool {

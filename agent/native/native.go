@@ -178,6 +178,20 @@ func (e *Executor) modules() map[string]module {
 		"linux.docker.pulled":  e.dockerPulled,
 		"linux.docker.built":   e.dockerBuilt,
 		"linux.docker.pushed":  e.dockerPushed,
+		"linux.mkfs":           e.mkfs,
+		"linux.mount":          e.mount,
+		"linux.lvm.pv":         e.lvmPV,
+		"linux.lvm.vg":         e.lvmVG,
+		"linux.lvm.lv":         e.lvmLV,
+		"linux.raid":           e.raid,
+		"linux.supervisord":    e.supervisord,
+		"linux.puppet.apply":   e.puppetApply,
+		"linux.puppet.agent":   e.puppetAgent,
+		"linux.puppet.run":     e.puppetRunOnce,
+		"linux.chef.client":    e.chefClient,
+		"linux.chef.solo":      e.chefSolo,
+		"linux.mesos.master":   e.refuse("linux.mesos.master"),
+		"linux.mesos.slave":    e.refuse("linux.mesos.slave"),
 	}
 }
 

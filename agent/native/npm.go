@@ -122,7 +122,7 @@ func (m *npmManager) modules(ctx context.Context) (string, error) {
 		if err != nil {
 			return nil, fmt.Errorf("asking npm for its global prefix: %w", err)
 		}
-		prefix := string(lastLine(res.Output))
+		prefix := lastLine(res.Output)
 		if !strings.HasPrefix(prefix, "/") {
 			return nil, fmt.Errorf("npm prefix --global: unexpected answer %q", strings.TrimSpace(res.Output))
 		}
@@ -218,7 +218,7 @@ func (m *npmManager) latest(ctx context.Context, names []string) (map[string]str
 		if err != nil {
 			return nil, toolFailed(fmt.Errorf("no registry offers %s, or it could not be asked: %w", n, err), npmHint)
 		}
-		v := string(lastLine(res.Output))
+		v := lastLine(res.Output)
 		if !npmVersionRE.MatchString(v) {
 			return nil, fmt.Errorf("npm view %s version: unexpected answer %q", n, strings.TrimSpace(res.Output))
 		}

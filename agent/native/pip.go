@@ -138,7 +138,7 @@ func (m *pipManager) facts(ctx context.Context) (*pipFacts, error) {
 			return nil, fmt.Errorf("asking %s for its site-packages: %w", pipPython, err)
 		}
 		var f pipFacts
-		if err := json.Unmarshal(lastLine(res.Output), &f); err != nil || len(f.Sites) == 0 {
+		if err := json.Unmarshal([]byte(lastLine(res.Output)), &f); err != nil || len(f.Sites) == 0 {
 			return nil, fmt.Errorf("%s -c …: unexpected answer %q", pipPython, strings.TrimSpace(res.Output))
 		}
 		return &f, nil
@@ -149,11 +149,11 @@ func (m *pipManager) facts(ctx context.Context) (*pipFacts, error) {
 	return v.(*pipFacts), nil
 }
 
-// lastLine is the last non-empty line of a tool's output (warnings may
-// come first).
-func lastLine(out string) []byte {
+// lastLine is the last non-empty line of a tool's output, trimmed
+// (warnings may come first); "" when there is none.
+func lastLine(out string) string {
 	lines := strings.Split(strings.TrimSpace(out), "\n")
-	return []byte(strings.TrimSpace(lines[len(lines)-1]))
+	return strings.TrimSpace(lines[len(lines)-1])
 }
 
 // installed reads the metadata directories of the site-packages: the

@@ -40,7 +40,7 @@ func TestSvnInstallsSubversionAndKeepsThePasswordOffCommandLines(t *testing.T) {
 
 	param := gitParam("path", "/srv/app", "repo", server.URL+"/trunk", "username", "deploy", "password", "s3cret-svn-pw")
 	first := mustApply(t, r, "common.svn", param)
-	if !first.Changed || !strings.Contains(first.Comment, "svn installed (package subversion)") || !strings.Contains(first.Comment, fmt.Sprintf("checked out to /srv/app at r%d", rev)) {
+	if !first.Changed || !strings.Contains(first.Comment, "subversion installed (prerequisite)") || !strings.Contains(first.Comment, fmt.Sprintf("checked out to /srv/app at r%d", rev)) {
 		t.Fatalf("first round: %+v", first)
 	}
 	if readIn(t, r.root, "/srv/app/README") != "one\n" {

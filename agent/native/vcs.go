@@ -165,21 +165,14 @@ func (b *limitedBuffer) Write(p []byte) (int, error) {
 	return len(p), nil
 }
 
-// prerequisite makes sure the tool is installed, installing its package
-// when it is missing. It returns what to say about it ("" when the tool
-// was there); in check mode it installs nothing and says it would.
+// prerequisite is need for the source modules, which say what they
+// installed before their own comment ("" when the tool was there).
 func (s *stateRun) prerequisite(ctx context.Context, pre system.Prerequisite) (string, error) {
-	if s.sys.HasTool(pre.Tool) {
-		return "", nil
-	}
-	if s.test {
-		return fmt.Sprintf("%s would be installed", pre.Tool), nil
-	}
-	pkg, err := s.sys.EnsureTool(ctx, pre)
-	if err != nil {
+	var ch changes
+	if _, err := s.need(ctx, pre, &ch); err != nil {
 		return "", failf("%v", err)
 	}
-	return fmt.Sprintf("%s installed (package %s)", pre.Tool, pkg), nil
+	return strings.Join(ch, ", "), nil
 }
 
 // checkoutKind is what a state's path holds.

@@ -287,12 +287,8 @@ func (v *venv) build(ctx context.Context, python, why string) error {
 				return err
 			}
 		} else {
-			pkg, err := s.sys.EnsureTool(ctx, system.Prerequisite{Tool: pipPython, Packages: map[system.Family]string{system.FamilyRHEL: "python3"}})
-			if err != nil {
+			if _, err := s.need(ctx, system.Prerequisite{Tool: pipPython, Packages: map[system.Family]string{system.FamilyRHEL: "python3"}}, &v.ch); err != nil {
 				return err
-			}
-			if pkg != "" {
-				v.ch.add("%s installed (prerequisite)", pkg)
 			}
 		}
 	}
@@ -300,7 +296,7 @@ func (v *venv) build(ctx context.Context, python, why string) error {
 	if err != nil {
 		return fmt.Errorf("%s does not run: %w", python, err)
 	}
-	ver := pyVersionRE.FindStringSubmatch(string(lastLine(res.Output)))
+	ver := pyVersionRE.FindStringSubmatch(lastLine(res.Output))
 	if ver == nil {
 		return fmt.Errorf("%s -c …: unexpected version %q", python, strings.TrimSpace(res.Output))
 	}
@@ -308,15 +304,11 @@ func (v *venv) build(ctx context.Context, python, why string) error {
 	if ver[1] == "2" {
 		// Python 2 has no venv module: the virtualenv tool makes its
 		// environments.
-		pkg, err := s.sys.EnsureTool(ctx, system.Prerequisite{Tool: "virtualenv", Packages: map[system.Family]string{
+		if _, err := s.need(ctx, system.Prerequisite{Tool: "virtualenv", Packages: map[system.Family]string{
 			system.FamilyDebian: "virtualenv",
 			system.FamilyRHEL:   "python3-virtualenv",
-		}})
-		if err != nil {
+		}}, &v.ch); err != nil {
 			return err
-		}
-		if pkg != "" {
-			v.ch.add("%s installed (prerequisite)", pkg)
 		}
 		args := []string{"--python", python}
 		if v.site {

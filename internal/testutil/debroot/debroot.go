@@ -54,6 +54,8 @@ var Extras = []string{
 	"python3-pip", "python3-venv", "ruby", "npm", // common.pip.package, common.virtualenv, common.gem.package, common.npm.package
 	"supervisor",                       // linux.supervisord
 	"openssh-client", "openssh-server", // common.git over ssh: the client git runs, and a test's server
+	"xfsprogs", "lvm2", "mdadm", // linux.mkfs (xfs), linux.lvm.*, linux.raid
+	"puppet", // linux.puppet.*
 }
 
 // Base is the cached base root: its directory (never modify it) and the
