@@ -141,6 +141,14 @@ func (p params) pairs(name string) ([]pair, error) {
 		if json.Unmarshal(raw, &n) == nil {
 			return n.String(), true
 		}
+		return "", false
+	}
+	// A value may be a boolean (docker's {"key": "privileged", "value":
+	// true}); the parameter itself, a list of names, may not.
+	value := func(raw json.RawMessage) (string, bool) {
+		if s, ok := scalar(raw); ok {
+			return s, true
+		}
 		var b bool
 		if json.Unmarshal(raw, &b) == nil {
 			return strconv.FormatBool(b), true
@@ -162,7 +170,7 @@ func (p params) pairs(name string) ([]pair, error) {
 		sort.Strings(keys)
 		var out []pair
 		for _, k := range keys {
-			val, ok := scalar(obj[k])
+			val, ok := value(obj[k])
 			if !ok {
 				return nil, &badParam{name + "." + k, "must be a string, got " + kindOf(obj[k])}
 			}
@@ -191,7 +199,7 @@ func (p params) pairs(name string) ([]pair, error) {
 		if json.Unmarshal(it, &kv) != nil || kv.Key == nil {
 			return nil, &badParam{fmt.Sprintf("%s[%d]", name, i), "must be a {key, value} entry, got " + kindOf(it)}
 		}
-		val, ok := scalar(kv.Value)
+		val, ok := value(kv.Value)
 		if !ok {
 			return nil, &badParam{fmt.Sprintf("%s[%d].value", name, i), "must be a string, got " + kindOf(kv.Value)}
 		}
