@@ -183,7 +183,7 @@ func forkExecutor(t testing.TB) *saltExecutor {
 		t.Fatal(err)
 	}
 	copyTree(t, saltfork.Libs(t), filepath.Join(dir, "wheelhouse"))
-	s := newSaltExecutor(config.NewLayout(root, conf, cfg), cfg, slog.New(slog.DiscardHandler), func(string) {}, nil)
+	s := newSaltExecutor(config.NewLayout(root, conf, cfg), convertConfig(config.NewLayout(root, conf, cfg), cfg).Salt, slog.New(slog.DiscardHandler), func(string) {}, nil)
 	t.Cleanup(s.Close)
 	s.BeginRound(&protocol.ModuleSource{Repo: url, Tag: saltfork.Tag})
 	return s

@@ -36,7 +36,7 @@ func TestSaltExecutorReportsAndClearsProblems(t *testing.T) {
 	}
 	var mu sync.Mutex
 	problem := "unset"
-	s := newSaltExecutor(config.NewLayout(root, conf, cfg), cfg, slog.New(slog.DiscardHandler), func(m string) { mu.Lock(); problem = m; mu.Unlock() }, nil)
+	s := newSaltExecutor(config.NewLayout(root, conf, cfg), convertConfig(config.NewLayout(root, conf, cfg), cfg).Salt, slog.New(slog.DiscardHandler), func(m string) { mu.Lock(); problem = m; mu.Unlock() }, nil)
 	defer s.Close()
 	req := state.Request{RecipeVersion: 1, StateID: "s", Module: "linux.cmd", Parameter: json.RawMessage(`{"cmd":"echo ok"}`)}
 
@@ -92,9 +92,9 @@ func TestNoPython2ForAPython2Repository(t *testing.T) {
 	if _, err := os.Stat("/usr/bin/python2.7"); err == nil {
 		t.Skip("this machine has /usr/bin/python2.7")
 	}
-	salt := newSaltExecutor(config.NewLayout(root, conf, cfg), cfg, slog.New(slog.DiscardHandler), func(string) {}, nil)
+	salt := newSaltExecutor(config.NewLayout(root, conf, cfg), convertConfig(config.NewLayout(root, conf, cfg), cfg).Salt, slog.New(slog.DiscardHandler), func(string) {}, nil)
 	defer salt.Close()
-	router := &rounds.Router{Engine: rounds.EngineAuto, Salt: salt, Native: native.New(native.Options{Root: root})}
+	router := &rounds.Router{Engine: config.EngineAuto, Salt: salt, Native: native.New(native.Options{Root: root})}
 	router.BeginRound(&protocol.ModuleSource{Repo: url, Tag: "master"})
 	res := router.Execute(context.Background(), state.Request{StateID: "pkg", Module: "linux.apt.package", Parameter: json.RawMessage(`{"name":[{"key":"nginx"}]}`)})
 	want := "the states repository needs Python 2.7 (Salt 2014.1.0), which is not installed on this instance: install python2.7, or set [agent] engine = native"

@@ -33,11 +33,18 @@ func walk(ctx context.Context, r io.Reader, lim Limits, fn entryFunc) error {
 	err = archives.Tar{}.Extract(ctx, s, func(_ context.Context, f archives.FileInfo) error {
 		return c.entry(f, fn)
 	})
+	if errors.Is(err, errEnough) {
+		return nil // fn has what it wanted: the rest is not read (ExtractFiles)
+	}
 	if err == nil {
 		err = finish(s)
 	}
 	return classify(err)
 }
+
+// errEnough, returned by an entryFunc, ends a walk early and successfully:
+// the rest of the stream is neither read nor checked.
+var errEnough = errors.New("archive: every wanted entry taken")
 
 // open stacks the capped compressed input, the gzip reader and the capped
 // decompressed stream. The compressed side is capped too because empty

@@ -100,7 +100,7 @@ type Agent struct {
 	KillGrace           time.Duration
 	AppNotReadyDelay    time.Duration
 	UpdateHealthTimeout time.Duration // a new version must handshake within this, or it is rolled back
-	Engine              string        // auto, native or salt
+	Engine              Engine        // how states are executed
 	OutboxLimit         int           // StateLogs kept while undelivered
 	OutboxMaxBytes      int           // bytes of StateLogs kept while undelivered
 	OutboxMaxAge        time.Duration // undelivered StateLogs older than this are dropped
@@ -386,9 +386,6 @@ func validName(s string) bool {
 	}
 	return true
 }
-
-// Known reports whether section.key is a key the agent understands.
-func Known(section, key string) bool { return lookup(section, key) != nil }
 
 // Bytes renders the config: the original document with the typed values
 // written back. Keys that are absent from the file and still at their
@@ -704,17 +701,6 @@ func ParseSize(v string) (int, error) {
 	return int(n * mult), nil
 }
 
-func oneOf(values ...string) func(string) error {
-	return func(v string) error {
-		for _, ok := range values {
-			if strings.EqualFold(v, ok) {
-				return nil
-			}
-		}
-		return fmt.Errorf("expected one of %s", strings.Join(values, ", "))
-	}
-}
-
 func urlWithScheme(schemes ...string) func(string) error {
 	return func(v string) error {
 		u, err := url.Parse(v)
@@ -800,7 +786,7 @@ var fields = []field{
 	duration("agent", "kill_grace", "10s", time.Second, func(c *Config) *time.Duration { return &c.Agent.KillGrace }),
 	duration("agent", "app_not_ready_delay", "30s", time.Second, func(c *Config) *time.Duration { return &c.Agent.AppNotReadyDelay }),
 	duration("agent", "update_health_timeout", "2m0s", time.Second, func(c *Config) *time.Duration { return &c.Agent.UpdateHealthTimeout }),
-	withCheck(str("agent", "engine", "auto", func(c *Config) *string { return &c.Agent.Engine }), oneOf("auto", "native", "salt")),
+	engineField("agent", "engine", "auto", func(c *Config) *Engine { return &c.Agent.Engine }),
 	integer("agent", "outbox_limit", "10000", 1, func(c *Config) *int { return &c.Agent.OutboxLimit }),
 	integer("agent", "outbox_max_bytes", "67108864", 64<<10, func(c *Config) *int { return &c.Agent.OutboxMaxBytes }),
 	duration("agent", "outbox_max_age", "24h0m0s", time.Second, func(c *Config) *time.Duration { return &c.Agent.OutboxMaxAge }),
@@ -808,7 +794,7 @@ var fields = []field{
 }
 
 // Keys lists every known key as "section.key" with its default, in file
-// order: the README's table and `opsagent install --set` check against it.
+// order (the README's table is checked against it).
 func Keys() [][2]string {
 	out := make([][2]string, len(fields))
 	for i, f := range fields {

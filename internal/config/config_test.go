@@ -90,7 +90,7 @@ func TestLoadSpecExample(t *testing.T) {
 		"tag":     {c.Module.Tag, "v2015-03-26"},
 		"token":   {c.Global.TokenFile, "/etc/opsagent.token"},
 		"loglvl":  {c.Global.LogLevel, "INFO"},
-		"engine":  {c.Agent.Engine, "auto"},
+		"engine":  {string(c.Agent.Engine), "auto"},
 		"meta":    {c.Network.Metadata, "http://169.254.169.254"},
 		"version": {c.Userdata.Version, "2.1"},
 	}
@@ -312,7 +312,7 @@ func TestGetSetUnknownAndKnown(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := c.Set("agent", "engine", "native"); err != nil || c.Agent.Engine != "native" {
+	if err := c.Set("agent", "engine", "native"); err != nil || c.Agent.Engine != EngineNative {
 		t.Errorf("Set engine: %v, engine=%q", err, c.Agent.Engine)
 	}
 	if err := c.Set("agent", "kill_grace", "forever"); err == nil {
