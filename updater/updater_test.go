@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"compress/gzip"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net/http"
@@ -407,4 +408,66 @@ func rawTarGz(t *testing.T, entries []tarEntry) []byte {
 	tw.Close()
 	gz.Close()
 	return buf.Bytes()
+}
+
+// A link planted where the updater writes (the download, resumed from an
+// earlier run's partial file; the binary staged for the swap, under its
+// name now and the name it had before) is refused with its name and
+// never written through.
+func TestPrepareNeverWritesThroughALink(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		plant func(r *rig, url, victim string) []string // the links planted
+	}{
+		{"resumed download", func(r *rig, url, victim string) []string {
+			tarball := partialPath(r)
+			if err := os.MkdirAll(filepath.Dir(tarball), 0o700); err != nil {
+				t.Fatal(err)
+			}
+			meta, _ := json.Marshal(partialMeta{URL: url})
+			if err := os.WriteFile(metaPath(tarball), meta, 0o600); err != nil {
+				t.Fatal(err)
+			}
+			return []string{tarball}
+		}},
+		{"staged binary", func(r *rig, _, _ string) []string {
+			return []string{stagedBinary(r.layout.Binary()), r.layout.Binary() + ".new"}
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			r := newRig(t)
+			r.publish("2.0.0", "2.0.0", r.key)
+			victim := filepath.Join(t.TempDir(), "victim")
+			if err := os.WriteFile(victim, []byte("someone else's\n"), 0o644); err != nil {
+				t.Fatal(err)
+			}
+			links := tc.plant(r, r.b.srv.URL+"/2.0.0/"+dist.TarballName, victim)
+			for _, l := range links {
+				if err := os.Symlink(victim, l); err != nil {
+					t.Fatal(err)
+				}
+			}
+			_, err := r.updater(nil).Prepare(context.Background(), Request{Version: "2.0.0"})
+			if data, _ := os.ReadFile(victim); string(data) != "someone else's\n" {
+				t.Errorf("the update wrote %d bytes through a link", len(data))
+			}
+			if err == nil || !strings.Contains(err.Error(), links[0]) || !strings.Contains(err.Error(), "symbolic link") {
+				t.Errorf("Prepare: %v; want a refusal naming the link %s", err, links[0])
+			}
+		})
+	}
+}
+
+// The smoke test reads the new binary's standard output alone
+// (version.Query, as the installer asks): a release that prints a warning
+// on standard error is not refused for it.
+func TestSmokeTestReadsStandardOutput(t *testing.T) {
+	r := newRig(t)
+	r.publish("2.0.0", "2.0.0", r.key,
+		archive.Entry{Name: "VERSION", Mode: 0o644, Data: []byte("2.0.0\n")},
+		archive.Entry{Name: dist.BinaryName(runtime.GOARCH), Mode: 0o755, Data: []byte("#!/bin/sh\necho 'warning: GODEBUG setting ignored' >&2\necho '{\"version\":\"2.0.0\"}'\n")},
+	)
+	if _, err := r.updater(nil).Do(context.Background(), Request{Version: "2.0.0"}); err != nil {
+		t.Fatalf("a release that warns on stderr: %v", err)
+	}
 }
