@@ -261,7 +261,7 @@ func duplicates(name string, data []byte) []string {
 }
 
 // checkValue is the one rule for every value of the file, known key or
-// not, that the reader (Parse) and the writers (Set, and through it
+// not, that the reader (Parse) and the writer (Set, and through it
 // `install --set` and `userdata`) share: one line of text without control
 // characters (a tab aside). A backquoted value may span lines in INI, but
 // the states repository's bootstrap.sh reads the file line by line, and
@@ -277,14 +277,6 @@ func checkValue(v string) error {
 		}
 	}
 	return nil
-}
-
-// CheckValue applies the rule every value of the file obeys (see
-// checkValue) and, for a known key, its own parser: what a writer that
-// is not the installer (the userdata renderer) checks before it promises
-// a value that `install` will write and the agent will read.
-func CheckValue(section, key, value string) error {
-	return New("").Set(section, key, value)
 }
 
 // Check is what Owner checks before it writes: the values are complete

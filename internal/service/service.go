@@ -98,6 +98,7 @@ func RenderUnit(l config.Layout) []byte {
 	}
 	return render("opsagent.service.tmpl", map[string]string{
 		"CronScript": unitQuote(l.CronScript(), false),
+		"PreStart":   ModePreStart,
 		"ExecStart":  strings.Join(words, " "),
 	})
 }

@@ -143,7 +143,7 @@ func StartWatch(l config.Layout) error {
 	if _, err := os.Stat(script); err != nil {
 		return fmt.Errorf("start the watchdog: %w (opsagent install writes it)", err)
 	}
-	cmd := exec.Command("/bin/sh", "-c", `/bin/sh "$0" watch </dev/null >/dev/null 2>&1 &`, script)
+	cmd := exec.Command("/bin/sh", "-c", `/bin/sh "$0" "$1" </dev/null >/dev/null 2>&1 &`, script, ModeWatch)
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
 	cmd.WaitDelay = 5 * time.Second
 	if out, err := cmd.CombinedOutput(); err != nil {

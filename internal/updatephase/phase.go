@@ -39,14 +39,9 @@ func All() []Phase {
 	return []Phase{Downloading, Verifying, Extracting, SmokeTesting, Ready, Swapping, Confirming, Done, RolledBack, Failed, Refused}
 }
 
-// Ended reports whether an update in phase p is over: it worked (Done),
-// or it did not and the running binary is the one it replaced (Refused,
+// Unsuccessful reports whether p ends an update that did not take: the
+// binary that runs is the one it would have replaced (Refused,
 // RolledBack, Failed).
-func (p Phase) Ended() bool {
-	return p == Done || p.Unsuccessful()
-}
-
-// Unsuccessful reports whether p ends an update that did not take.
 func (p Phase) Unsuccessful() bool {
 	return p == Refused || p == RolledBack || p == Failed
 }
