@@ -15,7 +15,10 @@ import (
 )
 
 // Artifact names, in dist/ after a build and under <prefix><version>/ in
-// the bucket (LatestName sits at <prefix>).
+// the bucket (LatestName sits at <prefix>). TarballName holds VERSION
+// first, then one binary per architecture (BinaryName, in Arches' order),
+// then userdata.sh: the updater takes VERSION and its own binary in one
+// pass that stops there, so the order only costs or saves time.
 const (
 	TarballName   = "opsagent.tgz"
 	ChecksumName  = TarballName + ".sha256"

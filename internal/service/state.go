@@ -4,7 +4,6 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
-	"os"
 	"strconv"
 	"strings"
 	"syscall"
@@ -223,7 +222,8 @@ func reasonSuffix(r string) string {
 // takes in the watchdog), waiting up to stateLockWait.
 func lockState(path string) (unlock func(), err error) {
 	lp := stateLockPath(path)
-	f, err := os.OpenFile(lp, os.O_RDWR|os.O_CREATE, 0o600)
+	// Never through a link planted at the lock's name.
+	f, err := fsutil.AppendFixedFile(lp, 0o600)
 	if err != nil {
 		return nil, fmt.Errorf("update state lock: %w (is the state directory there? opsagent install creates it)", err)
 	}

@@ -184,3 +184,29 @@ func TestEditUpdateStateError(t *testing.T) {
 		t.Errorf("missing state directory: %v", err)
 	}
 }
+
+// The locks beside the update state and cron.sh are never opened through
+// a link planted at their names: a dangling one would have the lock
+// created wherever it points. Each refusal names the link.
+func TestStateLocksRefuseLinks(t *testing.T) {
+	l := tempLayout(t, "root")
+	mustMkdir(t, l.StateDir())
+	elsewhere := t.TempDir()
+	for _, lock := range []string{stateLockPath(l.UpdateStateFile()), l.WatchdogLockFile()} {
+		if err := os.Symlink(filepath.Join(elsewhere, filepath.Base(lock)), lock); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := WriteUpdateState(l.UpdateStateFile(), UpdateState{Phase: updatephase.Done}); err == nil || !strings.Contains(err.Error(), stateLockPath(l.UpdateStateFile())) {
+		t.Errorf("WriteUpdateState through a link at its lock: %v", err)
+	}
+	if release, err := HoldWatchdog(l, time.Second); err == nil || !strings.Contains(err.Error(), l.WatchdogLockFile()) {
+		if err == nil {
+			release()
+		}
+		t.Errorf("HoldWatchdog through a link at its lock: %v", err)
+	}
+	if entries, _ := os.ReadDir(elsewhere); len(entries) != 0 {
+		t.Errorf("a lock was created through a link: %s", entries[0].Name())
+	}
+}

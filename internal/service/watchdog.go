@@ -186,7 +186,8 @@ func StopWatchdogs(l config.Layout) int {
 // a binary is swapped with no agent running. It waits up to wait for a
 // pass in progress; release gives the lock back.
 func HoldWatchdog(l config.Layout, wait time.Duration) (release func(), err error) {
-	f, err := os.OpenFile(l.WatchdogLockFile(), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+	// Never through a link planted at the lock's name.
+	f, err := fsutil.AppendFixedFile(l.WatchdogLockFile(), 0o600)
 	if err != nil {
 		return nil, fmt.Errorf("watchdog lock: %w", err)
 	}
