@@ -261,7 +261,7 @@ func runSession(ctx context.Context, opts Options, cfg *config.Config, layout co
 	if engineUpdater == nil {
 		uo := o.Update
 		uo.Current, uo.Target, uo.Logger = opts.Version, opts.Binary, log.With("part", "update")
-		uo.Source = func() updater.Source { return releaseSource(owner.Current()) }
+		uo.Source = func() updater.Source { return updater.SourceOf(owner.Current()) } // as userdata changes it
 		s.update = updater.New(uo)
 		engineUpdater = roundsUpdater{s.update}
 		if msg := updater.KeyProblem(cur.Userdata.PubKey, layout.ConfigFile(), uo.EmbeddedKey); msg != "" {

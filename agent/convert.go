@@ -84,12 +84,6 @@ func convertConfig(l config.Layout, c *config.Config) components {
 	}
 }
 
-// releaseSource is where updates come from, as the config says now
-// (userdata may change it while the agent runs).
-func releaseSource(c *config.Config) updater.Source {
-	return updater.Source{BaseRemote: c.Userdata.BaseRemote, TrustedKeys: []string{c.Userdata.PubKey}}
-}
-
 // rootedOrEmpty maps an instance path of the config below the root ("" stays "").
 func rootedOrEmpty(l config.Layout, p string) string {
 	if p == "" {

@@ -8,6 +8,7 @@ import (
 
 	"github.com/visualops/opsagent/internal/config"
 	"github.com/visualops/opsagent/internal/fsutil"
+	"github.com/visualops/opsagent/updater"
 )
 
 // The conversion on its own: every key a component uses reaches its
@@ -76,8 +77,8 @@ output_limit = 2048
 		{"app_not_ready_delay", o.Conn.AppNotReadyDelay, 7 * time.Second},
 		{"update_health_timeout", o.Update.HealthTimeout, 90 * time.Second},
 		{"update layout", o.Update.Layout, l},
-		{"base_remote", releaseSource(c).BaseRemote, "https://releases.example/opsagent"},
-		{"pubkey", releaseSource(c).TrustedKeys[0], c.Userdata.PubKey},
+		{"base_remote", updater.SourceOf(c).BaseRemote, "https://releases.example/opsagent"},
+		{"pubkey", updater.SourceOf(c).TrustedKeys[0], c.Userdata.PubKey},
 	}
 	for _, ck := range checks {
 		if ck.got != ck.want {

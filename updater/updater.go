@@ -102,6 +102,12 @@ type Source struct {
 	TrustedKeys []string
 }
 
+// SourceOf converts the config's [userdata] base_remote and pubkey into a
+// Source: the one conversion, for the agent and `opsagent update` alike.
+func SourceOf(c *config.Config) Source {
+	return Source{BaseRemote: c.Userdata.BaseRemote, TrustedKeys: []string{c.Userdata.PubKey}}
+}
+
 // Step is where an update stands.
 type Step struct {
 	Phase   updatephase.Phase // up to Confirming, or Refused

@@ -63,17 +63,11 @@ func updateCommand() *cli.Command {
 			return updater.ByHand(ctx, updater.HandOptions{
 				Layout: l, Request: req, Wait: cmd.Duration("wait"), Out: out,
 				Progress: func() (updater.Progress, error) { return progressOf(l, req.Version) },
-				Self:     self, Current: version.Version, Source: releaseSource(cfg), EmbeddedKey: dist.EmbeddedPublicKey(),
+				Self:     self, Current: version.Version, Source: updater.SourceOf(cfg), EmbeddedKey: dist.EmbeddedPublicKey(),
 				HealthTimeout: cfg.Agent.UpdateHealthTimeout, OnStep: func(s updater.Step) { printStep(out, term, s) },
 			})
 		},
 	}
-}
-
-// releaseSource is where `opsagent update` takes releases from: the
-// config's [userdata] base_remote and pubkey.
-func releaseSource(cfg *config.Config) updater.Source {
-	return updater.Source{BaseRemote: cfg.Userdata.BaseRemote, TrustedKeys: []string{cfg.Userdata.PubKey}}
 }
 
 // progressOf reads what the running agent's status file says of the
