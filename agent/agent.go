@@ -33,6 +33,7 @@ import (
 	"github.com/visualops/opsagent/internal/clock"
 	"github.com/visualops/opsagent/internal/config"
 	"github.com/visualops/opsagent/internal/fsutil"
+	"github.com/visualops/opsagent/internal/system"
 	"github.com/visualops/opsagent/protocol"
 	"github.com/visualops/opsagent/updater"
 )
@@ -227,6 +228,7 @@ type session struct {
 
 	update  *updater.Updater      // nil when Options.Updater replaces it (tests)
 	confirm *updater.Confirmation // this run's side of an update
+	sys     *system.Host          // the system below the root, shown in status
 
 	mu         sync.Mutex
 	initErrors []string
@@ -275,7 +277,10 @@ func runSession(ctx context.Context, opts Options, cfg *config.Config, layout co
 	if err := bridge.WriteScript(layout.BridgeScript()); err != nil {
 		s.addInitError(fmt.Sprintf("cannot write bridge.py: %v", err))
 	}
-	executor, closeExec := newExecutor(layout, o, log, nil, s.setSaltError, func(p string) {
+	// The system below the root (distribution, package manager, init) is
+	// detected once, by the first module or status write that asks.
+	s.sys = system.New(system.Options{Root: layout.Root(), Logger: log.With("part", "system"), KillGrace: o.Native.KillGrace, OutputLimit: o.Native.OutputLimit})
+	executor, closeExec := newExecutor(layout, o, log, s.sys, s.setSaltError, func(p string) {
 		if _, err := owner.Update(func(c *config.Config) error { c.Global.PackagePath = p; return nil }); err != nil {
 			log.Error("cannot write [global] package_path back to the config", "err", err)
 		}
@@ -490,6 +495,16 @@ func (s *session) keepStatus(ctx context.Context) {
 	}
 }
 
+// systemInfo is the system below the root, for status (nil before the
+// session built it).
+func (s *session) systemInfo() *system.Info {
+	if s.sys == nil {
+		return nil
+	}
+	in := s.sys.Info()
+	return &in
+}
+
 func (s *session) snapshot() statusfile.Snapshot {
 	cs := s.mgr.Status()
 	iid, _ := s.id.CachedInstanceID()
@@ -498,6 +513,7 @@ func (s *session) snapshot() statusfile.Snapshot {
 		AgentVersion: s.opts.Version,
 		InstanceID:   iid,
 		AppID:        s.owner.Current().Userdata.AppID,
+		System:       s.systemInfo(),
 		StartedAt:    s.started,
 		UpdatedAt:    time.Now(),
 		Connection: statusfile.Connection{

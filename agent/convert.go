@@ -62,7 +62,7 @@ func convertConfig(l config.Layout, c *config.Config) components {
 	return components{
 		Engine: c.Agent.Engine,
 		Outbox: outbox.Options{Dir: l.OutboxDir(), MaxEntries: c.Agent.OutboxLimit, MaxBytes: int64(c.Agent.OutboxMaxBytes), MaxAge: c.Agent.OutboxMaxAge},
-		Native: native.Options{Root: l.Root(), OutputLimit: c.Agent.OutputLimit, KillGrace: c.Agent.KillGrace, WatchDir: l.WatchDir()},
+		Native: native.Options{Root: l.Root(), OutputLimit: c.Agent.OutputLimit, KillGrace: c.Agent.KillGrace, WatchDir: l.WatchDir(), StateDir: l.StateDir(), S3: native.S3Options{MetadataURL: c.Network.Metadata}},
 		Salt: saltOptions{
 			Path:   saltbootstrap.PathOptionsFrom(l, c),
 			Bridge: bridge.Options{Script: l.BridgeScript(), WatchDir: l.WatchDir(), OSRoot: osRoot(l), KillGrace: c.Agent.KillGrace},

@@ -57,18 +57,11 @@ func (e *Executor) cronjob(ctx context.Context, s *stateRun) (state.Result, erro
 		}
 		return state.Result{}, failf("%s: %v", what, err)
 	}
-	var note string
-	if !s.sys.HasTool(system.CronPrerequisite.Tool) {
-		if s.test {
-			note = "cron would be installed (linux.cronjob needs crontab)"
-		} else {
-			pkg, err := s.sys.EnsureTool(ctx, system.CronPrerequisite)
-			if err != nil {
-				return state.Result{}, failf("%s: %v", what, err)
-			}
-			note = pkg + " installed (linux.cronjob needs crontab)"
-		}
+	var pre changes
+	if _, err := s.need(ctx, system.CronPrerequisite, &pre); err != nil {
+		return state.Result{}, failf("%s: %v", what, err)
 	}
+	note := strings.Join(pre, ", ")
 	cur, err := s.sys.Crontab(user)
 	if err != nil {
 		return state.Result{}, failf("%s: cannot read it: %v", what, err)

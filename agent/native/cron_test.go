@@ -40,7 +40,7 @@ func TestCronJob(t *testing.T) {
 	param := `{"cmd": ["echo tata >> /tmp/tata.cron 2>&1"], "user": "root"}`
 
 	check := rig.apply(t, "linux.cronjob", param, true)
-	if !check.OK || !check.Changed || check.Comment != `cron would be installed (linux.cronjob needs crontab); Crontab of root would be updated: job "echo tata >> /tmp/tata.cron 2>&1" added` {
+	if !check.OK || !check.Changed || check.Comment != `cron would be installed (prerequisite); Crontab of root would be updated: job "echo tata >> /tmp/tata.cron 2>&1" added` {
 		t.Fatalf("check mode on a root without cron: %+v", check)
 	}
 	if rig.e.sys.HasTool("crontab") || len(rig.runs.Since(0)) > 0 {
@@ -49,7 +49,7 @@ func TestCronJob(t *testing.T) {
 
 	debroot.UseExtras(t, rig.root)
 	first := rig.converges(t, "linux.cronjob", param, "crontab", "apt-get", "dpkg")
-	if first.Comment != `cron installed (linux.cronjob needs crontab); Crontab of root updated: job "echo tata >> /tmp/tata.cron 2>&1" added` {
+	if first.Comment != `cron installed (prerequisite); Crontab of root updated: job "echo tata >> /tmp/tata.cron 2>&1" added` {
 		t.Fatalf("comment %q", first.Comment)
 	}
 	if got := crontabOf(t, rig, "root"); got != cronMarker+"\n* * * * * echo tata >> /tmp/tata.cron 2>&1\n" {

@@ -283,23 +283,44 @@ func (e *Executor) watchSums(s *stateRun, files []watched) (map[string]string, [
 	sums := map[string]string{}
 	var changed []string
 	for _, f := range files {
-		sum := ""
-		data, err := s.fs.ReadFile(f.path, maxWatched)
-		switch {
-		case errors.Is(err, rootfs.ErrTooLarge):
-			return nil, nil, fmt.Errorf("watched file %s is larger than %d MiB: watch the configuration files instead", f.path, maxWatched>>20)
-		case err == nil:
-			h := md5.Sum(data)
-			sum = hex.EncodeToString(h[:])
+		c, err := e.watchCheck(s, f, sums)
+		if err != nil {
+			return nil, nil, err
 		}
-		file := e.watchFile(s.id, f.given)
-		sums[file] = sum
-		old, err := os.ReadFile(file)
-		if err != nil || strings.TrimSpace(string(old)) != sum {
+		if c.changed || !c.seen {
 			changed = append(changed, f.path)
 		}
 	}
 	return sums, changed, nil
+}
+
+// watchCheck is one watched file against its stored checksum.
+type watchCheck struct {
+	changed bool // stored and different
+	seen    bool // a checksum was stored
+}
+
+// watchCheck checksums one watched file into sums (keyed by its checksum
+// file, for storeWatchSums) and compares it with the stored checksum. It
+// is the one record of watched files: linux.service and
+// linux.supervisord keep theirs alike, in [global] watch.
+func (e *Executor) watchCheck(s *stateRun, f watched, sums map[string]string) (watchCheck, error) {
+	sum := ""
+	data, err := s.fs.ReadFile(f.path, maxWatched)
+	switch {
+	case errors.Is(err, rootfs.ErrTooLarge):
+		return watchCheck{}, fmt.Errorf("watched file %s is larger than %d MiB: watch the configuration files instead", f.path, maxWatched>>20)
+	case err == nil:
+		h := md5.Sum(data)
+		sum = hex.EncodeToString(h[:])
+	}
+	file := e.watchFile(s.id, f.given)
+	sums[file] = sum
+	old, err := os.ReadFile(file)
+	if err != nil {
+		return watchCheck{}, nil
+	}
+	return watchCheck{seen: true, changed: strings.TrimSpace(string(old)) != sum}, nil
 }
 
 // watchFile is the checksum file of a watched path: the name the Salt

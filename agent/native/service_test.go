@@ -20,18 +20,21 @@ import (
 	"github.com/visualops/opsagent/internal/testutil/wait"
 )
 
-// foodDaemon is a tiny daemon: it forks its loop, writes the loop's pid
-// and returns, so the pid file exists when the init script's start
-// returns. The loop records every SIGHUP (reload) in the events file.
+// foodDaemon is a tiny daemon: it forks its loop and returns once the
+// loop has published its own pid, which it does only after setting its
+// traps, so that a reload sent as soon as start returns is never the
+// default SIGHUP that kills it (seen on a loaded machine). The loop
+// records every SIGHUP (reload) in the events file.
 const foodDaemon = `#!/bin/sh
 events=/var/lib/food/events
 mkdir -p /var/lib/food
-(
-	trap 'echo reload >> $events' HUP
-	trap 'echo stop >> $events; exit 0' TERM
-	while :; do sleep 1 & wait $!; done
-) </dev/null >/dev/null 2>&1 &
-echo $! > /run/food.pid
+rm -f /run/food.pid
+sh -c 'trap "echo reload >> /var/lib/food/events" HUP
+	trap "echo stop >> /var/lib/food/events; exit 0" TERM
+	echo $$ > /run/food.pid.new && mv /run/food.pid.new /run/food.pid
+	while :; do sleep 1 & wait $!; done' </dev/null >/dev/null 2>&1 &
+i=0
+while [ ! -s /run/food.pid ] && [ $i -lt 600 ]; do sleep 0.05; i=$((i+1)); done
 echo start >> $events
 `
 

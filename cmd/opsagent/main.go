@@ -21,6 +21,7 @@ import (
 
 	"github.com/visualops/opsagent/internal/config"
 	"github.com/visualops/opsagent/internal/fsutil"
+	"github.com/visualops/opsagent/internal/proc"
 	"github.com/visualops/opsagent/internal/textcut"
 )
 
@@ -40,6 +41,7 @@ type streams struct {
 }
 
 func main() {
+	proc.PassSIGHUPToChildren() // the reload of the daemons it starts
 	os.Exit(run(context.Background(), os.Args, streams{os.Stdin, os.Stdout, os.Stderr}))
 }
 

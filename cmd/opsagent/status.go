@@ -100,6 +100,20 @@ func printStatus(w io.Writer, r statusReport, now time.Time) {
 	if !r.Running {
 		fmt.Fprintf(w, "last seen:  %s (what follows is the last status it wrote)\n", s.UpdatedAt.Format(time.RFC3339))
 	}
+	if sys := s.System; sys != nil {
+		line := sys.Distro
+		if sys.PackageManager != "" {
+			line += ", packages with " + sys.PackageManager
+		}
+		line += ", services with " + string(sys.Init)
+		if sys.Chroot {
+			line += " (tools run chrooted into the root)"
+		}
+		if sys.Error != "" {
+			line += " (" + sys.Error + ")"
+		}
+		fmt.Fprintf(w, "system:     %s\n", p(line))
+	}
 	conn := "disconnected"
 	if s.Connection.Connected {
 		conn = "connected"

@@ -11,6 +11,7 @@ import (
 	"github.com/visualops/opsagent/agent/rounds"
 	"github.com/visualops/opsagent/agent/statusfile"
 	"github.com/visualops/opsagent/internal/fsutil"
+	"github.com/visualops/opsagent/internal/system"
 )
 
 func statusRoot(t *testing.T) (root, stateDir string) {
@@ -52,6 +53,7 @@ func TestStatusRunning(t *testing.T) {
 	snap := statusfile.Snapshot{
 		PID: os.Getpid(), AgentVersion: "2.1", InstanceID: "i-1", AppID: "app-1",
 		StartedAt: now, UpdatedAt: now,
+		System: &system.Info{Distro: "Debian GNU/Linux 12 (bookworm)", PackageManager: "apt", Init: system.InitSysV, Chroot: true},
 		Connection: statusfile.Connection{Connected: true, Since: now, Backend: "ws://127.0.0.1:1/agent/", OutboxDepth: 2, DroppedLogs: 3,
 			DroppedBy: map[string]int64{"recipe_replaced": 1, "outbox_max_bytes": 2}},
 		Engine: rounds.Status{RecipeVersion: 7, States: 3, Phase: "running", Round: 4, StateIndex: 1, StateID: "state-2",
@@ -68,7 +70,8 @@ func TestStatusRunning(t *testing.T) {
 	}
 	for _, want := range []string{"running as pid", "connected since", "version 7, 3 states; round 4",
 		"running state 2/3 state-2", "ok   state-1  File /x updated", "2 StateLogs queued (0 B), 3 dropped (outbox_max_bytes 2, recipe_replaced 1)",
-		"2.2 pending", "init error: cannot create /var/log/visualops"} {
+		"2.2 pending", "init error: cannot create /var/log/visualops",
+		"system:     Debian GNU/Linux 12 (bookworm), packages with apt, services with sysv (tools run chrooted into the root)"} {
 		if !strings.Contains(out, want) {
 			t.Errorf("status output lacks %q:\n%s", want, out)
 		}
