@@ -35,6 +35,7 @@ import (
 	"github.com/visualops/opsagent/internal/fsutil"
 	"github.com/visualops/opsagent/internal/system"
 	"github.com/visualops/opsagent/protocol"
+	"github.com/visualops/opsagent/updater"
 )
 
 // Options configures Run.
@@ -60,15 +61,6 @@ type Options struct {
 	Updater rounds.Updater
 }
 
-// Restart is what Run returns when an update installed a new binary: the
-// caller re-executes Binary with the same arguments and environment plus
-// Env, which hands over the lock.
-type Restart struct {
-	Binary  string
-	Version string
-	Env     []string
-}
-
 // outcome is how one session ended.
 type outcome int
 
@@ -79,15 +71,15 @@ const (
 )
 
 // Run runs the agent until ctx is done (nil, nil), or until an update asks
-// to re-execute the new binary (a Restart, with the lock kept open for the
-// new image). Everything is unwound before it returns: the close frame is
+// to re-execute the new binary (the updater's Restart, its Env handing the
+// lock, kept open, to the new image). Everything is unwound before it returns: the close frame is
 // sent, the status written, the outbox flushed.
 //
 // The lock and the outbox belong to the process and outlive sessions: a
 // reload (SIGHUP) ends the session and starts another with the new config,
 // handing it the same outbox, so that no StateLog kept in memory is lost
 // and no seq is handed out twice.
-func Run(ctx context.Context, opts Options) (*Restart, error) {
+func Run(ctx context.Context, opts Options) (*updater.Restart, error) {
 	if opts.ConfigFile == "" {
 		opts.ConfigFile = opts.Root.Path(config.DefaultPath)
 	}
@@ -104,8 +96,10 @@ func Run(ctx context.Context, opts Options) (*Restart, error) {
 		return nil, err
 	}
 	layout := config.NewLayout(opts.Root, opts.ConfigFile, cfg)
-	if err := os.MkdirAll(layout.StateDir(), 0o700); err != nil {
-		return nil, fmt.Errorf("state directory %s: %w (run 'opsagent install' to create the layout)", layout.StateDir(), err)
+	// Never through a link planted at the state directory: the lock, the
+	// outbox and the recipe would be written wherever it points.
+	if err := fsutil.EnsureDir(layout.StateDir(), 0o700); err != nil {
+		return nil, fmt.Errorf("state directory: %w (run 'opsagent install' to create the layout)", err)
 	}
 	lock, err := fsutil.Lock(layout.LockFile())
 	if err != nil {
@@ -125,11 +119,10 @@ func Run(ctx context.Context, opts Options) (*Restart, error) {
 		return nil, err
 	}
 	procLog := newSwitchHandler(logs.logger.Handler())
-	outboxDir := layout.OutboxDir()
-	queue := outbox.Open(outbox.Options{
-		Dir: outboxDir, MaxEntries: cfg.Agent.OutboxLimit, MaxBytes: int64(cfg.Agent.OutboxMaxBytes),
-		MaxAge: cfg.Agent.OutboxMaxAge, Logger: slog.New(procLog).With("part", "outbox"),
-	})
+	outboxOpts := convertConfig(layout, cfg).Outbox
+	outboxOpts.Logger = slog.New(procLog).With("part", "outbox")
+	outboxDir := outboxOpts.Dir
+	queue := outbox.Open(outboxOpts)
 	defer queue.Close() // after an early return; the session closes it otherwise
 	for {
 		for _, w := range cfg.Warnings() {
@@ -149,11 +142,10 @@ func Run(ctx context.Context, opts Options) (*Restart, error) {
 			}
 			logs.logger.Info("re-executing the new version", "binary", restart.Binary, "version", restart.Version)
 			logs.Close()
-			r := &Restart{Binary: restart.Binary, Version: restart.Version}
 			if env != "" {
-				r.Env = []string{env}
+				restart.Env = append(restart.Env, env)
 			}
-			return r, nil
+			return restart, nil
 		}
 		logs.Close()
 		cfg, layout, logs = next.cfg, next.layout, next.logs
@@ -161,7 +153,8 @@ func Run(ctx context.Context, opts Options) (*Restart, error) {
 		if d := layout.OutboxDir(); d != outboxDir {
 			logs.logger.Warn("the state directory changed; the lock and the outbox stay where they are until the agent restarts", "outbox", outboxDir, "new", d)
 		}
-		queue.SetLimits(cfg.Agent.OutboxLimit, int64(cfg.Agent.OutboxMaxBytes), cfg.Agent.OutboxMaxAge)
+		o := convertConfig(layout, cfg).Outbox
+		queue.SetLimits(o.MaxEntries, o.MaxBytes, o.MaxAge)
 		if err := queue.RetryDisk(); err != nil {
 			logs.logger.Warn("outbox: still in memory", "err", err)
 		}
@@ -233,9 +226,9 @@ type session struct {
 	mgr     *conn.Manager
 	started time.Time
 
-	update  *selfUpdate   // nil when Options.Updater replaces it (tests)
-	confirm *confirmation // this run's side of an update
-	sys     *system.Host  // the system below the root, shown in status
+	update  *updater.Updater      // nil when Options.Updater replaces it (tests)
+	confirm *updater.Confirmation // this run's side of an update
+	sys     *system.Host          // the system below the root, shown in status
 
 	mu         sync.Mutex
 	initErrors []string
@@ -246,7 +239,7 @@ type session struct {
 // loaded: a config that cannot be loaded leaves the session running), or an
 // update asks to re-execute. The outbox is the process's: the session closes
 // it unless it ends for a reload.
-func runSession(ctx context.Context, opts Options, cfg *config.Config, layout config.Layout, log *slog.Logger, queue *outbox.Outbox) (outcome, *rounds.Restart, *reload) {
+func runSession(ctx context.Context, opts Options, cfg *config.Config, layout config.Layout, log *slog.Logger, queue *outbox.Outbox) (outcome, *updater.Restart, *reload) {
 	owner := config.NewOwner(cfg)
 	s := &session{opts: opts, layout: layout, owner: owner, log: log, started: time.Now()}
 	s.id = newIdentity(layout, owner, log)
@@ -255,15 +248,25 @@ func runSession(ctx context.Context, opts Options, cfg *config.Config, layout co
 		log.Warn("could not refresh identity from userdata", "err", err)
 	}
 	cur := owner.Current() // after userdata may have changed it
-	s.confirm = newConfirmation(layout, owner, opts.Version, log.With("part", "update"))
-	if msg := s.confirm.initError(); msg != "" {
+	o := convertConfig(layout, cur)
+	for _, r := range o.Raised {
+		log.Warn("pause raised to the minimum: " + r)
+	}
+	s.confirm = updater.NewConfirmation(layout, opts.Version, log.With("part", "update"), func(v string) error {
+		_, err := owner.Update(func(c *config.Config) error { c.Userdata.Version = v; return nil })
+		return err
+	})
+	if msg := s.confirm.InitError(); msg != "" {
 		s.addInitError(msg)
 	}
-	updater := opts.Updater
-	if updater == nil {
-		s.update = newSelfUpdate(layout, owner, opts.Version, opts.Binary, log.With("part", "update"))
-		updater = s.update
-		if msg := s.update.keyProblem(); msg != "" {
+	engineUpdater := opts.Updater
+	if engineUpdater == nil {
+		uo := o.Update
+		uo.Current, uo.Target, uo.Logger = opts.Version, opts.Binary, log.With("part", "update")
+		uo.Source = func() updater.Source { return updater.SourceOf(owner.Current()) } // as userdata changes it
+		s.update = updater.New(uo)
+		engineUpdater = roundsUpdater{s.update}
+		if msg := updater.KeyProblem(cur.Userdata.PubKey, layout.ConfigFile(), uo.EmbeddedKey); msg != "" {
 			s.addInitError(msg)
 		}
 	}
@@ -276,64 +279,46 @@ func runSession(ctx context.Context, opts Options, cfg *config.Config, layout co
 	}
 	// The system below the root (distribution, package manager, init) is
 	// detected once, by the first module or status write that asks.
-	s.sys = system.New(system.Options{Root: layout.Root(), Logger: log.With("part", "system"), KillGrace: cur.Agent.KillGrace, OutputLimit: cur.Agent.OutputLimit})
-	executor, closeExecutor := newExecutor(layout, cur, log, s.sys, s.setSaltError, func(p string) {
+	s.sys = system.New(system.Options{Root: layout.Root(), Logger: log.With("part", "system"), KillGrace: o.Native.KillGrace, OutputLimit: o.Native.OutputLimit})
+	executor, closeExec := newExecutor(layout, o, log, s.sys, s.setSaltError, func(p string) {
 		if _, err := owner.Update(func(c *config.Config) error { c.Global.PackagePath = p; return nil }); err != nil {
 			log.Error("cannot write [global] package_path back to the config", "err", err)
 		}
 	})
-	defer closeExecutor()
+	defer closeExec()
 	link := &linkProxy{}
-	var defMod *protocol.ModuleSource
-	if cur.Module.Repo != "" {
-		defMod = &protocol.ModuleSource{Repo: cur.Module.Repo, Tag: cur.Module.Tag}
+	ro := o.Rounds
+	ro.Executor, ro.Link, ro.Store, ro.Logger = executor, link, store, log.With("part", "rounds")
+	ro.Updater, ro.CurrentVersion = engineUpdater, opts.Version
+	ro.InstanceID = func() string {
+		id, _ := s.id.CachedInstanceID()
+		return id
 	}
-	s.engine = rounds.New(rounds.Options{
-		Executor:       executor,
-		Link:           link,
-		Store:          store,
-		Logger:         log.With("part", "rounds"),
-		Updater:        updater,
-		CurrentVersion: opts.Version,
-		InstanceID: func() string {
-			id, _ := s.id.CachedInstanceID()
-			return id
-		},
-		RoundDelay:    s.pause("[salt] delay", cur.Salt.RoundDelay),
-		RetryDelay:    s.pause("[agent] retry_delay", cur.Agent.RetryDelay),
-		StateTimeout:  cur.Agent.StateTimeout,
-		OutputLimit:   cur.Agent.OutputLimit,
-		DefaultModule: defMod,
-		OnModuleChange: func(m protocol.ModuleSource) {
-			if _, err := owner.Update(func(c *config.Config) error {
-				c.Module.Repo, c.Module.Tag = m.Repo, m.Tag
-				return nil
-			}); err != nil {
-				log.Error("cannot write the states repository back to the config", "err", err)
-			}
-		},
-	})
-	s.mgr = conn.New(conn.Options{
-		URL:              cur.Userdata.WSURI,
-		CAFile:           rootedOrEmpty(layout.Root(), cur.Network.CAFile),
-		Identity:         s.identity,
-		Handler:          s.engine,
-		Logger:           log.With("part", "conn"),
-		Outbox:           queue,
-		OnEstablished:    s.confirm.established,
-		AppNotReadyDelay: cur.Agent.AppNotReadyDelay,
-	})
+	ro.OnModuleChange = func(m protocol.ModuleSource) {
+		if _, err := owner.Update(func(c *config.Config) error {
+			c.Module.Repo, c.Module.Tag = m.Repo, m.Tag
+			return nil
+		}); err != nil {
+			log.Error("cannot write the states repository back to the config", "err", err)
+		}
+	}
+	s.engine = rounds.New(ro)
+	co := o.Conn
+	co.Identity, co.Handler, co.Logger, co.Outbox, co.OnEstablished = s.identity, s.engine, log.With("part", "conn"), queue, s.confirm.Established
+	s.mgr = conn.New(co)
 	link.m = s.mgr
 	owner.OnChange(func(before, after *config.Config) {
 		if after.Userdata.WSURI != before.Userdata.WSURI {
 			s.mgr.SetURL(after.Userdata.WSURI)
 		}
 	})
+	// Logged before the parts start, so that it comes before what they log.
+	log.Info("agent started", "version", opts.Version, "backend", conn.Redact(cur.Userdata.WSURI), "app_id", cur.Userdata.AppID, "engine", cur.Agent.Engine)
 
 	sctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	var wg sync.WaitGroup
-	var restart *rounds.Restart
+	var restart *updater.Restart
 	engineDone := make(chan struct{})
 	wg.Add(3)
 	go func() {
@@ -347,7 +332,6 @@ func runSession(ctx context.Context, opts Options, cfg *config.Config, layout co
 	}()
 	go func() { defer wg.Done(); _ = s.mgr.Run(sctx) }()
 	go func() { defer wg.Done(); s.keepStatus(sctx) }()
-	log.Info("agent started", "version", opts.Version, "backend", conn.Redact(cur.Userdata.WSURI), "app_id", cur.Userdata.AppID, "engine", cur.Agent.Engine)
 
 	out := stopped
 	var next *reload
@@ -394,7 +378,7 @@ wait:
 // updateRequested hands a request left by `opsagent update` to the round
 // engine, which applies it when the round ends.
 func (s *session) updateRequested(ctx context.Context) {
-	r, err := takeUpdateRequest(s.layout)
+	r, err := updater.TakeRequest(s.layout)
 	if err != nil {
 		s.log.Error("update request refused", "err", err)
 		return
@@ -407,17 +391,8 @@ func (s *session) updateRequested(ctx context.Context) {
 		return
 	}
 	s.log.Info("update requested by hand", "version", r.Version, "force", r.Force)
-	s.engine.DeliverUpdateByHand(ctx, *s.update.request(*r))
-}
-
-// pause applies the floor of the pauses between rounds, saying so when a
-// configuration asked for less (0 would loop thousands of rounds a second).
-func (s *session) pause(key string, d time.Duration) time.Duration {
-	p, raised := config.Pause(d)
-	if raised {
-		s.log.Warn("pause raised to the minimum", "key", key, "configured", d, "used", p)
-	}
-	return p
+	s.update.ByHand(*r)
+	s.engine.DeliverUpdateByHand(ctx, protocol.AgentUpdate{Version: r.Version, URL: r.URL})
 }
 
 // identity is the conn.Options.Identity callback: called before every
@@ -447,20 +422,18 @@ func (s *session) identity(ctx context.Context, refresh bool) (conn.Identity, er
 	}, nil
 }
 
-// prepareLayout creates the directories the agent writes to, recording
-// failures as init errors (reported in Handshake) rather than refusing to
-// start: a half-broken instance that reports is better than a silent one.
+// prepareLayout creates the directories the agent writes to (those of
+// Layout.Dirs marked Agent), recording failures as init errors (reported
+// in Handshake) rather than refusing to start: a half-broken instance
+// that reports is better than a silent one. A link planted at one is
+// refused with its name, never followed.
 func (s *session) prepareLayout() {
-	for _, d := range []struct {
-		path string
-		mode os.FileMode
-	}{
-		{s.layout.StateDir(), 0o700},
-		{s.layout.WatchDir(), 0o700},
-		{s.layout.LogDir(), 0o750},
-	} {
-		if err := os.MkdirAll(d.path, d.mode); err != nil {
-			s.addInitError(fmt.Sprintf("cannot create %s: %v", d.path, err))
+	for _, d := range s.layout.Dirs() {
+		if !d.Agent {
+			continue
+		}
+		if err := fsutil.EnsureDir(d.Path, d.Mode); err != nil {
+			s.addInitError(fmt.Sprintf("cannot create %s (%s): %v", d.Path, d.What, err))
 		}
 	}
 }
@@ -569,11 +542,11 @@ func (s *session) snapshot() statusfile.Snapshot {
 // confirmation, a rollback).
 func (s *session) updateStatus() *statusfile.Update {
 	if s.update != nil {
-		if st := s.update.status(); st.Phase != "" {
+		if st := s.update.Status(); st.Phase != "" {
 			return &statusfile.Update{Phase: st.Phase, Version: st.Version, From: s.opts.Version, Bytes: st.Bytes, Total: st.Total, Reason: st.Reason}
 		}
 	}
-	if st := s.confirm.status(); st.Phase != "" {
+	if st := s.confirm.State(); st.Phase != "" {
 		return &statusfile.Update{Phase: st.Phase, Version: st.To, From: st.From, Reason: st.Reason, At: st.Updated}
 	}
 	return nil
@@ -593,10 +566,3 @@ type linkProxy struct{ m *conn.Manager }
 func (l *linkProxy) Report(v int64, id string, r state.Result) { l.m.Report(v, id, r) }
 func (l *linkProxy) QueryWaits(v int64)                        { l.m.QueryWaits(v) }
 func (l *linkProxy) Supersede(v int64)                         { l.m.Supersede(v) }
-
-func rootedOrEmpty(root fsutil.Root, p string) string {
-	if p == "" {
-		return ""
-	}
-	return root.Path(p)
-}

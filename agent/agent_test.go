@@ -199,3 +199,50 @@ func TestChangedBackendURLReachesTheConnection(t *testing.T) {
 		return false
 	})
 }
+
+// A link planted at the state directory or at agent.log is refused with
+// its name when the agent starts, never followed: the lock, the outbox,
+// the recipe and the log would otherwise be written wherever it points.
+func TestRunRefusesLinksAtItsPaths(t *testing.T) {
+	const conf = "[userdata]\nws_uri = ws://127.0.0.1:1/agent/\napp_id = app\n[network]\ninstance_id = i-links\nmetadata = http://127.0.0.1:1\n"
+	for _, tc := range []struct {
+		name, path string
+		dir        bool // the link points to a directory (else a file)
+	}{
+		{"state directory", "var/lib/visualops/opsagent", true},
+		{"agent.log", "var/log/visualops/agent.log", false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			root := writeConfig(t, conf)
+			elsewhere := t.TempDir()
+			target := filepath.Join(elsewhere, "target")
+			if tc.dir {
+				if err := os.Mkdir(target, 0o755); err != nil {
+					t.Fatal(err)
+				}
+			} else if err := os.WriteFile(target, []byte("someone else's\n"), 0o644); err != nil {
+				t.Fatal(err)
+			}
+			p := root.Path("/" + tc.path)
+			if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.Symlink(target, p); err != nil {
+				t.Fatal(err)
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+			defer cancel()
+			_, err := Run(ctx, Options{Root: root, Version: "2.1.0"})
+			if err == nil || !strings.Contains(err.Error(), p) || !strings.Contains(err.Error(), "symbolic link") {
+				t.Errorf("Run: %v; want a refusal naming the link %s", err, p)
+			}
+			if tc.dir {
+				if entries, _ := os.ReadDir(target); len(entries) != 0 {
+					t.Errorf("the agent wrote %s (and more) through the link", entries[0].Name())
+				}
+			} else if data, _ := os.ReadFile(target); string(data) != "someone else's\n" {
+				t.Errorf("the agent wrote its log through the link: %q", data)
+			}
+		})
+	}
+}

@@ -8,7 +8,6 @@ import (
 	"log/slog"
 	"net/http"
 	"os"
-	"strings"
 	"time"
 
 	"github.com/visualops/opsagent/agent/native"
@@ -85,8 +84,9 @@ func Apply(ctx context.Context, opts ApplyOptions) ([]ApplyResult, error) {
 			defer lock.Unlock()
 		}
 	}
-	sys := system.New(system.Options{Root: opts.Root, Logger: log, KillGrace: cfg.Agent.KillGrace, OutputLimit: cfg.Agent.OutputLimit})
-	router, closeExec := newExecutor(layout, cfg, log, sys, func(string) {}, nil)
+	o := convertConfig(layout, cfg)
+	sys := system.New(system.Options{Root: opts.Root, Logger: log, KillGrace: o.Native.KillGrace, OutputLimit: o.Native.OutputLimit})
+	router, closeExec := newExecutor(layout, o, log, sys, func(string) {}, nil)
 	defer closeExec()
 	if opts.Recipe.Module != nil || cfg.Module.Repo != "" {
 		mod := opts.Recipe.Module
@@ -143,24 +143,16 @@ func applyConfig(path string) (*config.Config, error) {
 
 // newExecutor builds the state executor that [agent] engine asks for:
 // native modules in Go and, unless the engine is native, the Salt bridge
-// for the others. The returned function stops the bridge.
-func newExecutor(layout config.Layout, cfg *config.Config, log *slog.Logger, sys *system.Host, setSaltError func(string), setPackagePath func(string)) (*rounds.Router, func()) {
-	salt := newSaltExecutor(layout, cfg, log.With("part", "salt"), setSaltError, setPackagePath)
+// for the others. sys is the system layer the native modules use (nil:
+// their own). The returned function stops the bridge.
+func newExecutor(layout config.Layout, o components, log *slog.Logger, sys *system.Host, setSaltError func(string), setPackagePath func(string)) (*rounds.Router, func()) {
+	salt := newSaltExecutor(layout, o.Salt, log.With("part", "salt"), setSaltError, setPackagePath)
+	no := o.Native
+	no.Runner, no.HTTPClient, no.Logger, no.System = proc.New(), &http.Client{Timeout: 10 * time.Minute}, log, sys
 	router := &rounds.Router{
-		Engine: strings.ToLower(cfg.Agent.Engine),
+		Engine: o.Engine,
 		Salt:   salt,
-		Native: native.New(native.Options{
-			Root:        layout.Root(),
-			Runner:      proc.New(),
-			HTTPClient:  &http.Client{Timeout: 10 * time.Minute},
-			Logger:      log,
-			OutputLimit: cfg.Agent.OutputLimit,
-			KillGrace:   cfg.Agent.KillGrace,
-			System:      sys,
-			WatchDir:    layout.WatchDir(),
-			StateDir:    layout.StateDir(),
-			S3:          native.S3Options{MetadataURL: cfg.Network.Metadata},
-		}),
+		Native: native.New(no),
 	}
 	return router, salt.Close
 }

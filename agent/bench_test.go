@@ -45,7 +45,7 @@ func BenchmarkRealForkWarmBridgeVsFreshInterpreter(b *testing.B) {
 		warm := time.Since(begin) / warmStates
 		begin = time.Now()
 		for j := 0; j < freshStates; j++ {
-			out, err := exec.Command(s.venv.Python, "-c", freshForkState, s.layout.BridgeScript(), s.repoDir, string(cfg)).CombinedOutput()
+			out, err := exec.Command(s.bridge.Options().Python, "-c", freshForkState, s.layout.BridgeScript(), s.layout.StatesDir(), string(cfg)).CombinedOutput()
 			if err != nil {
 				b.Fatalf("%v %s", err, out)
 			}

@@ -23,6 +23,7 @@ import (
 	"github.com/visualops/opsagent/internal/testutil/gitserver"
 	"github.com/visualops/opsagent/internal/testutil/saltfork"
 	"github.com/visualops/opsagent/protocol"
+	"github.com/visualops/opsagent/virtualenv/venvtest"
 )
 
 // diffStep is one state of the differential recipe. Params holds "$T" where
@@ -169,7 +170,7 @@ func request(i int, st diffStep, base string) state.Request {
 // bootstrap.sh.
 func forkExecutor(t testing.TB) *saltExecutor {
 	t.Helper()
-	saltfork.Python2(t)
+	venvtest.Python2(t)
 	gs := gitserver.New(t)
 	url := gs.FromBundle("salt", filepath.Join(saltfork.Root(t), "testdata", "fixtures", "salt-fork.bundle"))
 	dir := t.TempDir()
@@ -183,7 +184,7 @@ func forkExecutor(t testing.TB) *saltExecutor {
 		t.Fatal(err)
 	}
 	copyTree(t, saltfork.Libs(t), filepath.Join(dir, "wheelhouse"))
-	s := newSaltExecutor(config.NewLayout(root, conf, cfg), cfg, slog.New(slog.DiscardHandler), func(string) {}, nil)
+	s := newSaltExecutor(config.NewLayout(root, conf, cfg), convertConfig(config.NewLayout(root, conf, cfg), cfg).Salt, slog.New(slog.DiscardHandler), func(string) {}, nil)
 	t.Cleanup(s.Close)
 	s.BeginRound(&protocol.ModuleSource{Repo: url, Tag: saltfork.Tag})
 	return s

@@ -11,7 +11,6 @@ import (
 	"time"
 
 	"github.com/visualops/opsagent/internal/config"
-	"github.com/visualops/opsagent/internal/dist"
 	"github.com/visualops/opsagent/internal/fsutil"
 	"github.com/visualops/opsagent/internal/metadata"
 	"github.com/visualops/opsagent/internal/token"
@@ -69,10 +68,11 @@ func (id *identity) InstanceID(ctx context.Context) (string, error) {
 }
 
 // RefreshUserdata reads the instance's userdata and writes values that
-// differ from the config back to it, through the Owner (which hands a new
-// ws_uri to the connection). When the app id changes the instance token
-// is replaced, as the 2014 agent did: the instance now belongs to another
-// app. A missing metadata service or userdata is not an error.
+// differ from the config back to it (userdata.Apply's rules: the version
+// is never lowered), through the Owner (which hands a new ws_uri to the
+// connection). When the app id changes the instance token is replaced
+// (userdata.NewToken). A missing metadata service or userdata is not an
+// error.
 func (id *identity) RefreshUserdata(ctx context.Context) error {
 	if id.meta == nil {
 		return nil
@@ -90,27 +90,9 @@ func (id *identity) RefreshUserdata(ctx context.Context) error {
 	var changed []string
 	oldApp := id.owner.Current().Userdata.AppID
 	saved, err := id.owner.Update(func(c *config.Config) error {
-		for _, kv := range []struct{ key, value, current string }{
-			{"ws_uri", ud.WSURI, c.Userdata.WSURI},
-			{"app_id", ud.AppID, c.Userdata.AppID},
-			{"version", ud.Version, c.Userdata.Version},
-			{"base_remote", ud.BaseRemote, c.Userdata.BaseRemote},
-			{"pubkey", ud.PubKey, c.Userdata.PubKey},
-			{"enroll_secret", ud.EnrollSecret, c.Userdata.EnrollSecret},
-		} {
-			if kv.value == "" || kv.value == kv.current {
-				continue
-			}
-			// The userdata names the version the instance was first given;
-			// after a self-update the running version is newer and stays.
-			if kv.key == "version" && dist.Newer(kv.current, kv.value) {
-				continue
-			}
-			// Set checks the value's form (a ws_uri must be ws:// or wss://).
-			if err := c.Set("userdata", kv.key, kv.value); err != nil {
-				return fmt.Errorf("userdata values not applied: %w", err)
-			}
-			changed = append(changed, kv.key)
+		var err error
+		if changed, err = userdata.Apply(c, ud); err != nil {
+			return err
 		}
 		if len(changed) == 0 {
 			return config.ErrNoChange
@@ -122,7 +104,7 @@ func (id *identity) RefreshUserdata(ctx context.Context) error {
 	}
 	sort.Strings(changed)
 	id.log.Info("config updated from userdata", "keys", strings.Join(changed, ","))
-	if app := id.owner.Current().Userdata.AppID; app != oldApp && oldApp != "" {
+	if app := id.owner.Current().Userdata.AppID; userdata.NewToken(oldApp, app) {
 		id.mu.Lock()
 		defer id.mu.Unlock()
 		if err := token.Create(id.layout.TokenFile()); err != nil {

@@ -2,16 +2,15 @@ package agent
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"io"
 	"log/slog"
-	"os"
 	"path/filepath"
 	"sync/atomic"
-	"syscall"
 
 	"gopkg.in/natefinch/lumberjack.v2"
+
+	"github.com/visualops/opsagent/internal/fsutil"
 )
 
 // logSink is the agent's logger and what must be closed with it.
@@ -30,23 +29,18 @@ func (l logSink) Close() {
 // also to extra when it is not nil (the agent's stderr when it is a
 // terminal).
 func openLog(path string, level slog.Level, extra io.Writer) (logSink, error) {
-	if err := os.MkdirAll(filepath.Dir(path), 0o750); err != nil {
+	if err := fsutil.EnsureDir(filepath.Dir(path), 0o750); err != nil {
 		return logSink{}, fmt.Errorf("log file %s: %w ([global] logfile)", path, err)
 	}
-	// O_NONBLOCK: a FIFO there would block the open until a reader came
-	// (ENXIO instead), and the agent, wedged, would ignore SIGTERM.
-	f, err := os.OpenFile(path, os.O_CREATE|os.O_APPEND|os.O_WRONLY|syscall.O_NONBLOCK|syscall.O_NOCTTY, 0o640)
-	if errors.Is(err, syscall.ENXIO) {
-		return logSink{}, fmt.Errorf("log file %s is a named pipe (FIFO), not a file: remove it ([global] logfile)", path)
-	}
+	// Created here, never through a link planted at its name (the agent
+	// would append to whatever it points to) nor into a FIFO (the open
+	// would block until a reader came, and the agent, wedged, would
+	// ignore SIGTERM): the rotating writer then opens the file checked.
+	f, err := fsutil.AppendFixedFile(path, 0o640)
 	if err != nil {
-		return logSink{}, fmt.Errorf("log file %s: %w ([global] logfile)", path, err)
+		return logSink{}, fmt.Errorf("log file: %w ([global] logfile)", err)
 	}
-	st, err := f.Stat()
 	_ = f.Close()
-	if err == nil && !st.Mode().IsRegular() {
-		return logSink{}, fmt.Errorf("log file %s is not a regular file (%s): remove it ([global] logfile)", path, st.Mode().Type())
-	}
 	lj := &lumberjack.Logger{Filename: path, MaxSize: 10, MaxBackups: 5, Compress: true}
 	var w io.Writer = lj
 	if extra != nil {

@@ -3,14 +3,13 @@ package agent
 import (
 	"context"
 	"fmt"
-	"strings"
 
 	"github.com/visualops/opsagent/agent/native"
 	"github.com/visualops/opsagent/agent/rounds"
 	"github.com/visualops/opsagent/internal/config"
 	"github.com/visualops/opsagent/internal/fsutil"
 	"github.com/visualops/opsagent/internal/system"
-	"github.com/visualops/opsagent/virtualenv"
+	saltbootstrap "github.com/visualops/opsagent/salt-bootstrap"
 )
 
 // How a catalogue module runs on a host (`opsagent modules`).
@@ -32,7 +31,7 @@ type ModulesOptions struct {
 	Root       fsutil.Root
 	ConfigFile string // "" = /etc/opsagent.conf below Root; a missing file means the defaults
 	// FindPython2 finds the interpreter the 2014 states repository needs;
-	// nil: virtualenv.FindPython2.
+	// nil: saltbootstrap.FindPython2.
 	FindPython2 func(context.Context) (string, error)
 }
 
@@ -49,11 +48,11 @@ func Modules(ctx context.Context, opts ModulesOptions) ([]ModuleInfo, error) {
 	}
 	find := opts.FindPython2
 	if find == nil {
-		find = func(ctx context.Context) (string, error) { return virtualenv.FindPython2(ctx, nil) }
+		find = saltbootstrap.FindPython2
 	}
 	sys := system.New(system.Options{Root: opts.Root})
 	nat := native.New(native.Options{Root: opts.Root, System: sys})
-	engine := strings.ToLower(cfg.Agent.Engine)
+	engine := cfg.Agent.Engine
 
 	// The Salt path, looked at once: the 2014 fork needs Python 2.7.
 	saltWhy, saltOK := "", false
@@ -74,7 +73,7 @@ func Modules(ctx context.Context, opts ModulesOptions) ([]ModuleInfo, error) {
 		switch {
 		case m.Name == rounds.ModuleComment || m.Name == rounds.ModuleWait:
 			info.Runs, info.Why = RunsNative, "run by the agent's round engine"
-		case engine == rounds.EngineSalt:
+		case engine == config.EngineSalt:
 			if saltOK {
 				info.Runs, info.Why = RunsSalt, "[agent] engine = salt: "+saltWhy
 			} else {
@@ -88,7 +87,7 @@ func Modules(ctx context.Context, opts ModulesOptions) ([]ModuleInfo, error) {
 			if m.Family != "" && derr == nil && here != "" && here != m.Family {
 				info.Why = fmt.Sprintf("written for the %s family; this is %s, where its states fail saying so", m.Family, d)
 			}
-		case engine == rounds.EngineNative:
+		case engine == config.EngineNative:
 			info.Runs, info.Why = RunsUnavailable, "not implemented natively, and [agent] engine = native: set engine = auto to run it through the Salt bridge"
 		case saltOK:
 			info.Runs, info.Why = RunsSalt, "not implemented natively: "+saltWhy

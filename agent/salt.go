@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"log/slog"
-	"os"
 	"path/filepath"
 	"sync"
 	"time"
@@ -12,25 +11,22 @@ import (
 	"github.com/visualops/opsagent/agent/bridge"
 	"github.com/visualops/opsagent/agent/state"
 	"github.com/visualops/opsagent/internal/config"
-	"github.com/visualops/opsagent/internal/version"
 	"github.com/visualops/opsagent/protocol"
 	saltbootstrap "github.com/visualops/opsagent/salt-bootstrap"
-	"github.com/visualops/opsagent/virtualenv"
 )
 
 // saltExecutor runs states through the Salt bridge. Before the first Salt
-// state of each round it makes sure the virtualenv exists and the states
-// repository is at the recipe's repo and tag; any failure there fails that
-// state with the comment the spec asks for ("Can't clone states repo …").
-// The work happens in Execute, on the round's goroutine and under its
-// context, so a slow clone never blocks the engine from taking a new recipe.
+// state of each round it prepares the Salt path (saltbootstrap.Path: the
+// states repository at the recipe's repo and tag, and the virtualenv it
+// needs, the sequence `opsagent install` runs too); any failure there
+// fails that state with the comment the spec asks for ("Can't clone
+// states repo …"). The work happens in Execute, on the round's goroutine
+// and under its context, so a slow clone never blocks the engine from
+// taking a new recipe.
 type saltExecutor struct {
 	log        *slog.Logger
-	fetch      *saltbootstrap.Fetcher
+	path       *saltbootstrap.Path
 	layout     config.Layout
-	python     string // [salt] python: overrides what the repository needs
-	wheelhouse string
-	repoDir    string
 	bridgeOpts bridge.Options
 	setError   func(string) // the current problem, "" when ready
 	// setPackagePath writes the virtualenv's site-packages back to the
@@ -42,35 +38,18 @@ type saltExecutor struct {
 	prepared bool                   // for the current round
 	prepErr  error
 	warning  string // bootstrap.sh's failure for the current checkout
-	venv     *virtualenv.Env
+	python   string // the virtualenv's Python version the bridge runs with ("" before the first)
 	bridge   *bridge.Bridge
 }
 
-func newSaltExecutor(layout config.Layout, cfg *config.Config, log *slog.Logger, setError func(string), setPackagePath func(string)) *saltExecutor {
-	wheelhouse := ""
-	if cfg.Salt.Wheelhouse != "" {
-		wheelhouse = layout.Host(cfg.Salt.Wheelhouse)
-	}
-	// [salt] python names a program, like linux.cmd's shell: a path on
-	// the host, not mapped below the root.
-	python := cfg.Salt.Python
+func newSaltExecutor(layout config.Layout, o saltOptions, log *slog.Logger, setError func(string), setPackagePath func(string)) *saltExecutor {
+	o.Path.Logger = log
+	o.Bridge.Logger = log.With("part", "bridge")
 	return &saltExecutor{
-		log: log,
-		fetch: saltbootstrap.New(saltbootstrap.Options{
-			Dir: layout.StatesDir(), StampFile: layout.StatesStampFile(), ConfigPath: layout.ConfigFile(),
-			InterfaceVersion: version.StatesInterface, BootstrapScript: cfg.Module.BootstrapScript, Logger: log,
-		}),
-		layout:     layout,
-		python:     python,
-		wheelhouse: wheelhouse,
-		repoDir:    layout.StatesDir(),
-		bridgeOpts: bridge.Options{
-			Script:    layout.BridgeScript(),
-			WatchDir:  layout.WatchDir(),
-			OSRoot:    osRoot(layout),
-			KillGrace: cfg.Agent.KillGrace,
-			Logger:    log.With("part", "bridge"),
-		},
+		log:            log,
+		path:           saltbootstrap.NewPath(o.Path),
+		layout:         layout,
+		bridgeOpts:     o.Bridge,
 		setError:       setError,
 		setPackagePath: setPackagePath,
 	}
@@ -102,8 +81,8 @@ func (s *saltExecutor) Execute(ctx context.Context, req state.Request) state.Res
 	return b.Execute(ctx, req)
 }
 
-// prepare brings the states repository to the round's repo and tag and
-// builds the virtualenv (first time, or after a failure). Callers hold mu.
+// prepare brings the Salt path to the round's repo and tag. Callers hold
+// mu.
 func (s *saltExecutor) prepare(ctx context.Context) error {
 	err := s.prepareSteps(ctx)
 	msg := ""
@@ -130,56 +109,45 @@ func (s *saltExecutor) prepareSteps(ctx context.Context) error {
 		// Said before building a virtualenv that would have nothing to run.
 		return &saltbootstrap.Error{Comment: "no states repository configured (set [module] mod_repo, or name one in the recipe's module)"}
 	}
-	// The virtualenv is built between the checkout and bootstrap.sh: its
-	// Python depends on the repository, and the script copies libraries
-	// into its site-packages.
-	res, err := s.fetch.Ensure(ctx, repo, tag, s.prepareEnv)
+	res, err := s.path.Ensure(ctx, repo, tag)
 	if err != nil {
-		return err
+		return err // a virtualenv failure's message is the failed state's comment
 	}
-	if s.venv == nil { // an unchanged checkout from an earlier run
-		if err := s.prepareEnv(ctx); err != nil {
-			return err
+	if res.EnvChecked {
+		if res.PackagePath != "" && s.setPackagePath != nil {
+			s.setPackagePath(res.PackagePath)
 		}
+		s.useEnv(res)
 	}
 	s.warning = res.Warning
-	s.bridge.SetRepo(s.repoDir, res.Changed)
+	s.bridge.SetRepo(s.layout.StatesDir(), res.Changed)
 	s.log.Debug("salt path ready", "repo", repo, "tag", tag, "changed", res.Changed, "took", time.Since(begin))
 	return nil
 }
 
-// prepareEnv builds (or keeps) the virtualenv with the Python the checkout
-// needs, installs Salt's libraries when the repository bundles Salt and
-// its requirements.txt, and (re)starts the bridge when the interpreter
-// changed. Callers hold mu.
-func (s *saltExecutor) prepareEnv(ctx context.Context) error {
-	env, err := virtualenv.ForRepo(ctx, virtualenv.RepoOptions{
-		Dir: s.layout.VenvDir(), RepoDir: s.repoDir, Python: s.python, Wheelhouse: s.wheelhouse, Logger: s.log,
-	})
-	if err != nil {
-		return err // its message is the failed state's comment
+// useEnv (re)starts the bridge when the virtualenv's interpreter changed.
+// Callers hold mu.
+func (s *saltExecutor) useEnv(res saltbootstrap.PathResult) {
+	env := res.Env
+	if s.python != "" && !env.Created && s.python == env.Version {
+		return
 	}
-	if p, ok := s.layout.Root().Instance(env.SitePackages); ok && s.setPackagePath != nil {
-		s.setPackagePath(p)
+	if s.bridge != nil {
+		s.bridge.Close()
 	}
-	if s.venv == nil || env.Created || s.venv.Version != env.Version {
-		if s.bridge != nil {
-			s.bridge.Close()
-		}
-		opts := s.bridgeOpts
-		opts.Python = env.Python
-		opts.Config = map[string]any{
-			"site_packages": env.SitePackages,
-			"global": map[string]any{
-				"conf_path": s.layout.StateDir(), "watch": s.layout.WatchDir(),
-				"envroot": s.layout.VenvDir(), "package_path": env.SitePackages,
-			},
-			"module": map[string]any{"root": s.layout.ReposDir(), "name": filepath.Base(s.repoDir)},
-		}
-		s.bridge = bridge.New(opts)
+	l := s.layout
+	opts := s.bridgeOpts
+	opts.Python = env.Python
+	opts.Config = map[string]any{
+		"site_packages": env.SitePackages,
+		"global": map[string]any{
+			"conf_path": l.StateDir(), "watch": l.WatchDir(),
+			"envroot": l.VenvDir(), "package_path": env.SitePackages,
+		},
+		"module": map[string]any{"root": l.ReposDir(), "name": filepath.Base(l.StatesDir())},
 	}
-	s.venv = &env
-	return nil
+	s.bridge = bridge.New(opts)
+	s.python = env.Version
 }
 
 // Close stops the bridge worker.
@@ -189,15 +157,4 @@ func (s *saltExecutor) Close() {
 	if s.bridge != nil {
 		s.bridge.Close()
 	}
-}
-
-// osRoot is where the bridge reads etc/os-release (the adaptor needs the
-// OS type): the root when it has one (a real instance, or a test that
-// gives one), else the host's, so that a test root without an
-// /etc/os-release still names a real OS.
-func osRoot(layout config.Layout) string {
-	if _, err := os.Stat(layout.OSReleaseFile()); err == nil {
-		return layout.Root().Dir()
-	}
-	return "/"
 }

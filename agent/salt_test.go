@@ -36,7 +36,7 @@ func TestSaltExecutorReportsAndClearsProblems(t *testing.T) {
 	}
 	var mu sync.Mutex
 	problem := "unset"
-	s := newSaltExecutor(config.NewLayout(root, conf, cfg), cfg, slog.New(slog.DiscardHandler), func(m string) { mu.Lock(); problem = m; mu.Unlock() }, nil)
+	s := newSaltExecutor(config.NewLayout(root, conf, cfg), convertConfig(config.NewLayout(root, conf, cfg), cfg).Salt, slog.New(slog.DiscardHandler), func(m string) { mu.Lock(); problem = m; mu.Unlock() }, nil)
 	defer s.Close()
 	req := state.Request{RecipeVersion: 1, StateID: "s", Module: "linux.cmd", Parameter: json.RawMessage(`{"cmd":"echo ok"}`)}
 
@@ -92,13 +92,13 @@ func TestNoPython2ForAPython2Repository(t *testing.T) {
 	if _, err := os.Stat("/usr/bin/python2.7"); err == nil {
 		t.Skip("this machine has /usr/bin/python2.7")
 	}
-	salt := newSaltExecutor(config.NewLayout(root, conf, cfg), cfg, slog.New(slog.DiscardHandler), func(string) {}, nil)
+	salt := newSaltExecutor(config.NewLayout(root, conf, cfg), convertConfig(config.NewLayout(root, conf, cfg), cfg).Salt, slog.New(slog.DiscardHandler), func(string) {}, nil)
 	defer salt.Close()
-	router := &rounds.Router{Engine: rounds.EngineAuto, Salt: salt, Native: native.New(native.Options{Root: root})}
+	router := &rounds.Router{Engine: config.EngineAuto, Salt: salt, Native: native.New(native.Options{Root: root})}
 	router.BeginRound(&protocol.ModuleSource{Repo: url, Tag: "master"})
-	// A module with no native implementation (linux.apt.package, the
-	// example here before, is native now).
-	res := router.Execute(context.Background(), state.Request{StateID: "mesos", Module: "linux.mesos.master", Parameter: json.RawMessage(`{"cluster":"c"}`)})
+	// A module with no native implementation: every module of the
+	// catalogue is native now, but a states repository may carry its own.
+	res := router.Execute(context.Background(), state.Request{StateID: "custom", Module: "linux.custom.thing", Parameter: json.RawMessage(`{"cluster":"c"}`)})
 	want := "the states repository needs Python 2.7 (Salt 2014.1.0), which is not installed on this instance: install python2.7, or set [agent] engine = native"
 	if res.OK || !strings.HasPrefix(res.Comment, want) || strings.Contains(res.Comment, "\n") {
 		t.Fatalf("Salt state: %+v", res)

@@ -12,6 +12,7 @@ import (
 	"github.com/visualops/opsagent/internal/testutil/gitserver"
 	"github.com/visualops/opsagent/internal/testutil/saltfork"
 	"github.com/visualops/opsagent/internal/testutil/statesrepo"
+	"github.com/visualops/opsagent/virtualenv/venvtest"
 )
 
 // TestSaltPathEndToEnd: a recipe pushed by the backend names a states
@@ -85,7 +86,7 @@ func BenchmarkAgentStartToFirstSaltState(b *testing.B) {
 		benchStartToFirstState(b, url, "v1", "")
 	})
 	b.Run("real-fork", func(b *testing.B) {
-		saltfork.Python2(b)
+		venvtest.Python2(b)
 		gs := gitserver.New(b)
 		url := gs.FromBundle("salt", filepath.Join(saltfork.Root(b), "testdata", "fixtures", "salt-fork.bundle"))
 		benchStartToFirstState(b, url, saltfork.Tag, saltfork.Libs(b))

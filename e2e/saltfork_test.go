@@ -9,6 +9,7 @@ import (
 
 	"github.com/visualops/opsagent/internal/testutil/gitserver"
 	"github.com/visualops/opsagent/internal/testutil/saltfork"
+	"github.com/visualops/opsagent/virtualenv/venvtest"
 )
 
 // copyDir copies a directory tree (regular files and directories).
@@ -40,7 +41,7 @@ func copyDir(t testing.TB, src, dst string) {
 // from the internet; TestForkBootstrapScript runs it without a network).
 func forkAgent(t *testing.T, b *backendProc, app string) (url string) {
 	t.Helper()
-	saltfork.Python2(t)
+	venvtest.Python2(t)
 	gs := gitserver.New(t)
 	url = gs.FromBundle("salt", filepath.Join(saltfork.Root(t), "testdata", "fixtures", "salt-fork.bundle"))
 	root := agentRoot(t, b.addr, app, "i-"+app, "[agent]\nengine = salt\nretry_delay = 1s\n[salt]\ndelay = 1s\nwheelhouse = /wheelhouse\n[module]\nbootstrap =\n")

@@ -288,31 +288,30 @@ func (f *files) checkPath(host string, kind pathKind, what string) (string, erro
 		host, what, out, f.root.Dir()), nil
 }
 
-// fixedPaths are the files and directories of an installation that the
-// installer creates, writes, chmods or runs.
-func fixedPaths(l config.Layout) []struct {
+// fixedPath is a file or directory of an installation that the installer
+// creates, writes, chmods or runs.
+type fixedPath struct {
 	host string
 	kind pathKind
 	what string
-} {
-	type p = struct {
-		host string
-		kind pathKind
-		what string
+}
+
+// fixedPaths are the installation's fixed paths: the layout's directories
+// (Layout.Dirs), the others the installer writes into, and its files.
+func fixedPaths(l config.Layout) []fixedPath {
+	var out []fixedPath
+	for _, d := range l.Dirs() {
+		out = append(out, fixedPath{d.Path, aDir, d.What})
 	}
-	return []p{
-		{l.OptDir(), aDir, "/opt/visualops"}, {l.BinDir(), aDir, "the binary's directory"},
-		{l.StateDir(), aDir, "the state directory ([global] conf_path)"}, {l.WatchDir(), aDir, "[global] watch"},
-		{l.LogDir(), aDir, "the log directory ([global] log_path)"}, {l.VenvDir(), aDir, "the virtualenv ([global] envroot)"},
-		{l.ReposDir(), aDir, "[module] root"}, {filepath.Dir(l.ConfigFile()), aDir, "the config's directory"},
-		{filepath.Dir(l.TokenFile()), aDir, "the token's directory"}, {l.CronDir(), aDir, "/etc/cron.d"},
-		{filepath.Dir(l.UnitFile()), aDir, "the systemd unit's directory"},
+	return append(out, []fixedPath{
+		{l.VenvDir(), aDir, "the virtualenv ([global] envroot)"}, {l.ReposDir(), aDir, "[module] root"},
+		{filepath.Dir(l.CronEntry()), aDir, "/etc/cron.d"}, {filepath.Dir(l.UnitFile()), aDir, "the systemd unit's directory"},
 		{l.ConfigFile(), aFile, "the config"}, {l.TokenFile(), aFile, "the instance token"},
 		{l.Binary(), aFile, "the agent's binary"}, {l.CronScript(), aFile, "the watchdog"},
 		{l.CronEntry(), aFile, "the cron entry"}, {l.UnitFile(), aFile, "the systemd unit"},
 		{l.BootstrapLog(), aFile, "bootstrap.log"}, {l.LogFile(), aFile, "the agent's log"},
 		{l.LockFile(), aFile, "the agent's lock"},
-	}
+	}...)
 }
 
 // checkPaths lists what is wrong with the layout's fixed paths, and with

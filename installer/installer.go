@@ -16,7 +16,6 @@ import (
 	"bytes"
 	"context"
 	"crypto/sha256"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -36,6 +35,8 @@ import (
 	"github.com/visualops/opsagent/internal/metadata"
 	"github.com/visualops/opsagent/internal/proc"
 	"github.com/visualops/opsagent/internal/token"
+	"github.com/visualops/opsagent/internal/userdata"
+	"github.com/visualops/opsagent/internal/version"
 )
 
 // Options configures Install.
@@ -163,7 +164,7 @@ func Install(ctx context.Context, opts Options) (*Result, error) {
 		in.rep.logTo = in.appendBootstrapLog
 	}
 
-	sets, err := ParseSets(opts.Sets)
+	sets, err := config.ParseSettings(opts.Sets)
 	if err != nil {
 		return nil, err
 	}
@@ -236,7 +237,7 @@ func Install(ctx context.Context, opts Options) (*Result, error) {
 // version) this installer's version is installed over it. A binary that
 // is a symlink or leads out of the root is never run.
 func (in *installation) keepNewer(ctx context.Context, existing *config.Config, p *Params) error {
-	if existing == nil || in.opts.Downgrade || !dist.Newer(existing.Userdata.Version, p.Version) {
+	if existing == nil || in.opts.Downgrade || !userdata.KeepsVersion(existing.Userdata.Version, p.Version) {
 		return nil
 	}
 	bin := in.layout.Binary()
@@ -250,7 +251,7 @@ func (in *installation) keepNewer(ctx context.Context, existing *config.Config, 
 		return fmt.Errorf("%w: %s", ErrUnsafePath, problem)
 	}
 	want := existing.Userdata.Version
-	if got, err := binaryVersion(ctx, in.opts.Runner, bin); err != nil || got != want {
+	if got, err := version.Query(ctx, in.opts.Runner, bin); err != nil || got != want {
 		why := fmt.Sprintf("it says it is version %q", got)
 		if err != nil {
 			why = err.Error()
@@ -262,24 +263,6 @@ func (in *installation) keepNewer(ctx context.Context, existing *config.Config, 
 	p.Version = want
 	in.keepBinary = true
 	return nil
-}
-
-// binaryVersion runs bin's `version --json` (bounded in time, its own
-// output only) and returns the version it reports.
-func binaryVersion(ctx context.Context, r proc.Runner, bin string) (string, error) {
-	res, err := r.Run(ctx, proc.Cmd{Path: bin, Args: []string{"version", "--json"}, Timeout: 30 * time.Second,
-		Env: []string{"PATH=/usr/bin:/bin"}, Stderr: io.Discard, OutputLimit: 64 << 10})
-	if err != nil {
-		return "", fmt.Errorf("it does not run: %w", err)
-	}
-	if res.ExitCode != 0 {
-		return "", fmt.Errorf("'version --json' exited %d", res.ExitCode)
-	}
-	var info struct{ Version string }
-	if err := json.Unmarshal([]byte(res.Output), &info); err != nil || info.Version == "" {
-		return "", fmt.Errorf("'version --json' printed no version")
-	}
-	return info.Version, nil
 }
 
 // loadExisting loads the config an earlier install wrote, if it loads.
@@ -305,7 +288,7 @@ func (in *installation) appendBootstrapLog(line string) {
 // metadataURL is where userdata is looked up: --set network.metadata, else
 // the existing config's, else the default. A fixed instance id means a
 // host without a metadata service: none.
-func metadataURL(existing *config.Config, sets []Setting) string {
+func metadataURL(existing *config.Config, sets []config.Setting) string {
 	url, fixedID := config.Default().Network.Metadata, ""
 	if existing != nil {
 		url, fixedID = existing.Network.Metadata, existing.Network.InstanceID
@@ -348,7 +331,7 @@ func describeSources(from map[string]string) string {
 // them on a throwaway copy as the agent will read them (checkConfig);
 // stepConfig saves them through the config's Owner, the one writer of the
 // file.
-func (in *installation) buildConfig(sets []Setting) error {
+func (in *installation) buildConfig(sets []config.Setting) error {
 	platform := ""
 	if in.host() {
 		platform = detectPlatform()
@@ -367,7 +350,7 @@ func (in *installation) buildConfig(sets []Setting) error {
 
 // applier returns the change that puts the parameters and --set items
 // into a config: what install saves and what userdata checks it would.
-func applier(p Params, sets []Setting, platform string) func(*config.Config) error {
+func applier(p Params, sets []config.Setting, platform string) func(*config.Config) error {
 	return func(c *config.Config) error {
 		for _, q := range params {
 			v := *q.field(&p)
@@ -379,8 +362,8 @@ func applier(p Params, sets []Setting, platform string) func(*config.Config) err
 			}
 		}
 		for _, s := range sets {
-			if err := c.Set(s.Section, s.Key, s.Value); err != nil {
-				return fmt.Errorf("--set %s.%s: %w", s.Section, s.Key, err)
+			if err := s.Apply(c); err != nil {
+				return err
 			}
 		}
 		if c.Global.Platform == "" && platform != "" {
@@ -413,20 +396,10 @@ func (in *installation) freshConfig() *config.Config {
 	return config.New(in.opts.ConfigFile)
 }
 
-// dirSpec is a directory of the layout and its mode.
-type dirSpec struct {
-	path string
-	mode fs.FileMode
-}
-
 func (in *installation) stepLayout() {
-	l := in.layout
 	var changes []string
-	for _, d := range []dirSpec{
-		{l.OptDir(), 0o755}, {l.BinDir(), 0o755}, {l.StateDir(), 0o700}, {l.WatchDir(), 0o700},
-		{l.LogDir(), 0o750}, {filepath.Dir(l.ConfigFile()), 0o755}, {filepath.Dir(l.TokenFile()), 0o755},
-	} {
-		what, err := in.ensureDir(d.path, d.mode)
+	for _, d := range in.layout.Dirs() {
+		what, err := in.ensureDir(d.Path, d.Mode)
 		if err != nil {
 			in.rep.add("layout", Failed, "%v (is the root writable? run as root)", err)
 			return
@@ -608,7 +581,7 @@ func (in *installation) stepConfig() {
 func (in *installation) stepToken() {
 	p := in.layout.TokenFile()
 	var changes []string
-	appChanged := in.prevApp != "" && in.prevApp != in.params.AppID
+	appChanged := userdata.NewToken(in.prevApp, in.params.AppID)
 	switch err := token.Problem(p); {
 	case errors.Is(err, token.ErrMissing) || appChanged:
 		why := "created " + p

@@ -37,27 +37,38 @@ type Sources struct {
 	Existing *config.Config
 }
 
-// param names one parameter: its environment variable, its flag, and
-// where it lives in each source.
+// param names one parameter: its environment variable (the userdata's
+// variable of the same name), its flag, and its field. Where it lives in
+// the config is userdata.KeyOf's to say (section and key).
 type param struct {
 	env, flag string
 	required  bool
+	field     func(*Params) *string
 	// section and key: where install writes it in the config.
 	section, key string
-	field        func(*Params) *string
-	fromUD       func(userdata.Values) string
-	fromConf     func(*config.Config) string
 }
 
-var params = []param{
-	{"WS_URI", "--ws-uri", true, "userdata", "ws_uri", func(p *Params) *string { return &p.WSURI }, func(v userdata.Values) string { return v.WSURI }, func(c *config.Config) string { return c.Userdata.WSURI }},
-	{"APP_ID", "--app-id", true, "userdata", "app_id", func(p *Params) *string { return &p.AppID }, func(v userdata.Values) string { return v.AppID }, func(c *config.Config) string { return c.Userdata.AppID }},
-	{"VERSION", "--version", true, "userdata", "version", func(p *Params) *string { return &p.Version }, func(v userdata.Values) string { return v.Version }, func(c *config.Config) string { return c.Userdata.Version }},
-	{"BASE_REMOTE", "--base-remote", true, "userdata", "base_remote", func(p *Params) *string { return &p.BaseRemote }, func(v userdata.Values) string { return v.BaseRemote }, func(c *config.Config) string { return c.Userdata.BaseRemote }},
-	{"PUBKEY", "--pubkey", false, "userdata", "pubkey", func(p *Params) *string { return &p.PubKey }, func(v userdata.Values) string { return v.PubKey }, func(c *config.Config) string { return c.Userdata.PubKey }},
-	{"ENROLL_SECRET", "--enroll-secret", false, "userdata", "enroll_secret", func(p *Params) *string { return &p.EnrollSecret }, func(v userdata.Values) string { return v.EnrollSecret }, func(c *config.Config) string { return c.Userdata.EnrollSecret }},
-	{"MOD_REPO", "--mod-repo", false, "module", "mod_repo", func(p *Params) *string { return &p.ModRepo }, func(v userdata.Values) string { return v.Vars["MOD_REPO"] }, func(c *config.Config) string { return c.Module.Repo }},
-	{"MOD_TAG", "--mod-tag", false, "module", "mod_tag", func(p *Params) *string { return &p.ModTag }, func(v userdata.Values) string { return v.Vars["MOD_TAG"] }, func(c *config.Config) string { return c.Module.Tag }},
+var params = withKeys([]param{
+	{env: userdata.VarWSURI, flag: "--ws-uri", required: true, field: func(p *Params) *string { return &p.WSURI }},
+	{env: userdata.VarAppID, flag: "--app-id", required: true, field: func(p *Params) *string { return &p.AppID }},
+	{env: userdata.VarVersion, flag: "--version", required: true, field: func(p *Params) *string { return &p.Version }},
+	{env: userdata.VarBaseRemote, flag: "--base-remote", required: true, field: func(p *Params) *string { return &p.BaseRemote }},
+	{env: userdata.VarPubKey, flag: "--pubkey", field: func(p *Params) *string { return &p.PubKey }},
+	{env: userdata.VarEnrollSecret, flag: "--enroll-secret", field: func(p *Params) *string { return &p.EnrollSecret }},
+	{env: "MOD_REPO", flag: "--mod-repo", field: func(p *Params) *string { return &p.ModRepo }},
+	{env: "MOD_TAG", flag: "--mod-tag", field: func(p *Params) *string { return &p.ModTag }},
+})
+
+// withKeys fills each parameter's config key from the userdata's table.
+func withKeys(ps []param) []param {
+	for i := range ps {
+		k, ok := userdata.KeyOf(ps[i].env)
+		if !ok {
+			panic("installer: parameter " + ps[i].env + " is no userdata variable")
+		}
+		ps[i].section, ps[i].key = k.Section, k.Key
+	}
+	return ps
 }
 
 // ErrMissingParams is wrapped by Resolve's error when required parameters
@@ -90,7 +101,7 @@ func Resolve(ctx context.Context, s Sources) (Params, map[string]string, error) 
 			ud := userdata.Parse(raw)
 			for _, p := range params {
 				if *p.field(&out) == "" {
-					if v := p.fromUD(ud); v != "" {
+					if v := ud.Value(p.env); v != "" {
 						*p.field(&out), from[p.env] = v, "userdata"
 					}
 				}
@@ -100,7 +111,7 @@ func Resolve(ctx context.Context, s Sources) (Params, map[string]string, error) 
 	if s.Existing != nil {
 		for _, p := range params {
 			if *p.field(&out) == "" {
-				if v := p.fromConf(s.Existing); v != "" {
+				if v := s.Existing.Get(p.section, p.key); v != "" {
 					*p.field(&out), from[p.env] = v, "the existing config"
 				}
 			}
@@ -125,21 +136,4 @@ func missingRequired(p Params) bool {
 		}
 	}
 	return false
-}
-
-// Setting is one `--set section.key=value`.
-type Setting struct{ Section, Key, Value string }
-
-// ParseSets reads `--set section.key=value` items.
-func ParseSets(items []string) ([]Setting, error) {
-	var out []Setting
-	for _, item := range items {
-		name, value, ok := strings.Cut(item, "=")
-		section, key, dotted := strings.Cut(name, ".")
-		if !ok || !dotted || section == "" || key == "" {
-			return nil, fmt.Errorf("--set %q: expected section.key=value, e.g. network.instance_id=i-0abc", item)
-		}
-		out = append(out, Setting{Section: strings.TrimSpace(section), Key: strings.TrimSpace(key), Value: strings.TrimSpace(value)})
-	}
-	return out, nil
 }

@@ -16,9 +16,7 @@ import (
 	"github.com/visualops/opsagent/internal/fsutil"
 	"github.com/visualops/opsagent/internal/proc"
 	"github.com/visualops/opsagent/internal/service"
-	"github.com/visualops/opsagent/internal/version"
 	saltbootstrap "github.com/visualops/opsagent/salt-bootstrap"
-	"github.com/visualops/opsagent/virtualenv"
 )
 
 // cronRuns reports whether a cron daemon runs on this host (and so reads
@@ -42,13 +40,14 @@ func cronRuns(l config.Layout) bool {
 	return false
 }
 
-// stepSaltPath builds the virtualenv and, when a states repository is
-// configured, clones it (running its bootstrap.sh); the agent would do the
+// stepSaltPath prepares the Salt path (saltbootstrap.Path, the agent's
+// own sequence): the virtualenv and, when a states repository is
+// configured, its clone (running its bootstrap.sh). The agent does the
 // same before its first Salt state, so a failure here is reported and the
 // install goes on.
 func (in *installation) stepSaltPath(ctx context.Context) {
 	c, l := in.cfg, in.layout
-	if strings.EqualFold(c.Agent.Engine, "native") {
+	if !c.Agent.Engine.NeedsSalt() {
 		in.rep.add("salt", Skipped, "[agent] engine = native: no virtualenv or states repository needed")
 		return
 	}
@@ -60,43 +59,24 @@ func (in *installation) stepSaltPath(ctx context.Context) {
 		in.rep.add("salt", Planned, "%s", what)
 		return
 	}
-	wheelhouse := ""
-	if c.Salt.Wheelhouse != "" {
-		wheelhouse = l.Host(c.Salt.Wheelhouse)
-	}
-	var env virtualenv.Env
-	prepare := func(ctx context.Context) error {
-		var err error
-		env, err = virtualenv.ForRepo(ctx, virtualenv.RepoOptions{Dir: l.VenvDir(), RepoDir: l.StatesDir(), Python: c.Salt.Python,
-			Wheelhouse: wheelhouse, Logger: in.opts.Logger})
-		return err
+	o := saltbootstrap.PathOptionsFrom(l, c)
+	o.Runner, o.Logger = in.opts.Runner, in.opts.Logger
+	res, err := saltbootstrap.NewPath(o).Ensure(ctx, c.Module.Repo, c.Module.Tag)
+	if err != nil {
+		in.rep.add("salt", Failed, "%s (the agent tries again before its first Salt state)", errorComment(err))
+		return
 	}
 	var changes []string
-	if c.Module.Repo != "" {
-		f := saltbootstrap.New(saltbootstrap.Options{Dir: l.StatesDir(), StampFile: l.StatesStampFile(), ConfigPath: l.ConfigFile(),
-			InterfaceVersion: version.StatesInterface, BootstrapScript: c.Module.BootstrapScript, Runner: in.opts.Runner, Logger: in.opts.Logger})
-		res, err := f.Ensure(ctx, c.Module.Repo, c.Module.Tag, prepare)
-		if err != nil {
-			in.rep.add("salt", Failed, "%s (the agent tries again before its first Salt state)", errorComment(err))
-			return
-		}
-		if res.Changed {
-			changes = append(changes, fmt.Sprintf("cloned %s at %s", c.Module.Repo, c.Module.Tag))
-		}
-		if res.Warning != "" {
-			in.rep.add("bootstrap", Failed, "%s (a warning: states run anyway)", res.Warning)
-		}
+	if res.Changed {
+		changes = append(changes, fmt.Sprintf("cloned %s at %s", c.Module.Repo, c.Module.Tag))
 	}
-	if env.Dir == "" {
-		if err := prepare(ctx); err != nil {
-			in.rep.add("salt", Failed, "%v", err)
-			return
-		}
+	if res.Warning != "" {
+		in.rep.add("bootstrap", Failed, "%s (a warning: states run anyway)", res.Warning)
 	}
-	if env.Created {
-		changes = append(changes, fmt.Sprintf("built the virtualenv %s (python %s)", env.Dir, env.Version))
+	if res.Env.Created {
+		changes = append(changes, fmt.Sprintf("built the virtualenv %s (python %s)", res.Env.Dir, res.Env.Version))
 	}
-	if p, ok := l.Root().Instance(env.SitePackages); ok {
+	if p := res.PackagePath; p != "" {
 		changed, err := config.NewOwner(in.freshConfig()).Update(func(c *config.Config) error {
 			c.Global.PackagePath = p
 			return nil
@@ -265,7 +245,7 @@ func (in *installation) stepStart(ctx context.Context) int {
 	}
 	switch {
 	case running && restart:
-		if err := stopPID(pid, 15*time.Second); err != nil {
+		if err := proc.StopProcess(pid, 15*time.Second); err != nil {
 			in.rep.add("start", Failed, "cannot stop the old agent (pid %d): %v", pid, err)
 			return 0
 		}
@@ -354,27 +334,4 @@ func (in *installation) waitRunning(old int) (pid int, ok bool) {
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
-}
-
-// stopPID sends SIGTERM to pid and waits until it is gone, SIGKILL after
-// grace.
-func stopPID(pid int, grace time.Duration) error {
-	if err := syscall.Kill(pid, syscall.SIGTERM); err != nil {
-		if errors.Is(err, syscall.ESRCH) {
-			return nil
-		}
-		return err
-	}
-	deadline := time.Now().Add(grace)
-	for time.Now().Before(deadline) {
-		if syscall.Kill(pid, 0) != nil {
-			return nil
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-	_ = syscall.Kill(pid, syscall.SIGKILL)
-	for i := 0; i < 100 && syscall.Kill(pid, 0) == nil; i++ {
-		time.Sleep(20 * time.Millisecond)
-	}
-	return nil
 }

@@ -142,7 +142,7 @@ func (in *installation) stopAgent(ctx context.Context) {
 		in.rep.add("stop", Failed, "an agent holds %s, but the pid in it is not that process: stop it by hand", l.LockFile())
 		return
 	}
-	if err := stopPID(pid, 15*time.Second); err != nil {
+	if err := proc.StopProcess(pid, 15*time.Second); err != nil {
 		in.rep.add("stop", Failed, "cannot stop the agent (pid %d): %v", pid, err)
 		return
 	}

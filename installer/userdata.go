@@ -6,7 +6,6 @@ import (
 	"io"
 	"net/http"
 	"path/filepath"
-	"regexp"
 	"strings"
 	"time"
 
@@ -27,8 +26,6 @@ type UserdataOptions struct {
 	HTTPClient *http.Client
 }
 
-var hexSHA256 = regexp.MustCompile(`^[0-9a-f]{64}$`)
-
 // Userdata renders the bootstrap script for an app. It first builds the
 // config that `opsagent install` would write from the same values, and
 // checks it as install does (checkConfig): a script whose install would
@@ -36,7 +33,7 @@ var hexSHA256 = regexp.MustCompile(`^[0-9a-f]{64}$`)
 // rendered.
 func Userdata(ctx context.Context, o UserdataOptions) ([]byte, error) {
 	p := o.Params
-	sets, err := ParseSets(o.Sets)
+	sets, err := config.ParseSettings(o.Sets)
 	if err != nil {
 		return nil, err
 	}
@@ -58,8 +55,8 @@ func Userdata(ctx context.Context, o UserdataOptions) ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
-	if !hexSHA256.MatchString(sum) {
-		return nil, fmt.Errorf("--sha256 %q: expected 64 hexadecimal digits (the content of opsagent.tgz.sha256)", sum)
+	if err := dist.CheckSHA256(sum); err != nil {
+		return nil, fmt.Errorf("--sha256: %w (the content of opsagent.tgz.sha256)", err)
 	}
 	return userdata.Render(userdata.Params{WSURI: p.WSURI, AppID: p.AppID, Version: p.Version, BaseRemote: p.BaseRemote,
 		PubKey: p.PubKey, EnrollSecret: p.EnrollSecret, SHA256: sum, Set: o.Sets})
@@ -68,7 +65,7 @@ func Userdata(ctx context.Context, o UserdataOptions) ([]byte, error) {
 // parseChecksum reads a sha256sum line ("<hex>  opsagent.tgz").
 func parseChecksum(name string, data []byte) (string, error) {
 	f := strings.Fields(string(data))
-	if len(f) == 0 || !hexSHA256.MatchString(strings.ToLower(f[0])) {
+	if len(f) == 0 || dist.CheckSHA256(strings.ToLower(f[0])) != nil {
 		return "", fmt.Errorf("%s: not a sha256sum line", name)
 	}
 	return strings.ToLower(f[0]), nil

@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/visualops/opsagent/internal/fsutil"
+	"github.com/visualops/opsagent/internal/updatephase"
 )
 
 // The stall rule: an attempt is aborted when fewer than StallMinBytes
@@ -117,7 +118,7 @@ func (u *Updater) download(ctx context.Context, s fetchSpec) error {
 			if total <= 0 {
 				total = -1
 			}
-			u.opts.OnStep(Step{Phase: "downloading", Version: s.version, Bytes: have, Total: total, Reason: reason})
+			u.report(Step{Phase: updatephase.Downloading, Version: s.version, Bytes: have, Total: total, Reason: reason})
 		}
 		t := u.opts.Clock.NewTimer(delay)
 		select {
@@ -136,7 +137,7 @@ func (u *Updater) download(ctx context.Context, s fetchSpec) error {
 func (u *Updater) startPartial(s fetchSpec) partialMeta {
 	if s.resume {
 		var m partialMeta
-		data, err := fsutil.ReadFileLimit(metaPath(s.path), 64<<10)
+		data, err := fsutil.ReadFixedFile(metaPath(s.path), 64<<10)
 		if err == nil && json.Unmarshal(data, &m) == nil && m.URL == s.url {
 			if have := fileSize(s.path); have > 0 {
 				u.log.Info("update: resuming the download left by an earlier run", "url", s.url, "have", have)
@@ -149,7 +150,7 @@ func (u *Updater) startPartial(s fetchSpec) partialMeta {
 }
 
 func fileSize(path string) int64 {
-	st, err := os.Stat(path)
+	st, err := os.Lstat(path)
 	if err != nil {
 		return 0
 	}
@@ -164,7 +165,9 @@ func (p *permanent) Error() string { return p.err.Error() }
 // fetch makes one attempt, appending to what path already holds; meta is
 // the partial file's origin, which an answer from the start renews.
 func (u *Updater) fetch(ctx context.Context, s fetchSpec, meta *partialMeta) (bool, error) {
-	f, err := os.OpenFile(s.path, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+	// Never through a link planted at the download's name: it would have
+	// the release written wherever it points.
+	f, err := fsutil.AppendFixedFile(s.path, 0o600)
 	if err != nil {
 		return false, &permanent{fmt.Errorf("update to %s: %w", s.version, err)}
 	}
@@ -362,5 +365,5 @@ func (p *progressWriter) Write(b []byte) (int, error) {
 
 func (p *progressWriter) report() {
 	p.lastReported = p.done
-	p.u.opts.OnStep(Step{Phase: "downloading", Version: p.version, Bytes: p.done, Total: p.total})
+	p.u.report(Step{Phase: updatephase.Downloading, Version: p.version, Bytes: p.done, Total: p.total})
 }

@@ -22,6 +22,7 @@ import (
 	"github.com/visualops/opsagent/internal/clock"
 	"github.com/visualops/opsagent/internal/dist"
 	"github.com/visualops/opsagent/internal/testutil/wait"
+	"github.com/visualops/opsagent/internal/updatephase"
 )
 
 // bigRelease is a release of version padded with 512 KiB of random bytes
@@ -164,7 +165,7 @@ func TestStalledAttemptAbortedThenResumedWithRange(t *testing.T) {
 	var total int64
 	r.mu.Lock()
 	for _, s := range r.steps {
-		if s.Phase == "downloading" && s.Reason != "" {
+		if s.Phase == updatephase.Downloading && s.Reason != "" {
 			reason, total = s.Reason, s.Total
 		}
 	}
@@ -376,14 +377,14 @@ func TestEndlessSignatureCappedWhileDownloading(t *testing.T) {
 // names the bad one.
 func TestMalformedConfiguredKeySkipped(t *testing.T) {
 	r := newRig(t)
-	r.cfg.Userdata.PubKey = "RWQ-this-is-not-a-key"
+	r.src.TrustedKeys = []string{"RWQ-this-is-not-a-key"}
 	r.publish("2.0.0", "2.0.0", r.key)
 	if _, err := r.updater(func(o *Options) { o.EmbeddedKey = r.key.pub }).Do(context.Background(), Request{Version: "2.0.0"}); err != nil {
 		t.Fatalf("with a malformed pubkey and a good embedded key: %v", err)
 	}
 
 	r2 := newRig(t)
-	r2.cfg.Userdata.PubKey = "RWQ-this-is-not-a-key"
+	r2.src.TrustedKeys = []string{"RWQ-this-is-not-a-key"}
 	r2.publish("2.0.0", "2.0.0", r2.key)
 	_, err := r2.updater(nil).Do(context.Background(), Request{Version: "2.0.0"})
 	var refusal *Refusal

@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"compress/gzip"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net/http"
@@ -25,6 +26,7 @@ import (
 	"github.com/visualops/opsagent/internal/dist"
 	"github.com/visualops/opsagent/internal/fsutil"
 	"github.com/visualops/opsagent/internal/service"
+	"github.com/visualops/opsagent/internal/updatephase"
 )
 
 // fakeBinary is a shell script that answers `version --json` like opsagent.
@@ -123,7 +125,7 @@ type rig struct {
 	layout config.Layout
 	b      *bucket
 	key    key
-	cfg    *config.Config
+	src    Source
 	steps  []Step
 	mu     sync.Mutex
 	before []byte
@@ -133,10 +135,8 @@ func newRig(t *testing.T) *rig {
 	t.Helper()
 	root, _ := fsutil.NewRoot(t.TempDir())
 	r := &rig{t: t, b: newBucket(t), key: newKey(t)}
-	r.cfg = config.Default()
-	r.cfg.Userdata.BaseRemote = r.b.srv.URL
-	r.cfg.Userdata.PubKey = r.key.pub
-	r.layout = config.NewLayout(root, "", r.cfg)
+	r.src = Source{BaseRemote: r.b.srv.URL, TrustedKeys: []string{r.key.pub}}
+	r.layout = config.NewLayout(root, "", nil)
 	for _, d := range []string{r.layout.BinDir(), r.layout.StateDir()} {
 		if err := os.MkdirAll(d, 0o755); err != nil {
 			t.Fatal(err)
@@ -150,7 +150,7 @@ func newRig(t *testing.T) *rig {
 }
 
 func (r *rig) updater(tweak func(*Options)) *Updater {
-	o := Options{Layout: r.layout, Current: "1.0.0", Target: r.layout.Binary(), Settings: func() *config.Config { return r.cfg },
+	o := Options{Layout: r.layout, Current: "1.0.0", Target: r.layout.Binary(), Source: func() Source { return r.src },
 		NoWatchdog: true, Retries: 3, RetryDelay: time.Millisecond, OnStep: func(s Step) { r.mu.Lock(); r.steps = append(r.steps, s); r.mu.Unlock() }}
 	if tweak != nil {
 		tweak(&o)
@@ -165,7 +165,7 @@ func (r *rig) unchanged() {
 	if data, _ := os.ReadFile(r.layout.Binary()); !bytes.Equal(data, r.before) {
 		r.t.Error("the running binary changed")
 	}
-	for _, p := range []string{r.layout.OldBinary(), r.layout.NewBinary(), filepath.Join(r.layout.DownloadDir(), dist.TarballName+".unverified")} {
+	for _, p := range []string{r.layout.OldBinary(), stagedBinary(r.layout.Binary()), filepath.Join(r.layout.DownloadDir(), dist.TarballName+".unverified")} {
 		if _, err := os.Stat(p); err == nil {
 			r.t.Errorf("%s left behind", p)
 		}
@@ -189,14 +189,14 @@ func TestUpdateSwapsKeepsOldAndRecordsConfirming(t *testing.T) {
 	if data, _ := os.ReadFile(r.layout.OldBinary()); !bytes.Equal(data, r.before) {
 		t.Error("opsagent.old is not the previous binary")
 	}
-	st, err := service.ReadUpdateState(service.UpdateStatePath(r.layout))
-	if err != nil || st.Phase != service.PhaseConfirming || st.From != "1.0.0" || st.To != "2.0.0" || time.Until(st.Deadline) > time.Minute+time.Second {
+	st, err := service.ReadUpdateState(r.layout.UpdateStateFile())
+	if err != nil || st.Phase != updatephase.Confirming || st.From != "1.0.0" || st.To != "2.0.0" || time.Until(st.Deadline) > time.Minute+time.Second {
 		t.Errorf("update state %+v %v", st, err)
 	}
 	var phases []string
 	for _, s := range r.steps {
-		if len(phases) == 0 || phases[len(phases)-1] != s.Phase {
-			phases = append(phases, s.Phase)
+		if len(phases) == 0 || phases[len(phases)-1] != string(s.Phase) {
+			phases = append(phases, string(s.Phase))
 		}
 	}
 	if got := strings.Join(phases, ","); got != "downloading,verifying,extracting,smoke-testing,ready,swapping,confirming" {
@@ -233,7 +233,7 @@ func TestRefusals(t *testing.T) {
 			return Request{Version: "2.0.0"}
 		}, nil, "signature check failed"},
 		{"no trusted key", func(r *rig) Request {
-			r.cfg.Userdata.PubKey = ""
+			r.src.TrustedKeys = []string{""}
 			r.publish("2.0.0", "2.0.0", r.key)
 			return Request{Version: "2.0.0"}
 		}, nil, "no trusted key"},
@@ -283,8 +283,8 @@ func TestRefusals(t *testing.T) {
 		}, nil, `says it is version "1.5.0"`},
 		{"rolled back here before", func(r *rig) Request {
 			r.publish("2.0.0", "2.0.0", r.key)
-			if err := service.WriteUpdateState(service.UpdateStatePath(r.layout), service.UpdateState{
-				Phase: service.PhaseRolledBack, From: "1.0.0", To: "2.0.0", Reason: "the new version 2.0.0 exited 3 times at start"}); err != nil {
+			if err := service.WriteUpdateState(r.layout.UpdateStateFile(), service.UpdateState{
+				Phase: updatephase.RolledBack, From: "1.0.0", To: "2.0.0", Reason: "the new version 2.0.0 exited 3 times at start"}); err != nil {
 				t.Fatal(err)
 			}
 			return Request{Version: "2.0.0"}
@@ -368,7 +368,7 @@ func TestForceAndSkipSignatureByHand(t *testing.T) {
 	r2 := newRig(t)
 	tgz, _ := release(t, "2.0.0", r2.key)
 	r2.b.put("2.0.0", tgz, nil)
-	r2.cfg.Userdata.PubKey = ""
+	r2.src.TrustedKeys = []string{""}
 	if _, err := r2.updater(nil).Do(context.Background(), Request{Version: "2.0.0", InsecureSkipSignature: true}); err != nil {
 		t.Fatalf("unsigned by hand: %v", err)
 	}
@@ -377,7 +377,7 @@ func TestForceAndSkipSignatureByHand(t *testing.T) {
 // The key compiled into the binary is trusted besides [userdata] pubkey.
 func TestEmbeddedKeyTrusted(t *testing.T) {
 	r := newRig(t)
-	r.cfg.Userdata.PubKey = ""
+	r.src.TrustedKeys = []string{""}
 	r.publish("2.0.0", "2.0.0", r.key)
 	if _, err := r.updater(func(o *Options) { o.EmbeddedKey = r.key.pub }).Do(context.Background(), Request{Version: "2.0.0"}); err != nil {
 		t.Fatal(err)
@@ -408,4 +408,66 @@ func rawTarGz(t *testing.T, entries []tarEntry) []byte {
 	tw.Close()
 	gz.Close()
 	return buf.Bytes()
+}
+
+// A link planted where the updater writes (the download, resumed from an
+// earlier run's partial file; the binary staged for the swap, under its
+// name now and the name it had before) is refused with its name and
+// never written through.
+func TestPrepareNeverWritesThroughALink(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		plant func(r *rig, url, victim string) []string // the links planted
+	}{
+		{"resumed download", func(r *rig, url, victim string) []string {
+			tarball := partialPath(r)
+			if err := os.MkdirAll(filepath.Dir(tarball), 0o700); err != nil {
+				t.Fatal(err)
+			}
+			meta, _ := json.Marshal(partialMeta{URL: url})
+			if err := os.WriteFile(metaPath(tarball), meta, 0o600); err != nil {
+				t.Fatal(err)
+			}
+			return []string{tarball}
+		}},
+		{"staged binary", func(r *rig, _, _ string) []string {
+			return []string{stagedBinary(r.layout.Binary()), r.layout.Binary() + ".new"}
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			r := newRig(t)
+			r.publish("2.0.0", "2.0.0", r.key)
+			victim := filepath.Join(t.TempDir(), "victim")
+			if err := os.WriteFile(victim, []byte("someone else's\n"), 0o644); err != nil {
+				t.Fatal(err)
+			}
+			links := tc.plant(r, r.b.srv.URL+"/2.0.0/"+dist.TarballName, victim)
+			for _, l := range links {
+				if err := os.Symlink(victim, l); err != nil {
+					t.Fatal(err)
+				}
+			}
+			_, err := r.updater(nil).Prepare(context.Background(), Request{Version: "2.0.0"})
+			if data, _ := os.ReadFile(victim); string(data) != "someone else's\n" {
+				t.Errorf("the update wrote %d bytes through a link", len(data))
+			}
+			if err == nil || !strings.Contains(err.Error(), links[0]) || !strings.Contains(err.Error(), "symbolic link") {
+				t.Errorf("Prepare: %v; want a refusal naming the link %s", err, links[0])
+			}
+		})
+	}
+}
+
+// The smoke test reads the new binary's standard output alone
+// (version.Query, as the installer asks): a release that prints a warning
+// on standard error is not refused for it.
+func TestSmokeTestReadsStandardOutput(t *testing.T) {
+	r := newRig(t)
+	r.publish("2.0.0", "2.0.0", r.key,
+		archive.Entry{Name: "VERSION", Mode: 0o644, Data: []byte("2.0.0\n")},
+		archive.Entry{Name: dist.BinaryName(runtime.GOARCH), Mode: 0o755, Data: []byte("#!/bin/sh\necho 'warning: GODEBUG setting ignored' >&2\necho '{\"version\":\"2.0.0\"}'\n")},
+	)
+	if _, err := r.updater(nil).Do(context.Background(), Request{Version: "2.0.0"}); err != nil {
+		t.Fatalf("a release that warns on stderr: %v", err)
+	}
 }

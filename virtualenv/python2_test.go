@@ -15,6 +15,7 @@ import (
 
 	"github.com/visualops/opsagent/internal/proc"
 	"github.com/visualops/opsagent/internal/testutil/saltfork"
+	"github.com/visualops/opsagent/virtualenv/venvtest"
 )
 
 // importProbe imports Salt's libraries the way the bridge finds them
@@ -40,7 +41,7 @@ func lino(t *testing.T, p string) uint64 {
 }
 
 func TestPython2EnvWithTheFixtureLibs(t *testing.T) {
-	py := saltfork.Python2(t)
+	py := venvtest.Python2(t)
 	dir := filepath.Join(t.TempDir(), "opt", "visualops", "env")
 	ctx := context.Background()
 	env, err := virtualenv.Ensure(ctx, virtualenv.Options{Dir: dir, Python: py})
@@ -109,7 +110,7 @@ func TestPythonForTheFork(t *testing.T) {
 	py, why, err := virtualenv.PythonFor(context.Background(), nil, repo, "")
 	if err != nil {
 		if strings.Contains(err.Error(), "not installed") {
-			saltfork.Python2(t) // skips when the machine has none; else a bug
+			venvtest.Python2(t) // skips when the machine has none; else a bug
 		}
 		t.Fatal(err)
 	}

@@ -18,6 +18,7 @@ import (
 	"github.com/visualops/opsagent/internal/testutil/saltfork"
 	"github.com/visualops/opsagent/internal/testutil/statesrepo"
 	"github.com/visualops/opsagent/virtualenv"
+	"github.com/visualops/opsagent/virtualenv/venvtest"
 )
 
 // These tests drive bridge.py over its JSON-lines protocol directly (not
@@ -167,7 +168,7 @@ func mode(t *testing.T, p string) os.FileMode {
 // Every path is inside the test's temporary directory: the adaptor and
 // Salt act on absolute host paths.
 func TestRealFork(t *testing.T) {
-	py2 := saltfork.Python2(t)
+	py2 := venvtest.Python2(t)
 	repo := saltfork.Clone(t)
 	ctx := context.Background()
 	tmp := t.TempDir()

@@ -16,6 +16,7 @@ import (
 	"github.com/visualops/opsagent/agent/rounds"
 	"github.com/visualops/opsagent/agent/state"
 	"github.com/visualops/opsagent/internal/clock"
+	"github.com/visualops/opsagent/internal/config"
 	"github.com/visualops/opsagent/internal/fsutil"
 	"github.com/visualops/opsagent/internal/proc"
 	"github.com/visualops/opsagent/protocol"
@@ -52,7 +53,7 @@ func newEngineRig(tb testing.TB, grace time.Duration) *engineRig {
 	root, _ := fsutil.NewRoot(dir)
 	link := chanLink{c: make(chan report, 4096)}
 	e := rounds.New(rounds.Options{
-		Executor:   &rounds.Router{Engine: rounds.EngineNative, Native: New(Options{Root: root, KillGrace: grace})},
+		Executor:   &rounds.Router{Engine: config.EngineNative, Native: New(Options{Root: root, KillGrace: grace})},
 		Link:       link,
 		Store:      rounds.NewStore(rounds.Files{Recipe: filepath.Join(dir, "state", "recipe.json"), PendingUpdate: filepath.Join(dir, "state", "pending-update.json")}, clock.Real{}, nil),
 		RoundDelay: time.Hour,

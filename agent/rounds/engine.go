@@ -15,6 +15,7 @@ import (
 	"github.com/visualops/opsagent/agent/state"
 	"github.com/visualops/opsagent/internal/clock"
 	"github.com/visualops/opsagent/protocol"
+	"github.com/visualops/opsagent/updater"
 )
 
 // Built-in modules the engine handles itself.
@@ -52,14 +53,8 @@ type Updater interface {
 // run` unwinds cleanly (close frame, status, outbox) and re-executes as its
 // very last step. Discard drops an update that will not be installed.
 type Prepared interface {
-	Install() (*Restart, error)
+	Install() (*updater.Restart, error)
 	Discard()
-}
-
-// Restart asks the process to re-execute Binary, the new version.
-type Restart struct {
-	Binary  string // the path to exec
-	Version string // the version it is
 }
 
 // RefusedStateID is the state id of the StateLog that tells the backend a
@@ -107,7 +102,7 @@ type Options struct {
 type Status struct {
 	RecipeVersion   int64                  `json:"recipe_version"`
 	States          int                    `json:"states"`
-	Phase           string                 `json:"phase"` // idle, running, waiting, delay, retry-delay
+	Phase           string                 `json:"phase"` // idle, running, waiting (a meta.wait), delay, retry-delay, restarting (to a new version), stopped
 	Round           int64                  `json:"round"`
 	StateIndex      int                    `json:"state_index"` // 0-based; -1 when no state runs
 	StateID         string                 `json:"state_id,omitempty"`

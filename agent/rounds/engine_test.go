@@ -17,6 +17,7 @@ import (
 	"github.com/visualops/opsagent/internal/clock"
 	"github.com/visualops/opsagent/internal/testutil/wait"
 	"github.com/visualops/opsagent/protocol"
+	"github.com/visualops/opsagent/updater"
 )
 
 const hang = 10 * time.Second // guard against a hung test, never a timing assertion
@@ -168,10 +169,10 @@ type fakePrepared struct {
 	u protocol.AgentUpdate
 }
 
-func (p *fakePrepared) Install() (*Restart, error) {
+func (p *fakePrepared) Install() (*updater.Restart, error) {
 	p.f.applied <- p.u
 	if p.f.restart {
-		return &Restart{Binary: "/opt/visualops/bin/opsagent", Version: p.u.Version}, nil
+		return &updater.Restart{Binary: "/opt/visualops/bin/opsagent", Version: p.u.Version}, nil
 	}
 	return nil, nil
 }
@@ -193,7 +194,7 @@ type harness struct {
 	cancel  context.CancelFunc
 	done    chan struct{}
 	ctx     context.Context
-	restart *Restart // what Run returned
+	restart *updater.Restart // what Run returned
 }
 
 func newHarness(t *testing.T, dir string, mod func(*Options)) *harness {

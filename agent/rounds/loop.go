@@ -9,6 +9,7 @@ import (
 	"github.com/visualops/opsagent/agent/state"
 	"github.com/visualops/opsagent/internal/clock"
 	"github.com/visualops/opsagent/protocol"
+	"github.com/visualops/opsagent/updater"
 )
 
 type outcome int
@@ -37,7 +38,7 @@ type loop struct {
 	restarted bool // the running round is the immediate restart after a failure
 	round     int64
 	module    *protocol.ModuleSource // last states repository named (or the config's)
-	restart   *Restart               // set when an installed update asks to re-execute
+	restart   *updater.Restart       // set when an installed update asks to re-execute
 	// holdUpdates: after a start, the resumed recipe's first round ends
 	// before a pending update is prepared, so that an instance converges
 	// first, whatever the update (or the release server) does.
@@ -60,7 +61,7 @@ type preparedUpdate struct {
 // Restart, with no round running). It resumes the persisted recipe at
 // once, before the backend is reachable; a persisted pending update is
 // prepared once that recipe's first round has ended.
-func (e *Engine) Run(ctx context.Context) (*Restart, error) {
+func (e *Engine) Run(ctx context.Context) (*updater.Restart, error) {
 	l := &loop{e: e, ctx: ctx, module: e.opts.DefaultModule}
 	rec, err := e.opts.Store.LoadRecipe()
 	if err != nil {

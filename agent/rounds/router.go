@@ -5,14 +5,8 @@ import (
 	"fmt"
 
 	"github.com/visualops/opsagent/agent/state"
+	"github.com/visualops/opsagent/internal/config"
 	"github.com/visualops/opsagent/protocol"
-)
-
-// Engines accepted by [agent] engine.
-const (
-	EngineAuto   = "auto"   // native modules natively, the rest through Salt
-	EngineNative = "native" // native modules only
-	EngineSalt   = "salt"   // every module through Salt, as the 2014 agent did
 )
 
 // NativeExecutor is an executor that knows which modules it implements.
@@ -23,7 +17,7 @@ type NativeExecutor interface {
 
 // Router picks the executor of each state according to [agent] engine.
 type Router struct {
-	Engine string
+	Engine config.Engine
 	Native NativeExecutor // may be nil
 	Salt   state.Executor // nil when the Salt bridge is not installed
 }
@@ -32,12 +26,12 @@ type Router struct {
 func (r *Router) Execute(ctx context.Context, req state.Request) state.Result {
 	native := r.Native != nil && r.Native.Supports(req.Module)
 	switch r.Engine {
-	case EngineNative:
+	case config.EngineNative:
 		if !native {
 			return state.Failed(fmt.Sprintf("module %s is not implemented natively and [agent] engine = native; set engine = auto to run it through the Salt bridge", req.Module))
 		}
 		return r.Native.Execute(ctx, req)
-	case EngineSalt:
+	case config.EngineSalt:
 	default:
 		if native {
 			return r.Native.Execute(ctx, req)

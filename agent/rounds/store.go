@@ -65,9 +65,6 @@ func NewStore(files Files, clk clock.Clock, log *slog.Logger) *Store {
 	return &Store{files: files, clock: clk, log: log}
 }
 
-// RecipePath is where the recipe lives.
-func (s *Store) RecipePath() string { return s.files.Recipe }
-
 // SaveRecipe writes r atomically. A nil r removes the file.
 func (s *Store) SaveRecipe(r *Recipe) error {
 	if r == nil {

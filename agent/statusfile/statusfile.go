@@ -13,6 +13,7 @@ import (
 	"github.com/visualops/opsagent/agent/rounds"
 	"github.com/visualops/opsagent/internal/fsutil"
 	"github.com/visualops/opsagent/internal/system"
+	"github.com/visualops/opsagent/internal/updatephase"
 )
 
 // MaxSize bounds what Read accepts; a status is a few KiB.
@@ -53,17 +54,17 @@ type Snapshot struct {
 	InitErrors   []string      `json:"init_errors,omitempty"`
 }
 
-// Update is where the current or last self-update stands: downloading
-// (with bytes), verifying, extracting, smoke-testing, swapping, confirming,
-// done, refused, rolled-back or failed, with the reason.
+// Update is where the current or last self-update stands: one of the
+// update phases (downloading with bytes, …, done, refused, rolled-back or
+// failed), with the reason.
 type Update struct {
-	Phase   string    `json:"phase"`
-	Version string    `json:"version,omitempty"`
-	From    string    `json:"from,omitempty"`
-	Bytes   int64     `json:"bytes,omitempty"`
-	Total   int64     `json:"total,omitempty"`
-	Reason  string    `json:"reason,omitempty"`
-	At      time.Time `json:"at,omitzero"`
+	Phase   updatephase.Phase `json:"phase"`
+	Version string            `json:"version,omitempty"`
+	From    string            `json:"from,omitempty"`
+	Bytes   int64             `json:"bytes,omitempty"`
+	Total   int64             `json:"total,omitempty"`
+	Reason  string            `json:"reason,omitempty"`
+	At      time.Time         `json:"at,omitzero"`
 }
 
 // Write replaces the file atomically (mode 0640: operators in the agent's

@@ -1,7 +1,11 @@
 // Command opsagent is the VisualOps instance agent: one static binary whose
 // verbs install the agent, run it, update it, publish releases and serve a
-// reference backend. This package only wires flags to the packages that do
-// the work; it holds no logic of its own.
+// reference backend. This package wires flags and environment variables to
+// the packages that do the work (an update is updater's, an installation
+// installer's, a run agent's), maps their errors to exit codes, and
+// renders what they report for a person at a terminal (status, apply's
+// results, an update's progress). Flows and rules belong to those
+// packages, not here.
 package main
 
 import (

@@ -11,6 +11,7 @@ import (
 
 	"github.com/visualops/opsagent/agent"
 	"github.com/visualops/opsagent/internal/version"
+	"github.com/visualops/opsagent/updater"
 )
 
 func runCommand() *cli.Command {
@@ -78,7 +79,7 @@ func forwardSignals(ctx context.Context, in <-chan os.Signal, out chan<- struct{
 
 // reexec carries a restart request from `run` out to main, past every
 // deferred cleanup, so that exec is the process's very last step.
-type reexec struct{ r *agent.Restart }
+type reexec struct{ r *updater.Restart }
 
 func (e *reexec) Error() string { return "restart into " + e.r.Binary }
 

@@ -16,6 +16,7 @@ import (
 	"github.com/visualops/opsagent/internal/config"
 	"github.com/visualops/opsagent/internal/fsutil"
 	"github.com/visualops/opsagent/internal/textcut"
+	"github.com/visualops/opsagent/internal/updatephase"
 )
 
 // exitNotRunning is `opsagent status`'s exit code when no agent runs, as
@@ -203,7 +204,7 @@ func describeStep(u *statusfile.Update) string {
 	if u.From != "" {
 		line = fmt.Sprintf("%s → %s: %s", u.From, u.Version, u.Phase)
 	}
-	if u.Phase == "downloading" {
+	if u.Phase == updatephase.Downloading {
 		line += " " + byteSize(u.Bytes)
 		if u.Total > 0 {
 			line += " of " + byteSize(u.Total)

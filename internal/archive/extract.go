@@ -10,6 +10,7 @@ import (
 	"os"
 	"path"
 	"path/filepath"
+	"sort"
 	"syscall"
 )
 
@@ -177,6 +178,61 @@ func ExtractFile(ctx context.Context, r io.Reader, name string, w io.Writer, lim
 	}
 	if !found {
 		return fmt.Errorf("archive: %q: %w; check the name (e.g. the architecture suffix)", name, ErrNotFound)
+	}
+	return nil
+}
+
+// ExtractFiles copies the regular files named in want out of the .tar.gz
+// read from r, each into its writer, and stops reading as soon as it has
+// them all. Every entry up to the last one wanted is checked as Extract
+// checks it; what follows is not read, so a corrupt or hostile tail goes
+// unnoticed. It is for an archive whose integrity is already established
+// (the updater's tarball, whose signature covers every byte and is
+// verified first), laid out with what is wanted near its start (the
+// release tarball: VERSION, then one binary per architecture), where
+// reading on would only cost time.
+//
+// Like ExtractFile, it fails with an *Error naming an entry that is not a
+// regular file, and with ErrNotFound (wrapped) naming the files the
+// archive lacks; on error the writers may hold part of their file.
+func ExtractFiles(ctx context.Context, r io.Reader, want map[string]io.Writer, lim Limits) error {
+	left := make(map[string]io.Writer, len(want))
+	for name, w := range want {
+		if err := checkName(name); err != nil {
+			return fmt.Errorf("archive: cannot look for %q: %w; pass the relative path stored in the archive", name, err)
+		}
+		left[cleanName(name)] = w
+	}
+	if len(left) == 0 {
+		return nil
+	}
+	err := walk(ctx, r, lim, func(n string, hdr *tar.Header, body io.Reader) error {
+		w, ok := left[n]
+		if !ok {
+			return nil
+		}
+		if hdr.Typeflag != tar.TypeReg {
+			return &Error{hdr.Name, fmt.Sprintf("ExtractFiles takes only regular files, and this is %s", describe(hdr))}
+		}
+		delete(left, n)
+		if _, err := io.Copy(w, body); err != nil {
+			return fmt.Errorf("copying %q out: %w", hdr.Name, err)
+		}
+		if len(left) == 0 {
+			return errEnough
+		}
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	if len(left) > 0 {
+		missing := make([]string, 0, len(left))
+		for n := range left {
+			missing = append(missing, n)
+		}
+		sort.Strings(missing)
+		return fmt.Errorf("archive: %q: %w; check the names (e.g. the architecture suffix)", missing, ErrNotFound)
 	}
 	return nil
 }

@@ -9,11 +9,13 @@ import (
 	"fmt"
 	"io"
 	"math"
+	"math/rand/v2"
 	"os"
 	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
+	"time"
 )
 
 func link(name, target string) *tar.Header {
@@ -521,5 +523,51 @@ func TestHugeLimitsSaturate(t *testing.T) {
 	data := tarGz(t, reg("a"))
 	if err := Extract(context.Background(), bytes.NewReader(data), filepath.Join(t.TempDir(), "d"), Limits{MaxEntries: math.MaxInt, MaxFileSize: math.MaxInt64, MaxTotalSize: math.MaxInt64}); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// ExtractFiles takes several files in one pass and stops reading once it
+// has them: what follows the last one wanted (here a hostile entry, then
+// garbage where the gzip trailer belongs) is never read, while entries
+// before it are checked as ever.
+func TestExtractFilesStopsAtTheLastWanted(t *testing.T) {
+	ctx := context.Background()
+	entries := []Entry{{Name: "VERSION", Mode: 0o644, Data: []byte("2.0.0\n")}, {Name: "bin-a", Mode: 0o755, Data: []byte("binary a")}}
+	var good bytes.Buffer
+	if err := Create(ctx, &good, entries, time.Unix(0, 0)); err != nil {
+		t.Fatal(err)
+	}
+	// The same archive with a third, incompressible file, cut in the
+	// middle of it: no end marker, no gzip trailer.
+	noise := make([]byte, 1<<20)
+	_, _ = rand.NewChaCha8([32]byte{}).Read(noise)
+	var tail bytes.Buffer
+	if err := Create(ctx, &tail, append(entries, Entry{Name: "bin-b", Mode: 0o755, Data: noise}), time.Unix(0, 0)); err != nil {
+		t.Fatal(err)
+	}
+	cut := tail.Bytes()[:len(tail.Bytes())/2]
+	var version, bin bytes.Buffer
+	if err := ExtractFiles(ctx, bytes.NewReader(cut), map[string]io.Writer{"VERSION": &version, "bin-a": &bin}, Limits{}); err != nil {
+		t.Fatalf("ExtractFiles: %v", err)
+	}
+	if version.String() != "2.0.0\n" || bin.String() != "binary a" {
+		t.Errorf("got VERSION %q, bin-a %q", version.String(), bin.String())
+	}
+	if err := ExtractFile(ctx, bytes.NewReader(cut), "bin-a", io.Discard, Limits{}); err == nil {
+		t.Error("ExtractFile read past bin-a and still accepted the cut archive")
+	}
+	// Missing names are listed; an entry of another kind is refused by name.
+	err := ExtractFiles(ctx, bytes.NewReader(good.Bytes()), map[string]io.Writer{"VERSION": io.Discard, "bin-c": io.Discard, "bin-d": io.Discard}, Limits{})
+	if !errors.Is(err, ErrNotFound) || !strings.Contains(err.Error(), `["bin-c" "bin-d"]`) {
+		t.Errorf("missing: err = %v, want ErrNotFound naming bin-c and bin-d", err)
+	}
+	linked := tarGz(t, reg("VERSION"), link("bin-a", "VERSION"))
+	var ae *Error
+	if err := ExtractFiles(ctx, bytes.NewReader(linked), map[string]io.Writer{"bin-a": io.Discard}, Limits{}); !errors.As(err, &ae) || ae.Entry != "bin-a" {
+		t.Errorf("a symlink asked for: err = %v, want an *Error naming it", err)
+	}
+	hostileFirst := tarGz(t, link("l", "../../x"), reg("VERSION"))
+	if err := ExtractFiles(ctx, bytes.NewReader(hostileFirst), map[string]io.Writer{"VERSION": io.Discard}, Limits{}); err == nil {
+		t.Error("a hostile entry before the wanted file went unnoticed")
 	}
 }

@@ -44,11 +44,18 @@ func walkTar(ctx context.Context, r io.Reader, f Format, lim Limits, fn entryFun
 		}
 		return c.entry(hdr, fi.Open, fn)
 	})
+	if errors.Is(err, errEnough) {
+		return nil // fn has what it wanted: the rest is not read (ExtractFiles)
+	}
 	if err == nil {
 		err = finish(s)
 	}
 	return classify(err)
 }
+
+// errEnough, returned by an entryFunc, ends a walk early and successfully:
+// the rest of the stream is neither read nor checked.
+var errEnough = errors.New("archive: every wanted entry taken")
 
 // open stacks the capped compressed input, the decompressor and the
 // capped decompressed stream. The compressed side is capped too because

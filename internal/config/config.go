@@ -100,7 +100,7 @@ type Agent struct {
 	KillGrace           time.Duration
 	AppNotReadyDelay    time.Duration
 	UpdateHealthTimeout time.Duration // a new version must handshake within this, or it is rolled back
-	Engine              string        // auto, native or salt
+	Engine              Engine        // how states are executed
 	OutboxLimit         int           // StateLogs kept while undelivered
 	OutboxMaxBytes      int           // bytes of StateLogs kept while undelivered
 	OutboxMaxAge        time.Duration // undelivered StateLogs older than this are dropped
@@ -261,7 +261,7 @@ func duplicates(name string, data []byte) []string {
 }
 
 // checkValue is the one rule for every value of the file, known key or
-// not, that the reader (Parse) and the writers (Set, and through it
+// not, that the reader (Parse) and the writer (Set, and through it
 // `install --set` and `userdata`) share: one line of text without control
 // characters (a tab aside). A backquoted value may span lines in INI, but
 // the states repository's bootstrap.sh reads the file line by line, and
@@ -277,14 +277,6 @@ func checkValue(v string) error {
 		}
 	}
 	return nil
-}
-
-// CheckValue applies the rule every value of the file obeys (see
-// checkValue) and, for a known key, its own parser: what a writer that
-// is not the installer (the userdata renderer) checks before it promises
-// a value that `install` will write and the agent will read.
-func CheckValue(section, key, value string) error {
-	return New("").Set(section, key, value)
 }
 
 // Check is what Owner checks before it writes: the values are complete
@@ -386,9 +378,6 @@ func validName(s string) bool {
 	}
 	return true
 }
-
-// Known reports whether section.key is a key the agent understands.
-func Known(section, key string) bool { return lookup(section, key) != nil }
 
 // Bytes renders the config: the original document with the typed values
 // written back. Keys that are absent from the file and still at their
@@ -704,17 +693,6 @@ func ParseSize(v string) (int, error) {
 	return int(n * mult), nil
 }
 
-func oneOf(values ...string) func(string) error {
-	return func(v string) error {
-		for _, ok := range values {
-			if strings.EqualFold(v, ok) {
-				return nil
-			}
-		}
-		return fmt.Errorf("expected one of %s", strings.Join(values, ", "))
-	}
-}
-
 func urlWithScheme(schemes ...string) func(string) error {
 	return func(v string) error {
 		u, err := url.Parse(v)
@@ -800,7 +778,7 @@ var fields = []field{
 	duration("agent", "kill_grace", "10s", time.Second, func(c *Config) *time.Duration { return &c.Agent.KillGrace }),
 	duration("agent", "app_not_ready_delay", "30s", time.Second, func(c *Config) *time.Duration { return &c.Agent.AppNotReadyDelay }),
 	duration("agent", "update_health_timeout", "2m0s", time.Second, func(c *Config) *time.Duration { return &c.Agent.UpdateHealthTimeout }),
-	withCheck(str("agent", "engine", "auto", func(c *Config) *string { return &c.Agent.Engine }), oneOf("auto", "native", "salt")),
+	engineField("agent", "engine", "auto", func(c *Config) *Engine { return &c.Agent.Engine }),
 	integer("agent", "outbox_limit", "10000", 1, func(c *Config) *int { return &c.Agent.OutboxLimit }),
 	integer("agent", "outbox_max_bytes", "67108864", 64<<10, func(c *Config) *int { return &c.Agent.OutboxMaxBytes }),
 	duration("agent", "outbox_max_age", "24h0m0s", time.Second, func(c *Config) *time.Duration { return &c.Agent.OutboxMaxAge }),
@@ -808,7 +786,7 @@ var fields = []field{
 }
 
 // Keys lists every known key as "section.key" with its default, in file
-// order: the README's table and `opsagent install --set` check against it.
+// order (the README's table is checked against it).
 func Keys() [][2]string {
 	out := make([][2]string, len(fields))
 	for i, f := range fields {

@@ -90,7 +90,7 @@ func TestLoadSpecExample(t *testing.T) {
 		"tag":     {c.Module.Tag, "v2015-03-26"},
 		"token":   {c.Global.TokenFile, "/etc/opsagent.token"},
 		"loglvl":  {c.Global.LogLevel, "INFO"},
-		"engine":  {c.Agent.Engine, "auto"},
+		"engine":  {string(c.Agent.Engine), "auto"},
 		"meta":    {c.Network.Metadata, "http://169.254.169.254"},
 		"version": {c.Userdata.Version, "2.1"},
 	}
@@ -312,7 +312,7 @@ func TestGetSetUnknownAndKnown(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := c.Set("agent", "engine", "native"); err != nil || c.Agent.Engine != "native" {
+	if err := c.Set("agent", "engine", "native"); err != nil || c.Agent.Engine != EngineNative {
 		t.Errorf("Set engine: %v, engine=%q", err, c.Agent.Engine)
 	}
 	if err := c.Set("agent", "kill_grace", "forever"); err == nil {
@@ -550,10 +550,9 @@ func TestWriterAndReaderShareOneValueRule(t *testing.T) {
 	for _, v := range []string{"a\rb", "a\nb", "esc \x1b[2J", "nul\x00", "del\x7f", "c1 \u009b"} {
 		for _, k := range [][2]string{{"userdata", "app_id"}, {"userdata", "enroll_secret"}, {"custom", "key"}} {
 			setErr := New("/x.conf").Set(k[0], k[1], v)
-			checkErr := CheckValue(k[0], k[1], v)
 			_, parseErr := Parse("/x.conf", []byte("[userdata]\nws_uri = ws://h/agent/\napp_id = a\n["+k[0]+"]\n"+k[1]+" = `"+v+"`\n"))
-			if setErr == nil || checkErr == nil || parseErr == nil {
-				t.Errorf("[%s] %s = %q: Set %v, CheckValue %v, Parse %v; want all three to refuse", k[0], k[1], v, setErr, checkErr, parseErr)
+			if setErr == nil || parseErr == nil {
+				t.Errorf("[%s] %s = %q: Set %v, Parse %v; want both to refuse", k[0], k[1], v, setErr, parseErr)
 				continue
 			}
 			for _, err := range []error{setErr, parseErr} {
@@ -563,11 +562,11 @@ func TestWriterAndReaderShareOneValueRule(t *testing.T) {
 			}
 		}
 	}
-	if err := CheckValue("userdata", "app_id", "app\twith tab é"); err != nil {
+	if err := New("").Set("userdata", "app_id", "app\twith tab é"); err != nil {
 		t.Errorf("a tab and UTF-8 refused: %v", err)
 	}
-	if err := CheckValue("agent", "retry_delay", "soon"); err == nil || !strings.Contains(err.Error(), "expected a duration") {
-		t.Errorf("CheckValue does not parse a known key: %v", err)
+	if err := New("").Set("agent", "retry_delay", "soon"); err == nil || !strings.Contains(err.Error(), "expected a duration") {
+		t.Errorf("Set does not parse a known key: %v", err)
 	}
 }
 

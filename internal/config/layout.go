@@ -1,6 +1,7 @@
 package config
 
 import (
+	"io/fs"
 	"path/filepath"
 
 	"github.com/visualops/opsagent/internal/fsutil"
@@ -20,15 +21,14 @@ type Layout struct {
 
 // Fixed instance paths (not settable in the config).
 const (
-	optDir      = "/opt/visualops"
-	binDir      = "/opt/visualops/bin"
-	cronEntry   = "/etc/cron.d/opsagent"
-	unitFile    = "/etc/systemd/system/opsagent.service"
-	machineID   = "/etc/machine-id"
-	binaryName  = "opsagent"
-	osRelease   = "/etc/os-release"
-	systemdRun  = "/run/systemd/system"
-	cronDirPath = "/etc/cron.d"
+	optDir     = "/opt/visualops"
+	binDir     = "/opt/visualops/bin"
+	cronEntry  = "/etc/cron.d/opsagent"
+	unitFile   = "/etc/systemd/system/opsagent.service"
+	machineID  = "/etc/machine-id"
+	binaryName = "opsagent"
+	osRelease  = "/etc/os-release"
+	systemdRun = "/run/systemd/system"
 )
 
 // NewLayout returns the layout of root with the paths of c (nil: the
@@ -71,10 +71,6 @@ func (l Layout) PendingUpdateFile() string { return l.state("pending-update.json
 // reason) as key=value lines, shared by the updater, the new binary, the
 // shell watchdog and `status`.
 func (l Layout) UpdateStateFile() string { return l.state("update.state") }
-
-// UpdateStateLockFile orders every change of the update state between the
-// Go side and the watchdog.
-func (l Layout) UpdateStateLockFile() string { return l.UpdateStateFile() + ".lock" }
 
 // UpdateRequestFile is what `opsagent update` leaves for a running agent.
 func (l Layout) UpdateRequestFile() string { return l.state("update-request.json") }
@@ -137,15 +133,11 @@ func (l Layout) Binary() string { return filepath.Join(l.BinDir(), binaryName) }
 // OldBinary is the previous version, kept for rollback.
 func (l Layout) OldBinary() string { return l.Binary() + ".old" }
 
-// NewBinary is where an update's binary is smoke-tested before the swap.
-func (l Layout) NewBinary() string { return l.Binary() + ".new" }
-
 // CmdCwd is linux.cmd's default working directory (module.json), an
 // instance path: the native module maps it below the root itself.
 const CmdCwd = "/opt/visualops/tmp"
 
-// CronDir is /etc/cron.d; CronEntry the agent's file in it.
-func (l Layout) CronDir() string   { return l.root.Path(cronDirPath) }
+// CronEntry is the agent's file in /etc/cron.d.
 func (l Layout) CronEntry() string { return l.root.Path(cronEntry) }
 
 // UnitFile is the systemd unit.
@@ -160,6 +152,26 @@ func (l Layout) MachineIDFile() string { return l.root.Path(machineID) }
 // OSReleaseFile is /etc/os-release.
 func (l Layout) OSReleaseFile() string { return l.root.Path(osRelease) }
 
-// InstanceBinary is the binary's instance path, for the unit and cron
-// files, which name paths as the instance sees them.
-func InstanceBinary() string { return binDir + "/" + binaryName }
+// Dir is a directory of the layout with its mode.
+type Dir struct {
+	Path string
+	Mode fs.FileMode
+	What string // names it in messages
+	// Agent: the agent writes there and creates it at start when it is
+	// missing (the installer creates every one).
+	Agent bool
+}
+
+// Dirs is the one table of the layout's directories and their modes: the
+// installer creates and repairs each one, the agent those it writes to.
+func (l Layout) Dirs() []Dir {
+	return []Dir{
+		{l.OptDir(), 0o755, "/opt/visualops", false},
+		{l.BinDir(), 0o755, "the binary's directory", false},
+		{l.StateDir(), 0o700, "the state directory ([global] conf_path)", true},
+		{l.WatchDir(), 0o700, "[global] watch", true},
+		{l.LogDir(), 0o750, "the log directory ([global] log_path)", true},
+		{filepath.Dir(l.ConfigFile()), 0o755, "the config's directory", false},
+		{filepath.Dir(l.TokenFile()), 0o755, "the token's directory", false},
+	}
+}

@@ -15,7 +15,10 @@ import (
 )
 
 // Artifact names, in dist/ after a build and under <prefix><version>/ in
-// the bucket (LatestName sits at <prefix>).
+// the bucket (LatestName sits at <prefix>). TarballName holds VERSION
+// first, then one binary per architecture (BinaryName, in Arches' order),
+// then userdata.sh: the updater takes VERSION and its own binary in one
+// pass that stops there, so the order only costs or saves time.
 const (
 	TarballName   = "opsagent.tgz"
 	ChecksumName  = TarballName + ".sha256"
@@ -30,7 +33,20 @@ func Arches() []string { return []string{"amd64", "arm64"} }
 // BinaryName is the name of the agent binary for arch inside the tarball.
 func BinaryName(arch string) string { return "opsagent-linux-" + arch }
 
-var versionPattern = regexp.MustCompile(`^[0-9]+\.[0-9]+(\.[0-9]+)?$`)
+var (
+	versionPattern = regexp.MustCompile(`^[0-9]+\.[0-9]+(\.[0-9]+)?$`)
+	sha256Pattern  = regexp.MustCompile(`^[0-9a-f]{64}$`)
+)
+
+// CheckSHA256 refuses anything but a SHA-256 as sha256sum prints it: 64
+// lowercase hexadecimal digits (opsagent.tgz.sha256, latest.json, the
+// userdata script's SHA256).
+func CheckSHA256(sum string) error {
+	if !sha256Pattern.MatchString(sum) {
+		return fmt.Errorf("sha256 %q: want the tarball's SHA-256 as 64 lowercase hex digits", sum)
+	}
+	return nil
+}
 
 // CheckVersion refuses anything but MAJOR.MINOR[.PATCH]: the version is a
 // path segment in the bucket and a field of latest.json, so it must be

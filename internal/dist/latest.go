@@ -1,7 +1,6 @@
 package dist
 
 import (
-	"encoding/hex"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -35,10 +34,10 @@ func ReadLatest(r io.Reader) (Latest, error) {
 	if err := json.Unmarshal(data, &l); err != nil {
 		return Latest{}, fmt.Errorf("%s: %w (republish with 'opsagent release publish')", LatestName, err)
 	}
+	l.SHA256 = strings.ToLower(l.SHA256) // hex in either case reads
 	if err := l.validate(); err != nil {
 		return Latest{}, err
 	}
-	l.SHA256 = strings.ToLower(l.SHA256)
 	return l, nil
 }
 
@@ -59,11 +58,8 @@ func (l Latest) validate() error {
 	if err := CheckVersion(l.Version); err != nil {
 		return fmt.Errorf("%s: %w", LatestName, err)
 	}
-	if len(l.SHA256) != 64 {
-		return fmt.Errorf("%s: sha256 %q: want the 64 hex digits of the tarball's SHA-256", LatestName, l.SHA256)
-	}
-	if _, err := hex.DecodeString(l.SHA256); err != nil {
-		return fmt.Errorf("%s: sha256 %q: want the 64 hex digits of the tarball's SHA-256: %w", LatestName, l.SHA256, err)
+	if err := CheckSHA256(l.SHA256); err != nil {
+		return fmt.Errorf("%s: %w", LatestName, err)
 	}
 	return nil
 }

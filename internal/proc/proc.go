@@ -133,23 +133,71 @@ func (execRunner) Run(ctx context.Context, c Cmd) (Result, error) {
 // StopGroup stops process group pgid: SIGTERM to every member, SIGKILL to
 // whatever is left once grace has passed, and it returns when no live
 // member remains. Waiting is bounded (2 s after the SIGKILL) so that an
-// unkillable process (D state) cannot hang the agent. This is the one
-// place the agent stops a group: commands, Salt states, the bridge worker.
+// unkillable process (D state) cannot hang the agent. With StopProcess,
+// this is the one place a process is stopped: commands, Salt states, the
+// bridge worker.
 func StopGroup(pgid int, grace time.Duration) {
 	if pgid <= 1 {
 		return // never signal group 0 (our own) or init's
 	}
-	_ = syscall.Kill(-pgid, syscall.SIGTERM)
+	_ = stop(-pgid, func() bool { return GroupAlive(pgid) }, grace)
+}
+
+// StopProcess stops the one process pid (not its group), as StopGroup
+// does a group: the installer stops a running agent with it, and the
+// agent unwinds what it runs itself. A process that is already gone is
+// no error; one that may not be signalled is.
+func StopProcess(pid int, grace time.Duration) error {
+	if pid <= 1 {
+		return fmt.Errorf("stop pid %d: not a process that may be stopped", pid)
+	}
+	return stop(pid, func() bool { return processAlive(pid) }, grace)
+}
+
+// stop sends SIGTERM to target (a pid, or a negated pgid), SIGKILL once
+// grace has passed, and waits, at most 2 s after the SIGKILL, until alive
+// says it is gone.
+func stop(target int, alive func() bool, grace time.Duration) error {
+	if err := syscall.Kill(target, syscall.SIGTERM); err != nil && !errors.Is(err, syscall.ESRCH) {
+		return fmt.Errorf("signal %d: %w", target, err)
+	}
 	killAt := time.Now().Add(grace)
 	giveUp := killAt.Add(2 * time.Second)
 	killed := false
-	for GroupAlive(pgid) && time.Now().Before(giveUp) {
+	for alive() && time.Now().Before(giveUp) {
 		if !killed && !time.Now().Before(killAt) {
-			_ = syscall.Kill(-pgid, syscall.SIGKILL)
+			_ = syscall.Kill(target, syscall.SIGKILL)
 			killed = true
 		}
 		time.Sleep(5 * time.Millisecond)
 	}
+	return nil
+}
+
+// processAlive reports whether pid is a live (non-zombie) process.
+func processAlive(pid int) bool {
+	data, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+	if err != nil {
+		return syscall.Kill(pid, 0) == nil && !os.IsNotExist(err)
+	}
+	state, _ := statFields(data)
+	return state != "" && state != "Z" && state != "X"
+}
+
+// statFields returns the state and process group of a /proc/<pid>/stat
+// line: "pid (comm) state ppid pgrp …", where comm may hold spaces and
+// parens.
+func statFields(data []byte) (state string, pgrp int) {
+	i := bytes.LastIndexByte(data, ')')
+	if i < 0 {
+		return "", 0
+	}
+	f := strings.Fields(string(data[i+1:]))
+	if len(f) < 3 {
+		return "", 0
+	}
+	pgrp, _ = strconv.Atoi(f[2])
+	return f[0], pgrp
 }
 
 // GroupAlive reports whether a live (non-zombie) process of group pgid
@@ -168,16 +216,7 @@ func GroupAlive(pgid int) bool {
 		if err != nil {
 			continue
 		}
-		// pid (comm) state ppid pgrp …; comm may hold spaces and parens.
-		i := bytes.LastIndexByte(data, ')')
-		if i < 0 {
-			continue
-		}
-		f := strings.Fields(string(data[i+1:]))
-		if len(f) < 3 || f[0] == "Z" || f[0] == "X" {
-			continue
-		}
-		if g, err := strconv.Atoi(f[2]); err == nil && g == pgid {
+		if state, g := statFields(data); state != "" && state != "Z" && state != "X" && g == pgid {
 			return true
 		}
 	}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"os"
+	"os/exec"
 	"os/user"
 	"path/filepath"
 	"strconv"
@@ -160,5 +161,31 @@ func TestBoundedWriter(t *testing.T) {
 	out, dropped := b.result()
 	if dropped != 10 || !strings.HasPrefix(out, "abcde") || !strings.HasSuffix(out, "pqrst") {
 		t.Errorf("%q %d", out, dropped)
+	}
+}
+
+// StopProcess stops one process, SIGKILL after the grace when it ignores
+// SIGTERM, and leaves the rest of its group alone.
+func TestStopProcess(t *testing.T) {
+	for _, script := range []string{"sleep 60", "trap '' TERM; while :; do sleep 1; done"} {
+		cmd := exec.Command("/bin/sh", "-c", script)
+		cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		done := make(chan struct{})
+		go func() { _ = cmd.Wait(); close(done) }()
+		if err := StopProcess(cmd.Process.Pid, 100*time.Millisecond); err != nil {
+			t.Errorf("%q: %v", script, err)
+		}
+		select {
+		case <-done:
+		case <-time.After(10 * time.Second):
+			t.Fatalf("%q still runs after StopProcess", script)
+		}
+		_ = syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL) // the sleep the trap loop started
+	}
+	if err := StopProcess(1, time.Second); err == nil {
+		t.Error("StopProcess(1) was not refused")
 	}
 }

@@ -98,6 +98,7 @@ func RenderUnit(l config.Layout) []byte {
 	}
 	return render("opsagent.service.tmpl", map[string]string{
 		"CronScript": unitQuote(l.CronScript(), false),
+		"PreStart":   ModePreStart,
 		"ExecStart":  strings.Join(words, " "),
 	})
 }
@@ -113,7 +114,7 @@ func RenderCronEntry(l config.Layout) []byte {
 
 func render(name string, data any) []byte {
 	var b bytes.Buffer
-	t, err := template.ParseFS(templateFS, "templates/"+name)
+	t, err := template.New(name).Option("missingkey=error").ParseFS(templateFS, "templates/"+name)
 	if err == nil {
 		err = t.ExecuteTemplate(&b, name, data)
 	}

@@ -4,33 +4,22 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
-	"os"
 	"strconv"
 	"strings"
 	"syscall"
 	"time"
 
-	"github.com/visualops/opsagent/internal/config"
 	"github.com/visualops/opsagent/internal/fsutil"
-)
-
-// Update phases (UpdateState.Phase). The watchdog acts on PhaseConfirming
-// alone and writes PhaseRolledBack or PhaseFailed.
-const (
-	PhaseDownloading = "downloading"
-	PhaseVerifying   = "verifying"
-	PhaseWaiting     = "waiting" // for the round to end
-	PhaseSwapping    = "swapping"
-	PhaseConfirming  = "confirming" // the new binary runs and must confirm before Deadline
-	PhaseDone        = "done"
-	PhaseRolledBack  = "rolled-back"
-	PhaseFailed      = "failed"
+	"github.com/visualops/opsagent/internal/updatephase"
 )
 
 // UpdateState is the update in progress, or the last one, as recorded in
 // the update-state file.
 type UpdateState struct {
-	Phase  string // one of the Phase constants; "" when no update was ever recorded
+	// Phase is where the update stands: the watchdog acts on Confirming
+	// alone and writes RolledBack or Failed; "" when no update was ever
+	// recorded.
+	Phase  updatephase.Phase
 	From   string // the version being replaced
 	To     string // the version being installed
 	Reason string // why it failed or was rolled back
@@ -53,13 +42,10 @@ const maxStateFile = 64 << 10
 // watchdog holds it for a read, a copy of the binary and a write.
 const stateLockWait = 30 * time.Second
 
-// UpdateStatePath is the update-state file of l.
-func UpdateStatePath(l config.Layout) string { return l.UpdateStateFile() }
-
 // stateLockPath is the flock that orders every change of the state file
 // between the Go side and the watchdog. The state file itself cannot be
 // the lock: each write renames a new file over it.
-func stateLockPath(statePath string) string { return statePath + ".lock" } // = Layout.UpdateStateLockFile
+func stateLockPath(statePath string) string { return statePath + ".lock" }
 
 // ReadUpdateState reads the update-state file at path. A missing file is
 // the zero UpdateState and no error; unknown keys (a newer writer's) are
@@ -93,7 +79,7 @@ func parseUpdateState(path, data string) (UpdateState, error) {
 		var err error
 		switch key {
 		case "phase":
-			s.Phase = val
+			s.Phase = updatephase.Phase(val)
 		case "from":
 			s.From = val
 		case "to":
@@ -144,7 +130,7 @@ func (s UpdateState) marshal() ([]byte, error) {
 		return nil, fmt.Errorf("update state: starts is %d; it counts starts, so it cannot be negative", s.Starts)
 	}
 	fields := []struct{ key, val string }{
-		{"phase", s.Phase}, {"from", s.From}, {"to", s.To}, {"reason", s.Reason},
+		{"phase", string(s.Phase)}, {"from", s.From}, {"to", s.To}, {"reason", s.Reason},
 		{"deadline", formatUnix(s.Deadline)}, {"starts", strconv.Itoa(s.Starts)}, {"updated", formatUnix(s.Updated)},
 	}
 	var b strings.Builder
@@ -216,11 +202,11 @@ var ErrNotConfirming = errors.New("no update is being confirmed")
 // with a rollback never overwrites "rolled-back".
 func ConfirmUpdate(path, to string, now time.Time) (UpdateState, error) {
 	return EditUpdateState(path, func(s *UpdateState) error {
-		if s.Phase != PhaseConfirming || s.To != to {
+		if s.Phase != updatephase.Confirming || s.To != to {
 			return fmt.Errorf("confirm version %s: %w (update state %s: phase %q, version %q%s)",
 				to, ErrNotConfirming, path, s.Phase, s.To, reasonSuffix(s.Reason))
 		}
-		s.Phase, s.Reason, s.Updated = PhaseDone, "", now
+		s.Phase, s.Reason, s.Updated = updatephase.Done, "", now
 		return nil
 	})
 }
@@ -236,7 +222,8 @@ func reasonSuffix(r string) string {
 // takes in the watchdog), waiting up to stateLockWait.
 func lockState(path string) (unlock func(), err error) {
 	lp := stateLockPath(path)
-	f, err := os.OpenFile(lp, os.O_RDWR|os.O_CREATE, 0o600)
+	// Never through a link planted at the lock's name.
+	f, err := fsutil.AppendFixedFile(lp, 0o600)
 	if err != nil {
 		return nil, fmt.Errorf("update state lock: %w (is the state directory there? opsagent install creates it)", err)
 	}

@@ -11,11 +11,12 @@ import (
 	"time"
 
 	"github.com/visualops/opsagent/internal/testutil/wait"
+	"github.com/visualops/opsagent/internal/updatephase"
 )
 
 func TestUpdateStateRoundTrip(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "update.state")
-	in := UpdateState{Phase: PhaseRolledBack, From: "1.0.0", To: "2.0.0", Reason: "a=b; it exited 3 times at start",
+	in := UpdateState{Phase: updatephase.RolledBack, From: "1.0.0", To: "2.0.0", Reason: "a=b; it exited 3 times at start",
 		Deadline: time.Unix(1_700_000_120, 0), Starts: 3, Updated: time.Unix(1_700_000_000, 0)}
 	if err := WriteUpdateState(path, in); err != nil {
 		t.Fatal(err)
@@ -41,7 +42,7 @@ func TestUpdateStateRoundTrip(t *testing.T) {
 	}
 
 	// Zero times stay zero; sub-second precision is dropped.
-	if err := WriteUpdateState(path, UpdateState{Phase: PhaseDone, Updated: time.Unix(5, 999)}); err != nil {
+	if err := WriteUpdateState(path, UpdateState{Phase: updatephase.Done, Updated: time.Unix(5, 999)}); err != nil {
 		t.Fatal(err)
 	}
 	out, _ = ReadUpdateState(path)
@@ -63,7 +64,7 @@ func TestReadUpdateState(t *testing.T) {
 		t.Fatal(err)
 	}
 	s, err = ReadUpdateState(path)
-	if err != nil || s.Phase != PhaseConfirming || s.To != "2.0.0" || s.Starts != 2 || !s.Updated.Equal(time.Unix(7, 0)) {
+	if err != nil || s.Phase != updatephase.Confirming || s.To != "2.0.0" || s.Starts != 2 || !s.Updated.Equal(time.Unix(7, 0)) {
 		t.Errorf("shell-written file: %+v %v", s, err)
 	}
 	for name, content := range map[string]string{
@@ -84,7 +85,7 @@ func TestReadUpdateState(t *testing.T) {
 
 func TestWriteUpdateStateRefusesLineBreaks(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "update.state")
-	if err := WriteUpdateState(path, UpdateState{Phase: PhaseConfirming, To: "2.0.0"}); err != nil {
+	if err := WriteUpdateState(path, UpdateState{Phase: updatephase.Confirming, To: "2.0.0"}); err != nil {
 		t.Fatal(err)
 	}
 	before, _ := os.ReadFile(path)
@@ -113,22 +114,22 @@ func TestWriteUpdateStateRefusesLineBreaks(t *testing.T) {
 func TestConfirmUpdate(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "update.state")
 	now := time.Unix(1_700_000_000, 0)
-	if err := WriteUpdateState(path, UpdateState{Phase: PhaseConfirming, From: "1.0.0", To: "2.0.0", Deadline: now.Add(time.Minute), Starts: 1}); err != nil {
+	if err := WriteUpdateState(path, UpdateState{Phase: updatephase.Confirming, From: "1.0.0", To: "2.0.0", Deadline: now.Add(time.Minute), Starts: 1}); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := ConfirmUpdate(path, "3.0.0", now); !errors.Is(err, ErrNotConfirming) {
 		t.Errorf("confirming another version: %v", err)
 	}
 	s, err := ConfirmUpdate(path, "2.0.0", now)
-	if err != nil || s.Phase != PhaseDone || !s.Updated.Equal(now) {
+	if err != nil || s.Phase != updatephase.Done || !s.Updated.Equal(now) {
 		t.Fatalf("confirm: %+v %v", s, err)
 	}
-	if got, _ := ReadUpdateState(path); got.Phase != PhaseDone || got.To != "2.0.0" || got.Starts != 1 {
+	if got, _ := ReadUpdateState(path); got.Phase != updatephase.Done || got.To != "2.0.0" || got.Starts != 1 {
 		t.Errorf("on disk: %+v", got)
 	}
 
 	// A rollback won the race: the confirmation must not overwrite it.
-	rolled := UpdateState{Phase: PhaseRolledBack, From: "1.0.0", To: "2.0.0", Reason: "the new version 2.0.0 did not confirm by its deadline"}
+	rolled := UpdateState{Phase: updatephase.RolledBack, From: "1.0.0", To: "2.0.0", Reason: "the new version 2.0.0 did not confirm by its deadline"}
 	if err := WriteUpdateState(path, rolled); err != nil {
 		t.Fatal(err)
 	}
@@ -136,7 +137,7 @@ func TestConfirmUpdate(t *testing.T) {
 	if !errors.Is(err, ErrNotConfirming) || !strings.Contains(err.Error(), "did not confirm by its deadline") {
 		t.Errorf("confirm after rollback: %v", err)
 	}
-	if got, _ := ReadUpdateState(path); got.Phase != PhaseRolledBack {
+	if got, _ := ReadUpdateState(path); got.Phase != updatephase.RolledBack {
 		t.Errorf("the rollback was overwritten: %+v", got)
 	}
 }
@@ -153,7 +154,7 @@ func TestUpdateStateWaitsForTheLock(t *testing.T) {
 		t.Fatal(err)
 	}
 	done := make(chan error, 1)
-	go func() { done <- WriteUpdateState(path, UpdateState{Phase: PhaseDone}) }()
+	go func() { done <- WriteUpdateState(path, UpdateState{Phase: updatephase.Done}) }()
 	wait.Consistently(t, 200*time.Millisecond, "the write waiting for the lock", func() bool {
 		_, err := os.Stat(path)
 		return os.IsNotExist(err)
@@ -164,7 +165,7 @@ func TestUpdateStateWaitsForTheLock(t *testing.T) {
 	if err := <-done; err != nil {
 		t.Fatal(err)
 	}
-	if s, _ := ReadUpdateState(path); s.Phase != PhaseDone {
+	if s, _ := ReadUpdateState(path); s.Phase != updatephase.Done {
 		t.Errorf("state %+v", s)
 	}
 }
@@ -181,5 +182,31 @@ func TestEditUpdateStateError(t *testing.T) {
 	_, err := EditUpdateState(filepath.Join(t.TempDir(), "missing-dir", "update.state"), func(*UpdateState) error { return nil })
 	if err == nil || !strings.Contains(err.Error(), "opsagent install") {
 		t.Errorf("missing state directory: %v", err)
+	}
+}
+
+// The locks beside the update state and cron.sh are never opened through
+// a link planted at their names: a dangling one would have the lock
+// created wherever it points. Each refusal names the link.
+func TestStateLocksRefuseLinks(t *testing.T) {
+	l := tempLayout(t, "root")
+	mustMkdir(t, l.StateDir())
+	elsewhere := t.TempDir()
+	for _, lock := range []string{stateLockPath(l.UpdateStateFile()), l.WatchdogLockFile()} {
+		if err := os.Symlink(filepath.Join(elsewhere, filepath.Base(lock)), lock); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := WriteUpdateState(l.UpdateStateFile(), UpdateState{Phase: updatephase.Done}); err == nil || !strings.Contains(err.Error(), stateLockPath(l.UpdateStateFile())) {
+		t.Errorf("WriteUpdateState through a link at its lock: %v", err)
+	}
+	if release, err := HoldWatchdog(l, time.Second); err == nil || !strings.Contains(err.Error(), l.WatchdogLockFile()) {
+		if err == nil {
+			release()
+		}
+		t.Errorf("HoldWatchdog through a link at its lock: %v", err)
+	}
+	if entries, _ := os.ReadDir(elsewhere); len(entries) != 0 {
+		t.Errorf("a lock was created through a link: %s", entries[0].Name())
 	}
 }

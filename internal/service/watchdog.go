@@ -13,6 +13,7 @@ import (
 
 	"github.com/visualops/opsagent/internal/config"
 	"github.com/visualops/opsagent/internal/fsutil"
+	"github.com/visualops/opsagent/internal/updatephase"
 )
 
 // Watchdog modes: the argument cron.sh takes (none for cron).
@@ -35,6 +36,11 @@ type WatchdogOptions struct {
 	// VersionTimeout bounds the installed binary's `version --json`, which
 	// a rollback asks first; default 10 s.
 	VersionTimeout time.Duration
+
+	// treatAsHost renders a temporary root as if it were the host's
+	// (systemctl start allowed): tests record the calls with a fake
+	// systemctl on PATH, never running the real one.
+	treatAsHost bool
 }
 
 // Watchdog defaults.
@@ -71,9 +77,9 @@ func RenderWatchdogWith(l config.Layout, o WatchdogOptions) []byte {
 		"Binary":         shellQuote(l.Binary()),
 		"OldBinary":      shellQuote(l.OldBinary()),
 		"AgentLock":      shellQuote(l.LockFile()),
-		"StateFile":      shellQuote(UpdateStatePath(l)),
-		"StateLock":      shellQuote(stateLockPath(UpdateStatePath(l))),
-		"WatchdogLock":   shellQuote(WatchdogLockPath(l)),
+		"StateFile":      shellQuote(l.UpdateStateFile()),
+		"StateLock":      shellQuote(stateLockPath(l.UpdateStateFile())),
+		"WatchdogLock":   shellQuote(l.WatchdogLockFile()),
 		"BootstrapLog":   shellQuote(l.BootstrapLog()),
 		"SystemdRunDir":  shellQuote(l.SystemdRunDir()),
 		"UnitFile":       shellQuote(l.UnitFile()),
@@ -86,6 +92,14 @@ func RenderWatchdogWith(l config.Layout, o WatchdogOptions) []byte {
 		"VersionTimeout": seconds(o.VersionTimeout, DefaultVersionTimeout),
 		"LogMax":         strconv.Itoa(BootstrapLogMax),
 		"LogKeep":        strconv.Itoa(BootstrapLogKeep),
+		// The phases the script reads and writes, from their one
+		// definition (TestWatchdogSpellsNoPhase keeps literals out).
+		"PhaseConfirming": shellQuote(string(updatephase.Confirming)),
+		"PhaseRolledBack": shellQuote(string(updatephase.RolledBack)),
+		"PhaseFailed":     shellQuote(string(updatephase.Failed)),
+		// Systemctl's rule: the running systemd is asked to start the
+		// unit only on the host's own root.
+		"HostSystemd": shellQuote(map[bool]string{true: "1"}[l.Root().IsHost() || o.treatAsHost]),
 	})
 }
 
@@ -104,10 +118,6 @@ func seconds(d, def time.Duration) string {
 	}
 	return strconv.Itoa(max(1, int(d.Round(time.Second)/time.Second)))
 }
-
-// WatchdogLockPath is the watchdog's own lock, beside cron.sh, which a
-// cron pass and a watch pass take so that they never act at once.
-func WatchdogLockPath(l config.Layout) string { return l.WatchdogLockFile() }
 
 // EnsureWatchdog writes the watchdog script for l (mode 0755, atomically)
 // unless it is already byte for byte what RenderWatchdog returns, and
@@ -133,7 +143,7 @@ func StartWatch(l config.Layout) error {
 	if _, err := os.Stat(script); err != nil {
 		return fmt.Errorf("start the watchdog: %w (opsagent install writes it)", err)
 	}
-	cmd := exec.Command("/bin/sh", "-c", `/bin/sh "$0" watch </dev/null >/dev/null 2>&1 &`, script)
+	cmd := exec.Command("/bin/sh", "-c", `/bin/sh "$0" "$1" </dev/null >/dev/null 2>&1 &`, script, ModeWatch)
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
 	cmd.WaitDelay = 5 * time.Second
 	if out, err := cmd.CombinedOutput(); err != nil {
@@ -176,7 +186,8 @@ func StopWatchdogs(l config.Layout) int {
 // a binary is swapped with no agent running. It waits up to wait for a
 // pass in progress; release gives the lock back.
 func HoldWatchdog(l config.Layout, wait time.Duration) (release func(), err error) {
-	f, err := os.OpenFile(l.WatchdogLockFile(), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+	// Never through a link planted at the lock's name.
+	f, err := fsutil.AppendFixedFile(l.WatchdogLockFile(), 0o600)
 	if err != nil {
 		return nil, fmt.Errorf("watchdog lock: %w", err)
 	}

@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
 	"sync"
@@ -16,6 +17,7 @@ import (
 
 	"github.com/visualops/opsagent/internal/config"
 	"github.com/visualops/opsagent/internal/testutil/wait"
+	"github.com/visualops/opsagent/internal/updatephase"
 )
 
 // watchdog runs the rendered cron.sh for real with sh below a temporary
@@ -146,14 +148,14 @@ func (w *watchdog) log() string {
 
 func (w *watchdog) setState(s UpdateState) {
 	w.t.Helper()
-	if err := WriteUpdateState(UpdateStatePath(w.l), s); err != nil {
+	if err := WriteUpdateState(w.l.UpdateStateFile(), s); err != nil {
 		w.t.Fatal(err)
 	}
 }
 
 func (w *watchdog) state() UpdateState {
 	w.t.Helper()
-	s, err := ReadUpdateState(UpdateStatePath(w.l))
+	s, err := ReadUpdateState(w.l.UpdateStateFile())
 	if err != nil {
 		w.t.Fatal(err)
 	}
@@ -261,7 +263,7 @@ func TestWatchdogBakesLayoutPaths(t *testing.T) {
 	script := string(RenderWatchdog(l))
 	for _, want := range []string{
 		"BIN=" + l.Binary() + "\n", "OLD_BIN=" + l.OldBinary() + "\n", "AGENT_LOCK=" + l.LockFile() + "\n",
-		"STATE_FILE=" + UpdateStatePath(l) + "\n", "BOOT_LOG=" + l.BootstrapLog() + "\n",
+		"STATE_FILE=" + l.UpdateStateFile() + "\n", "BOOT_LOG=" + l.BootstrapLog() + "\n",
 		"UNIT_FILE=" + l.UnitFile() + "\n", "SYSTEMD_RUN_DIR=" + l.SystemdRunDir() + "\n",
 		"WATCHDOG_LOCK=" + l.CronScript() + ".lock\n",
 		`setsid "$BIN" --root ` + l.Root().Dir() + " run </dev/null",
@@ -427,11 +429,11 @@ func TestWatchdogLeavesAConfirmingUpdateAlone(t *testing.T) {
 	t.Parallel()
 	w := newWatchdog(t, WatchdogOptions{})
 	pid := w.startAgent()
-	w.setState(UpdateState{Phase: PhaseConfirming, From: "1.0.0", To: "2.0.0", Deadline: time.Now().Add(time.Hour), Updated: time.Now()})
-	stateBefore, _ := os.ReadFile(UpdateStatePath(w.l))
+	w.setState(UpdateState{Phase: updatephase.Confirming, From: "1.0.0", To: "2.0.0", Deadline: time.Now().Add(time.Hour), Updated: time.Now()})
+	stateBefore, _ := os.ReadFile(w.l.UpdateStateFile())
 	w.run()
 	w.run(ModePreStart)
-	stateAfter, _ := os.ReadFile(UpdateStatePath(w.l))
+	stateAfter, _ := os.ReadFile(w.l.UpdateStateFile())
 	if !bytes.Equal(stateBefore, stateAfter) {
 		t.Errorf("update state changed:\n%s\nto\n%s", stateBefore, stateAfter)
 	}
@@ -452,7 +454,7 @@ func TestWatchdogRollsBackAfterTheDeadline(t *testing.T) {
 	t.Parallel()
 	w := newWatchdog(t, WatchdogOptions{})
 	newPID := w.startAgent()
-	w.setState(UpdateState{Phase: PhaseConfirming, From: "1.0.0", To: "2.0.0", Deadline: time.Now().Add(-time.Second), Updated: time.Now()})
+	w.setState(UpdateState{Phase: updatephase.Confirming, From: "1.0.0", To: "2.0.0", Deadline: time.Now().Add(-time.Second), Updated: time.Now()})
 	w.run()
 	w.checkRolledBack(newPID, "the new version 2.0.0 did not confirm by its deadline")
 	if s := w.state(); s.Starts != 0 {
@@ -472,8 +474,8 @@ func TestWatchdogStaleStateRollsNothingBack(t *testing.T) {
 		state UpdateState
 		run   bool // an agent runs
 	}{
-		{"deadline passed, agent running", UpdateState{Phase: PhaseConfirming, From: "1.5.0", To: "2.0.0", Deadline: time.Now().Add(-time.Hour)}, true},
-		{"starts used up, agent down", UpdateState{Phase: PhaseConfirming, From: "1.5.0", To: "2.0.0", Deadline: time.Now().Add(time.Hour), Starts: 3}, false},
+		{"deadline passed, agent running", UpdateState{Phase: updatephase.Confirming, From: "1.5.0", To: "2.0.0", Deadline: time.Now().Add(-time.Hour)}, true},
+		{"starts used up, agent down", UpdateState{Phase: updatephase.Confirming, From: "1.5.0", To: "2.0.0", Deadline: time.Now().Add(time.Hour), Starts: 3}, false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
@@ -497,7 +499,7 @@ func TestWatchdogStaleStateRollsNothingBack(t *testing.T) {
 				t.Errorf("agent %d (%s) runs, want 1.0.0 (pid %d) left running\nlog:\n%s", p, v, pid, w.log())
 			}
 			s := w.state()
-			if s.Phase != PhaseFailed || !strings.Contains(s.Reason, "did not take effect") || !strings.Contains(s.Reason, "is version 1.0.0") {
+			if s.Phase != updatephase.Failed || !strings.Contains(s.Reason, "did not take effect") || !strings.Contains(s.Reason, "is version 1.0.0") {
 				t.Errorf("state %+v, want failed saying the installed binary is 1.0.0", s)
 			}
 			if !strings.Contains(w.log(), "not rolling back") {
@@ -521,7 +523,7 @@ func TestWatchdogRollsBackABinaryThatCannotSayItsVersion(t *testing.T) {
 	w := newWatchdog(t, WatchdogOptions{VersionTimeout: time.Second})
 	w.newBin = []byte("#!/bin/sh\n# fake opsagent 2.0.0 that hangs on everything\nwhile :; do sleep 1; done\n")
 	w.write(w.l.Binary(), w.newBin, 0o755)
-	w.setState(UpdateState{Phase: PhaseConfirming, From: "1.0.0", To: "2.0.0", Deadline: time.Now().Add(-time.Second)})
+	w.setState(UpdateState{Phase: updatephase.Confirming, From: "1.0.0", To: "2.0.0", Deadline: time.Now().Add(-time.Second)})
 	w.run()
 	w.checkRolledBack(0, "the new version 2.0.0 did not confirm by its deadline")
 }
@@ -544,10 +546,10 @@ func (w *watchdog) checkRolledBack(newPID int, reason string) {
 		w.t.Errorf("agent %d version %q runs, want the old version\nlog:\n%s", pid, version, w.log())
 	}
 	s := w.state()
-	if s.Phase != PhaseRolledBack || s.Reason != reason || s.From != "1.0.0" || s.To != "2.0.0" || s.Updated.IsZero() {
+	if s.Phase != updatephase.RolledBack || s.Reason != reason || s.From != "1.0.0" || s.To != "2.0.0" || s.Updated.IsZero() {
 		w.t.Errorf("state after rollback: %+v, want rolled-back with the reason %q", s, reason)
 	}
-	if st, err := os.Stat(UpdateStatePath(w.l)); err != nil || st.Mode().Perm() != 0o600 {
+	if st, err := os.Stat(w.l.UpdateStateFile()); err != nil || st.Mode().Perm() != 0o600 {
 		w.t.Errorf("state file mode: %v %v", st, err)
 	}
 	if !strings.Contains(w.log(), "rolled back to the previous binary: "+reason) {
@@ -562,7 +564,7 @@ func TestWatchdogKillsANewAgentThatIgnoresSIGTERM(t *testing.T) {
 	w.newBin = w.fakeAgent("2.0.0", "trap '' TERM")
 	w.write(w.l.Binary(), w.newBin, 0o755)
 	newPID := w.startAgent()
-	w.setState(UpdateState{Phase: PhaseConfirming, From: "1.0.0", To: "2.0.0", Deadline: time.Now().Add(-time.Second)})
+	w.setState(UpdateState{Phase: updatephase.Confirming, From: "1.0.0", To: "2.0.0", Deadline: time.Now().Add(-time.Second)})
 	w.run()
 	w.checkRolledBack(newPID, "the new version 2.0.0 did not confirm by its deadline")
 	if !strings.Contains(w.log(), "did not stop within 1s of SIGTERM; sent SIGKILL") {
@@ -575,13 +577,13 @@ func TestWatchdogKillsANewAgentThatIgnoresSIGTERM(t *testing.T) {
 func TestWatchdogPreStartCountsAndRollsBack(t *testing.T) {
 	t.Parallel()
 	w := newWatchdog(t, WatchdogOptions{})
-	w.setState(UpdateState{Phase: PhaseConfirming, From: "1.0.0", To: "2.0.0", Deadline: time.Now().Add(time.Hour), Starts: 1})
+	w.setState(UpdateState{Phase: updatephase.Confirming, From: "1.0.0", To: "2.0.0", Deadline: time.Now().Add(time.Hour), Starts: 1})
 	w.run(ModePreStart)
-	if s := w.state(); s.Phase != PhaseConfirming || s.Starts != 2 {
+	if s := w.state(); s.Phase != updatephase.Confirming || s.Starts != 2 {
 		t.Errorf("after pre-start: %+v, want starts=2 still confirming", s)
 	}
 	w.run(ModePreStart)
-	if s := w.state(); s.Phase != PhaseConfirming || s.Starts != 3 || !bytes.Equal(w.binary(), w.newBin) {
+	if s := w.state(); s.Phase != updatephase.Confirming || s.Starts != 3 || !bytes.Equal(w.binary(), w.newBin) {
 		t.Errorf("after the 3rd start: %+v, want starts=3 still confirming, new binary", s)
 	}
 	w.run(ModePreStart)
@@ -592,12 +594,12 @@ func TestWatchdogPreStartCountsAndRollsBack(t *testing.T) {
 		t.Error("the old binary was not restored")
 	}
 	s := w.state()
-	if s.Phase != PhaseRolledBack || s.Reason != "the new version 2.0.0 exited 3 times at start" || s.Starts != 3 {
+	if s.Phase != updatephase.RolledBack || s.Reason != "the new version 2.0.0 exited 3 times at start" || s.Starts != 3 {
 		t.Errorf("state: %+v", s)
 	}
 	// Once rolled back, pre-start counts nothing more.
 	w.run(ModePreStart)
-	if s := w.state(); s.Starts != 3 || s.Phase != PhaseRolledBack {
+	if s := w.state(); s.Starts != 3 || s.Phase != updatephase.RolledBack {
 		t.Errorf("state after another pre-start: %+v", s)
 	}
 }
@@ -609,10 +611,10 @@ func TestWatchdogRollsBackACrashLoopFromCron(t *testing.T) {
 	w := newWatchdog(t, WatchdogOptions{})
 	w.newBin = w.fakeAgent("2.0.0", "exit 1")
 	w.write(w.l.Binary(), w.newBin, 0o755)
-	w.setState(UpdateState{Phase: PhaseConfirming, From: "1.0.0", To: "2.0.0", Deadline: time.Now().Add(time.Hour)})
+	w.setState(UpdateState{Phase: updatephase.Confirming, From: "1.0.0", To: "2.0.0", Deadline: time.Now().Add(time.Hour)})
 	for i := 1; i <= 3; i++ {
 		w.run()
-		if s := w.state(); s.Phase != PhaseConfirming || s.Starts != i {
+		if s := w.state(); s.Phase != updatephase.Confirming || s.Starts != i {
 			t.Fatalf("after pass %d: %+v\nlog:\n%s", i, s, w.log())
 		}
 	}
@@ -635,10 +637,10 @@ func TestWatchdogWithoutOldBinary(t *testing.T) {
 		t.Fatal(err)
 	}
 	w.startAgent()
-	w.setState(UpdateState{Phase: PhaseConfirming, From: "1.0.0", To: "2.0.0", Deadline: time.Now().Add(-time.Second)})
+	w.setState(UpdateState{Phase: updatephase.Confirming, From: "1.0.0", To: "2.0.0", Deadline: time.Now().Add(-time.Second)})
 	w.run()
 	s := w.state()
-	if s.Phase != PhaseFailed || !strings.Contains(s.Reason, "no previous binary "+w.l.OldBinary()) || !strings.Contains(s.Reason, "opsagent install") {
+	if s.Phase != updatephase.Failed || !strings.Contains(s.Reason, "no previous binary "+w.l.OldBinary()) || !strings.Contains(s.Reason, "opsagent install") {
 		t.Errorf("state: %+v", s)
 	}
 	if !bytes.Equal(w.binary(), w.newBin) {
@@ -650,25 +652,36 @@ func TestWatchdogWithoutOldBinary(t *testing.T) {
 // (never the host's systemd: a fake systemctl first in PATH, and the
 // systemd run directory below the temporary root); when that fails it
 // starts the agent itself.
+// fakeSystemctl gives w a systemd root (the run directory and the unit)
+// and puts a systemctl on its PATH that records its arguments in the
+// returned file and exits with exit.
+func (w *watchdog) fakeSystemctl(exit string) (calls string) {
+	w.t.Helper()
+	mustMkdir(w.t, w.l.SystemdRunDir(), filepath.Dir(w.l.UnitFile()))
+	w.write(w.l.UnitFile(), RenderUnit(w.l), 0o644)
+	bin := filepath.Join(w.t.TempDir(), "bin")
+	mustMkdir(w.t, bin)
+	calls = filepath.Join(w.t.TempDir(), "calls")
+	w.write(filepath.Join(bin, "systemctl"), fmt.Appendf(nil, "#!/bin/sh\necho \"$*\" >>%s\nexit %s\n", shellQuote(calls), exit), 0o755)
+	for i, e := range w.env {
+		if strings.HasPrefix(e, "PATH=") {
+			w.env[i] = "PATH=" + bin + ":" + strings.TrimPrefix(e, "PATH=")
+		}
+	}
+	return calls
+}
+
+// On the host's root, where systemd runs the unit, the watchdog asks
+// systemd to start the agent (rendered as the host's: the systemctl
+// called is a fake that records).
 func TestWatchdogStartsThroughSystemd(t *testing.T) {
 	t.Parallel()
 	for _, ok := range []bool{true, false} {
 		t.Run(fmt.Sprintf("systemctl succeeds %v", ok), func(t *testing.T) {
 			t.Parallel()
-			w := newWatchdog(t, WatchdogOptions{})
-			mustMkdir(t, w.l.SystemdRunDir(), filepath.Dir(w.l.UnitFile()))
-			w.write(w.l.UnitFile(), RenderUnit(w.l), 0o644)
-			bin := filepath.Join(t.TempDir(), "bin")
-			mustMkdir(t, bin)
-			calls := filepath.Join(t.TempDir(), "calls")
-			exit := map[bool]string{true: "0", false: "1"}[ok]
-			w.write(filepath.Join(bin, "systemctl"), fmt.Appendf(nil, "#!/bin/sh\necho \"$*\" >>%s\nexit %s\n", shellQuote(calls), exit), 0o755)
-			for i, e := range w.env {
-				if strings.HasPrefix(e, "PATH=") {
-					w.env[i] = "PATH=" + bin + ":" + strings.TrimPrefix(e, "PATH=")
-				}
-			}
-			w.setState(UpdateState{Phase: PhaseConfirming, From: "1.0.0", To: "2.0.0", Deadline: time.Now().Add(time.Hour)})
+			w := newWatchdog(t, WatchdogOptions{treatAsHost: true})
+			calls := w.fakeSystemctl(map[bool]string{true: "0", false: "1"}[ok])
+			w.setState(UpdateState{Phase: updatephase.Confirming, From: "1.0.0", To: "2.0.0", Deadline: time.Now().Add(time.Hour)})
 			w.run(ModePreStart)
 			w.run()
 			got, _ := os.ReadFile(calls)
@@ -694,13 +707,70 @@ func TestWatchdogStartsThroughSystemd(t *testing.T) {
 	}
 }
 
+// Below a root other than the host's, the watchdog never runs systemctl,
+// even where that root has systemd's run directory and the unit: the
+// systemd that would answer is the host's (service.Systemctl's rule). It
+// starts the agent directly.
+func TestWatchdogNeverDrivesTheHostSystemdBelowARoot(t *testing.T) {
+	t.Parallel()
+	w := newWatchdog(t, WatchdogOptions{})
+	calls := w.fakeSystemctl("0")
+	w.setState(UpdateState{Phase: updatephase.Confirming, From: "1.0.0", To: "2.0.0", Deadline: time.Now().Add(time.Hour)})
+	w.run()
+	if got, _ := os.ReadFile(calls); len(got) != 0 {
+		t.Errorf("cron.sh below %s ran the host's systemctl: %q", w.l.Root().Dir(), got)
+	}
+	if pid, _ := w.runningAgent(); pid == 0 {
+		t.Errorf("the agent was not started directly\nlog:\n%s", w.log())
+	}
+	if s := w.state(); s.Starts != 1 {
+		t.Errorf("starts=%d, want 1 (the direct start)", s.Starts)
+	}
+}
+
+// The phases cron.sh reads and writes come from their one definition
+// (internal/updatephase), rendered into the script: the template spells
+// none of them, and the script holds the Go values.
+func TestWatchdogSpellsNoPhase(t *testing.T) {
+	tmpl, err := templateFS.ReadFile("templates/cron.sh.tmpl")
+	if err != nil {
+		t.Fatal(err)
+	}
+	phases := map[string]bool{}
+	for _, p := range updatephase.All() {
+		phases[string(p)] = true
+	}
+	// A phase in the script is a comparison's right side or what
+	// state_write records: quoted or not, it must be a $PHASE_ variable.
+	uses := regexp.MustCompile(`(?:\s!?=|state_write phase)\s+"?([a-z$][A-Za-z_-]*)"?`)
+	for i, line := range strings.Split(string(tmpl), "\n") {
+		if strings.HasPrefix(strings.TrimSpace(line), "#") {
+			continue
+		}
+		for _, m := range uses.FindAllStringSubmatch(line, -1) {
+			if phases[m[1]] {
+				t.Errorf("cron.sh.tmpl line %d spells the phase %q: use the $PHASE_ variable rendered from updatephase\n%s", i+1, m[1], line)
+			}
+		}
+	}
+	script := string(RenderWatchdog(tempLayout(t, "root")))
+	for v, p := range map[string]updatephase.Phase{"PHASE_CONFIRMING": updatephase.Confirming, "PHASE_ROLLED_BACK": updatephase.RolledBack, "PHASE_FAILED": updatephase.Failed} {
+		if want := "\n" + v + "=" + shellQuote(string(p)) + "\n"; !strings.Contains(script, want) {
+			t.Errorf("the rendered cron.sh lacks %q", strings.TrimSpace(want))
+		}
+		if !strings.Contains(string(tmpl), `"$`+v+`"`) {
+			t.Errorf("cron.sh.tmpl never uses $%s", v)
+		}
+	}
+}
+
 // Watch mode, started detached the way the updater does, passes every
 // interval and exits once the update is confirmed.
 func TestWatchExitsOnceDone(t *testing.T) {
 	t.Parallel()
 	w := newWatchdog(t, WatchdogOptions{Interval: time.Second})
 	pid := w.startAgent()
-	w.setState(UpdateState{Phase: PhaseConfirming, From: "1.0.0", To: "2.0.0", Deadline: time.Now().Add(time.Hour)})
+	w.setState(UpdateState{Phase: updatephase.Confirming, From: "1.0.0", To: "2.0.0", Deadline: time.Now().Add(time.Hour)})
 	if err := StartWatch(w.l); err != nil {
 		t.Fatal(err)
 	}
@@ -713,7 +783,7 @@ func TestWatchExitsOnceDone(t *testing.T) {
 		return false
 	}
 	wait.Eventually(t, "watch mode running", func() bool { return strings.Contains(w.log(), "watching the update") && watching() })
-	if _, err := ConfirmUpdate(UpdateStatePath(w.l), "2.0.0", time.Now()); err != nil {
+	if _, err := ConfirmUpdate(w.l.UpdateStateFile(), "2.0.0", time.Now()); err != nil {
 		t.Fatal(err)
 	}
 	wait.Eventually(t, "watch mode exiting", func() bool { return !watching() })
@@ -730,7 +800,7 @@ func TestWatchRollsBack(t *testing.T) {
 	t.Parallel()
 	w := newWatchdog(t, WatchdogOptions{Interval: time.Second})
 	newPID := w.startAgent()
-	w.setState(UpdateState{Phase: PhaseConfirming, From: "1.0.0", To: "2.0.0", Deadline: time.Now().Add(2 * time.Second)})
+	w.setState(UpdateState{Phase: updatephase.Confirming, From: "1.0.0", To: "2.0.0", Deadline: time.Now().Add(2 * time.Second)})
 	if err := StartWatch(w.l); err != nil {
 		t.Fatal(err)
 	}
@@ -748,7 +818,7 @@ func TestStopWatchdogs(t *testing.T) {
 	other := newWatchdog(t, WatchdogOptions{Interval: time.Second})
 	for _, x := range []*watchdog{w, other} {
 		x.startAgent()
-		x.setState(UpdateState{Phase: PhaseConfirming, From: "1.0.0", To: "2.0.0", Deadline: time.Now().Add(time.Hour)})
+		x.setState(UpdateState{Phase: updatephase.Confirming, From: "1.0.0", To: "2.0.0", Deadline: time.Now().Add(time.Hour)})
 		if err := StartWatch(x.l); err != nil {
 			t.Fatal(err)
 		}
@@ -813,7 +883,7 @@ func TestWatchdogOddRoot(t *testing.T) {
 	if newPID == 0 || version != "2.0.0" {
 		t.Fatalf("not started\nlog:\n%s", w.log())
 	}
-	w.setState(UpdateState{Phase: PhaseConfirming, From: "1.0.0", To: "2.0.0", Deadline: time.Now().Add(-time.Second)})
+	w.setState(UpdateState{Phase: updatephase.Confirming, From: "1.0.0", To: "2.0.0", Deadline: time.Now().Add(-time.Second)})
 	w.run()
 	w.checkRolledBack(newPID, "the new version 2.0.0 did not confirm by its deadline")
 }
@@ -840,10 +910,10 @@ func TestWatchdogWithoutFlock(t *testing.T) {
 	if newPID == 0 {
 		t.Fatalf("not started\nlog:\n%s", w.log())
 	}
-	if _, err := os.Stat(WatchdogLockPath(w.l)); err == nil {
+	if _, err := os.Stat(w.l.WatchdogLockFile()); err == nil {
 		t.Error("the watchdog lock was created without flock")
 	}
-	w.setState(UpdateState{Phase: PhaseConfirming, From: "1.0.0", To: "2.0.0", Deadline: time.Now().Add(-time.Second)})
+	w.setState(UpdateState{Phase: updatephase.Confirming, From: "1.0.0", To: "2.0.0", Deadline: time.Now().Add(-time.Second)})
 	w.run()
 	w.checkRolledBack(newPID, "the new version 2.0.0 did not confirm by its deadline")
 }
@@ -854,8 +924,8 @@ func TestWatchdogWaitsForTheStateLock(t *testing.T) {
 	t.Parallel()
 	w := newWatchdog(t, WatchdogOptions{})
 	newPID := w.startAgent()
-	path := UpdateStatePath(w.l)
-	w.setState(UpdateState{Phase: PhaseConfirming, From: "1.0.0", To: "2.0.0", Deadline: time.Now().Add(-time.Second)})
+	path := w.l.UpdateStateFile()
+	w.setState(UpdateState{Phase: updatephase.Confirming, From: "1.0.0", To: "2.0.0", Deadline: time.Now().Add(-time.Second)})
 	f, err := os.OpenFile(stateLockPath(path), os.O_RDWR|os.O_CREATE, 0o600)
 	if err != nil {
 		t.Fatal(err)
@@ -873,7 +943,7 @@ func TestWatchdogWaitsForTheStateLock(t *testing.T) {
 		done <- err
 	}()
 	wait.Consistently(t, 500*time.Millisecond, "no rollback while the state is locked", func() bool {
-		return bytes.Equal(w.binary(), w.newBin) && w.state().Phase == PhaseConfirming
+		return bytes.Equal(w.binary(), w.newBin) && w.state().Phase == updatephase.Confirming
 	})
 	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_UN); err != nil {
 		t.Fatal(err)

@@ -8,10 +8,12 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 
 	"github.com/visualops/opsagent/internal/fsutil"
 )
@@ -41,9 +43,11 @@ func Create(path string) error {
 }
 
 // Problem says what is wrong with the token file at path as it is:
-// ErrMissing, a file that is not regular (a directory: an error that says
-// to remove it), or one others can read (ErrTooOpen; the caller tightens
-// it and warns). nil means a usable file.
+// ErrMissing, a file that is not regular (a link or a directory: an error
+// that says to remove it), one with other names (a hard link: the token
+// would be read from, and chmodded as, a file that is someone else's
+// too), or one others can read (ErrTooOpen; the caller tightens it and
+// warns). nil means a usable file.
 func Problem(path string) error {
 	st, err := os.Lstat(path)
 	switch {
@@ -51,12 +55,28 @@ func Problem(path string) error {
 		return ErrMissing
 	case err != nil:
 		return fmt.Errorf("instance token %s: %w", path, err)
+	}
+	return problemOf(path, st)
+}
+
+// problemOf is Problem for what Lstat or fstat said of the file at path.
+func problemOf(path string, st fs.FileInfo) error {
+	switch {
 	case !st.Mode().IsRegular():
 		return fmt.Errorf("instance token %s is not a regular file (%s): remove it; a new token is created at the next start", path, st.Mode().Type())
+	case links(st) > 1:
+		return fmt.Errorf("instance token %s has %d names (a hard link to another file): remove it; a new token is created at the next start", path, links(st))
 	case st.Mode().Perm()&0o077 != 0:
 		return fmt.Errorf("instance token %s has mode %04o: %w", path, st.Mode().Perm(), ErrTooOpen)
 	}
 	return nil
+}
+
+func links(st fs.FileInfo) uint64 {
+	if sys, ok := st.Sys().(*syscall.Stat_t); ok {
+		return uint64(sys.Nlink)
+	}
+	return 1
 }
 
 // ErrMissing: there is no token file yet.
@@ -76,22 +96,12 @@ func Read(path string) (string, error) {
 
 // Ensure returns the token in path, creating one when the file is missing
 // or empty, and tightening a file others can read to 0400 (warn is told).
-// A directory in its place is an error that says what to do.
+// The file is checked, tightened and read through one descriptor opened
+// without following a link (fsutil.OpenFixedFile), so that a link put at
+// path after the check is never chmodded or read through. A link, a
+// directory or a hard link in its place is an error that says what to do.
 func Ensure(path string, warn func(msg string)) (string, error) {
-	switch err := Problem(path); {
-	case errors.Is(err, ErrMissing):
-		if err := Create(path); err != nil {
-			return "", err
-		}
-	case errors.Is(err, ErrTooOpen):
-		warn(err.Error() + "; mode set to 0400")
-		if err := os.Chmod(path, Mode); err != nil {
-			return "", fmt.Errorf("instance token %s: %w", path, err)
-		}
-	case err != nil:
-		return "", err
-	}
-	tok, err := Read(path)
+	tok, err := ensure(path, warn)
 	if err != nil || tok != "" {
 		return tok, err
 	}
@@ -99,4 +109,39 @@ func Ensure(path string, warn func(msg string)) (string, error) {
 		return "", err
 	}
 	return Read(path)
+}
+
+// ensure is Ensure up to an empty token ("", nil).
+func ensure(path string, warn func(msg string)) (string, error) {
+	if err := Problem(path); errors.Is(err, ErrMissing) {
+		if err := Create(path); err != nil {
+			return "", err
+		}
+	}
+	f, err := fsutil.OpenFixedFile(path)
+	if err != nil {
+		return "", fmt.Errorf("instance token: %w (remove it; a new token is created at the next start)", err)
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		return "", fmt.Errorf("instance token %s: %w", path, err)
+	}
+	switch err := problemOf(path, st); {
+	case errors.Is(err, ErrTooOpen):
+		warn(err.Error() + "; mode set to 0400")
+		if err := f.Chmod(Mode); err != nil {
+			return "", fmt.Errorf("instance token %s: %w", path, err)
+		}
+	case err != nil:
+		return "", err
+	}
+	data, err := io.ReadAll(io.LimitReader(f, maxFile+1))
+	if err != nil {
+		return "", fmt.Errorf("instance token %s: %w", path, err)
+	}
+	if len(data) > maxFile {
+		return "", fmt.Errorf("instance token %s: %w: more than %d bytes", path, fsutil.ErrTooLarge, maxFile)
+	}
+	return strings.TrimSpace(string(data)), nil
 }

@@ -3,6 +3,9 @@ package userdata
 import (
 	"strings"
 	"testing"
+
+	"github.com/visualops/opsagent/internal/config"
+	"github.com/visualops/opsagent/internal/dist"
 )
 
 // FuzzRoundTrip: whatever Render accepts, Parse reads back unchanged, and
@@ -38,15 +41,15 @@ func validParams(p Params) Params {
 			*s = "x"
 		}
 	}
-	if !versionPattern.MatchString(p.Version) {
+	if dist.CheckVersion(p.Version) != nil {
 		p.Version = "2.1"
 	}
-	if !sha256Pattern.MatchString(p.SHA256) {
+	if dist.CheckSHA256(p.SHA256) != nil {
 		p.SHA256 = ""
 	}
 	var set []string
 	for _, item := range p.Set {
-		if checkSetItem(item) == nil {
+		if _, err := config.ParseSetting(item); err == nil {
 			set = append(set, item)
 		}
 	}

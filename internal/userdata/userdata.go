@@ -1,17 +1,22 @@
 // Package userdata is the one place that renders the bootstrap userdata
-// script (`opsagent userdata`) and parses userdata (the agent and
-// `opsagent install` reading an instance's metadata). Render and Parse are
-// round-trip tested: for any Params that Render accepts, Parse(Render(p))
-// gives the same values back.
+// script (`opsagent userdata`), parses userdata (the agent and `opsagent
+// install` reading an instance's metadata), and holds the rules by which
+// userdata changes an installation (rules.go): which variable sets which
+// config key, that the version is never lowered, and that a new app id
+// means a new instance token. Render and Parse are round-trip tested: for
+// any Params that Render accepts, Parse(Render(p)) gives the same values
+// back.
 package userdata
 
 import (
 	"bytes"
 	_ "embed"
 	"fmt"
-	"regexp"
 	"strings"
 	"text/template"
+
+	"github.com/visualops/opsagent/internal/config"
+	"github.com/visualops/opsagent/internal/dist"
 )
 
 // MaxSize is EC2's limit on userdata; Render refuses a bigger script.
@@ -43,12 +48,6 @@ var scriptText string
 // script is parsed once; text/template is safe for concurrent Execute.
 var script = template.Must(template.New("bootstrap.sh").
 	Funcs(template.FuncMap{"sh": shellQuote}).Parse(scriptText))
-
-var (
-	versionPattern = regexp.MustCompile(`^[0-9]+\.[0-9]+(\.[0-9]+)?$`)
-	sha256Pattern  = regexp.MustCompile(`^[0-9a-f]{64}$`)
-	setPattern     = regexp.MustCompile(`^[a-z0-9_]+\.[a-z0-9_]+=`)
-)
 
 // Render returns the bootstrap script for p, every value quoted for bash.
 // It refuses what the script could not carry or would mis-use: a missing
@@ -93,29 +92,18 @@ func (p Params) check() error {
 			return fmt.Errorf("userdata: %s contains a NUL byte, which bash cannot hold: remove it", f.name)
 		}
 	}
-	if !versionPattern.MatchString(p.Version) {
-		return fmt.Errorf("userdata: VERSION %q: use MAJOR.MINOR or MAJOR.MINOR.PATCH, e.g. 2.1 or 2.1.3", p.Version)
+	if err := dist.CheckVersion(p.Version); err != nil {
+		return fmt.Errorf("userdata: VERSION: %w", err)
 	}
-	if p.SHA256 != "" && !sha256Pattern.MatchString(p.SHA256) {
-		return fmt.Errorf("userdata: SHA256 %q: give the tarball's SHA-256 as 64 lowercase hex digits, or nothing to skip the check", p.SHA256)
-	}
-	for _, item := range p.Set {
-		if err := checkSetItem(item); err != nil {
-			return err
+	if p.SHA256 != "" {
+		if err := dist.CheckSHA256(p.SHA256); err != nil {
+			return fmt.Errorf("userdata: SHA256: %w, or nothing to skip the check", err)
 		}
 	}
-	return nil
-}
-
-// checkSetItem refuses a --set item that is not section.key=value. A value
-// may not hold a newline: OPSAGENT_SET separates items by newlines, and the
-// config file they end up in is line-based INI.
-func checkSetItem(item string) error {
-	if !setPattern.MatchString(item) {
-		return fmt.Errorf("userdata: --set %q: write section.key=value, section and key in [a-z0-9_]", item)
-	}
-	if strings.ContainsAny(item, "\n\x00") {
-		return fmt.Errorf("userdata: --set %q: a value may not contain a newline or NUL byte: put it on one line", item)
+	// OPSAGENT_SET separates items by newlines: the install on the
+	// instance reads them with the same parser.
+	if _, err := config.ParseSettings(p.Set); err != nil {
+		return fmt.Errorf("userdata: %w", err)
 	}
 	return nil
 }

@@ -1,7 +1,9 @@
 // Package saltfork gives tests the real states repository: a clone of
 // testdata/fixtures/salt-fork.bundle (MadeiraCloud/salt at tag
-// v2015-03-26: the 2014 adaptor and Salt 2014.1.0, Python 2 only), and a
-// Python 2.7 interpreter to run it, or a skip when the machine has none.
+// v2015-03-26: the 2014 adaptor and Salt 2014.1.0, Python 2 only). The
+// Python 2.7 to run it is virtualenv/venvtest's (Python2): a test helper
+// lives beside the package it belongs to, and internal/testutil imports
+// nothing above internal/.
 package saltfork
 
 import (
@@ -12,8 +14,6 @@ import (
 	"strings"
 	"testing"
 	"time"
-
-	"github.com/visualops/opsagent/virtualenv"
 )
 
 // Tag is the fork's tag the bundle holds.
@@ -71,15 +71,4 @@ func Clone(t testing.TB) string {
 		}
 	}
 	return dir
-}
-
-// Python2 returns a Python 2.7 interpreter, found as the agent finds it
-// (virtualenv.FindPython2), or skips the test when the machine has none.
-func Python2(t testing.TB) string {
-	t.Helper()
-	py, err := virtualenv.FindPython2(context.Background(), nil)
-	if err != nil {
-		t.Skipf("saltfork: this test needs Python 2.7 (pyenv's 2.7.18 on the project's machines): %v", err)
-	}
-	return py
 }
