@@ -55,22 +55,31 @@ const webAppRecipe = `{"state":[
  {"id":"cmd","module":"linux.cmd","parameter":{"cmd":"echo deployed > /srv/web/deployed","if-path-absent":["/srv/web/deployed"]}}
 ]}`
 
+// webAppRoot is a fresh Debian 12 root (no Python 2) with the Debian
+// rig's extra packages available and a loopback apt repository that
+// offers webd.
+func webAppRoot(tb testing.TB) string {
+	tb.Helper()
+	root := debroot.New(tb)
+	if _, err := os.Stat(filepath.Join(root, "usr/bin/python2.7")); err == nil {
+		tb.Fatal("the Debian root has a Python 2")
+	}
+	debroot.UseExtras(tb, root) // cron comes from here, as a prerequisite
+	repo := aptrepo.New(tb)
+	repo.Add(tb, aptrepo.Package{Name: "webd", Version: "1.0-1", Files: map[string]string{
+		"/usr/sbin/webd": webd, "/etc/init.d/webd": webdInit,
+	}})
+	repo.Use(tb, root)
+	return root
+}
+
 // TestFreshDebianRootWebApp is the issue's story: a fresh Debian 12 root
 // with no Python 2, the real agent with the default engine, and a recipe
 // of native modules. The first round applies everything; the next round
 // changes nothing: every state says so, and dpkg's database, the shadow
 // file and the crontab are not rewritten.
 func TestFreshDebianRootWebApp(t *testing.T) {
-	root := debroot.New(t)
-	if _, err := os.Stat(filepath.Join(root, "usr/bin/python2.7")); err == nil {
-		t.Fatal("the Debian root has a Python 2")
-	}
-	debroot.UseExtras(t, root) // cron comes from here, as a prerequisite
-	repo := aptrepo.New(t)
-	repo.Add(t, aptrepo.Package{Name: "webd", Version: "1.0-1", Files: map[string]string{
-		"/usr/sbin/webd": webd, "/etc/init.d/webd": webdInit,
-	}})
-	repo.Use(t, root)
+	root := webAppRoot(t)
 
 	b := startBackend(t, t.TempDir(), "127.0.0.1:0")
 	// A Salt path that cannot work: were any state routed there, it would fail.
