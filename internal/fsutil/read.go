@@ -61,22 +61,7 @@ func ReadFixedFile(path string, max int64) ([]byte, error) {
 // regular file. Anything else is refused with an error naming the path.
 func OpenFixedFile(path string) (*os.File, error) {
 	f, err := os.OpenFile(path, os.O_RDONLY|syscall.O_NONBLOCK|syscall.O_NOFOLLOW|syscall.O_NOCTTY, 0)
-	if errors.Is(err, syscall.ELOOP) {
-		return nil, &fs.PathError{Op: "open", Path: path, Err: fmt.Errorf("is a symbolic link, %w: the agent does not follow links at its own paths; put the file itself there", ErrNotRegular)}
-	}
-	if err != nil {
-		return nil, err
-	}
-	st, err := f.Stat()
-	if err != nil {
-		f.Close()
-		return nil, err
-	}
-	if !st.Mode().IsRegular() {
-		f.Close()
-		return nil, &fs.PathError{Op: "open", Path: path, Err: fmt.Errorf("is %s, %w: remove it", kind(st.Mode()), ErrNotRegular)}
-	}
-	return f, nil
+	return checkOpened(f, path, err)
 }
 
 // kind names what a non-regular file is, for an error message.
