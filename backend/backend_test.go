@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -44,6 +45,10 @@ func newEnv(t testing.TB, dir string, tweak func(*Options)) *env {
 		t.Fatal(err)
 	}
 	opts := Options{DataDir: dir, AllowedHosts: []string{ln.Addr().String()}}
+	// OPSAGENT_TEST_BACKEND_LOG=1 shows the backend's log (debugging).
+	if os.Getenv("OPSAGENT_TEST_BACKEND_LOG") != "" {
+		opts.Logger = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	}
 	if tweak != nil {
 		tweak(&opts)
 	}

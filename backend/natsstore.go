@@ -200,6 +200,9 @@ func (st *natsStore) makeBuckets(ctx context.Context) error {
 				Storage: jetstream.FileStorage, Replicas: st.replicas})
 			cancel()
 			if err == nil {
+				kv, err = st.leaderReads(ctx, kv)
+			}
+			if err == nil {
 				*b.kv = kv
 				break
 			}
@@ -211,6 +214,28 @@ func (st *natsStore) makeBuckets(ctx context.Context) error {
 		}
 	}
 	return nil
+}
+
+// leaderReads makes a bucket's reads go to its stream's leader. A KV
+// bucket serves Gets from any of its replicas by default (direct gets),
+// and a follower may not have the last write yet: a replica that just
+// created an app would not find it, and every compare-and-set would start
+// from a stale revision.
+func (st *natsStore) leaderReads(ctx context.Context, kv jetstream.KeyValue) (jetstream.KeyValue, error) {
+	name := "KV_" + kv.Bucket()
+	cctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	s, err := st.js.Stream(cctx, name)
+	if err != nil {
+		return nil, err
+	}
+	if cfg := s.CachedInfo().Config; cfg.AllowDirect {
+		cfg.AllowDirect = false
+		if _, err := st.js.UpdateStream(cctx, cfg); err != nil {
+			return nil, err
+		}
+	}
+	return st.js.KeyValue(cctx, kv.Bucket()) // bound again: it reads the setting when bound
 }
 
 // close flushes the stream summaries and closes the connection (and stops
