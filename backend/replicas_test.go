@@ -169,7 +169,7 @@ func TestReplicas(t *testing.T) {
 		onA.expectRecipe()
 		sentA := make(chan struct{})
 		go func() { defer close(sentA); send(onA, 1, 1100) }() // 1001.. are A's late frames
-		for acked := int64(0); acked < 20; { // A is storing
+		for acked := int64(0); acked < 20; {                   // A is storing
 			if ack, ok := onA.expect().(*protocol.StateLogAck); ok {
 				acked = ack.Seq
 			}
