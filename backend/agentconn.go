@@ -384,7 +384,8 @@ func (s *Server) handshake(c *agentConn, m *protocol.Handshake, remote string) h
 		c.initErrors = textcut.Prefix(*m.InitErrors, 4<<10)
 	}
 	if m.ProtocolVersion >= 2 && m.LogStream != "" {
-		w, high := s.st.openStream(context.Background(), c.app, c.instance, m.LogStream, c)
+		w := s.st.openStream(c.app, c.instance, m.LogStream, c)
+		high := w.firstAck(handshakeStorageWait)
 		// Queued before the connection is registered, so that no push can
 		// come first: the agent tells the protocol by the first frame.
 		c.logStream, c.logs = m.LogStream, w
@@ -414,6 +415,11 @@ func (s *Server) handshake(c *agentConn, m *protocol.Handshake, remote string) h
 	}
 	return hsRegistered
 }
+
+// handshakeStorageWait bounds the storage work a Handshake waits for
+// before its first answer: an agent that hears nothing within 2 s takes
+// the backend for a protocol-1 one.
+const handshakeStorageWait = time.Second
 
 // refusal is why admit turned a Handshake away: its kind (refusals.go), a
 // close code, a close reason for the agent and a longer one for the log.
@@ -449,8 +455,10 @@ func (s *Server) admit(app *appState, m *protocol.Handshake, now time.Time) (fir
 	if secret == "" && !s.opts.OpenEnrollment {
 		// A crash between the parts of an app, or an import of one without
 		// a secret: it gets one.
-		var err error
-		if err = s.refresh(context.Background(), app.AppID); err == nil {
+		ctx, cancel := context.WithTimeout(context.Background(), handshakeStorageWait)
+		err := s.refresh(ctx, app.AppID)
+		cancel()
+		if err == nil {
 			s.mu.Lock()
 			secret = app.Secret
 			s.mu.Unlock()
@@ -465,7 +473,9 @@ func (s *Server) admit(app *appState, m *protocol.Handshake, now time.Time) (fir
 		return false, &refusal{refEnrollLimit, websocket.CloseTryAgainLater, s.enroll.reason(),
 			"over the app's enrollment limit: " + s.enroll.reason()}
 	}
-	rec, rev, created, err := s.st.enroll(context.Background(), app.AppID, m.InstanceID, h)
+	ctx, cancel := context.WithTimeout(context.Background(), handshakeStorageWait)
+	rec, rev, created, err := s.st.enroll(ctx, app.AppID, m.InstanceID, h)
+	cancel()
 	if err != nil {
 		return false, &refusal{refStorage, websocket.CloseTryAgainLater, "backend storage error; reconnect later", "cannot store the instance token: " + err.Error()}
 	}

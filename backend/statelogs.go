@@ -189,30 +189,74 @@ type streamWriter struct {
 	ack               acker
 	in                chan LogEntry
 	done              chan struct{}
+
+	// opened is closed once the stream is taken (or could not be); until
+	// then high is the writer's alone. lateAck is set when the Handshake
+	// could not wait that long: the writer then acknowledges high itself.
+	opened  chan struct{}
+	mu      sync.Mutex
+	isOpen  bool
+	lateAck bool
 }
 
-// openStream takes ownership of an instance's log stream (the fence) and
-// returns its writer and the highest agent seq stored, which the
-// Handshake acknowledges. When the stream cannot be taken (NATS out of
-// reach, the store full), the writer refuses every StateLog (the agent
-// sends them again after reconnecting) and the seq is one surely stored,
-// so that the agent still gets its recipe.
-func (st *natsStore) openStream(ctx context.Context, app, instance, stream string, ack acker) (*streamWriter, int64) {
-	ctx, cancel := opCtx(ctx)
-	defer cancel()
+// openStream starts the writer of an instance's log stream, which first
+// takes ownership of the stream (the fence) and reads the highest agent
+// seq stored. When the stream cannot be taken (NATS out of reach, the store
+// full), the writer refuses every StateLog (the agent sends them again
+// after reconnecting), and the seq is one surely stored, so that the agent
+// still gets its recipe.
+func (st *natsStore) openStream(app, instance, stream string, ack acker) *streamWriter {
 	w := &streamWriter{st: st, app: app, inst: instance, stream: stream, ack: ack,
 		subj: logSubject(app, instance, stream), fenceSubj: fenceSubject(app, instance, stream),
-		in: make(chan LogEntry, writerQueue), done: make(chan struct{})}
+		in: make(chan LogEntry, writerQueue), done: make(chan struct{}), opened: make(chan struct{})}
+	go w.run()
+	return w
+}
+
+// firstAck is the seq the Handshake acknowledges: the highest stored, once
+// the writer knows it. An agent that gets no StateLogAck within 2 s of
+// its Handshake takes the backend for a protocol-1 one (and then never
+// waits for acknowledgements): past wait (a cluster electing a leader),
+// the Handshake is acknowledged 0, which is always true, and the writer
+// acknowledges the high when it has it (the agent drops what the backend
+// has already as it comes).
+func (w *streamWriter) firstAck(wait time.Duration) int64 {
+	t := time.NewTimer(wait)
+	defer t.Stop()
+	select {
+	case <-w.opened:
+	case <-t.C:
+	}
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.isOpen {
+		return w.high
+	}
+	w.lateAck = true
+	return 0
+}
+
+// take opens the stream; it runs first on the writer's goroutine.
+func (w *streamWriter) take() {
+	ctx, cancel := opCtx(context.Background())
+	defer cancel()
+	st := w.st
 	if err := w.open(ctx); err != nil {
 		w.err = err
 		w.high = 0
-		if sum, serr := st.summary(ctx, app, instance, stream); serr == nil {
+		if sum, serr := st.summary(ctx, w.app, w.inst, w.stream); serr == nil {
 			w.high = sum.High
 		}
-		st.logError("cannot take an instance's log stream; its StateLogs are refused until it can", "app_id", app, "instance_id", instance, "log_stream", stream, "err", err)
+		st.logError("cannot take an instance's log stream; its StateLogs are refused until it can", "app_id", w.app, "instance_id", w.inst, "log_stream", w.stream, "err", err)
 	}
-	go w.run()
-	return w, w.high
+	w.mu.Lock()
+	w.isOpen = true
+	late, high := w.lateAck, w.high
+	w.mu.Unlock()
+	close(w.opened)
+	if late {
+		w.ack.ack(w.stream, high)
+	}
 }
 
 func (w *streamWriter) open(ctx context.Context) error {
@@ -259,6 +303,7 @@ func (w *streamWriter) close() { close(w.in) }
 
 func (w *streamWriter) run() {
 	defer close(w.done)
+	w.take()
 	failed := false
 	if w.err != nil {
 		// Refused at the first StateLog (not before: the agent gets its
