@@ -75,7 +75,7 @@ func (s *Server) applyPresence(ev kvEvent) func() {
 // held.
 func (s *Server) connectedAt(a *appState, inst string) (c *agentConn, p presenceRecord, ok bool) {
 	if c = s.agents[a.AppID][inst]; c != nil {
-		return c, presenceRecord{Session: s.session, Replica: s.replica, Since: c.since, AgentVersion: c.agentVersion, InitErrors: c.initErrors}, true
+		return c, presenceRecord{Session: s.session, Replica: s.replicaName(), Since: c.since, AgentVersion: c.agentVersion, InitErrors: c.initErrors}, true
 	}
 	p, ok = a.presence[inst]
 	if !ok || p.Session == s.session {
@@ -104,7 +104,7 @@ func (s *Server) connectedCount(a *appState) int {
 // connection ends (unless another connection of the instance wrote its
 // own since). It runs on its own goroutine: the agent is served meanwhile.
 func (s *Server) announce(c *agentConn) {
-	rec := presenceRecord{Session: s.session, Replica: s.replica, Since: c.since, AgentVersion: c.agentVersion, InitErrors: c.initErrors}
+	rec := presenceRecord{Session: s.session, Replica: s.replicaName(), Since: c.since, AgentVersion: c.agentVersion, InitErrors: c.initErrors}
 	data, _ := json.Marshal(rec)
 	key := instanceKey(c.app, c.instance)
 	ctx, cancel := opCtx(context.Background())
@@ -129,10 +129,11 @@ func (s *Server) announce(c *agentConn) {
 // deletes it.
 func (s *Server) heartbeat(stop <-chan struct{}) {
 	defer s.bg.Done()
-	data, _ := json.Marshal(map[string]any{"replica": s.replica, "started": time.Now().UTC()})
+	started := time.Now().UTC()
 	t := time.NewTicker(replicaTTL / 3)
 	defer t.Stop()
 	for {
+		data, _ := json.Marshal(map[string]any{"replica": s.replicaName(), "started": started})
 		ctx, cancel := opCtx(context.Background())
 		if rev, err := s.st.replicaKV.Put(ctx, s.session, data); err != nil {
 			s.log.Warn("cannot beat in NATS (other replicas will show this one's agents as disconnected)", "err", err)

@@ -45,7 +45,7 @@ type Options struct {
 	// embedded single-node server.
 	NATS NATSOptions
 	// ReplicaName is how GET …/instances names this replica; default the
-	// host name (ListenAndServe adds the listen address).
+	// host name. ListenAndServe adds the address it listens on.
 	ReplicaName string
 	// APIToken is the bearer token every /api/ call but /api/healthz
 	// needs, on any address. "" means the one shared in NATS, created on
@@ -114,8 +114,9 @@ type Server struct {
 	enroll       *enrollLimiter
 
 	// session identifies this process among the replicas; replica names it
-	// for people.
-	session, replica string
+	// for people (set again by ListenAndServe, so read with replicaName).
+	session string
+	replica atomic.Pointer[string]
 
 	stopWatch context.CancelFunc
 	watchDone sync.WaitGroup
@@ -215,7 +216,7 @@ func New(opts Options) (*Server, error) {
 		log:  log,
 		st:   st,
 
-		session: newSession(), replica: opts.ReplicaName,
+		session:  newSession(),
 		refusals: &refusalLog{log: log, every: opts.refusalEvery},
 		enroll:   newEnrollLimiter(opts.EnrollLimit, opts.EnrollWindow),
 		// Small read buffers and pooled write buffers keep an idle agent
@@ -227,6 +228,7 @@ func New(opts Options) (*Server, error) {
 		agents: map[string]map[string]*agentConn{},
 		stopBG: make(chan struct{}),
 	}
+	s.replica.Store(&opts.ReplicaName)
 	// Browsers always send Origin on a WebSocket upgrade; agents send none.
 	s.up.CheckOrigin = s.originAllowed
 	s.hosts.Store(newHostSet(opts.AllowedHosts))
@@ -306,6 +308,8 @@ func (s *Server) ListenAndServe(ctx context.Context, addr string, ready func(net
 		return fmt.Errorf("backend: listen %s: %w", addr, err)
 	}
 	s.hosts.Store(s.hosts.Load().withListener(addr, ln.Addr()))
+	name := s.opts.ReplicaName + " " + ln.Addr().String()
+	s.replica.Store(&name)
 	srv := &http.Server{Handler: s.Handler(), ReadHeaderTimeout: 10 * time.Second}
 	if ready != nil {
 		ready(ln.Addr())
@@ -375,3 +379,6 @@ func (s *Server) retainAll() {
 		cancel()
 	}
 }
+
+// replicaName is how this replica is named to people.
+func (s *Server) replicaName() string { return *s.replica.Load() }

@@ -54,15 +54,17 @@ type fleetRig struct {
 	replicas []*backendProc
 	addrs    []string // each replica's listen address, kept across restarts
 	data     []string
+	extra    []string     // more flags for every replica
 	lb       *backendProc // the API through HAProxy (no process of its own)
 	haproxy  *exec.Cmd
 }
 
-// startFleet starts NATS, three replicas and HAProxy.
-func startFleet(tb testing.TB) *fleetRig {
+// startFleet starts NATS, three replicas (with the extra flags) and
+// HAProxy.
+func startFleet(tb testing.TB, extra ...string) *fleetRig {
 	tb.Helper()
 	hap := haproxyBin(tb)
-	f := &fleetRig{tb: tb, nats: natscluster.Start(tb, 3)}
+	f := &fleetRig{tb: tb, nats: natscluster.Start(tb, 3), extra: extra}
 	for i := range 3 {
 		f.data = append(f.data, tb.TempDir())
 		f.addrs = append(f.addrs, "127.0.0.1:0")
@@ -118,7 +120,8 @@ func freeAddr(tb testing.TB) string {
 // address, after a kill).
 func (f *fleetRig) startReplica(i int) {
 	f.tb.Helper()
-	b := startBackend(f.tb, f.data[i], f.addrs[i], "--nats", f.nats.URLs(), "--nats-replicas", "3", "--allow-host", "127.0.0.1")
+	args := append([]string{"--nats", f.nats.URLs(), "--nats-replicas", "3", "--allow-host", "127.0.0.1"}, f.extra...)
+	b := startBackend(f.tb, f.data[i], f.addrs[i], args...)
 	f.replicas[i], f.addrs[i] = b, b.addr
 	for j, r := range f.replicas {
 		if r != nil && r.token != b.token {
@@ -228,13 +231,21 @@ func (a *simAgent) pushed(state string) time.Time {
 	return a.pushes[state]
 }
 
-// simFleet connects n simulated agents of app, agent k to urls[k%len],
-// and stops them when the test ends.
+// simFleet connects n simulated agents of app, agent k to urls[k%len];
+// they stop when the test ends (simFleetStop stops them sooner).
 func simFleet(tb testing.TB, app string, n int, urls ...string) []*simAgent {
+	agents, _ := simFleetStop(tb, app, n, urls...)
+	return agents
+}
+
+// simFleetStop is simFleet with a function that stops the agents (and
+// waits for them).
+func simFleetStop(tb testing.TB, app string, n int, urls ...string) ([]*simAgent, func()) {
 	tb.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	var wg sync.WaitGroup
-	tb.Cleanup(func() { cancel(); wg.Wait() })
+	stop := func() { cancel(); wg.Wait() }
+	tb.Cleanup(stop)
 	agents := make([]*simAgent, n)
 	for i := range agents {
 		a := &simAgent{id: fmt.Sprintf("%s-%05d", app, i), pushes: map[string]time.Time{}, notified: make(chan struct{}, 1)}
@@ -249,7 +260,7 @@ func simFleet(tb testing.TB, app string, n int, urls ...string) []*simAgent {
 		wg.Add(1)
 		go func() { defer wg.Done(); _ = a.m.Run(ctx) }()
 	}
-	return agents
+	return agents, stop
 }
 
 // report has every agent report n StateLogs, perTick at a time every
@@ -455,6 +466,10 @@ func TestFleetWaitsAcrossReplicas(t *testing.T) {
 	  {"id":"after","module":"linux.cmd","parameter":{"cmd":"touch %s/after"}}]}`, hand))
 	startAgent(t, hand)
 	eventually(t, "the agent on replica 2 waiting", func() bool { return f.replicas[0].instance("hand", "i-hand")["connected"] == true })
+	// Replicas listen on port 0 here: the name shows the port each got.
+	if rep, _ := f.replicas[0].instance("hand", "i-hand")["replica"].(string); !strings.HasSuffix(rep, " "+f.addrs[2]) {
+		t.Fatalf("replica 0 names the replica holding i-hand %q, want one ending with replica 2's address %s", rep, f.addrs[2])
+	}
 	f.replicas[0].api(t, "POST", "/api/apps/hand/waits", `{"instance_id":"i-hand","state_id":"w"}`)
 	eventually(t, "the state after the wait run", func() bool { _, err := os.Stat(filepath.Join(hand, "after")); return err == nil })
 

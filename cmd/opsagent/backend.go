@@ -84,7 +84,7 @@ func backendCommand() *cli.Command {
 			}
 			host, _ := os.Hostname()
 			srv, err := backend.New(backend.Options{
-				DataDir: cmd.String("data"), NATS: natsOpts, ReplicaName: host + " " + cmd.String("listen"), APIToken: token, Logger: log,
+				DataDir: cmd.String("data"), NATS: natsOpts, ReplicaName: host, APIToken: token, Logger: log,
 				AllowedHosts: cmd.StringSlice("allow-host"), OpenEnrollment: cmd.Bool("open-enrollment"),
 				EnrollLimit: enrollLimit, EnrollWindow: cmd.Duration("enroll-window"),
 				LogRetentionBytes: int64(retention), LogRetentionAge: cmd.Duration("log-retention-age"),
