@@ -18,17 +18,14 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"net/http"
 	"os"
 	"path/filepath"
 	"runtime"
-	"strings"
 	"sync"
 	"time"
 
 	"github.com/visualops/opsagent/agent/bridge"
 	"github.com/visualops/opsagent/agent/conn"
-	"github.com/visualops/opsagent/agent/native"
 	"github.com/visualops/opsagent/agent/outbox"
 	"github.com/visualops/opsagent/agent/rounds"
 	"github.com/visualops/opsagent/agent/state"
@@ -36,7 +33,7 @@ import (
 	"github.com/visualops/opsagent/internal/clock"
 	"github.com/visualops/opsagent/internal/config"
 	"github.com/visualops/opsagent/internal/fsutil"
-	"github.com/visualops/opsagent/internal/proc"
+	"github.com/visualops/opsagent/internal/system"
 	"github.com/visualops/opsagent/protocol"
 )
 
@@ -238,6 +235,7 @@ type session struct {
 
 	update  *selfUpdate   // nil when Options.Updater replaces it (tests)
 	confirm *confirmation // this run's side of an update
+	sys     *system.Host  // the system below the root, shown in status
 
 	mu         sync.Mutex
 	initErrors []string
@@ -276,24 +274,15 @@ func runSession(ctx context.Context, opts Options, cfg *config.Config, layout co
 	if err := bridge.WriteScript(layout.BridgeScript()); err != nil {
 		s.addInitError(fmt.Sprintf("cannot write bridge.py: %v", err))
 	}
-	salt := newSaltExecutor(layout, cur, log.With("part", "salt"), s.setSaltError, func(p string) {
+	// The system below the root (distribution, package manager, init) is
+	// detected once, by the first module or status write that asks.
+	s.sys = system.New(system.Options{Root: layout.Root(), Logger: log.With("part", "system"), KillGrace: cur.Agent.KillGrace, OutputLimit: cur.Agent.OutputLimit})
+	executor, closeExecutor := newExecutor(layout, cur, log, s.sys, s.setSaltError, func(p string) {
 		if _, err := owner.Update(func(c *config.Config) error { c.Global.PackagePath = p; return nil }); err != nil {
 			log.Error("cannot write [global] package_path back to the config", "err", err)
 		}
 	})
-	defer salt.Close()
-	executor := &rounds.Router{
-		Engine: strings.ToLower(cur.Agent.Engine),
-		Salt:   salt,
-		Native: native.New(native.Options{
-			Root:        layout.Root(),
-			Runner:      proc.New(),
-			HTTPClient:  &http.Client{Timeout: 10 * time.Minute},
-			Logger:      log,
-			OutputLimit: cur.Agent.OutputLimit,
-			KillGrace:   cur.Agent.KillGrace,
-		}),
-	}
+	defer closeExecutor()
 	link := &linkProxy{}
 	var defMod *protocol.ModuleSource
 	if cur.Module.Repo != "" {
@@ -533,6 +522,16 @@ func (s *session) keepStatus(ctx context.Context) {
 	}
 }
 
+// systemInfo is the system below the root, for status (nil before the
+// session built it).
+func (s *session) systemInfo() *system.Info {
+	if s.sys == nil {
+		return nil
+	}
+	in := s.sys.Info()
+	return &in
+}
+
 func (s *session) snapshot() statusfile.Snapshot {
 	cs := s.mgr.Status()
 	iid, _ := s.id.CachedInstanceID()
@@ -541,6 +540,7 @@ func (s *session) snapshot() statusfile.Snapshot {
 		AgentVersion: s.opts.Version,
 		InstanceID:   iid,
 		AppID:        s.owner.Current().Userdata.AppID,
+		System:       s.systemInfo(),
 		StartedAt:    s.started,
 		UpdatedAt:    time.Now(),
 		Connection: statusfile.Connection{

@@ -157,6 +157,9 @@ func newExecutor(layout config.Layout, cfg *config.Config, log *slog.Logger, sys
 			OutputLimit: cfg.Agent.OutputLimit,
 			KillGrace:   cfg.Agent.KillGrace,
 			System:      sys,
+			WatchDir:    layout.WatchDir(),
+			StateDir:    layout.StateDir(),
+			S3:          native.S3Options{MetadataURL: cfg.Network.Metadata},
 		}),
 	}
 	return router, salt.Close

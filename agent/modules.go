@@ -80,6 +80,9 @@ func Modules(ctx context.Context, opts ModulesOptions) ([]ModuleInfo, error) {
 			} else {
 				info.Runs, info.Why = RunsUnavailable, "[agent] engine = salt, but "+saltWhy
 			}
+		case isNative && refused(nat, m.Name) != "":
+			// Known to the native executor, which refuses it: why says why.
+			info.Runs, info.Why = RunsUnavailable, refused(nat, m.Name)
 		case isNative:
 			info.Runs = RunsNative
 			if m.Family != "" && derr == nil && here != "" && here != m.Family {
@@ -95,4 +98,10 @@ func Modules(ctx context.Context, opts ModulesOptions) ([]ModuleInfo, error) {
 		out = append(out, info)
 	}
 	return out, nil
+}
+
+// refused is why the native executor refuses module ("" when it runs it).
+func refused(nat *native.Executor, module string) string {
+	why, _ := nat.Refused(module)
+	return why
 }

@@ -16,6 +16,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/sha256"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -23,7 +24,11 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"strings"
+	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/visualops/opsagent/internal/config"
 	"github.com/visualops/opsagent/internal/dist"
@@ -62,6 +67,14 @@ type Options struct {
 	Logger   *slog.Logger
 	// MetadataTimeout bounds the userdata lookup; default 20 s.
 	MetadataTimeout time.Duration
+	// StartTimeout bounds the wait for a started agent to hold its lock;
+	// default 15 s.
+	StartTimeout time.Duration
+
+	// treatAsHost makes a temporary root take the host's decisions
+	// (systemctl without --root, start through systemd): tests record
+	// the host's systemctl calls with a fake runner, never running them.
+	treatAsHost bool
 }
 
 // Result is what Install did.
@@ -79,10 +92,21 @@ type Result struct {
 // repository at every round).
 var ErrStepsFailed = errors.New("install finished with failed steps")
 
+// ErrUnsafePath is wrapped by Install's error when a fixed path of the
+// layout is a symlink, leads out of the root, is not the kind of file
+// expected, or a path key names something opsagent did not make: nothing
+// was written.
+var ErrUnsafePath = errors.New("refusing to install")
+
+// host reports whether this install acts for the host's own system: its
+// systemd, its packages.
+func (in *installation) host() bool { return in.opts.Root.IsHost() || in.opts.treatAsHost }
+
 // installation carries one run's state between steps.
 type installation struct {
 	opts   Options
 	rep    *reporter
+	fs     *files
 	layout config.Layout
 	cfg    *config.Config // as it will be written (a throwaway copy)
 	// keepBinary: the installed binary is newer than this one; keep it.
@@ -116,20 +140,28 @@ func Install(ctx context.Context, opts Options) (*Result, error) {
 	if opts.Env == nil {
 		opts.Env = func(string) string { return "" }
 	}
-	if !opts.Root.IsHost() {
+	if opts.StartTimeout <= 0 {
+		opts.StartTimeout = 15 * time.Second
+	}
+	if !opts.Root.IsHost() && !opts.treatAsHost {
 		opts.SkipPackages = true
 	}
-	existing := loadExisting(opts.ConfigFile)
-	in := &installation{opts: opts, existing: existing != nil}
+	fsys, err := openFiles(opts.Root, !opts.DryRun)
+	if err != nil {
+		return nil, err
+	}
+	defer fsys.Close()
+	in := &installation{opts: opts, fs: fsys}
+	existing := in.loadExisting()
+	in.existing = existing != nil
 	if existing != nil {
 		in.prevApp = existing.Userdata.AppID
 	}
 	in.layout = config.NewLayout(opts.Root, opts.ConfigFile, existing)
-	logFile := in.layout.BootstrapLog()
-	if opts.DryRun || opts.OutputLogged {
-		logFile = ""
+	in.rep = &reporter{out: opts.Out, terminal: opts.Terminal, now: time.Now}
+	if !opts.DryRun && !opts.OutputLogged {
+		in.rep.logTo = in.appendBootstrapLog
 	}
-	in.rep = &reporter{out: opts.Out, terminal: opts.Terminal, logFile: logFile, now: time.Now}
 
 	sets, err := ParseSets(opts.Sets)
 	if err != nil {
@@ -144,14 +176,28 @@ func Install(ctx context.Context, opts Options) (*Result, error) {
 		in.rep.add("parameters", Failed, "%v", err)
 		return nil, err
 	}
-	in.keepNewer(existing, &p)
+	if err := in.keepNewer(ctx, existing, &p); err != nil {
+		in.rep.add("paths", Failed, "%v", err)
+		return nil, err
+	}
 	in.params = p
 	in.rep.add("parameters", Unchanged, "app %s, backend %s, version %s (from %s)", p.AppID, p.WSURI, p.Version, describeSources(from))
-	if err := in.buildConfig(existing, sets); err != nil {
+	if err := in.buildConfig(sets); err != nil {
 		in.rep.add("config", Failed, "%v", err)
 		return nil, err
 	}
 	in.layout = config.NewLayout(opts.Root, opts.ConfigFile, in.cfg)
+	// Nothing is written before every fixed path is known to be what it
+	// should be: a link planted at one, or leading out of the root, stops
+	// the install with its name.
+	problems, err := in.fs.checkPaths(in.layout, in.cfg, existing)
+	if err == nil && len(problems) > 0 {
+		err = fmt.Errorf("%w: %s", ErrUnsafePath, strings.Join(problems, "; "))
+	}
+	if err != nil {
+		in.rep.add("paths", Failed, "%v", err)
+		return nil, err
+	}
 
 	in.stepLayout()
 	in.stepConfig()
@@ -184,25 +230,76 @@ func Install(ctx context.Context, opts Options) (*Result, error) {
 
 // keepNewer keeps the version the instance runs when it is newer than the
 // one asked for: the userdata names the version an instance was first
-// given, and re-running it after a self-update must not downgrade.
-func (in *installation) keepNewer(existing *config.Config, p *Params) {
+// given, and re-running it after a self-update must not downgrade. The
+// binary kept must prove it: it runs, and `version --json` says the
+// version the config names; otherwise (a 0-byte or corrupt file, another
+// version) this installer's version is installed over it. A binary that
+// is a symlink or leads out of the root is never run.
+func (in *installation) keepNewer(ctx context.Context, existing *config.Config, p *Params) error {
 	if existing == nil || in.opts.Downgrade || !dist.Newer(existing.Userdata.Version, p.Version) {
-		return
+		return nil
 	}
-	if _, err := os.Stat(in.layout.Binary()); err != nil {
-		return
+	bin := in.layout.Binary()
+	if _, err := in.fs.Lstat(bin); err != nil {
+		return nil
 	}
-	in.rep.add("version", Unchanged, "keeping %s, which this instance updated itself to, over %s (install --downgrade to go back)", existing.Userdata.Version, p.Version)
-	p.Version = existing.Userdata.Version
+	switch problem, err := in.fs.checkPath(bin, aFile, "the agent's binary"); {
+	case err != nil:
+		return err
+	case problem != "":
+		return fmt.Errorf("%w: %s", ErrUnsafePath, problem)
+	}
+	want := existing.Userdata.Version
+	if got, err := binaryVersion(ctx, in.opts.Runner, bin); err != nil || got != want {
+		why := fmt.Sprintf("it says it is version %q", got)
+		if err != nil {
+			why = err.Error()
+		}
+		in.rep.add("version", Unchanged, "the config names %s, but %s does not run as %s (%s): installing %s over it", want, bin, want, why, p.Version)
+		return nil
+	}
+	in.rep.add("version", Unchanged, "keeping %s, which this instance updated itself to, over %s (install --downgrade to go back)", want, p.Version)
+	p.Version = want
 	in.keepBinary = true
+	return nil
 }
 
-func loadExisting(path string) *config.Config {
-	c, err := config.Load(path)
+// binaryVersion runs bin's `version --json` (bounded in time, its own
+// output only) and returns the version it reports.
+func binaryVersion(ctx context.Context, r proc.Runner, bin string) (string, error) {
+	res, err := r.Run(ctx, proc.Cmd{Path: bin, Args: []string{"version", "--json"}, Timeout: 30 * time.Second,
+		Env: []string{"PATH=/usr/bin:/bin"}, Stderr: io.Discard, OutputLimit: 64 << 10})
+	if err != nil {
+		return "", fmt.Errorf("it does not run: %w", err)
+	}
+	if res.ExitCode != 0 {
+		return "", fmt.Errorf("'version --json' exited %d", res.ExitCode)
+	}
+	var info struct{ Version string }
+	if err := json.Unmarshal([]byte(res.Output), &info); err != nil || info.Version == "" {
+		return "", fmt.Errorf("'version --json' printed no version")
+	}
+	return info.Version, nil
+}
+
+// loadExisting loads the config an earlier install wrote, if it loads.
+func (in *installation) loadExisting() *config.Config {
+	c, err := config.Load(in.opts.ConfigFile)
 	if err != nil {
 		return nil
 	}
 	return c
+}
+
+// appendBootstrapLog appends a line to bootstrap.log, never through a
+// link (the reporter's sink).
+func (in *installation) appendBootstrapLog(line string) {
+	f, err := in.fs.AppendLog(in.layout.BootstrapLog())
+	if err != nil {
+		return
+	}
+	defer f.Close()
+	_, _ = f.WriteString(line + "\n")
 }
 
 // metadataURL is where userdata is looked up: --set network.metadata, else
@@ -248,25 +345,37 @@ func describeSources(from map[string]string) string {
 
 // buildConfig decides the config's values: the parameters and --set, on
 // top of the existing file (unknown keys and comments kept). It checks
-// them on a throwaway copy; stepConfig saves them through the config's
-// Owner, the one writer of the file.
-func (in *installation) buildConfig(_ *config.Config, sets []Setting) error {
-	p := in.params
+// them on a throwaway copy as the agent will read them (checkConfig);
+// stepConfig saves them through the config's Owner, the one writer of the
+// file.
+func (in *installation) buildConfig(sets []Setting) error {
 	platform := ""
-	if in.opts.Root.IsHost() {
+	if in.host() {
 		platform = detectPlatform()
 	}
-	in.apply = func(c *config.Config) error {
-		for _, kv := range [][3]string{
-			{"userdata", "ws_uri", p.WSURI}, {"userdata", "app_id", p.AppID}, {"userdata", "version", p.Version},
-			{"userdata", "base_remote", p.BaseRemote}, {"userdata", "pubkey", p.PubKey}, {"userdata", "enroll_secret", p.EnrollSecret},
-			{"module", "mod_repo", p.ModRepo}, {"module", "mod_tag", p.ModTag},
-		} {
-			if kv[2] == "" {
+	in.apply = applier(in.params, sets, platform)
+	c := in.freshConfig()
+	if err := in.apply(c); err != nil {
+		return err
+	}
+	if err := checkConfig(c); err != nil {
+		return err
+	}
+	in.cfg = c
+	return nil
+}
+
+// applier returns the change that puts the parameters and --set items
+// into a config: what install saves and what userdata checks it would.
+func applier(p Params, sets []Setting, platform string) func(*config.Config) error {
+	return func(c *config.Config) error {
+		for _, q := range params {
+			v := *q.field(&p)
+			if v == "" {
 				continue
 			}
-			if err := c.Set(kv[0], kv[1], kv[2]); err != nil {
-				return err
+			if err := c.Set(q.section, q.key, v); err != nil {
+				return fmt.Errorf("%s (or %s): %w", q.flag, q.env, err)
 			}
 		}
 		for _, s := range sets {
@@ -279,21 +388,26 @@ func (in *installation) buildConfig(_ *config.Config, sets []Setting) error {
 		}
 		return nil
 	}
-	c := in.freshConfig()
-	if err := in.apply(c); err != nil {
-		return err
+}
+
+// checkConfig is what a config must pass before install writes it or
+// userdata promises it: every value as the agent reads it, the whole file
+// within what the agent loads (config.Check), and a [userdata] pubkey the
+// updater can use (dist.ParsePublicKey: a malformed one would disable
+// every update, even those signed by the compiled-in key).
+func checkConfig(c *config.Config) error {
+	if k := c.Userdata.PubKey; k != "" {
+		if _, err := dist.ParsePublicKey(k); err != nil {
+			return fmt.Errorf("[userdata] pubkey %q (--pubkey or PUBKEY): %w; give the last line of minisign.pub ('opsagent release keygen' prints it)", k, err)
+		}
 	}
-	if err := c.Validate(); err != nil {
-		return err
-	}
-	in.cfg = c
-	return nil
+	return c.Check()
 }
 
 // freshConfig loads the config file anew (or starts a new one): each call
 // gives a separate copy.
 func (in *installation) freshConfig() *config.Config {
-	if c := loadExisting(in.opts.ConfigFile); c != nil {
+	if c := in.loadExisting(); c != nil {
 		return c
 	}
 	return config.New(in.opts.ConfigFile)
@@ -325,30 +439,32 @@ func (in *installation) stepLayout() {
 }
 
 // ensureDir creates dir with mode, or repairs its mode; it returns what it
-// did ("" for nothing).
+// did ("" for nothing). A symlink at dir is refused, never followed.
 func (in *installation) ensureDir(dir string, mode fs.FileMode) (string, error) {
-	st, err := os.Stat(dir)
+	st, err := in.fs.Lstat(dir)
 	switch {
 	case errors.Is(err, fs.ErrNotExist):
 		if in.opts.DryRun {
 			return fmt.Sprintf("create %s (%04o)", dir, mode), nil
 		}
-		if err := os.MkdirAll(dir, mode); err != nil {
+		if err := in.fs.MkdirAll(dir, mode); err != nil {
 			return "", err
 		}
-		if err := os.Chmod(dir, mode); err != nil { // umask
+		if err := in.fs.Chmod(dir, mode); err != nil { // umask
 			return "", err
 		}
 		return fmt.Sprintf("created %s (%04o)", dir, mode), nil
 	case err != nil:
 		return "", err
+	case st.Mode()&fs.ModeSymlink != 0:
+		return "", fmt.Errorf("%s is a symbolic link: remove it (opsagent never follows a link at its fixed paths)", dir)
 	case !st.IsDir():
 		return "", fmt.Errorf("%s is not a directory: move it away", dir)
 	case st.Mode().Perm() != mode:
 		if in.opts.DryRun {
 			return fmt.Sprintf("set %s to %04o (is %04o)", dir, mode, st.Mode().Perm()), nil
 		}
-		if err := os.Chmod(dir, mode); err != nil {
+		if err := in.fs.Chmod(dir, mode); err != nil {
 			return "", err
 		}
 		return fmt.Sprintf("%s mode %04o (was %04o)", dir, mode, st.Mode().Perm()), nil
@@ -357,38 +473,72 @@ func (in *installation) ensureDir(dir string, mode fs.FileMode) (string, error) 
 }
 
 // ensureFile writes data with mode when the file differs; it returns what
-// it did ("" for nothing).
+// it did ("" for nothing). A symlink or anything but a regular file at
+// path is refused, never followed.
 func (in *installation) ensureFile(path string, data []byte, mode fs.FileMode) (string, error) {
-	old, err := fsutil.ReadFileLimit(path, 64<<20)
-	st, statErr := os.Stat(path)
+	st, statErr := in.fs.Lstat(path)
 	switch {
-	case err == nil && bytes.Equal(old, data) && statErr == nil && st.Mode().Perm() == mode:
+	case errors.Is(statErr, fs.ErrNotExist):
+	case statErr != nil:
+		return "", statErr
+	case st.Mode()&fs.ModeSymlink != 0:
+		return "", fmt.Errorf("%s is a symbolic link: remove it (opsagent never follows a link at its fixed paths)", path)
+	case !st.Mode().IsRegular():
+		return "", fmt.Errorf("%s is not a regular file (%s): move it away", path, st.Mode().Type())
+	}
+	var old []byte
+	if statErr == nil {
+		var err error
+		if old, err = in.fs.ReadFile(path, 64<<20); err != nil {
+			return "", fmt.Errorf("%s: %w", path, unwrapPath(err))
+		}
+	}
+	switch {
+	case statErr == nil && bytes.Equal(old, data) && st.Mode().Perm() == mode:
 		return "", nil
-	case err == nil && bytes.Equal(old, data) && statErr == nil:
+	case statErr == nil && bytes.Equal(old, data):
 		if in.opts.DryRun {
 			return fmt.Sprintf("set %s to %04o", path, mode), nil
 		}
-		if err := os.Chmod(path, mode); err != nil {
+		if err := in.fs.Chmod(path, mode); err != nil {
 			return "", err
 		}
 		return fmt.Sprintf("%s mode %04o (was %04o)", path, mode, st.Mode().Perm()), nil
-	case err != nil && !errors.Is(err, fs.ErrNotExist):
-		return "", err
 	}
 	verb := "updated"
-	if errors.Is(err, fs.ErrNotExist) {
+	if statErr != nil {
 		verb = "created"
 	}
 	if in.opts.DryRun {
 		return fmt.Sprintf("%s %s", map[string]string{"updated": "update", "created": "create"}[verb], path), nil
 	}
-	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+	if err := in.fs.MkdirAll(filepath.Dir(path), 0o755); err != nil {
 		return "", err
 	}
-	if err := fsutil.WriteFileAtomic(path, data, mode); err != nil {
+	if err := in.fs.WriteFileAtomic(path, data, mode); err != nil {
 		return "", err
 	}
 	return verb + " " + path, nil
+}
+
+// chmodFile gives a regular file at path mode, on the file itself (a
+// symlink at path is refused); it returns what it did ("" for nothing).
+func (in *installation) chmodFile(path string, mode fs.FileMode) (string, error) {
+	st, err := in.fs.Lstat(path)
+	switch {
+	case err != nil:
+		return "", err
+	case !st.Mode().IsRegular():
+		return "", fmt.Errorf("%s is not a regular file (%s): remove it", path, st.Mode().Type())
+	case st.Mode().Perm() == mode:
+		return "", nil
+	}
+	if !in.opts.DryRun {
+		if err := in.fs.Chmod(path, mode); err != nil {
+			return "", err
+		}
+	}
+	return fmt.Sprintf("%s mode %04o (was %04o)", path, mode, st.Mode().Perm()), nil
 }
 
 // report adds a step's line: what changed, or that it was already right.
@@ -416,7 +566,7 @@ func (in *installation) stepConfig() {
 	path := in.layout.ConfigFile()
 	var changes []string
 	if in.opts.DryRun {
-		old, _ := fsutil.ReadFileLimit(path, config.MaxFileSize)
+		old, _ := in.fs.ReadFile(path, config.MaxFileSize)
 		data, err := in.cfg.Bytes()
 		if err != nil {
 			in.rep.add("config", Failed, "%v", err)
@@ -429,7 +579,7 @@ func (in *installation) stepConfig() {
 		return
 	}
 	if !in.existing {
-		if _, err := os.Stat(path); err == nil {
+		if _, err := in.fs.Lstat(path); err == nil {
 			changes = append(changes, "replaced "+path+", which did not load")
 		}
 	}
@@ -444,12 +594,13 @@ func (in *installation) stepConfig() {
 			changes = append(changes, "wrote "+path)
 		}
 	}
-	if st, err := os.Stat(path); err == nil && st.Mode().Perm() != config.FileMode {
-		if err := os.Chmod(path, config.FileMode); err != nil {
-			in.rep.add("config", Failed, "%v", err)
-			return
-		}
-		changes = append(changes, fmt.Sprintf("%s mode %04o (was %04o)", path, config.FileMode, st.Mode().Perm()))
+	what, err := in.chmodFile(path, config.FileMode)
+	if err != nil {
+		in.rep.add("config", Failed, "%v", err)
+		return
+	}
+	if what != "" {
+		changes = append(changes, what)
 	}
 	in.report("config", changes, path+" is current")
 }
@@ -475,13 +626,12 @@ func (in *installation) stepToken() {
 		in.tokenChanged = true
 		changes = append(changes, why)
 	case errors.Is(err, token.ErrTooOpen):
-		if !in.opts.DryRun {
-			if err := os.Chmod(p, token.Mode); err != nil {
-				in.rep.add("token", Failed, "%v", err)
-				return
-			}
+		what, err := in.chmodFile(p, token.Mode)
+		if err != nil {
+			in.rep.add("token", Failed, "%v", err)
+			return
 		}
-		changes = append(changes, fmt.Sprintf("%s mode %04o", p, token.Mode))
+		changes = append(changes, what)
 	case err != nil:
 		in.rep.add("token", Failed, "%v", err)
 		return
@@ -499,7 +649,7 @@ func (in *installation) stepBinary() {
 		in.report("binary", in.chmodOnly(dst), dst+" is kept (newer)")
 		return
 	}
-	if same(in.opts.Self, dst) {
+	if in.same(in.opts.Self, dst) {
 		in.report("binary", in.chmodOnly(dst), dst+" is this binary")
 		return
 	}
@@ -522,20 +672,44 @@ func (in *installation) stepBinary() {
 	in.report("binary", changes, dst+" is current")
 }
 
+// chmodOnly makes the kept binary 0755 (on the file itself, never
+// through a link).
 func (in *installation) chmodOnly(path string) []string {
-	st, err := os.Stat(path)
-	if err != nil || st.Mode().Perm() == 0o755 {
+	what, err := in.chmodFile(path, 0o755)
+	if err != nil {
+		in.rep.add("binary", Failed, "%v", err)
 		return nil
 	}
-	if !in.opts.DryRun {
-		_ = os.Chmod(path, 0o755)
+	if what == "" {
+		return nil
 	}
-	return []string{fmt.Sprintf("%s mode 0755", path)}
+	return []string{what}
 }
 
-// same reports whether a and b are the same file.
-func same(a, b string) bool {
+// same reports whether the running binary a is the installed b itself
+// (b not followed: a link there is never "the same").
+func (in *installation) same(a, b string) bool {
 	sa, err1 := os.Stat(a)
-	sb, err2 := os.Stat(b)
-	return err1 == nil && err2 == nil && os.SameFile(sa, sb)
+	sb, err2 := in.fs.Lstat(b)
+	if err1 != nil || err2 != nil || !sb.Mode().IsRegular() {
+		return false
+	}
+	return sameInode(sa, sb)
+}
+
+// sameInode compares the device and inode of two FileInfos, from package
+// os or from rootfs (whose Sys types differ, so os.SameFile cannot).
+func sameInode(a, b fs.FileInfo) bool {
+	devIno := func(fi fs.FileInfo) (uint64, uint64, bool) {
+		switch st := fi.Sys().(type) {
+		case *unix.Stat_t:
+			return st.Dev, st.Ino, true
+		case *syscall.Stat_t:
+			return st.Dev, st.Ino, true
+		}
+		return 0, 0, false
+	}
+	da, ia, oka := devIno(a)
+	db, ib, okb := devIno(b)
+	return oka && okb && da == db && ia == ib
 }

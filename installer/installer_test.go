@@ -51,6 +51,12 @@ func (r *rig) install(tweak func(*Options)) (*Result, error) {
 
 func (r *rig) layout() config.Layout { return config.NewLayout(r.root, "", nil) }
 
+// fakeBinary is a stand-in agent that answers `version --json` as
+// version v.
+func fakeBinary(v string) []byte {
+	return []byte("#!/bin/sh\nif [ \"$1 $2\" = 'version --json' ]; then echo '{\"version\":\"" + v + "\"}'; exit 0; fi\necho opsagent " + v + "\n")
+}
+
 func mode(t *testing.T, p string) fs.FileMode {
 	t.Helper()
 	st, err := os.Stat(p)
@@ -180,7 +186,7 @@ func TestReinstallKeepsANewerSelfUpdate(t *testing.T) {
 		t.Fatal(err)
 	}
 	l := r.layout()
-	v2 := []byte("#!/bin/sh\necho opsagent 2.0.0\n")
+	v2 := fakeBinary("2.0.0")
 	if err := os.WriteFile(l.Binary(), v2, 0o755); err != nil { // as the updater left it
 		t.Fatal(err)
 	}

@@ -42,20 +42,22 @@ type Sources struct {
 type param struct {
 	env, flag string
 	required  bool
-	field     func(*Params) *string
-	fromUD    func(userdata.Values) string
-	fromConf  func(*config.Config) string
+	// section and key: where install writes it in the config.
+	section, key string
+	field        func(*Params) *string
+	fromUD       func(userdata.Values) string
+	fromConf     func(*config.Config) string
 }
 
 var params = []param{
-	{"WS_URI", "--ws-uri", true, func(p *Params) *string { return &p.WSURI }, func(v userdata.Values) string { return v.WSURI }, func(c *config.Config) string { return c.Userdata.WSURI }},
-	{"APP_ID", "--app-id", true, func(p *Params) *string { return &p.AppID }, func(v userdata.Values) string { return v.AppID }, func(c *config.Config) string { return c.Userdata.AppID }},
-	{"VERSION", "--version", true, func(p *Params) *string { return &p.Version }, func(v userdata.Values) string { return v.Version }, func(c *config.Config) string { return c.Userdata.Version }},
-	{"BASE_REMOTE", "--base-remote", true, func(p *Params) *string { return &p.BaseRemote }, func(v userdata.Values) string { return v.BaseRemote }, func(c *config.Config) string { return c.Userdata.BaseRemote }},
-	{"PUBKEY", "--pubkey", false, func(p *Params) *string { return &p.PubKey }, func(v userdata.Values) string { return v.PubKey }, func(c *config.Config) string { return c.Userdata.PubKey }},
-	{"ENROLL_SECRET", "--enroll-secret", false, func(p *Params) *string { return &p.EnrollSecret }, func(v userdata.Values) string { return v.EnrollSecret }, func(c *config.Config) string { return c.Userdata.EnrollSecret }},
-	{"MOD_REPO", "--mod-repo", false, func(p *Params) *string { return &p.ModRepo }, func(v userdata.Values) string { return v.Vars["MOD_REPO"] }, func(c *config.Config) string { return c.Module.Repo }},
-	{"MOD_TAG", "--mod-tag", false, func(p *Params) *string { return &p.ModTag }, func(v userdata.Values) string { return v.Vars["MOD_TAG"] }, func(c *config.Config) string { return c.Module.Tag }},
+	{"WS_URI", "--ws-uri", true, "userdata", "ws_uri", func(p *Params) *string { return &p.WSURI }, func(v userdata.Values) string { return v.WSURI }, func(c *config.Config) string { return c.Userdata.WSURI }},
+	{"APP_ID", "--app-id", true, "userdata", "app_id", func(p *Params) *string { return &p.AppID }, func(v userdata.Values) string { return v.AppID }, func(c *config.Config) string { return c.Userdata.AppID }},
+	{"VERSION", "--version", true, "userdata", "version", func(p *Params) *string { return &p.Version }, func(v userdata.Values) string { return v.Version }, func(c *config.Config) string { return c.Userdata.Version }},
+	{"BASE_REMOTE", "--base-remote", true, "userdata", "base_remote", func(p *Params) *string { return &p.BaseRemote }, func(v userdata.Values) string { return v.BaseRemote }, func(c *config.Config) string { return c.Userdata.BaseRemote }},
+	{"PUBKEY", "--pubkey", false, "userdata", "pubkey", func(p *Params) *string { return &p.PubKey }, func(v userdata.Values) string { return v.PubKey }, func(c *config.Config) string { return c.Userdata.PubKey }},
+	{"ENROLL_SECRET", "--enroll-secret", false, "userdata", "enroll_secret", func(p *Params) *string { return &p.EnrollSecret }, func(v userdata.Values) string { return v.EnrollSecret }, func(c *config.Config) string { return c.Userdata.EnrollSecret }},
+	{"MOD_REPO", "--mod-repo", false, "module", "mod_repo", func(p *Params) *string { return &p.ModRepo }, func(v userdata.Values) string { return v.Vars["MOD_REPO"] }, func(c *config.Config) string { return c.Module.Repo }},
+	{"MOD_TAG", "--mod-tag", false, "module", "mod_tag", func(p *Params) *string { return &p.ModTag }, func(v userdata.Values) string { return v.Vars["MOD_TAG"] }, func(c *config.Config) string { return c.Module.Tag }},
 }
 
 // ErrMissingParams is wrapped by Resolve's error when required parameters

@@ -3,8 +3,6 @@ package installer
 import (
 	"fmt"
 	"io"
-	"os"
-	"path/filepath"
 	"strings"
 	"sync"
 	"time"
@@ -37,9 +35,11 @@ type reporter struct {
 	mu       sync.Mutex
 	out      io.Writer
 	terminal bool
-	logFile  string // "" when nothing may be written (--dry-run)
-	now      func() time.Time
-	lines    []Line
+	// logTo appends a line to bootstrap.log; nil when nothing may be
+	// written (--dry-run, or the caller logs the output already).
+	logTo func(line string)
+	now   func() time.Time
+	lines []Line
 }
 
 // add records and prints one step's line. Details carry text from
@@ -89,18 +89,9 @@ func (r *reporter) note(msg string) {
 }
 
 func (r *reporter) log(line string) {
-	if r.logFile == "" {
-		return
+	if r.logTo != nil {
+		r.logTo("opsagent install: " + strings.TrimSpace(line))
 	}
-	if err := os.MkdirAll(filepath.Dir(r.logFile), 0o750); err != nil {
-		return
-	}
-	f, err := os.OpenFile(r.logFile, os.O_APPEND|os.O_CREATE|os.O_WRONLY, 0o640)
-	if err != nil {
-		return
-	}
-	defer f.Close()
-	fmt.Fprintln(f, "opsagent install: "+strings.TrimSpace(line))
 }
 
 // count reports how many steps had each outcome.

@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"time"
@@ -19,14 +20,6 @@ import (
 	saltbootstrap "github.com/visualops/opsagent/salt-bootstrap"
 	"github.com/visualops/opsagent/virtualenv"
 )
-
-// systemdRuns reports whether systemd is the running init of the root:
-// /run/systemd/system exists (as sd_booted checks). Below a temporary root
-// it never does.
-func systemdRuns(l config.Layout) bool {
-	st, err := os.Stat(l.SystemdRunDir())
-	return err == nil && st.IsDir()
-}
 
 // cronRuns reports whether a cron daemon runs on this host (and so reads
 // /etc/cron.d). Below a temporary root the host's cron reads nothing of
@@ -141,7 +134,7 @@ func (in *installation) stepService(ctx context.Context) {
 		{l.CronScript(), service.RenderWatchdog(l), 0o755},
 		{l.CronEntry(), service.RenderCronEntry(l), 0o644},
 	}
-	systemd := systemdRuns(l)
+	systemd := service.Systemd(l)
 	if systemd {
 		files = append(files, struct {
 			path string
@@ -162,7 +155,8 @@ func (in *installation) stepService(ctx context.Context) {
 		}
 	}
 	if systemd && !in.opts.DryRun {
-		if unitChanged {
+		// daemon-reload talks to the running systemd: the host's only.
+		if unitChanged && in.host() {
 			if err := in.systemctl(ctx, "daemon-reload"); err != nil {
 				in.rep.add("service", Failed, "%v", err)
 				return
@@ -173,7 +167,11 @@ func (in *installation) stepService(ctx context.Context) {
 				in.rep.add("service", Failed, "%v", err)
 				return
 			}
-			changes = append(changes, "enabled opsagent.service")
+			what := "enabled opsagent.service"
+			if !in.host() {
+				what += " with systemctl --root=" + l.Root().Dir() + " (the host's systemd is not told)"
+			}
+			changes = append(changes, what)
 		}
 	}
 	how := "the cron watchdog"
@@ -183,23 +181,40 @@ func (in *installation) stepService(ctx context.Context) {
 	in.report("service", changes, how+" in place")
 }
 
+// systemctlRoot is the root systemctl acts on: "" (the host's running
+// systemd) or, below another root, that root (offline verbs only).
+func (in *installation) systemctlRoot() string {
+	if in.host() {
+		return ""
+	}
+	return in.layout.Root().Dir()
+}
+
+// systemctl runs systemctl for this root (service.Systemctl says how, and
+// refuses what must not run below a root other than the host's).
 func (in *installation) systemctl(ctx context.Context, args ...string) error {
-	res, err := in.opts.Runner.Run(ctx, proc.Cmd{Path: "systemctl", Args: args, Timeout: 2 * time.Minute})
+	argv, err := service.Systemctl(in.systemctlRoot(), args...)
+	if err != nil {
+		return err
+	}
+	res, err := in.opts.Runner.Run(ctx, proc.Cmd{Path: argv[0], Args: argv[1:], Timeout: 2 * time.Minute})
 	if err == nil && res.ExitCode != 0 {
 		err = fmt.Errorf("exit code %d: %s", res.ExitCode, lastLine(res.Output))
 	}
 	if err != nil {
-		return fmt.Errorf("systemctl %s: %w", strings.Join(args, " "), err)
+		return fmt.Errorf("%s: %w", strings.Join(argv, " "), err)
 	}
 	return nil
 }
 
 // stepStart makes sure the agent runs with what was installed: started
 // when it does not run, restarted after a new binary, told to reload after
-// a new config or token. It returns the agent's pid when known.
+// a new config or token. It returns the agent's pid when known. Below a
+// root other than the host's it starts nothing unless --start, and then
+// never through systemd (the one that runs is the host's).
 func (in *installation) stepStart(ctx context.Context) int {
 	l := in.layout
-	if !l.Root().IsHost() && !in.opts.Start {
+	if !in.host() && !in.opts.Start {
 		in.rep.add("start", Skipped, "not started below a root other than / (pass --start to start it)")
 		return 0
 	}
@@ -219,7 +234,11 @@ func (in *installation) stepStart(ctx context.Context) int {
 		}
 		return pid
 	}
-	if systemdRuns(l) {
+	if running && pid == 0 && (restart || reload) {
+		in.rep.add("start", Failed, "an agent holds %s, but the pid in it is not that process: stop it by hand and run the install again", l.LockFile())
+		return 0
+	}
+	if service.Systemd(l) && in.host() {
 		verb := ""
 		switch {
 		case running && (restart || reload):
@@ -235,9 +254,14 @@ func (in *installation) stepStart(ctx context.Context) int {
 			in.rep.add("start", Failed, "%v (see journalctl -u opsagent)", err)
 			return 0
 		}
-		pid = in.waitRunning(pid)
-		in.rep.add("start", Changed, "systemctl %s opsagent.service: running as pid %d", verb, pid)
-		return pid
+		newPID, ok := in.waitRunning(pid)
+		if !ok {
+			in.rep.add("start", Failed, "systemctl %s opsagent.service returned, but no new agent holds %s after %v (see journalctl -u opsagent and %s)",
+				verb, l.LockFile(), in.opts.StartTimeout, l.LogFile())
+			return 0
+		}
+		in.rep.add("start", Changed, "systemctl %s opsagent.service: running as pid %d", verb, newPID)
+		return newPID
 	}
 	switch {
 	case running && restart:
@@ -252,6 +276,9 @@ func (in *installation) stepStart(ctx context.Context) int {
 		}
 		in.rep.add("start", Changed, "the agent (pid %d) reloads its config", pid)
 		return pid
+	case running && pid == 0:
+		in.rep.add("start", Unchanged, "an agent runs (the pid in %s is not that process)", l.LockFile())
+		return 0
 	case running:
 		in.rep.add("start", Unchanged, "the agent runs as pid %d", pid)
 		return pid
@@ -262,7 +289,10 @@ func (in *installation) stepStart(ctx context.Context) int {
 		return 0
 	}
 	who := "the cron watchdog keeps it running"
-	if !cronRuns(l) {
+	switch {
+	case !in.host():
+		who = "started directly below --root " + l.Root().Dir() + ", not through the host's systemd or cron"
+	case !cronRuns(l):
 		who = "no systemd and no cron daemon here: nothing restarts it if it stops (run opsagent under a supervisor)"
 	}
 	in.rep.add("start", Changed, "started the agent as pid %d (%s)", newPID, who)
@@ -274,7 +304,7 @@ func (in *installation) stepStart(ctx context.Context) int {
 // failure to start prints here), and waits until it holds its lock.
 func (in *installation) startDetached() (int, error) {
 	l := in.layout
-	logf, err := os.OpenFile(l.BootstrapLog(), os.O_APPEND|os.O_CREATE|os.O_WRONLY, 0o640)
+	logf, err := in.fs.AppendLog(l.BootstrapLog())
 	if err != nil {
 		return 0, fmt.Errorf("start the agent: %w", err)
 	}
@@ -286,15 +316,18 @@ func (in *installation) startDetached() (int, error) {
 	defer devnull.Close()
 	cmd := exec.Command(l.Binary(), service.RunArgs(l)...)
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = devnull, logf, logf
+	// The agent reads the secret from the config: it need not carry it
+	// in its environment for its whole life.
+	cmd.Env = slices.DeleteFunc(os.Environ(), func(kv string) bool { return strings.HasPrefix(kv, "ENROLL_SECRET=") })
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
 	if err := cmd.Start(); err != nil {
 		return 0, fmt.Errorf("start %s: %w", l.Binary(), err)
 	}
 	exited := make(chan error, 1)
 	go func() { exited <- cmd.Wait() }()
-	deadline := time.After(15 * time.Second)
+	deadline := time.After(in.opts.StartTimeout)
 	for {
-		if pid, held, _ := fsutil.HolderPID(l.LockFile()); held {
+		if pid, held, _ := fsutil.HolderPID(l.LockFile()); held && pid > 0 {
 			return pid, nil
 		}
 		select {
@@ -307,17 +340,20 @@ func (in *installation) startDetached() (int, error) {
 	}
 }
 
-// waitRunning returns the agent's pid once it holds its lock (up to 15 s),
-// else the pid it had.
-func (in *installation) waitRunning(old int) int {
-	deadline := time.Now().Add(15 * time.Second)
-	for time.Now().Before(deadline) {
-		if pid, held, _ := fsutil.HolderPID(in.layout.LockFile()); held && pid != old {
-			return pid
+// waitRunning waits (up to StartTimeout) until an agent other than old
+// holds the lock, and returns its pid; ok is false when none did. A
+// start that leaves no agent running is a failure, never "pid 0".
+func (in *installation) waitRunning(old int) (pid int, ok bool) {
+	deadline := time.Now().Add(in.opts.StartTimeout)
+	for {
+		if pid, held, _ := fsutil.HolderPID(in.layout.LockFile()); held && pid > 0 && pid != old {
+			return pid, true
+		}
+		if !time.Now().Before(deadline) {
+			return 0, false
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
-	return old
 }
 
 // stopPID sends SIGTERM to pid and waits until it is gone, SIGKILL after

@@ -7,7 +7,6 @@ import (
 	"io"
 	"io/fs"
 	"log/slog"
-	"os"
 	"time"
 
 	"github.com/visualops/opsagent/internal/config"
@@ -26,6 +25,8 @@ type UninstallOptions struct {
 	Terminal bool
 	Runner   proc.Runner
 	Logger   *slog.Logger
+
+	treatAsHost bool // see Options.treatAsHost
 }
 
 // Uninstall stops the agent and removes the unit, the cron entry, the
@@ -42,32 +43,34 @@ func Uninstall(ctx context.Context, o UninstallOptions) error {
 	if o.Runner == nil {
 		o.Runner = proc.New()
 	}
-	l := config.NewLayout(o.Root, o.ConfigFile, loadExisting(o.ConfigFile))
-	in := &installation{opts: Options{Root: o.Root, Runner: o.Runner, Logger: o.Logger}, layout: l}
-	logFile := l.BootstrapLog()
-	if o.Purge {
-		logFile = ""
+	fsys, err := openFiles(o.Root, false)
+	if err != nil {
+		return err
 	}
-	in.rep = &reporter{out: o.Out, terminal: o.Terminal, logFile: logFile, now: time.Now}
+	defer fsys.Close()
+	in := &installation{opts: Options{Root: o.Root, ConfigFile: o.ConfigFile, Runner: o.Runner, Logger: o.Logger, treatAsHost: o.treatAsHost}, fs: fsys}
+	in.layout = config.NewLayout(o.Root, o.ConfigFile, in.loadExisting())
+	l := in.layout
+	in.rep = &reporter{out: o.Out, terminal: o.Terminal, now: time.Now}
+	if !o.Purge {
+		in.rep.logTo = in.appendBootstrapLog
+	}
 
 	// The watchdog restarts a stopped agent: its cron entry goes first,
-	// then any pass in progress, then the agent.
+	// then any pass in progress, then the agent. Everything is removed
+	// inside the root and no link is followed: a link is removed itself.
 	var removed []string
 	remove := func(path string, all bool) {
+		if _, err := in.fs.Lstat(path); errors.Is(err, fs.ErrNotExist) {
+			return
+		}
 		var err error
 		if all {
-			_, statErr := os.Lstat(path)
-			if errors.Is(statErr, fs.ErrNotExist) {
-				return
-			}
-			err = os.RemoveAll(path)
+			err = in.fs.RemoveAll(path)
 		} else {
-			err = os.Remove(path)
-			if errors.Is(err, fs.ErrNotExist) {
-				return
-			}
+			err = in.fs.Remove(path)
 		}
-		if err != nil {
+		if err != nil && !errors.Is(err, fs.ErrNotExist) {
 			in.rep.add("remove", Failed, "%v", err)
 			return
 		}
@@ -81,7 +84,7 @@ func Uninstall(ctx context.Context, o UninstallOptions) error {
 	remove(l.UnitFile(), false)
 	remove(l.StateDir(), true)
 	remove(l.OptDir(), true)
-	if systemdRuns(l) {
+	if service.Systemd(l) && in.host() {
 		_ = in.systemctl(ctx, "daemon-reload")
 	}
 	if o.Purge {
@@ -107,22 +110,36 @@ func Uninstall(ctx context.Context, o UninstallOptions) error {
 }
 
 // stopAgent stops the service (systemd: disable --now) or the process
-// holding the lock.
+// holding the lock. Below a root other than the host's the unit is only
+// disabled there (systemctl --root): the host's systemd stops nothing,
+// and an agent started there with --start is stopped by its lock.
 func (in *installation) stopAgent(ctx context.Context) {
 	l := in.layout
-	if systemdRuns(l) {
-		if _, err := os.Stat(l.UnitFile()); err == nil {
-			if err := in.systemctl(ctx, "disable", "--now", service.UnitName); err != nil {
-				in.rep.add("stop", Failed, "%v", err)
+	if service.Systemd(l) {
+		if _, err := in.fs.Lstat(l.UnitFile()); err == nil {
+			if !in.host() {
+				if err := in.systemctl(ctx, "disable", service.UnitName); err != nil {
+					in.rep.add("stop", Failed, "%v", err)
+					return
+				}
+				in.rep.add("stop", Changed, "disabled opsagent.service with systemctl --root=%s (the host's systemd was not asked to stop anything)", l.Root().Dir())
+			} else {
+				if err := in.systemctl(ctx, "disable", "--now", service.UnitName); err != nil {
+					in.rep.add("stop", Failed, "%v", err)
+					return
+				}
+				in.rep.add("stop", Changed, "stopped and disabled opsagent.service")
 				return
 			}
-			in.rep.add("stop", Changed, "stopped and disabled opsagent.service")
-			return
 		}
 	}
 	pid, running, _ := fsutil.HolderPID(l.LockFile())
 	if !running {
 		in.rep.add("stop", Unchanged, "the agent is not running")
+		return
+	}
+	if pid == 0 {
+		in.rep.add("stop", Failed, "an agent holds %s, but the pid in it is not that process: stop it by hand", l.LockFile())
 		return
 	}
 	if err := stopPID(pid, 15*time.Second); err != nil {

@@ -10,6 +10,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/visualops/opsagent/internal/config"
 	"github.com/visualops/opsagent/internal/dist"
 	"github.com/visualops/opsagent/internal/fsutil"
 	"github.com/visualops/opsagent/internal/userdata"
@@ -28,14 +29,25 @@ type UserdataOptions struct {
 
 var hexSHA256 = regexp.MustCompile(`^[0-9a-f]{64}$`)
 
-// Userdata renders the bootstrap script for an app.
+// Userdata renders the bootstrap script for an app. It first builds the
+// config that `opsagent install` would write from the same values, and
+// checks it as install does (checkConfig): a script whose install would
+// refuse a value (a line break, a malformed key, a bad --set) is never
+// rendered.
 func Userdata(ctx context.Context, o UserdataOptions) ([]byte, error) {
 	p := o.Params
-	if _, err := ParseSets(o.Sets); err != nil {
+	sets, err := ParseSets(o.Sets)
+	if err != nil {
+		return nil, err
+	}
+	c := config.New(config.DefaultPath)
+	if err := applier(p, sets, "")(c); err != nil {
+		return nil, err
+	}
+	if err := checkConfig(c); err != nil {
 		return nil, err
 	}
 	sum := strings.ToLower(strings.TrimSpace(o.SHA256))
-	var err error
 	switch {
 	case sum != "":
 	case o.Dist != "":

@@ -7,7 +7,6 @@ import (
 	"encoding/json"
 	"errors"
 	"io"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -23,6 +22,7 @@ import (
 
 	"github.com/visualops/opsagent/internal/archive"
 	"github.com/visualops/opsagent/internal/dist"
+	versitygwserver "github.com/visualops/opsagent/internal/testutil/versitygw"
 )
 
 const testEpoch = 1767225600 // 2026-01-01
@@ -307,44 +307,10 @@ func TestBuildRefusals(t *testing.T) {
 	}
 }
 
-// versitygw runs a real S3-protocol server (posix backend, SigV4) when the
-// Makefile built it (OPSAGENT_VERSITYGW).
+// versitygw runs a real S3-protocol server (see package versitygw).
 func versitygw(t *testing.T) (endpoint string, creds *credentials.Credentials, dir string) {
 	t.Helper()
-	bin := os.Getenv("OPSAGENT_VERSITYGW")
-	if bin == "" {
-		t.Skip("OPSAGENT_VERSITYGW not set (make test builds versitygw and sets it)")
-	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := ln.Addr().String()
-	ln.Close()
-	dir = t.TempDir()
-	cmd := exec.Command(bin, "--access", "testkey", "--secret", "testsecret123", "--port", addr, "posix", dir)
-	var out bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &out, &out
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		cmd.Process.Kill()
-		cmd.Wait()
-		if t.Failed() {
-			t.Logf("versitygw output:\n%s", out.String())
-		}
-	})
-	for deadline := time.Now().Add(20 * time.Second); ; time.Sleep(50 * time.Millisecond) {
-		if c, err := net.Dial("tcp", addr); err == nil {
-			c.Close()
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("versitygw did not listen on %s", addr)
-		}
-	}
-	return "http://" + addr, credentials.NewStaticV4("testkey", "testsecret123", ""), dir
+	return versitygwserver.Start(t)
 }
 
 func TestPublishToS3(t *testing.T) {

@@ -96,16 +96,28 @@ func (e *Executor) cmd(ctx context.Context, s *stateRun) (state.Result, error) {
 	if err != nil {
 		return state.Failed(fmt.Sprintf("%s not run: cannot create cwd %s: %v", label, cwd, err)), nil
 	}
-	res, err := e.opts.Runner.Run(ctx, proc.Cmd{
+	pc := proc.Cmd{
 		Path:        shell,
 		Args:        []string{"-c", command},
-		Dir:         dir,
+		Dir:         fsys.HostPath(dir),
 		Env:         append(os.Environ(), env...),
 		Credential:  cred,
 		OutputLimit: e.opts.OutputLimit,
 		KillGrace:   e.opts.KillGrace,
 		Timeout:     time.Duration(timeout) * time.Second,
-	})
+	}
+	// Below a root that holds a system (its own shell), the command runs
+	// chrooted into it, as every other tool of the system does: its
+	// paths are the instance's. A bare root (a test's temporary
+	// directory) has no shell: the command then runs on the machine in
+	// the cwd taken inside the root, as before.
+	if s.sys.Chrooted() && s.sys.HasTool(shell) {
+		pc.Chroot, pc.Dir = fsys.Dir(), dir
+		if pc.Path, err = s.sys.LookTool(shell); err != nil {
+			return state.Result{}, err
+		}
+	}
+	res, err := e.opts.Runner.Run(ctx, pc)
 	out := state.Result{Stdout: res.Output}
 	switch {
 	case errors.Is(err, proc.ErrTimeout):
@@ -128,10 +140,10 @@ func (e *Executor) cmd(ctx context.Context, s *stateRun) (state.Result, error) {
 }
 
 // prepareCwd creates the command's working directory inside the root and
-// returns it as a host path with every symlink already resolved inside
-// the root: the child process changes into it by name, and the host's own
-// resolution of the unresolved text could follow a planted link out of
-// the root. With a user, the directory is given to that user, who must be
+// returns it as an instance path with every symlink already resolved
+// inside the root: the child process changes into it by name, and the
+// host's own resolution of the unresolved text could follow a planted link
+// out of the root. With a user, the directory is given to that user, who must be
 // able to enter it.
 func prepareCwd(fsys *rootfs.FS, cwd string, cred *syscall.Credential) (string, error) {
 	if err := fsys.MkdirAll(cwd, 0o755, nil); err != nil {
@@ -144,7 +156,7 @@ func prepareCwd(fsys *rootfs.FS, cwd string, cred *syscall.Credential) (string, 
 	if cred != nil {
 		_ = fsys.Chown(real, int(cred.Uid), int(cred.Gid), false) // as before: best effort
 	}
-	return fsys.HostPath(real), nil
+	return real, nil
 }
 
 // maxLabelCommand bounds the command quoted in a comment, so that the

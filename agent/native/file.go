@@ -5,9 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"io/fs"
-	"net/http"
 	"net/url"
 	"path"
 
@@ -188,30 +186,27 @@ func (e *Executor) content(ctx context.Context, p params) ([]byte, bool, error) 
 
 // download fetches remote_uri (http or https).
 func (e *Executor) download(ctx context.Context, uri string) ([]byte, error) {
+	return e.fetchBytes(ctx, "remote_uri", uri)
+}
+
+// fetchBytes downloads the http or https URL given by parameter param
+// into memory, at most MaxDownload bytes, within the HTTP client's
+// timeout (a small file: a stalled server must not hold the round).
+func (e *Executor) fetchBytes(ctx context.Context, param, uri string) ([]byte, error) {
 	u, err := url.Parse(uri)
 	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
-		return nil, &badParam{"remote_uri", fmt.Sprintf("must be an http or https URL, got %q", uri)}
+		return nil, &badParam{param, fmt.Sprintf("must be an http or https URL, got %q", uri)}
 	}
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, uri, nil)
-	if err != nil {
-		return nil, &badParam{"remote_uri", err.Error()}
+	if t := e.opts.HTTPClient.Timeout; t > 0 {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, t)
+		defer cancel()
 	}
-	resp, err := e.opts.HTTPClient.Do(req)
-	if err != nil {
-		return nil, fmt.Errorf("cannot download remote_uri %s: %w", uri, err)
+	var buf bytes.Buffer
+	if err := e.fetch(ctx, uri, &buf, e.opts.MaxDownload); err != nil {
+		return nil, fmt.Errorf("cannot download %s: %w", param, err)
 	}
-	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		return nil, fmt.Errorf("cannot download remote_uri %s: HTTP %s", uri, resp.Status)
-	}
-	data, err := io.ReadAll(io.LimitReader(resp.Body, e.opts.MaxDownload+1))
-	if err != nil {
-		return nil, fmt.Errorf("cannot download remote_uri %s: %w", uri, err)
-	}
-	if int64(len(data)) > e.opts.MaxDownload {
-		return nil, fmt.Errorf("remote_uri %s is larger than %d bytes", uri, e.opts.MaxDownload)
-	}
-	return data, nil
+	return buf.Bytes(), nil
 }
 
 // parentDir is the directory holding an instance path.

@@ -20,6 +20,7 @@ import (
 	"time"
 
 	"github.com/visualops/opsagent/agent/state"
+	"github.com/visualops/opsagent/internal/config"
 	"github.com/visualops/opsagent/internal/fsutil"
 	"github.com/visualops/opsagent/internal/proc"
 	"github.com/visualops/opsagent/internal/rootfs"
@@ -40,6 +41,19 @@ type Options struct {
 	// users, services); nil builds one. The agent shares its own, so
 	// that status shows what the modules use.
 	System *system.Host
+	// WatchDir is the host directory of the watched files' checksums
+	// ([global] watch, config.Layout.WatchDir); default the configuration
+	// default below Root.
+	WatchDir string
+	// PPA is where linux.apt.ppa looks a PPA's signing key up; the zero
+	// value is Launchpad's API and Ubuntu's keyserver (tests: loopback).
+	PPA PPAEndpoints
+	// StateDir is the agent's state directory (a host path, [global]
+	// conf_path): common.archive keeps what it extracted there. Default:
+	// the default conf_path below Root.
+	StateDir string
+	// S3 is how common.archive reads s3:// sources.
+	S3 S3Options
 }
 
 // Executor runs the native modules.
@@ -50,6 +64,9 @@ type Executor struct {
 	// rootOpts opens the root for each state; tests set Legacy to cover
 	// the resolver of kernels without openat2.
 	rootOpts rootfs.Options
+	// svnLocal remembers what svn info said of working copies.
+	svnLocal svnInfoCache
+	lang     langCache // what pip, npm and gem said of their layout (langpkg.go)
 }
 
 // New returns an Executor.
@@ -69,6 +86,13 @@ func New(opts Options) *Executor {
 	if opts.MaxDownload <= 0 {
 		opts.MaxDownload = 256 << 20
 	}
+	if opts.WatchDir == "" {
+		opts.WatchDir = config.NewLayout(opts.Root, "", nil).WatchDir()
+	}
+	if opts.StateDir == "" {
+		opts.StateDir = config.NewLayout(opts.Root, "", nil).StateDir()
+	}
+	opts.S3 = opts.S3.withDefaults()
 	log := opts.Logger
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
@@ -126,10 +150,48 @@ func unchanged(comment string) state.Result {
 
 func (e *Executor) modules() map[string]module {
 	return map[string]module{
-		"linux.cmd":     e.cmd,
-		"linux.file":    e.file,
-		"linux.dir":     e.dir,
-		"linux.symlink": e.symlink,
+		"linux.cmd":            e.cmd,
+		"linux.file":           e.file,
+		"linux.dir":            e.dir,
+		"linux.symlink":        e.symlink,
+		"linux.user":           e.user,
+		"linux.group":          e.group,
+		"linux.cronjob":        e.cronjob,
+		"common.timezone":      e.timezone,
+		"linux.service":        e.service,
+		"linux.apt.package":    e.aptPackage,
+		"linux.yum.package":    e.yumPackage,
+		"linux.apt.repo":       e.aptRepo,
+		"linux.apt.ppa":        e.aptPPA,
+		"linux.yum.repo":       e.yumRepo,
+		"linux.rpm.key":        e.rpmKey,
+		"common.git":           e.gitRepo,
+		"common.archive":       e.archiveState,
+		"common.hg":            e.hgRepo,
+		"common.svn":           e.svnRepo,
+		"common.pip.package":   e.pipPackage,
+		"common.virtualenv":    e.virtualenv,
+		"common.npm.package":   e.npmPackage,
+		"common.gem.package":   e.gemPackage,
+		"linux.docker.running": e.dockerRunning,
+		"linux.docker.deploy":  e.dockerDeploy,
+		"linux.docker.pulled":  e.dockerPulled,
+		"linux.docker.built":   e.dockerBuilt,
+		"linux.docker.pushed":  e.dockerPushed,
+		"linux.mkfs":           e.mkfs,
+		"linux.mount":          e.mount,
+		"linux.lvm.pv":         e.lvmPV,
+		"linux.lvm.vg":         e.lvmVG,
+		"linux.lvm.lv":         e.lvmLV,
+		"linux.raid":           e.raid,
+		"linux.supervisord":    e.supervisord,
+		"linux.puppet.apply":   e.puppetApply,
+		"linux.puppet.agent":   e.puppetAgent,
+		"linux.puppet.run":     e.puppetRunOnce,
+		"linux.chef.client":    e.chefClient,
+		"linux.chef.solo":      e.chefSolo,
+		"linux.mesos.master":   e.refuse("linux.mesos.master"),
+		"linux.mesos.slave":    e.refuse("linux.mesos.slave"),
 	}
 }
 

@@ -54,15 +54,16 @@ func mustFail(t *testing.T, r state.Result, comment string) {
 
 func TestSupports(t *testing.T) {
 	e, _ := newExec(t)
-	for _, m := range []string{"linux.cmd", "linux.file", "linux.dir", "linux.symlink"} {
+	for _, m := range []string{"linux.cmd", "linux.file", "linux.dir", "linux.symlink",
+		"linux.apt.package", "linux.yum.package", "linux.apt.repo", "linux.apt.ppa", "linux.yum.repo", "linux.rpm.key"} {
 		if !e.Supports(m) {
 			t.Errorf("%s not supported", m)
 		}
 	}
-	if e.Supports("linux.apt.package") {
-		t.Error("apt claimed")
+	if e.Supports("linux.no.such") {
+		t.Error("an unknown module claimed")
 	}
-	mustFail(t, run(t, e, "linux.apt.package", `{}`), "not implemented natively")
+	mustFail(t, run(t, e, "linux.no.such", `{}`), "not implemented natively")
 }
 
 func TestCmd(t *testing.T) {

@@ -115,6 +115,93 @@ func (p params) list(name string) ([]string, error) {
 	return out, nil
 }
 
+// pair is one entry of a dict parameter: a key and its value ("" when
+// none was given).
+type pair struct{ key, value string }
+
+// pairs reads a dict parameter the way the IDE sends it: a list of
+// {"key": …, "value": …} objects (the value optional, a string, a number
+// or a boolean), plain strings (a key without a value), or a JSON object.
+// Keys are trimmed; entries with an empty key are skipped, as the 2014
+// adaptor did.
+func (p params) pairs(name string) ([]pair, error) {
+	v, ok := p[name]
+	if !ok || string(v) == "null" {
+		return nil, nil
+	}
+	scalar := func(raw json.RawMessage) (string, bool) {
+		if len(raw) == 0 || string(raw) == "null" {
+			return "", true
+		}
+		var s string
+		if json.Unmarshal(raw, &s) == nil {
+			return s, true
+		}
+		var n json.Number
+		if json.Unmarshal(raw, &n) == nil {
+			return n.String(), true
+		}
+		var b bool
+		if json.Unmarshal(raw, &b) == nil {
+			return strconv.FormatBool(b), true
+		}
+		return "", false
+	}
+	if s, ok := scalar(v); ok {
+		if strings.TrimSpace(s) == "" {
+			return nil, nil
+		}
+		return []pair{{key: s}}, nil
+	}
+	var obj map[string]json.RawMessage
+	if json.Unmarshal(v, &obj) == nil {
+		keys := make([]string, 0, len(obj))
+		for k := range obj {
+			keys = append(keys, k)
+		}
+		sort.Strings(keys)
+		var out []pair
+		for _, k := range keys {
+			val, ok := scalar(obj[k])
+			if !ok {
+				return nil, &badParam{name + "." + k, "must be a string, got " + kindOf(obj[k])}
+			}
+			if k = strings.TrimSpace(k); k != "" {
+				out = append(out, pair{k, val})
+			}
+		}
+		return out, nil
+	}
+	var items []json.RawMessage
+	if json.Unmarshal(v, &items) != nil {
+		return nil, &badParam{name, "must be a list of {key, value} entries, got " + kindOf(v)}
+	}
+	var out []pair
+	for i, it := range items {
+		if s, ok := scalar(it); ok {
+			if s != "" {
+				out = append(out, pair{key: s})
+			}
+			continue
+		}
+		var kv struct {
+			Key   *string         `json:"key"`
+			Value json.RawMessage `json:"value"`
+		}
+		if json.Unmarshal(it, &kv) != nil || kv.Key == nil {
+			return nil, &badParam{fmt.Sprintf("%s[%d]", name, i), "must be a {key, value} entry, got " + kindOf(it)}
+		}
+		val, ok := scalar(kv.Value)
+		if !ok {
+			return nil, &badParam{fmt.Sprintf("%s[%d].value", name, i), "must be a string, got " + kindOf(kv.Value)}
+		}
+		if k := strings.TrimSpace(*kv.Key); k != "" {
+			out = append(out, pair{k, val})
+		}
+	}
+	return out, nil
+}
+
 // boolean reads true/false, also "true", "yes", "1".
 func (p params) boolean(name string, def bool) (bool, error) {
 	v, ok := p[name]

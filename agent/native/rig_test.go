@@ -66,7 +66,7 @@ type debianRig struct {
 	runs *recordingRunner
 }
 
-func newDebianRig(t *testing.T) *debianRig {
+func newDebianRig(t testing.TB) *debianRig {
 	t.Helper()
 	root := debroot.New(t)
 	r, err := fsutil.NewRoot(root)
@@ -78,7 +78,7 @@ func newDebianRig(t *testing.T) *debianRig {
 }
 
 // apply runs one state (check mode when test).
-func (r *debianRig) apply(t *testing.T, module, param string, test bool) state.Result {
+func (r *debianRig) apply(t testing.TB, module, param string, test bool) state.Result {
 	t.Helper()
 	if !json.Valid([]byte(param)) {
 		t.Fatalf("bad test parameter %s", param)

@@ -12,6 +12,7 @@ import (
 
 	"github.com/visualops/opsagent/agent/rounds"
 	"github.com/visualops/opsagent/internal/fsutil"
+	"github.com/visualops/opsagent/internal/system"
 )
 
 // MaxSize bounds what Read accepts; a status is a few KiB.
@@ -42,6 +43,7 @@ type Snapshot struct {
 	AgentVersion string        `json:"agent_version"`
 	InstanceID   string        `json:"instance_id"`
 	AppID        string        `json:"app_id"`
+	System       *system.Info  `json:"system,omitempty"` // distribution, package manager, init system
 	StartedAt    time.Time     `json:"started_at"`
 	UpdatedAt    time.Time     `json:"updated_at"`
 	Connection   Connection    `json:"connection"`

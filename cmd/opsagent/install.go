@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 
@@ -59,6 +60,9 @@ func installCommand() *cli.Command {
 			p, err := placementOf(cmd)
 			if err != nil {
 				return err
+			}
+			if cmd.IsSet("enroll-secret") {
+				fmt.Fprintln(cmd.Root().ErrWriter, "opsagent: warning: --enroll-secret on the command line is visible to every local user in ps; pass it as ENROLL_SECRET in the environment")
 			}
 			self, err := os.Executable()
 			if err == nil {

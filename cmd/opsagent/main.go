@@ -17,6 +17,7 @@ import (
 
 	"github.com/visualops/opsagent/internal/config"
 	"github.com/visualops/opsagent/internal/fsutil"
+	"github.com/visualops/opsagent/internal/proc"
 	"github.com/visualops/opsagent/internal/textcut"
 )
 
@@ -36,6 +37,7 @@ type streams struct {
 }
 
 func main() {
+	proc.PassSIGHUPToChildren() // the reload of the daemons it starts
 	os.Exit(run(context.Background(), os.Args, streams{os.Stdin, os.Stdout, os.Stderr}))
 }
 
@@ -89,7 +91,7 @@ func newApp(s streams) *cli.Command {
 		},
 		Action: func(ctx context.Context, cmd *cli.Command) error {
 			if cmd.Args().Present() {
-				return usageErrorf("unknown command %q; run 'opsagent help' for the list of commands", cmd.Args().First())
+				return unknownCommand(cmd.Args().First())
 			}
 			return cli.ShowRootCommandHelp(cmd)
 		},
@@ -114,14 +116,27 @@ func newApp(s streams) *cli.Command {
 // setUsageHandlers makes flag errors of every (sub)command usage errors.
 func setUsageHandlers(cmd *cli.Command) {
 	if cmd.OnUsageError == nil {
-		name := cmd.Name
-		cmd.OnUsageError = func(_ context.Context, _ *cli.Command, err error, _ bool) error {
-			return &usageError{fmt.Errorf("%s: %w (see 'opsagent %s --help')", name, err, name)}
+		cmd.OnUsageError = func(_ context.Context, c *cli.Command, err error, _ bool) error {
+			if c.Root() != c {
+				path := strings.Join(c.Path()[1:], " ") // "release build", not "build"
+				return &usageError{fmt.Errorf("%s: %w (see 'opsagent %s --help')", path, err, path)}
+			}
+			// The root parses flags until it meets a verb; a word it met
+			// first that is no verb is the mistake to report, not a flag
+			// after it ("opsagent frobnicate --x").
+			if c.Args().Present() {
+				return unknownCommand(c.Args().First())
+			}
+			return &usageError{fmt.Errorf("%w (see 'opsagent --help')", err)}
 		}
 	}
 	for _, sub := range cmd.Commands {
 		setUsageHandlers(sub)
 	}
+}
+
+func unknownCommand(name string) error {
+	return usageErrorf("unknown command %q; run 'opsagent help' for the list of commands", name)
 }
 
 // globalFlags are accepted before or after any verb (urfave/cli v3 flags

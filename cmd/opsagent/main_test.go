@@ -119,3 +119,22 @@ func TestRequiredFlagIsUsageError(t *testing.T) {
 		t.Errorf("exit %d stderr %q", code, errs)
 	}
 }
+
+// An unknown verb is reported as such whatever follows it, and a flag
+// error names the command once, with the help that exists.
+func TestUnknownVerbWithAFlag(t *testing.T) {
+	for _, c := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"frobnicate", "--x"}, `opsagent: unknown command "frobnicate"; run 'opsagent help' for the list of commands` + "\n"},
+		{[]string{"--root", "/nonexistent", "frobnicate", "-x"}, `opsagent: unknown command "frobnicate"; run 'opsagent help' for the list of commands` + "\n"},
+		{[]string{"--x"}, "opsagent: flag provided but not defined: -x (see 'opsagent --help')\n"},
+		{[]string{"release", "build", "--x"}, "opsagent: release build: flag provided but not defined: -x (see 'opsagent release build --help')\n"},
+	} {
+		code, _, errs := runCLI(t, c.args...)
+		if code != exitUsage || errs != c.want {
+			t.Errorf("%q: exit %d, stderr %q; want exit %d, %q", c.args, code, errs, exitUsage, c.want)
+		}
+	}
+}

@@ -84,7 +84,10 @@ type statusReport struct {
 func printStatus(w io.Writer, r statusReport, now time.Time) {
 	s := r.Snapshot
 	p := textcut.Printable
-	if r.Running {
+	if r.Running && r.PID == 0 {
+		// Held, but the pid in the lock file is not a process that has it open.
+		fmt.Fprintf(w, "agent:      running, pid unknown (version %s, instance %s, app %s)\n", p(s.AgentVersion), p(s.InstanceID), p(s.AppID))
+	} else if r.Running {
 		fmt.Fprintf(w, "agent:      running as pid %d (version %s, instance %s, app %s)\n", r.PID, p(s.AgentVersion), p(s.InstanceID), p(s.AppID))
 	} else {
 		fmt.Fprintln(w, "agent:      not running")
@@ -95,6 +98,20 @@ func printStatus(w io.Writer, r statusReport, now time.Time) {
 	}
 	if !r.Running {
 		fmt.Fprintf(w, "last seen:  %s (what follows is the last status it wrote)\n", s.UpdatedAt.Format(time.RFC3339))
+	}
+	if sys := s.System; sys != nil {
+		line := sys.Distro
+		if sys.PackageManager != "" {
+			line += ", packages with " + sys.PackageManager
+		}
+		line += ", services with " + string(sys.Init)
+		if sys.Chroot {
+			line += " (tools run chrooted into the root)"
+		}
+		if sys.Error != "" {
+			line += " (" + sys.Error + ")"
+		}
+		fmt.Fprintf(w, "system:     %s\n", p(line))
 	}
 	conn := "disconnected"
 	if s.Connection.Connected {

@@ -11,19 +11,20 @@ import (
 	"github.com/visualops/opsagent/agent/rounds"
 	"github.com/visualops/opsagent/agent/statusfile"
 	"github.com/visualops/opsagent/internal/fsutil"
+	"github.com/visualops/opsagent/internal/system"
 )
 
 func statusRoot(t *testing.T) (root, stateDir string) {
 	t.Helper()
 	root = t.TempDir()
-	conf := "[userdata]\nws_uri = ws://127.0.0.1:1/agent/\napp_id = app-1\n[global]\nconf_path = /state\n"
+	conf := "[userdata]\nws_uri = ws://127.0.0.1:1/agent/\napp_id = app-1\n[global]\nconf_path = /srv/opsagent\n"
 	if err := os.MkdirAll(filepath.Join(root, "etc"), 0o755); err != nil {
 		t.Fatal(err)
 	}
 	if err := os.WriteFile(filepath.Join(root, "etc/opsagent.conf"), []byte(conf), 0o640); err != nil {
 		t.Fatal(err)
 	}
-	stateDir = filepath.Join(root, "state")
+	stateDir = filepath.Join(root, "srv/opsagent")
 	if err := os.MkdirAll(stateDir, 0o700); err != nil {
 		t.Fatal(err)
 	}
@@ -52,6 +53,7 @@ func TestStatusRunning(t *testing.T) {
 	snap := statusfile.Snapshot{
 		PID: os.Getpid(), AgentVersion: "2.1", InstanceID: "i-1", AppID: "app-1",
 		StartedAt: now, UpdatedAt: now,
+		System: &system.Info{Distro: "Debian GNU/Linux 12 (bookworm)", PackageManager: "apt", Init: system.InitSysV, Chroot: true},
 		Connection: statusfile.Connection{Connected: true, Since: now, Backend: "ws://127.0.0.1:1/agent/", OutboxDepth: 2, DroppedLogs: 3,
 			DroppedBy: map[string]int64{"recipe_replaced": 1, "outbox_max_bytes": 2}},
 		Engine: rounds.Status{RecipeVersion: 7, States: 3, Phase: "running", Round: 4, StateIndex: 1, StateID: "state-2",
@@ -68,7 +70,8 @@ func TestStatusRunning(t *testing.T) {
 	}
 	for _, want := range []string{"running as pid", "connected since", "version 7, 3 states; round 4",
 		"running state 2/3 state-2", "ok   state-1  File /x updated", "2 StateLogs queued (0 B), 3 dropped (outbox_max_bytes 2, recipe_replaced 1)",
-		"2.2 pending", "init error: cannot create /var/log/visualops"} {
+		"2.2 pending", "init error: cannot create /var/log/visualops",
+		"system:     Debian GNU/Linux 12 (bookworm), packages with apt, services with sysv (tools run chrooted into the root)"} {
 		if !strings.Contains(out, want) {
 			t.Errorf("status output lacks %q:\n%s", want, out)
 		}
@@ -151,5 +154,24 @@ func TestStatusPrintsNoTerminalEscapes(t *testing.T) {
 		if !strings.Contains(out, want) {
 			t.Errorf("output lacks %q:\n%s", want, out)
 		}
+	}
+}
+
+// A pid in the lock file that is not the holder's is not shown as the
+// agent's (install, uninstall and update would signal it).
+func TestStatusDoesNotBelieveAForgedPID(t *testing.T) {
+	root, stateDir := statusRoot(t)
+	lockPath := filepath.Join(stateDir, "lock")
+	lock, err := fsutil.Lock(lockPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer lock.Unlock()
+	if err := os.WriteFile(lockPath, []byte("1\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	code, out, errs := runCLI(t, "--root", root, "status")
+	if code != exitOK || !strings.Contains(out, "running, pid unknown") || strings.Contains(out, "pid 1 ") {
+		t.Errorf("exit %d\n%s%s", code, out, errs)
 	}
 }

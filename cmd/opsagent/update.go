@@ -58,6 +58,10 @@ func updateCommand() *cli.Command {
 				Force: cmd.Bool("force"), InsecureSkipSignature: cmd.Bool("insecure-skip-signature")}
 			out := cmd.Root().Writer
 			if pid, running, _ := fsutil.HolderPID(l.LockFile()); running {
+				if pid == 0 {
+					// Signalling pid 0 would reach this whole process group.
+					return fmt.Errorf("an agent holds %s, but the pid in it is not that process: stop it by hand, then run the update again", l.LockFile())
+				}
 				return askAgent(ctx, l, pid, req, cmd.Duration("wait"), out)
 			}
 			return updateDirectly(ctx, l, cfg, req, out, terminalOrNil(cmd.Root().ErrWriter))

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 
 	"github.com/mholt/archives"
 )
@@ -23,15 +24,25 @@ type entryFunc func(name string, hdr *tar.Header, body io.Reader) error
 // that a truncated, padded-out or tampered stream is an error even after
 // the last entry.
 func walk(ctx context.Context, r io.Reader, lim Limits, fn entryFunc) error {
+	return walkTar(ctx, r, TarGz, lim, fn)
+}
+
+// walkTar is walk for any tar format: plain, or compressed with gzip,
+// bzip2 or xz.
+func walkTar(ctx context.Context, r io.Reader, f Format, lim Limits, fn entryFunc) error {
 	lim = lim.orDefault()
-	s, gz, err := open(ctx, r, lim)
+	s, dec, err := open(ctx, r, f, lim)
 	if err != nil {
 		return err
 	}
-	defer gz.Close()
+	defer dec.Close()
 	c := &checker{lim: lim, tree: newTree()}
-	err = archives.Tar{}.Extract(ctx, s, func(_ context.Context, f archives.FileInfo) error {
-		return c.entry(f, fn)
+	err = archives.Tar{}.Extract(ctx, s, func(_ context.Context, fi archives.FileInfo) error {
+		hdr, ok := fi.Header.(*tar.Header)
+		if !ok {
+			return &Error{fi.NameInArchive, "not a tar entry"}
+		}
+		return c.entry(hdr, fi.Open, fn)
 	})
 	if err == nil {
 		err = finish(s)
@@ -39,29 +50,44 @@ func walk(ctx context.Context, r io.Reader, lim Limits, fn entryFunc) error {
 	return classify(err)
 }
 
-// open stacks the capped compressed input, the gzip reader and the capped
-// decompressed stream. The compressed side is capped too because empty
-// gzip members decompress to nothing: only their own size bounds a stream
-// made of them.
-func open(ctx context.Context, r io.Reader, lim Limits) (*capped, io.Closer, error) {
+// open stacks the capped compressed input, the decompressor and the
+// capped decompressed stream. The compressed side is capped too because
+// empty gzip members decompress to nothing: only their own size bounds a
+// stream made of them. A plain tar is the input itself, capped.
+func open(ctx context.Context, r io.Reader, f Format, lim Limits) (*capped, io.Closer, error) {
+	name, decompress, err := decompressor(f)
+	if err != nil {
+		return nil, nil, err
+	}
+	if decompress == nil {
+		s := &capped{ctx: ctx, r: r, max: lim.streamCap(),
+			over: func() error {
+				return &Error{Rule: fmt.Sprintf("the tar stream is over %d bytes, more than the %d-byte total limit (Limits.MaxTotalSize) and tar overhead allow", lim.streamCap(), lim.MaxTotalSize)}
+			},
+			wrap: func(err error) error { return &inputError{err} }}
+		return s, io.NopCloser(nil), nil
+	}
 	in := &capped{ctx: ctx, r: r, max: lim.inputCap(),
 		over: func() error {
 			return &Error{Rule: fmt.Sprintf("the compressed stream is over %d bytes, more than Limits.MaxTotalSize (%d bytes) can need: not a release archive, or one needing a larger Limits.MaxTotalSize", lim.inputCap(), lim.MaxTotalSize)}
 		},
 		wrap: func(err error) error { return &inputError{err} }}
-	gz, err := archives.Gz{}.OpenReader(in)
+	dec, err := decompress(in)
 	if err != nil {
 		if isOurs(err) {
 			return nil, nil, classify(err)
 		}
-		return nil, nil, fmt.Errorf("archive: not a gzip stream (%w); pass a .tar.gz such as opsagent.tgz", err)
+		if f == TarGz {
+			return nil, nil, fmt.Errorf("archive: not a gzip stream (%w); pass a .tar.gz such as opsagent.tgz", err)
+		}
+		return nil, nil, fmt.Errorf("archive: not a %s stream (%w); the file is corrupt or not a %s", name, err, f)
 	}
-	s := &capped{ctx: ctx, r: gz, max: lim.streamCap(),
+	s := &capped{ctx: ctx, r: dec, max: lim.streamCap(),
 		over: func() error {
-			return &Error{Rule: fmt.Sprintf("the gzip stream expands past %d bytes, more than the %d-byte total limit (Limits.MaxTotalSize) and tar overhead allow: a decompression bomb, or an archive needing a larger Limits.MaxTotalSize", lim.streamCap(), lim.MaxTotalSize)}
+			return &Error{Rule: fmt.Sprintf("the %s stream expands past %d bytes, more than the %d-byte total limit (Limits.MaxTotalSize) and tar overhead allow: a decompression bomb, or an archive needing a larger Limits.MaxTotalSize", name, lim.streamCap(), lim.MaxTotalSize)}
 		},
-		wrap: func(err error) error { return &streamError{err} }}
-	return s, gz, nil
+		wrap: func(err error) error { return &streamError{name, err} }}
+	return s, dec, nil
 }
 
 // checker holds what the rules need to remember across entries.
@@ -72,19 +98,17 @@ type checker struct {
 	total   int64
 }
 
-// entry checks one entry and, if it passes, hands it to fn.
-func (c *checker) entry(f archives.FileInfo, fn entryFunc) error {
-	hdr, ok := f.Header.(*tar.Header)
-	if !ok {
-		return &Error{f.NameInArchive, "not a tar entry"}
-	}
+// entry checks one entry and, if it passes, hands it to fn with the body
+// openBody gives (a regular file's; other entries have none).
+func (c *checker) entry(hdr *tar.Header, openBody func() (fs.File, error), fn entryFunc) error {
 	name, err := c.check(hdr)
 	if err != nil {
 		return err
 	}
 	var body io.Reader = bytes.NewReader(nil)
+	var rc fs.File
 	if hdr.Typeflag == tar.TypeReg {
-		rc, err := f.Open()
+		rc, err = openBody()
 		if err != nil {
 			return err
 		}
@@ -93,6 +117,13 @@ func (c *checker) entry(f archives.FileInfo, fn entryFunc) error {
 	}
 	if err := fn(name, hdr, body); err != nil {
 		return &callerError{err}
+	}
+	if rc != nil {
+		// Read the body to its end: a zip entry's reader then checks
+		// that it ends where its header says, and its CRC.
+		if _, err := io.Copy(io.Discard, rc); err != nil {
+			return err
+		}
 	}
 	return nil
 }
@@ -246,10 +277,14 @@ type inputError struct{ err error }
 func (e *inputError) Error() string { return e.err.Error() }
 func (e *inputError) Unwrap() error { return e.err }
 
-// streamError is a failure of the gzip stream under the tar reader.
-type streamError struct{ err error }
+// streamError is a failure of the decompressed stream under the tar
+// reader; name is the compression ("gzip").
+type streamError struct {
+	name string
+	err  error
+}
 
-func (e *streamError) Error() string { return "gzip stream: " + e.err.Error() }
+func (e *streamError) Error() string { return e.name + " stream: " + e.err.Error() }
 func (e *streamError) Unwrap() error { return e.err }
 
 // callerError is a failure of the entryFunc (writing to disk or to w),

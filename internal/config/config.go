@@ -19,9 +19,11 @@ import (
 	"math"
 	"net/url"
 	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"time"
+	"unicode"
 
 	"gopkg.in/ini.v1"
 
@@ -175,13 +177,11 @@ func Parse(name string, data []byte) (*Config, error) {
 	if err != nil {
 		return nil, fmt.Errorf("config %s: not a valid INI file: %w", name, err)
 	}
-	// A backquoted value may span lines; no key of this file may (the
-	// states repository's bootstrap.sh reads it line by line), and one
-	// rewritten unquoted would no longer parse.
+	// Every value obeys the one rule the writers apply too (checkValue).
 	for _, sec := range doc.Sections() {
 		for _, k := range sec.Keys() {
-			if strings.ContainsAny(k.Value(), "\r\n") {
-				return nil, fmt.Errorf("config %s: [%s] %s: the value spans several lines (a `backquoted` value): write it on one line", name, sec.Name(), k.Name())
+			if err := checkValue(k.Value()); err != nil {
+				return nil, fmt.Errorf("config %s: [%s] %s: %w", name, sec.Name(), k.Name(), err)
 			}
 		}
 	}
@@ -260,6 +260,68 @@ func duplicates(name string, data []byte) []string {
 	return out
 }
 
+// checkValue is the one rule for every value of the file, known key or
+// not, that the reader (Parse) and the writers (Set, and through it
+// `install --set` and `userdata`) share: one line of text without control
+// characters (a tab aside). A backquoted value may span lines in INI, but
+// the states repository's bootstrap.sh reads the file line by line, and
+// one rewritten unquoted would no longer parse; a control character would
+// reach a terminal or the backend, which refuses it.
+func checkValue(v string) error {
+	for i, r := range v {
+		switch {
+		case r == '\r' || r == '\n':
+			return errors.New("the value spans several lines (a line break, or a `backquoted` value): write it on one line")
+		case r != '\t' && unicode.IsControl(r):
+			return fmt.Errorf("the value has a control character (%U) at byte %d: remove it", r, i)
+		}
+	}
+	return nil
+}
+
+// CheckValue applies the rule every value of the file obeys (see
+// checkValue) and, for a known key, its own parser: what a writer that
+// is not the installer (the userdata renderer) checks before it promises
+// a value that `install` will write and the agent will read.
+func CheckValue(section, key, value string) error {
+	return New("").Set(section, key, value)
+}
+
+// Check is what Owner checks before it writes: the values are complete
+// (Validate), and the file they render to is one that Load reads back,
+// with the same values, within MaxFileSize. So a config the installer or
+// the agent writes is always one the agent starts with.
+func (c *Config) Check() error {
+	if err := c.Validate(); err != nil {
+		return err
+	}
+	_, err := c.checkedBytes()
+	return err
+}
+
+// checkedBytes renders the file and reads it back as Load would.
+func (c *Config) checkedBytes() ([]byte, error) {
+	data, err := c.Bytes()
+	if err != nil {
+		return nil, err
+	}
+	if len(data) > MaxFileSize {
+		return nil, fmt.Errorf("config %s: it would be %d bytes, over the %d bytes the agent reads: shorten the longest values", c.path, len(data), MaxFileSize)
+	}
+	back, err := Parse(c.path, data)
+	if err == nil {
+		err = back.Validate()
+	}
+	if err != nil {
+		return nil, fmt.Errorf("config %s: what would be written does not read back: %w", c.path, err)
+	}
+	if back.Global != c.Global || back.Userdata != c.Userdata || back.Module != c.Module ||
+		back.Network != c.Network || back.Salt != c.Salt || back.Agent != c.Agent {
+		return nil, fmt.Errorf("config %s: what would be written reads back with other values: this is a bug, please report it", c.path)
+	}
+	return data, nil
+}
+
 // Validate checks that required keys are present.
 func (c *Config) Validate() error {
 	for _, f := range fields {
@@ -286,10 +348,11 @@ func (c *Config) Get(section, key string) string {
 }
 
 // Set changes any key. Known keys are parsed (and refused when malformed);
-// unknown keys are kept as text. A value is one line.
+// unknown keys are kept as text. A value is one line (checkValue, the
+// rule Parse applies too).
 func (c *Config) Set(section, key, value string) error {
-	if strings.ContainsAny(value, "\r\n\x00") {
-		return fmt.Errorf("config: [%s] %s: a value must be one line", section, key)
+	if err := checkValue(value); err != nil {
+		return fmt.Errorf("config: [%s] %s: %w", section, key, err)
 	}
 	if f := lookup(section, key); f != nil {
 		if err := f.set(c, value); err != nil {
@@ -373,7 +436,7 @@ func (c *Config) save(path string) error {
 	if path == "" {
 		return errors.New("config: save needs a path: this config was not loaded from a file")
 	}
-	data, err := c.Bytes()
+	data, err := c.checkedBytes()
 	if err != nil {
 		return err
 	}
@@ -402,8 +465,10 @@ type field struct {
 	// written: the states repository's bootstrap.sh reads this key with
 	// grep, so the file always carries it, default or not.
 	written bool
-	get     func(*Config) string
-	set     func(*Config, string) error
+	// owned: a path opsagent creates, chmods and removes (ownedPath).
+	owned bool
+	get   func(*Config) string
+	set   func(*Config, string) error
 }
 
 func lookup(section, key string) *field {
@@ -433,6 +498,77 @@ func path(section, key, def string, p func(*Config) *string) field {
 		return nil
 	}
 	return f
+}
+
+// ownedPath is a path key naming a file or directory that opsagent
+// creates, changes the mode of, writes, and that uninstall removes: it
+// must be a place of opsagent's own (CheckOwnedPath).
+func ownedPath(section, key, def string, p func(*Config) *string) field {
+	f := withCheck(path(section, key, def, p), CheckOwnedPath)
+	f.owned = true
+	return f
+}
+
+// OwnedPathKeys lists the path keys that CheckOwnedPath governs, as
+// {section, key, default}: the installer checks on disk that each one
+// that is new is not a file or directory someone else made.
+func OwnedPathKeys() [][3]string {
+	var out [][3]string
+	for _, f := range fields {
+		if f.owned {
+			out = append(out, [3]string{f.section, f.key, f.def})
+		}
+	}
+	return out
+}
+
+// systemTrees hold the operating system's own files: nothing of opsagent's
+// is ever in them. /etc is handled apart (the token lives there).
+var systemTrees = []string{"/bin", "/boot", "/dev", "/lib", "/lib32", "/lib64", "/libx32", "/proc", "/run", "/sbin", "/sys", "/usr"}
+
+// systemDirs are shared directories that opsagent may create things in
+// but that must never be one of its own paths (chmodded, or removed whole
+// by uninstall).
+var systemDirs = []string{"/home", "/media", "/mnt", "/opt", "/root", "/srv", "/tmp", "/var",
+	"/var/backups", "/var/cache", "/var/lib", "/var/local", "/var/lock", "/var/log", "/var/mail",
+	"/var/opt", "/var/run", "/var/spool", "/var/tmp", "/opt/visualops", "/var/lib/visualops"}
+
+// CheckOwnedPath is the rule for the paths opsagent owns ([global]
+// envroot, conf_path, log_path, token, watch, logfile and [module] root),
+// an instance path taken as cleaned ("/var/lib/../../etc" is /etc):
+//   - not "/" nor directly below it (/data: use /data/opsagent);
+//   - not in the system trees /bin, /boot, /dev, /lib*, /proc, /run,
+//     /sbin, /sys, /usr;
+//   - in /etc only as /etc/opsagent* or /etc/visualops* (the token's
+//     /etc/opsagent.token) or inside such a directory, and never the
+//     config file /etc/opsagent.conf itself;
+//   - not a shared directory such as /var/lib, /var/log, /opt or /tmp.
+//
+// The installer adds a rule that needs the file system: such a path that
+// already exists must be one opsagent made (installer.checkOwnedPaths).
+func CheckOwnedPath(v string) error {
+	p := filepath.Clean("/" + strings.TrimSpace(v))
+	under := func(dir string) bool { return p == dir || strings.HasPrefix(p, dir+"/") }
+	if strings.Count(p, "/") < 2 {
+		return fmt.Errorf("%s is the root or directly below it: use a directory of opsagent's own, such as %s/opsagent", p, p)
+	}
+	for _, t := range systemTrees {
+		if under(t) {
+			return fmt.Errorf("%s is in %s, which belongs to the operating system: use a path of opsagent's own (below /var/lib/visualops, /var/log/visualops or /opt/visualops)", p, t)
+		}
+	}
+	if under("/etc") {
+		first, _, _ := strings.Cut(strings.TrimPrefix(p, "/etc/"), "/")
+		if p == DefaultPath || !strings.HasPrefix(first, "opsagent") && !strings.HasPrefix(first, "visualops") {
+			return fmt.Errorf("%s is a file of the system's /etc: in /etc, opsagent's own paths are /etc/opsagent.token and /etc/opsagent*/ or /etc/visualops*/ directories", p)
+		}
+	}
+	for _, d := range systemDirs {
+		if p == d {
+			return fmt.Errorf("%s is a shared directory: use a directory of opsagent's own inside it, such as %s/opsagent", p, p)
+		}
+	}
+	return nil
 }
 
 func required(f field) field { f.required = true; return f }
@@ -628,12 +764,12 @@ func logLevel(v string) error { _, err := ParseLogLevel(v); return err }
 
 // fields is the table of known keys, in file order.
 var fields = []field{
-	path("global", "envroot", "/opt/visualops/env", func(c *Config) *string { return &c.Global.VenvDir }),
-	readByBootstrap(path("global", "conf_path", "/var/lib/visualops/opsagent", func(c *Config) *string { return &c.Global.StateDir })),
-	path("global", "log_path", "/var/log/visualops", func(c *Config) *string { return &c.Global.LogDir }),
-	path("global", "token", "/etc/opsagent.token", func(c *Config) *string { return &c.Global.TokenFile }),
-	path("global", "watch", "/var/lib/visualops/opsagent/watch", func(c *Config) *string { return &c.Global.WatchDir }),
-	path("global", "logfile", "/var/log/visualops/agent.log", func(c *Config) *string { return &c.Global.LogFile }),
+	ownedPath("global", "envroot", "/opt/visualops/env", func(c *Config) *string { return &c.Global.VenvDir }),
+	readByBootstrap(ownedPath("global", "conf_path", "/var/lib/visualops/opsagent", func(c *Config) *string { return &c.Global.StateDir })),
+	ownedPath("global", "log_path", "/var/log/visualops", func(c *Config) *string { return &c.Global.LogDir }),
+	ownedPath("global", "token", "/etc/opsagent.token", func(c *Config) *string { return &c.Global.TokenFile }),
+	ownedPath("global", "watch", "/var/lib/visualops/opsagent/watch", func(c *Config) *string { return &c.Global.WatchDir }),
+	ownedPath("global", "logfile", "/var/log/visualops/agent.log", func(c *Config) *string { return &c.Global.LogFile }),
 	withCheck(str("global", "loglvl", "INFO", func(c *Config) *string { return &c.Global.LogLevel }), logLevel),
 	readByBootstrap(path("global", "package_path", "", func(c *Config) *string { return &c.Global.PackagePath })),
 	readByBootstrap(str("global", "platform", "", func(c *Config) *string { return &c.Global.Platform })),
@@ -645,7 +781,7 @@ var fields = []field{
 	str("userdata", "pubkey", "", func(c *Config) *string { return &c.Userdata.PubKey }),
 	str("userdata", "enroll_secret", "", func(c *Config) *string { return &c.Userdata.EnrollSecret }),
 
-	readByBootstrap(path("module", "root", "/opt/visualops/bootstrap", func(c *Config) *string { return &c.Module.ReposDir })),
+	readByBootstrap(ownedPath("module", "root", "/opt/visualops/bootstrap", func(c *Config) *string { return &c.Module.ReposDir })),
 	readByBootstrap(str("module", "name", "salt", func(c *Config) *string { return &c.Module.RepoName })),
 	str("module", "bootstrap", "scripts/bootstrap.sh", func(c *Config) *string { return &c.Module.BootstrapScript }),
 	str("module", "mod_repo", "", func(c *Config) *string { return &c.Module.Repo }),

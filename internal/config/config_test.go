@@ -542,3 +542,123 @@ func TestMultilineValueRefused(t *testing.T) {
 		t.Fatalf("err = %v", err)
 	}
 }
+
+// The writers and the reader apply one rule to every value: what Set
+// refuses, Parse refuses, and the other way round (a control character, a
+// line break), naming the key.
+func TestWriterAndReaderShareOneValueRule(t *testing.T) {
+	for _, v := range []string{"a\rb", "a\nb", "esc \x1b[2J", "nul\x00", "del\x7f", "c1 \u009b"} {
+		for _, k := range [][2]string{{"userdata", "app_id"}, {"userdata", "enroll_secret"}, {"custom", "key"}} {
+			setErr := New("/x.conf").Set(k[0], k[1], v)
+			checkErr := CheckValue(k[0], k[1], v)
+			_, parseErr := Parse("/x.conf", []byte("[userdata]\nws_uri = ws://h/agent/\napp_id = a\n["+k[0]+"]\n"+k[1]+" = `"+v+"`\n"))
+			if setErr == nil || checkErr == nil || parseErr == nil {
+				t.Errorf("[%s] %s = %q: Set %v, CheckValue %v, Parse %v; want all three to refuse", k[0], k[1], v, setErr, checkErr, parseErr)
+				continue
+			}
+			for _, err := range []error{setErr, parseErr} {
+				if !strings.Contains(err.Error(), "["+k[0]+"] "+k[1]) {
+					t.Errorf("%q: error %q does not name the key", v, err)
+				}
+			}
+		}
+	}
+	if err := CheckValue("userdata", "app_id", "app\twith tab é"); err != nil {
+		t.Errorf("a tab and UTF-8 refused: %v", err)
+	}
+	if err := CheckValue("agent", "retry_delay", "soon"); err == nil || !strings.Contains(err.Error(), "expected a duration") {
+		t.Errorf("CheckValue does not parse a known key: %v", err)
+	}
+}
+
+// The Owner never writes a file the agent would not load: one over
+// MaxFileSize is refused before anything is written.
+func TestOwnerRefusesAFileTheReaderRefuses(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "opsagent.conf")
+	if err := os.WriteFile(p, []byte("[userdata]\nws_uri=ws://h/agent/\napp_id=a\n"), 0o640); err != nil {
+		t.Fatal(err)
+	}
+	c, err := Load(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	o := NewOwner(c)
+	big := strings.Repeat("x", 1200<<10)
+	_, err = o.Update(func(c *Config) error { return c.Set("custom", "big", big) })
+	if err == nil || !strings.Contains(err.Error(), "over the 1048576 bytes the agent reads") {
+		t.Fatalf("a 1.2 MB config: %v", err)
+	}
+	if _, err := Load(p); err != nil {
+		t.Fatalf("the file was damaged: %v", err)
+	}
+	if data, _ := os.ReadFile(p); len(data) > 100 {
+		t.Errorf("the big value was written (%d bytes)", len(data))
+	}
+	fresh := New(p)
+	if err := fresh.Set("userdata", "ws_uri", "ws://h/agent/"); err != nil {
+		t.Fatal(err)
+	}
+	if err := fresh.Set("userdata", "app_id", "a"); err != nil {
+		t.Fatal(err)
+	}
+	if err := fresh.Check(); err != nil {
+		t.Errorf("Check of a small config: %v", err)
+	}
+	if err := fresh.Set("custom", "big", big); err != nil {
+		t.Fatal(err)
+	}
+	if err := fresh.Check(); err == nil {
+		t.Error("Check passed a 1.2 MB config")
+	}
+}
+
+// Paths opsagent owns (creates, chmods, removes) are never system files
+// or shared directories, whoever writes them: Set and Parse refuse alike.
+func TestOwnedPathsAreOpsagentsOwn(t *testing.T) {
+	bad := map[string]string{
+		"/etc/passwd":                "/etc/passwd is a file of the system's /etc",
+		"/etc/opsagent.conf":         "/etc/opsagent.conf is a file of the system's /etc",
+		"/etc/cron.d/x":              "system's /etc",
+		"/var/lib/../../etc/shadow":  "/etc/shadow is a file of the system's /etc",
+		"/usr/bin/opsagent":          "/usr/bin/opsagent is in /usr",
+		"/proc/self/environ":         "in /proc",
+		"/dev/sda":                   "in /dev",
+		"/":                          "the root or directly below it",
+		"/data":                      "/data is the root or directly below it",
+		"/var/lib":                   "/var/lib is a shared directory",
+		"/tmp":                       "the root or directly below it",
+		"/home/alice":                "", // accepted here; install refuses it when it exists (not ours)
+		"/etc/opsagent.token":        "",
+		"/etc/opsagent/token":        "",
+		"/etc/visualops/conf":        "",
+		"/srv/opsagent":              "",
+		"/var/lib/visualops/custom":  "",
+		"/var/lib/visualops/../x/y/": "",
+	}
+	for _, key := range []string{"token", "conf_path", "log_path", "logfile", "envroot", "watch"} {
+		for v, want := range bad {
+			setErr := New("/x.conf").Set("global", key, v)
+			_, parseErr := Parse("/x.conf", []byte("[userdata]\nws_uri = ws://h/agent/\napp_id = a\n[global]\n"+key+" = "+v+"\n"))
+			if want == "" {
+				if setErr != nil || parseErr != nil {
+					t.Errorf("[global] %s = %s refused: %v / %v", key, v, setErr, parseErr)
+				}
+				continue
+			}
+			for _, err := range []error{setErr, parseErr} {
+				if err == nil || !strings.Contains(err.Error(), want) || !strings.Contains(err.Error(), "[global] "+key) {
+					t.Errorf("[global] %s = %s: %v; want %q", key, v, err, want)
+				}
+			}
+		}
+	}
+	if err := New("/x.conf").Set("module", "root", "/usr/share/salt"); err == nil {
+		t.Error("[module] root in /usr accepted")
+	}
+	// Paths opsagent only reads may be anywhere.
+	for _, kv := range [][3]string{{"network", "ca_file", "/etc/ssl/certs/ca.pem"}, {"salt", "python", "/usr/bin/python3"}, {"salt", "wheelhouse", "/tmp"}} {
+		if err := New("/x.conf").Set(kv[0], kv[1], kv[2]); err != nil {
+			t.Errorf("[%s] %s = %s: %v", kv[0], kv[1], kv[2], err)
+		}
+	}
+}

@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 )
 
@@ -268,5 +269,83 @@ func TestWriteFileIfChanged(t *testing.T) {
 	os.Mkdir(dir, 0o755)
 	if _, err := WriteFileIfChanged(dir, []byte("x"), 0o644); err == nil {
 		t.Fatal("a directory in the way was not an error")
+	}
+}
+
+// A link, hard link or FIFO planted at the lock's name is refused with a
+// message naming it, and what it leads to is left as it was.
+func TestLockRefusesPlantedFiles(t *testing.T) {
+	dir := t.TempDir()
+	victim := filepath.Join(dir, "victim")
+	if err := os.WriteFile(victim, []byte("precious\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	symlink, hardlink, fifo := filepath.Join(dir, "lock-symlink"), filepath.Join(dir, "lock-hardlink"), filepath.Join(dir, "lock-fifo")
+	if err := os.Symlink(victim, symlink); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Link(victim, hardlink); err != nil {
+		t.Fatal(err)
+	}
+	if err := syscall.Mkfifo(fifo, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for p, want := range map[string]string{symlink: "is a symbolic link", hardlink: "hard links", fifo: "not a regular file"} {
+		l, err := Lock(p)
+		if err == nil {
+			l.Unlock()
+			t.Errorf("Lock(%s) succeeded", p)
+			continue
+		}
+		if !strings.Contains(err.Error(), want) || !strings.Contains(err.Error(), p) {
+			t.Errorf("Lock(%s): %v; want %q and the path", p, err, want)
+		}
+		if _, _, err := HolderPID(p); err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("HolderPID(%s): %v; want %q", p, err, want)
+		}
+	}
+	if data, _ := os.ReadFile(victim); string(data) != "precious\n" {
+		t.Errorf("the link's target was written: %q", data)
+	}
+}
+
+// The pid in the file is only a claim: HolderPID names it only when that
+// process has the lock file open, so a forged pid is never signalled.
+func TestHolderPIDIgnoresAForgedPID(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "lock")
+	l, err := Lock(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Unlock()
+	// A longer pid left by an earlier holder is cut off, not kept.
+	if err := os.WriteFile(p, []byte("1\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	pid, held, err := HolderPID(p)
+	if err != nil || !held || pid != 0 {
+		t.Errorf("forged pid 1: pid %d held %v err %v; want 0, true, nil", pid, held, err)
+	}
+	if err := os.WriteFile(p, []byte(fmt.Sprintf("%d\n", os.Getpid())), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if pid, held, err := HolderPID(p); pid != os.Getpid() || !held || err != nil {
+		t.Errorf("the true holder: pid %d held %v err %v", pid, held, err)
+	}
+}
+
+// Lock overwrites a longer pid left in the file without leaving its tail.
+func TestLockRewritesALongerPID(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "lock")
+	if err := os.WriteFile(p, []byte("1234567890123\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	l, err := Lock(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Unlock()
+	if data, _ := os.ReadFile(p); string(data) != fmt.Sprintf("%d\n", os.Getpid()) {
+		t.Errorf("lock file holds %q", data)
 	}
 }

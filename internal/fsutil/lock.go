@@ -44,9 +44,9 @@ func Lock(path string) (*LockFile, error) {
 	if l := adopt(path); l != nil {
 		return l, nil
 	}
-	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
+	f, err := openLockFile(path, os.O_RDWR|os.O_CREATE)
 	if err != nil {
-		return nil, fmt.Errorf("lock %s: %w", path, err)
+		return nil, err
 	}
 	if err := ofdLock(f, syscall.F_WRLCK); err != nil {
 		defer f.Close()
@@ -58,11 +58,43 @@ func Lock(path string) (*LockFile, error) {
 		}
 		return nil, fmt.Errorf("lock %s: %w", path, err)
 	}
-	if err := f.Truncate(0); err == nil {
-		_, _ = f.WriteAt([]byte(strconv.Itoa(os.Getpid())+"\n"), 0)
+	// The pid first, then the tail of a longer old one cut off: a reader
+	// reads the first line (readPID), so it never sees an empty file.
+	line := []byte(strconv.Itoa(os.Getpid()) + "\n")
+	if _, err := f.WriteAt(line, 0); err == nil {
+		_ = f.Truncate(int64(len(line)))
 		_ = f.Sync()
 	}
 	return &LockFile{f: f, path: path}, nil
+}
+
+// openLockFile opens a lock file without following a link at its name
+// (O_NOFOLLOW), without blocking on a FIFO, and without truncating it,
+// and refuses anything but a regular file with one name: a link, device
+// or hard link planted there would otherwise have the pid written into
+// whatever it leads to.
+func openLockFile(path string, flags int) (*os.File, error) {
+	f, err := os.OpenFile(path, flags|syscall.O_NOFOLLOW|syscall.O_NONBLOCK|syscall.O_NOCTTY|syscall.O_CLOEXEC, 0o600)
+	if errors.Is(err, syscall.ELOOP) {
+		return nil, fmt.Errorf("lock %s is a symbolic link, %w: remove it (a lock file is never followed)", path, ErrNotRegular)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("lock %s: %w", path, err)
+	}
+	st, err := f.Stat()
+	if err != nil {
+		f.Close()
+		return nil, fmt.Errorf("lock %s: %w", path, err)
+	}
+	if !st.Mode().IsRegular() {
+		f.Close()
+		return nil, fmt.Errorf("lock %s is %s, %w: remove it", path, kind(st.Mode()), ErrNotRegular)
+	}
+	if sys, ok := st.Sys().(*syscall.Stat_t); ok && sys.Nlink > 1 {
+		f.Close()
+		return nil, fmt.Errorf("lock %s has %d hard links: remove it (a lock file has one name)", path, sys.Nlink)
+	}
+	return f, nil
 }
 
 // adopt takes over a lock descriptor inherited through LockFDEnv when it
@@ -106,28 +138,58 @@ func ofdLock(f *os.File, typ int16) error {
 // live process holds the lock. It only asks the kernel (F_OFD_GETLK): it
 // never takes the lock, so an agent starting at the same moment is not
 // turned away. It is how `opsagent status` tells if the agent runs.
+//
+// The file's text is only a claim (anyone who can write the file, below
+// a --root someone else prepared, can write any pid): the pid is returned
+// only when that process has the lock file open, else 0. Callers signal
+// that pid (stop, reload, update), so a forged one must never reach them.
 func HolderPID(path string) (pid int, held bool, err error) {
-	f, err := OpenFixedFile(path) // a FIFO there must not hang `status`
+	f, err := openLockFile(path, os.O_RDONLY)
 	if err != nil {
 		if errors.Is(err, os.ErrNotExist) {
 			return 0, false, nil
 		}
-		return 0, false, fmt.Errorf("lock %s: %w", path, err)
+		return 0, false, err
 	}
 	defer f.Close()
-	pid = readPID(f)
 	lk := syscall.Flock_t{Type: syscall.F_WRLCK, Whence: io.SeekStart}
 	if err := syscall.FcntlFlock(f.Fd(), fOFDGetLk, &lk); err != nil {
-		return pid, false, fmt.Errorf("lock %s: %w", path, err)
+		return 0, false, fmt.Errorf("lock %s: %w", path, err)
 	}
-	return pid, lk.Type != syscall.F_UNLCK, nil
+	held = lk.Type != syscall.F_UNLCK
+	if pid = readPID(f); pid > 0 && !hasOpen(pid, f) {
+		pid = 0
+	}
+	return pid, held, nil
 }
 
+// hasOpen reports whether process pid has the file f is open on among its
+// descriptors (/proc/<pid>/fd). Not being allowed to look is a no.
+func hasOpen(pid int, f *os.File) bool {
+	want, err := f.Stat()
+	if err != nil {
+		return false
+	}
+	dir := "/proc/" + strconv.Itoa(pid) + "/fd"
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return false
+	}
+	for _, e := range entries {
+		if got, err := os.Stat(dir + "/" + e.Name()); err == nil && os.SameFile(got, want) {
+			return true
+		}
+	}
+	return false
+}
+
+// readPID reads the pid on the lock file's first line (0: none).
 func readPID(f *os.File) int {
 	buf := make([]byte, 32)
 	n, _ := f.ReadAt(buf, 0)
-	pid, err := strconv.Atoi(strings.TrimSpace(string(buf[:n])))
-	if err != nil {
+	line, _, _ := strings.Cut(string(buf[:n]), "\n")
+	pid, err := strconv.Atoi(strings.TrimSpace(line))
+	if err != nil || pid <= 0 {
 		return 0
 	}
 	return pid

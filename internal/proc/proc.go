@@ -12,6 +12,7 @@ import (
 	"io"
 	"os"
 	"os/exec"
+	"os/signal"
 	"strconv"
 	"strings"
 	"sync"
@@ -233,4 +234,18 @@ func (b *bounded) result() (string, int64) {
 		return string(b.head) + string(b.tail), 0
 	}
 	return fmt.Sprintf("%s\n[… %d bytes of output left out …]\n%s", b.head, b.dropped, b.tail), b.dropped
+}
+
+// PassSIGHUPToChildren makes the processes started from now on begin
+// with SIGHUP at its default, even when this process was started
+// ignoring it (nohup, some cron daemons). A daemon the agent starts
+// through an init script or a linux.cmd reloads on SIGHUP, and a POSIX
+// shell cannot trap a signal it was started ignoring: the daemon's reload
+// would silently do nothing. Catching the signal (and dropping it) keeps
+// this process as deaf to it as before, while exec gives every child the
+// default disposition. It does nothing when SIGHUP is not ignored.
+func PassSIGHUPToChildren() {
+	if signal.Ignored(syscall.SIGHUP) {
+		signal.Notify(make(chan os.Signal, 1), syscall.SIGHUP)
+	}
 }

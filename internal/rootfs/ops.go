@@ -83,6 +83,29 @@ func (f *FS) ReadFile(p string, max int64) ([]byte, error) {
 	return data, nil
 }
 
+// OpenFile opens p's final name in its directory (resolved inside the
+// root) with flags, never following a symlink there (O_NOFOLLOW: a link
+// at p fails with ELOOP), and O_NONBLOCK so that a FIFO planted at p
+// cannot block the caller. With O_CREATE the file gets perm less the
+// umask. The caller checks what it opened (Stat) when it needs a regular
+// file.
+func (f *FS) OpenFile(p string, flags int, perm fs.FileMode) (*os.File, error) {
+	p = Clean(p)
+	dirfd, name, err := f.parent(p, unix.O_PATH)
+	if err != nil {
+		return nil, pathErr("open", p, err)
+	}
+	defer unix.Close(dirfd)
+	if name == "." {
+		return nil, pathErr("open", p, unix.EISDIR)
+	}
+	fd, err := unix.Openat(dirfd, name, flags|unix.O_NOFOLLOW|unix.O_NONBLOCK|unix.O_NOCTTY|unix.O_CLOEXEC, ModeBits(perm))
+	if err != nil {
+		return nil, pathErr("open", p, err)
+	}
+	return os.NewFile(uintptr(fd), f.HostPath(p)), nil
+}
+
 // WriteFileAtomic replaces p with data so that a reader sees the old
 // content or the new, never a mix, even across a crash. The data goes to a
 // temporary file created in p's directory (resolved inside the root); it

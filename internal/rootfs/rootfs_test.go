@@ -133,6 +133,10 @@ func TestWritesStayInRoot(t *testing.T) {
 		"write via chain":       func(f *FS) error { return f.WriteFileAtomic("/chain1/secret", []byte("x"), 0o777, -1, -1) },
 		"write final link":      func(f *FS) error { return f.WriteFileAtomic("/absfile", []byte("x"), 0o777, nobody, nobody) },
 		"write dangling":        func(f *FS) error { return f.WriteFileAtomic("/dangling", []byte("x"), 0o777, -1, -1) },
+		"open via parent":       func(f *FS) error { return openWrite(f, "/abs/secret") },
+		"open final link":       func(f *FS) error { return openWrite(f, "/absfile") },
+		"open dangling":         func(f *FS) error { return openWrite(f, "/dangling") },
+		"open via rel parent":   func(f *FS) error { return openWrite(f, "/rel/sub/inner") },
 		"mkdir via parent":      func(f *FS) error { return f.Mkdir("/abs/new", 0o777) },
 		"mkdirall via parent":   func(f *FS) error { return f.MkdirAll("/rel/new/deeper", 0o777, nil) },
 		"mkdirall via chain":    func(f *FS) error { return f.MkdirAll("/chain1/sub/x", 0o777, nil) },
@@ -559,4 +563,42 @@ func TestWalkDirSkip(t *testing.T) {
 	if err := f.WalkDir("/missing", func(p string, d fs.DirEntry, err error) error { return err }); !errors.Is(err, fs.ErrNotExist) {
 		t.Errorf("walk of a missing path: %v", err)
 	}
+}
+
+// openWrite appends to p, creating it, as a log does.
+func openWrite(f *FS, p string) error {
+	file, err := f.OpenFile(p, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o666)
+	if err != nil {
+		return err
+	}
+	defer file.Close()
+	_, err = file.WriteString("appended")
+	return err
+}
+
+// OpenFile appends inside the root, refuses a link at the name and does
+// not block on a FIFO.
+func TestOpenFile(t *testing.T) {
+	resolvers(t, func(t *testing.T, o Options) {
+		l := rootfstest.Plant(t)
+		f := open(t, l.Root, o)
+		if err := openWrite(f, "/tree/f"); err != nil {
+			t.Fatal(err)
+		}
+		if data, _ := os.ReadFile(filepath.Join(l.Root, "tree/f")); string(data) != "fappended" {
+			t.Errorf("tree/f = %q", data)
+		}
+		if err := openWrite(f, "/absfile"); !errors.Is(err, syscall.ELOOP) || !strings.Contains(err.Error(), "/absfile") {
+			t.Errorf("a link at the name: %v", err)
+		}
+		if err := syscall.Mkfifo(filepath.Join(l.Root, "tree/fifo"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		r, err := f.OpenFile("/tree/fifo", os.O_RDONLY, 0)
+		if err != nil {
+			t.Fatalf("a FIFO blocked or failed: %v", err)
+		}
+		r.Close()
+		l.Check(t)
+	})
 }

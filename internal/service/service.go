@@ -19,6 +19,7 @@ import (
 	"bytes"
 	"embed"
 	"fmt"
+	"os"
 	"strings"
 	"text/template"
 
@@ -33,6 +34,47 @@ var templateFS embed.FS
 
 // UnitName is the systemd unit the installer writes (Layout.UnitFile).
 const UnitName = "opsagent.service"
+
+// Systemd reports whether systemd is the init of l's root:
+// /run/systemd/system below the root is a directory (sd_booted's check).
+// Below a root other than the host's it says that the root's system uses
+// systemd (so the unit is written and enabled there), not that the
+// systemd of this host may be asked anything about it (Systemctl).
+func Systemd(l config.Layout) bool {
+	st, err := os.Stat(l.SystemdRunDir())
+	return err == nil && st.IsDir()
+}
+
+// offlineVerbs are what systemctl does on a unit file tree without the
+// running manager (systemctl --root): the symlinks of enable and disable.
+var offlineVerbs = map[string]bool{"enable": true, "disable": true, "is-enabled": true}
+
+// Systemctl returns the systemctl command line for args against root (a
+// host directory; "" or "/" is the host). On the host it is systemctl
+// args. Below another root the systemd that runs is this host's, which
+// knows nothing of that root: only enable, disable and is-enabled run,
+// with --root=<root>, and never --now; anything else (start, stop,
+// restart, daemon-reload) is refused with an error that says so, so that
+// `install --root X` and `uninstall --root X` never drive the host's
+// services.
+func Systemctl(root string, args ...string) ([]string, error) {
+	if root == "" || root == "/" {
+		return append([]string{"systemctl"}, args...), nil
+	}
+	verb := ""
+	for _, a := range args {
+		if a == "--now" {
+			return nil, fmt.Errorf("systemctl %s --now is not run below --root %s: the systemd that runs is this host's", verb, root)
+		}
+		if verb == "" && !strings.HasPrefix(a, "-") {
+			verb = a
+		}
+	}
+	if !offlineVerbs[verb] {
+		return nil, fmt.Errorf("systemctl %s is not run below --root %s: the systemd that runs is this host's, not that root's", verb, root)
+	}
+	return append([]string{"systemctl", "--root=" + root}, args...), nil
+}
 
 // RunArgs are the arguments the agent runs with for the layout l: `run`,
 // preceded by --root when the root is not the host's and by --config when

@@ -5,6 +5,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 
@@ -174,6 +175,30 @@ func mustMkdir(t *testing.T, dirs ...string) {
 	for _, d := range dirs {
 		if err := os.MkdirAll(d, 0o755); err != nil {
 			t.Fatal(err)
+		}
+	}
+}
+
+// On the host systemctl runs as asked; below another root only the
+// offline verbs run, with --root, and never --now, start, stop or reload.
+func TestSystemctlNeverDrivesTheHostBelowARoot(t *testing.T) {
+	for _, host := range []string{"", "/"} {
+		for _, args := range [][]string{{"daemon-reload"}, {"start", UnitName}, {"disable", "--now", UnitName}} {
+			got, err := Systemctl(host, args...)
+			if err != nil || !slices.Equal(got, append([]string{"systemctl"}, args...)) {
+				t.Errorf("host %q %q: %q %v", host, args, got, err)
+			}
+		}
+	}
+	for _, args := range [][]string{{"enable", UnitName}, {"disable", UnitName}, {"is-enabled", "--quiet", UnitName}} {
+		got, err := Systemctl("/srv/image", args...)
+		if want := append([]string{"systemctl", "--root=/srv/image"}, args...); err != nil || !slices.Equal(got, want) {
+			t.Errorf("%q: %q %v, want %q", args, got, err, want)
+		}
+	}
+	for _, args := range [][]string{{"start", UnitName}, {"restart", UnitName}, {"stop", UnitName}, {"daemon-reload"}, {"disable", "--now", UnitName}, {"--quiet", "start", UnitName}} {
+		if got, err := Systemctl("/srv/image", args...); err == nil || !strings.Contains(err.Error(), "/srv/image") {
+			t.Errorf("%q below a root: %q %v; want a refusal naming the root", args, got, err)
 		}
 	}
 }

@@ -88,3 +88,27 @@ func TestDebianRoot(t *testing.T) {
 		t.Fatalf("unknown package: %v", err)
 	}
 }
+
+// TestToolsBelowARootDoNotSeeTheMachinesSettings: a tool chrooted into a
+// root gets the root's HOME and no setting of the machine running the
+// agent (a PIP_INDEX_URL there is not the instance's), proxies aside.
+func TestToolsBelowARootDoNotSeeTheMachinesSettings(t *testing.T) {
+	t.Setenv("PIP_INDEX_URL", "http://machine.invalid/simple")
+	t.Setenv("HOME", "/home/machine-user")
+	t.Setenv("https_proxy", "http://proxy.invalid:3128")
+	h := newHost(t, debroot.New(t))
+	res, err := h.Check(context.Background(), system.Cmd{Tool: "env"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, bad := range []string{"PIP_INDEX_URL=", "HOME=/home/machine-user"} {
+		if strings.Contains(res.Output, bad) {
+			t.Errorf("the tool saw %s…:\n%s", bad, res.Output)
+		}
+	}
+	for _, want := range []string{"HOME=/root", "https_proxy=http://proxy.invalid:3128", "LC_ALL=C"} {
+		if !strings.Contains(res.Output, want) {
+			t.Errorf("the tool did not see %s:\n%s", want, res.Output)
+		}
+	}
+}

@@ -25,6 +25,9 @@ type Distro struct {
 	VersionID string   // "12", "9.4", "2023"
 	Codename  string   // VERSION_CODENAME ("bookworm"), or UBUNTU_CODENAME
 	Name      string   // PRETTY_NAME, else NAME
+	// UbuntuCodename is UBUNTU_CODENAME: the Ubuntu release an Ubuntu
+	// derivative (Linux Mint…) is built on, which its PPAs are built for.
+	UbuntuCodename string
 }
 
 // Family is the distribution's family, from ID and then ID_LIKE.
@@ -93,6 +96,8 @@ func ParseOSRelease(data []byte) (Distro, error) {
 		VersionID: vars["VERSION_ID"],
 		Codename:  vars["VERSION_CODENAME"],
 		Name:      vars["PRETTY_NAME"],
+
+		UbuntuCodename: vars["UBUNTU_CODENAME"],
 	}
 	if d.Codename == "" {
 		d.Codename = vars["UBUNTU_CODENAME"]

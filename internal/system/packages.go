@@ -2,6 +2,7 @@ package system
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"strings"
 
@@ -23,6 +24,79 @@ type PackageManager interface {
 	// first only when it is older than its sources or does not know a
 	// package. It returns the names it installed (none: nothing ran).
 	EnsureInstalled(ctx context.Context, names ...string) ([]string, error)
+
+	// CompareVersions compares two versions as the manager does (<0: a
+	// is older).
+	CompareVersions(a, b string) int
+	// VersionMatches reports whether installed is the version a recipe
+	// asks for (see DebVersionMatches and RPMVersionMatches).
+	VersionMatches(requested, installed string) bool
+	// Leftovers returns those of names that are removed but whose
+	// configuration files remain (dpkg's config-files state): what a
+	// purge still has to do. RPM keeps no such state.
+	Leftovers(ctx context.Context, names ...string) (map[string]bool, error)
+	// IndexStale reports whether the package index is older than its
+	// sources, so that what it offers must be refreshed before it is
+	// trusted.
+	IndexStale() (bool, error)
+	// Offers asks the package index what the repositories offer of each
+	// of names; a name absent from the map is unknown to it. It changes
+	// nothing.
+	Offers(ctx context.Context, o PackageOptions, names ...string) (map[string]Offer, error)
+	// RefreshIndex fetches the repositories' indexes again (apt-get
+	// update; dnf makecache --refresh).
+	RefreshIndex(ctx context.Context, o PackageOptions) error
+	// Apply makes the changes of c in as few runs of the package manager
+	// as it can: one removal run, one purge run, one install run. It
+	// returns the managers' output.
+	Apply(ctx context.Context, c PackageChange) (string, error)
+	// PackageFileName reads the name of the package a package file holds
+	// (path is inside the root).
+	PackageFileName(ctx context.Context, path string) (string, error)
+}
+
+// PackageOptions are a package state's options that reach the manager.
+type PackageOptions struct {
+	// Repo restricts installs to one repository: apt's target release
+	// (-t), dnf's and yum's only enabled repository.
+	Repo string
+	// NoVerify installs packages whose signatures cannot be verified
+	// (apt --allow-unauthenticated, dnf --nogpgcheck).
+	NoVerify bool
+}
+
+// Offer is what the repositories offer of one package.
+type Offer struct {
+	// Candidate is the version a plain install would install ("" when
+	// none would be).
+	Candidate string
+	// Versions is every version offered.
+	Versions []string
+	// Virtual: the index knows the name but offers no version of it:
+	// other packages provide it (apt installs one of them).
+	Virtual bool
+}
+
+// PackageTarget is one package to install: from a repository (Version is
+// an exact version, or "" for the candidate) or from a package file
+// (File, a path inside the root).
+type PackageTarget struct {
+	Name    string
+	Version string
+	File    string
+	// Downgrade: Version is older than the installed one.
+	Downgrade bool
+}
+
+// PackageChange is what one package state changes.
+type PackageChange struct {
+	PackageOptions
+	Install []PackageTarget
+	Remove  []string
+	Purge   []string
+	// DebconfFile (apt) is loaded with debconf-set-selections before
+	// anything is installed (a path inside the root).
+	DebconfFile string
 }
 
 // NoPackageManagerError says no known package manager is installed below
@@ -136,4 +210,63 @@ func trimOutput(out string) string {
 		return "…" + cut
 	}
 	return out
+}
+
+// PackageError is a run of the package manager that failed: the reasons
+// it gave (its error lines) on one line for the state's comment, its
+// whole output apart for the state's output.
+type PackageError struct {
+	Command  string // "apt-get install", "dnf remove"
+	ExitCode int
+	Reason   string
+	Output   string
+}
+
+func (e *PackageError) Error() string {
+	if e.Reason == "" {
+		return fmt.Sprintf("%s failed with exit code %d", e.Command, e.ExitCode)
+	}
+	return fmt.Sprintf("%s failed: %s", e.Command, e.Reason)
+}
+
+// maxReason bounds the reasons quoted in a PackageError.
+const maxReason = 600
+
+// packageError turns a failed run (a *ToolError) of tool doing action
+// into a *PackageError; other errors are returned as they are.
+func packageError(tool, action string, err error) error {
+	var te *ToolError
+	if !errors.As(err, &te) {
+		return err
+	}
+	var reasons []string
+	first := ""
+	for _, l := range strings.Split(te.Output, "\n") {
+		l = strings.TrimSpace(l)
+		if l == "" {
+			continue
+		}
+		if first == "" {
+			first = l
+		}
+		if strings.HasPrefix(l, "You have enabled checking of packages via GPG keys") {
+			// dnf's explanation, followed by a dump of the repository.
+			reasons = append(reasons, "packages are to be checked against GPG keys, and no key is imported (import the repository's key first, e.g. with linux.rpm.key)")
+			break
+		}
+		for _, prefix := range []string{"E: ", "Error: ", "error: ", "No match for argument", "Problem: ", "Error:"} {
+			if strings.HasPrefix(l, prefix) {
+				reasons = append(reasons, strings.TrimPrefix(l, "E: "))
+				break
+			}
+		}
+	}
+	reason := strings.Join(reasons, "; ")
+	if reason == "" {
+		reason = first
+	}
+	if len(reason) > maxReason {
+		reason = textcut.Prefix(reason, maxReason) + "…"
+	}
+	return &PackageError{Command: strings.TrimSpace(tool + " " + action), ExitCode: te.ExitCode, Reason: reason, Output: te.Output}
 }

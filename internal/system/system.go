@@ -23,7 +23,9 @@ import (
 	"log/slog"
 	"os"
 	"path"
+	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/visualops/opsagent/internal/fsutil"
@@ -252,6 +254,9 @@ type Cmd struct {
 	Timeout time.Duration
 	// Stderr, when set, receives the standard error apart (see proc.Cmd).
 	Stderr io.Writer
+	// Credential runs the tool as this uid/gid (nil: as the agent). Ids
+	// are the root's: the process changes root first, then credentials.
+	Credential *syscall.Credential
 }
 
 // ToolError is a tool that ran and failed; its output is kept for the
@@ -318,6 +323,7 @@ func (h *Host) procCmd(toolPath string, c Cmd) proc.Cmd {
 		OutputLimit: h.opts.OutputLimit,
 		KillGrace:   h.opts.KillGrace,
 		Timeout:     c.Timeout,
+		Credential:  c.Credential,
 	}
 	if h.Chrooted() {
 		pc.Chroot = h.opts.Root.Dir()
@@ -328,14 +334,26 @@ func (h *Host) procCmd(toolPath string, c Cmd) proc.Cmd {
 // env is the environment of a system tool: the agent's, with a PATH of
 // the root's own and the settings that keep package managers from asking
 // questions or translating the output the agent reads.
+//
+// Below a root other than "/" only the proxy settings pass from the
+// agent's environment: the rest describes the machine running the agent
+// (its HOME, its PIP_*, npm_config_* or GEM_* settings), not the system
+// in the root, whose tools must read the root's own configuration.
 func (h *Host) env(extra []string) []string {
 	env := make([]string, 0, len(os.Environ())+8)
 	for _, kv := range os.Environ() {
-		switch key, _, _ := cutEnv(kv); key {
+		key, _, _ := cutEnv(kv)
+		switch key {
 		case "PATH", "LANG", "LANGUAGE", "LC_ALL", "DEBIAN_FRONTEND", "DEBCONF_NONINTERACTIVE_SEEN", "APT_LISTCHANGES_FRONTEND", "NEEDRESTART_MODE":
 			continue
 		}
+		if h.Chrooted() && !proxyVar(key) {
+			continue
+		}
 		env = append(env, kv)
+	}
+	if h.Chrooted() {
+		env = append(env, "HOME=/root")
 	}
 	env = append(env,
 		"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
@@ -347,6 +365,16 @@ func (h *Host) env(extra []string) []string {
 	)
 	env = append(env, h.opts.Env...)
 	return append(env, extra...)
+}
+
+// proxyVar reports whether key is a proxy setting, which holds for the
+// network the tools reach whatever root they run in.
+func proxyVar(key string) bool {
+	switch strings.ToLower(key) {
+	case "http_proxy", "https_proxy", "ftp_proxy", "no_proxy", "all_proxy":
+		return true
+	}
+	return false
 }
 
 func cutEnv(kv string) (string, string, bool) {

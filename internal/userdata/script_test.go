@@ -91,8 +91,9 @@ func newFixture(t *testing.T, fakeExit int) *fixture {
 	f.record, f.pwned = filepath.Join(dir, "install-args"), filepath.Join(dir, "pwned")
 	// The fake notes its session first, then its arguments (what the
 	// tests wait for).
-	fake := fmt.Sprintf("#!/bin/bash\nread -r -a st </proc/$$/stat\necho \"${st[5]}\" >%s\nprintf '%%s\\0' \"$@\" >%s\nexit %d\n",
-		shellQuote(f.record+".sid"), shellQuote(f.record), fakeExit)
+	// It also notes the ENROLL_SECRET it got through its environment.
+	fake := fmt.Sprintf("#!/bin/bash\nread -r -a st </proc/$$/stat\necho \"${st[5]}\" >%s\nprintf '%%s' \"${ENROLL_SECRET-(unset)}\" >%s\nprintf '%%s\\0' \"$@\" >%s\nexit %d\n",
+		shellQuote(f.record+".sid"), shellQuote(f.record+".secret"), shellQuote(f.record), fakeExit)
 	tgz := buildTarball(t, fake)
 	f.srv = newReleaseServer(t, "2.1", tgz)
 	sum := sha256.Sum256(tgz)
@@ -186,7 +187,7 @@ func (f *fixture) run(mode string) (int, string) {
 func (f *fixture) wantArgs() []string {
 	p := f.params
 	args := []string{"install", "--ws-uri", p.WSURI, "--app-id", p.AppID, "--version", p.Version,
-		"--base-remote", p.BaseRemote, "--root", f.root, "--start", "--pubkey", p.PubKey, "--enroll-secret", p.EnrollSecret}
+		"--base-remote", p.BaseRemote, "--root", f.root, "--start", "--pubkey", p.PubKey}
 	for _, s := range p.Set {
 		args = append(args, "--set", s)
 	}
@@ -292,6 +293,9 @@ func (f *fixture) checkInstalled() {
 	f.t.Helper()
 	if got, want := f.installArgs(), f.wantArgs(); !slices.Equal(got, want) {
 		f.t.Errorf("install ran with\n%q\nwant\n%q", got, want)
+	}
+	if got, _ := os.ReadFile(f.record + ".secret"); string(got) != f.params.EnrollSecret {
+		f.t.Errorf("install got ENROLL_SECRET %q in its environment, want %q", got, f.params.EnrollSecret)
 	}
 }
 
@@ -516,4 +520,106 @@ func TestRunRefuses(t *testing.T) {
 			t.Errorf("%d downloads for an unsupported machine", n)
 		}
 	})
+}
+
+// recordingTools makes a PATH directory in which every command the script
+// runs is a wrapper that appends its argv (NUL-separated, a newline after
+// each command) to log and then runs the real command.
+func recordingTools(t *testing.T, log string) string {
+	dir := t.TempDir()
+	for _, name := range []string{"cat", "chmod", "curl", "date", "gzip", "mkdir", "mktemp", "nohup", "openssl",
+		"rm", "rmdir", "setsid", "sha256sum", "sleep", "tar", "tee", "uname", "wget"} {
+		real, err := exec.LookPath(name)
+		if err != nil {
+			continue
+		}
+		wrapper := fmt.Sprintf("#!/bin/bash\nprintf '%%s\\0' %s \"$@\" >>%s\necho >>%s\nexec %s \"$@\"\n",
+			shellQuote(name), shellQuote(log), shellQuote(log), shellQuote(real))
+		if err := os.WriteFile(filepath.Join(dir, name), []byte(wrapper), 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return dir
+}
+
+// The enrollment secret never appears in a process's arguments (which
+// every local user sees in ps) nor in bootstrap.log: install gets it
+// through its environment.
+func TestSecretNeverInArgv(t *testing.T) {
+	for _, mode := range []string{"file", "pipe"} {
+		t.Run(mode, func(t *testing.T) {
+			f := newFixture(t, 0)
+			f.params.EnrollSecret = "es-7f3c9b2a-$(id)-'quoted' \\ end"
+			argvLog := filepath.Join(t.TempDir(), "argv")
+			f.env["PATH"] = recordingTools(t, argvLog) + ":" + f.env["PATH"]
+			if mode == "pipe" {
+				// Detached, as at boot: the background part runs the work.
+				delete(f.env, "OPSAGENT_FOREGROUND")
+			}
+			code, stderr := f.run(mode)
+			if code != 0 {
+				t.Fatalf("exit %d; stderr:\n%s", code, stderr)
+			}
+			waitFor(t, "the install to finish", func() bool { return strings.Contains(f.log(), "opsagent install succeeded") })
+			f.checkInstalled()
+			for _, a := range f.installArgs() {
+				if strings.Contains(a, f.params.EnrollSecret) {
+					t.Errorf("install's argv carries the secret: %q", f.installArgs())
+				}
+			}
+			recorded, err := os.ReadFile(argvLog)
+			if err != nil || !strings.Contains(string(recorded), "curl") && !strings.Contains(string(recorded), "wget") {
+				t.Fatalf("the wrappers recorded nothing (%v): %q", err, recorded)
+			}
+			if strings.Contains(string(recorded), f.params.EnrollSecret) {
+				t.Errorf("a command's argv carries the secret:\n%q", recorded)
+			}
+			if strings.Contains(f.log(), f.params.EnrollSecret) || strings.Contains(stderr, f.params.EnrollSecret) {
+				t.Errorf("the secret was logged:\n%s", f.log())
+			}
+		})
+	}
+}
+
+// A symlink where the script writes its log, or downloads, stops it
+// before it writes anything through the link.
+func TestRunRefusesLinks(t *testing.T) {
+	for _, p := range []string{"var/log/visualops", "var/log/visualops/bootstrap.log", "var/log", "opt/visualops"} {
+		t.Run(p, func(t *testing.T) {
+			f := newFixture(t, 0)
+			outside := t.TempDir()
+			victim := filepath.Join(outside, "bootstrap.log")
+			if err := os.WriteFile(victim, []byte("precious\n"), 0o644); err != nil {
+				t.Fatal(err)
+			}
+			target := outside
+			if strings.HasSuffix(p, ".log") {
+				target = victim
+			}
+			link := filepath.Join(f.root, p)
+			if err := os.MkdirAll(filepath.Dir(link), 0o755); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.Symlink(target, link); err != nil {
+				t.Fatal(err)
+			}
+			code, stderr := f.run("file")
+			if code != 1 || !strings.Contains(stderr, link+" is a symbolic link") {
+				t.Errorf("exit %d, stderr:\n%s", code, stderr)
+			}
+			if args := f.installArgs(); args != nil {
+				t.Errorf("install ran: %q", args)
+			}
+			if data, _ := os.ReadFile(victim); string(data) != "precious\n" {
+				t.Errorf("written through the link: %q", data)
+			}
+			if fi, _ := os.Stat(outside); fi.Mode().Perm() != 0o700 && fi.Mode().Perm() != 0o755 {
+				t.Errorf("the directory outside was chmodded to %04o", fi.Mode().Perm())
+			}
+			entries, _ := os.ReadDir(outside)
+			if len(entries) != 1 {
+				t.Errorf("%d entries outside, want 1", len(entries))
+			}
+		})
+	}
 }

@@ -15,6 +15,7 @@ import (
 	"github.com/visualops/opsagent/internal/archive"
 	"github.com/visualops/opsagent/internal/dist"
 	"github.com/visualops/opsagent/internal/testutil/imds"
+	"github.com/visualops/opsagent/internal/textcut"
 )
 
 // startIMDS serves the instance metadata (IMDSv2) on loopback: the
@@ -93,7 +94,7 @@ func (s *story) follow(n int64, limit time.Duration) error {
 			if l.Comment != nil {
 				c = *l.Comment
 			}
-			fmt.Printf("     StateLog %s %-10s %s\n", mark, l.StateID, firstLine(c, 90))
+			fmt.Printf("     StateLog %s %-10s %s\n", mark, textcut.Printable(l.StateID), firstLine(c, 90))
 			if l.Stdout != nil && strings.TrimSpace(*l.Stdout) != "" {
 				fmt.Printf("                           output: %s\n", firstLine(*l.Stdout, 70))
 			}
@@ -105,10 +106,10 @@ func (s *story) follow(n int64, limit time.Duration) error {
 
 func firstLine(text string, limit int) string {
 	line, _, _ := strings.Cut(strings.TrimSpace(text), "\n")
-	if len(line) > limit {
-		line = line[:limit] + "…"
+	if cut := textcut.Prefix(line, limit); cut != line {
+		line = cut + "…"
 	}
-	return line
+	return textcut.Printable(line)
 }
 
 func (s *story) status() statusfile.Snapshot {

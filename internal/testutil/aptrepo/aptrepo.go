@@ -5,6 +5,7 @@
 package aptrepo
 
 import (
+	"crypto/sha256"
 	"fmt"
 	"net/http"
 	"net/http/httptest"
@@ -15,6 +16,7 @@ import (
 	"strings"
 	"sync/atomic"
 	"testing"
+	"time"
 )
 
 // Package is one .deb to build.
@@ -22,6 +24,8 @@ type Package struct {
 	Name    string
 	Version string // Debian version, e.g. "1.0-1"
 	Depends string // the Depends field, "" for none
+	// Provides is the Provides field (virtual packages), "" for none.
+	Provides string
 	// Files maps an absolute path in the package to its content; a path
 	// under /etc/init.d/ or /usr/bin/, /usr/sbin/ is made executable.
 	Files map[string]string
@@ -33,7 +37,11 @@ type Package struct {
 // Repo is a flat apt repository ("deb URL ./") in a directory.
 type Repo struct {
 	Dir string
-	url string
+	// Suite, when set before the first Add, gives the repository a
+	// Release file naming it (Suite and Codename), so that apt can
+	// target it by name (apt-get -t SUITE).
+	Suite string
+	url   string
 	// Requests counts the HTTP requests served (index fetches, downloads).
 	Requests atomic.Int64
 }
@@ -43,6 +51,9 @@ func New(tb testing.TB) *Repo {
 	tb.Helper()
 	for _, tool := range []string{"dpkg-deb", "dpkg-scanpackages"} {
 		if _, err := exec.LookPath(tool); err != nil {
+			if os.Getenv("OPSAGENT_REQUIRE_RIGS") != "" {
+				tb.Fatalf("aptrepo: %s is not installed (apt-get install dpkg-dev; OPSAGENT_REQUIRE_RIGS is set)", tool)
+			}
 			tb.Skipf("aptrepo: %s is not installed (apt-get install dpkg-dev)", tool)
 		}
 	}
@@ -78,6 +89,9 @@ func (r *Repo) build(tb testing.TB, p Package) {
 	control := fmt.Sprintf("Package: %s\nVersion: %s\nArchitecture: all\nMaintainer: opsagent tests <tests@example.invalid>\nDescription: test package %s\n", p.Name, p.Version, p.Name)
 	if p.Depends != "" {
 		control += "Depends: " + p.Depends + "\n"
+	}
+	if p.Provides != "" {
+		control += "Provides: " + p.Provides + "\n"
 	}
 	write := func(rel, content string, mode os.FileMode) {
 		full := filepath.Join(tree, rel)
@@ -126,6 +140,16 @@ func (r *Repo) Index(tb testing.TB) {
 	}
 	if err := os.WriteFile(filepath.Join(r.Dir, "Packages"), out, 0o644); err != nil {
 		tb.Fatal(err)
+	}
+	if r.Suite != "" {
+		// Unsigned, which the sources line's trusted=yes accepts; apt
+		// needs the index's hash in it.
+		sum := sha256.Sum256(out)
+		release := fmt.Sprintf("Suite: %s\nCodename: %s\nDate: %s\nSHA256:\n %x %d Packages\n",
+			r.Suite, r.Suite, time.Now().UTC().Format(time.RFC1123), sum, len(out))
+		if err := os.WriteFile(filepath.Join(r.Dir, "Release"), []byte(release), 0o644); err != nil {
+			tb.Fatal(err)
+		}
 	}
 }
 

@@ -5,13 +5,17 @@
 package gitserver
 
 import (
+	"net"
 	"net/http/cgi"
 	"net/http/httptest"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
+
+	"github.com/visualops/opsagent/internal/testutil/wait"
 )
 
 // Server serves the bare repositories under Dir at URL/<name>.git.
@@ -89,6 +93,44 @@ func (s *Server) Tag(name, tag string) {
 	s.t.Helper()
 	s.git(s.work(name), "tag", "-f", tag)
 	s.git(s.work(name), "push", "-q", "-f", "origin", "refs/tags/"+tag)
+}
+
+// AnnotatedTag tags the current master with an annotated tag and pushes
+// it.
+func (s *Server) AnnotatedTag(name, tag, msg string) {
+	s.t.Helper()
+	s.git(s.work(name), "tag", "-f", "-a", "-m", msg, tag)
+	s.git(s.work(name), "push", "-q", "-f", "origin", "refs/tags/"+tag)
+}
+
+// Daemon serves the same repositories over the git protocol (git daemon)
+// on loopback for the life of the test, and returns the base URL:
+// repository name is at base + "/" + name + ".git".
+func (s *Server) Daemon() string {
+	s.t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		s.t.Fatal(err)
+	}
+	addr := ln.Addr().(*net.TCPAddr)
+	ln.Close()
+	cmd := exec.Command("git", "daemon", "--export-all", "--reuseaddr", "--base-path="+s.Dir,
+		"--listen=127.0.0.1", "--port="+strconv.Itoa(addr.Port), s.Dir)
+	if err := cmd.Start(); err != nil {
+		s.t.Fatalf("git daemon: %v", err)
+	}
+	s.t.Cleanup(func() {
+		_ = cmd.Process.Kill()
+		_ = cmd.Wait()
+	})
+	wait.Eventually(s.t, "git daemon listening on "+addr.String(), func() bool {
+		c, err := net.Dial("tcp", addr.String())
+		if err == nil {
+			c.Close()
+		}
+		return err == nil
+	})
+	return "git://" + addr.String()
 }
 
 // Branch pushes the current master as another branch.

@@ -4,11 +4,13 @@
 package imds
 
 import (
+	"encoding/json"
 	"net/http"
 	"net/http/httptest"
 	"sync"
 	"sync/atomic"
 	"testing"
+	"time"
 )
 
 // Server is a fake metadata service.
@@ -21,7 +23,23 @@ type Server struct {
 	mu         sync.Mutex
 	userdata   string
 	instanceID string
+	role       string       // the instance role's name, "" for none
+	roleCreds  []byte       // its credentials, as EC2 serves them
 	Reads      atomic.Int64 // userdata requests answered
+	RoleReads  atomic.Int64 // role credential requests answered
+}
+
+// SetRole gives the instance an IAM role whose temporary credentials are
+// accessKey, secretKey and sessionToken, served where EC2 serves them.
+func (s *Server) SetRole(name, accessKey, secretKey, sessionToken string) {
+	data, _ := json.Marshal(map[string]string{
+		"Code": "Success", "Type": "AWS-HMAC", "LastUpdated": time.Now().UTC().Format(time.RFC3339),
+		"AccessKeyId": accessKey, "SecretAccessKey": secretKey, "Token": sessionToken,
+		"Expiration": time.Now().Add(6 * time.Hour).UTC().Format(time.RFC3339),
+	})
+	s.mu.Lock()
+	s.role, s.roleCreds = name, data
+	s.mu.Unlock()
 }
 
 const token = "test-imds-token"
@@ -67,6 +85,19 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	switch r.URL.Path {
 	case "/latest/meta-data/instance-id":
 		_, _ = w.Write([]byte(s.instanceID))
+	case "/latest/meta-data/iam/security-credentials/":
+		if s.role == "" {
+			http.NotFound(w, r)
+			return
+		}
+		_, _ = w.Write([]byte(s.role))
+	case "/latest/meta-data/iam/security-credentials/" + s.role:
+		if s.role == "" {
+			http.NotFound(w, r)
+			return
+		}
+		s.RoleReads.Add(1)
+		_, _ = w.Write(s.roleCreds)
 	case "/latest/user-data":
 		s.Reads.Add(1)
 		if s.userdata == "" {
