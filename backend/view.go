@@ -250,33 +250,54 @@ func (s *Server) applyApp(ev kvEvent) func() {
 	}
 	type push struct {
 		c      *agentConn
-		frames [][]byte
+		frames []*websocket.PreparedMessage
 	}
 	var pushes []push
-	recipe, _ := protocol.Encode(a.recipe())
+	// The recipe and the update offer are framed once for all the agents
+	// (a recipe of thousands of states, to thousands of agents).
+	var recipe, update *websocket.PreparedMessage
+	if newRecipe && a.RecipeVersion > 0 {
+		recipe = prepare(a.recipe())
+	}
+	if newUpdate {
+		update = prepare(a.Update)
+	}
 	for _, c := range targets {
-		var frames [][]byte
-		if newRecipe && a.RecipeVersion > 0 {
+		var frames []*websocket.PreparedMessage
+		if recipe != nil {
 			frames = append(frames, recipe)
 			c.recipeVersion.Store(a.RecipeVersion)
 			for _, w := range a.releasedFor(c.instance) {
-				f, _ := protocol.Encode(&protocol.StatePush{RecipeVersion: a.RecipeVersion, StateID: w})
-				frames = append(frames, f)
+				frames = append(frames, prepare(&protocol.StatePush{RecipeVersion: a.RecipeVersion, StateID: w}))
 			}
 		}
-		if newUpdate && c.agentVersion != a.Update.Version {
-			f, _ := protocol.Encode(a.Update)
-			frames = append(frames, f)
+		if update != nil && c.agentVersion != a.Update.Version {
+			frames = append(frames, update)
 		}
 		pushes = append(pushes, push{c, frames})
 	}
 	return func() {
 		for _, p := range pushes {
 			for _, f := range p.frames {
-				p.c.send(f)
+				if f != nil {
+					p.c.sendPrepared(f)
+				}
 			}
 		}
 	}
+}
+
+// prepare frames a message for sendPrepared; nil if it cannot be encoded.
+func prepare(m protocol.Message) *websocket.PreparedMessage {
+	frame, err := protocol.Encode(m)
+	if err != nil {
+		return nil
+	}
+	pm, err := websocket.NewPreparedMessage(websocket.TextMessage, frame)
+	if err != nil {
+		return nil
+	}
+	return pm
 }
 
 // applyInstance takes an enrollment, a revocation (which disconnects the

@@ -8,6 +8,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"sort"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -156,6 +157,43 @@ type setup struct {
 	api   *benchProc
 	procs []*benchProc
 	stop  func()
+	pids  []int // every process of the setup: backends, nats-servers
+}
+
+// settle waits until the setup's processes are idle (their CPU time grows
+// by under a tenth of the wall time over half a second, for at most a
+// minute): what connecting agents set off (presence, log stream fences,
+// the watches that carry them to every replica) is done, so that a
+// measurement starts from a quiet fleet, as a recipe put usually does.
+func (s *setup) settle(b *testing.B) {
+	b.Helper()
+	const window = 500 * time.Millisecond
+	cpu := func() time.Duration {
+		var ticks int64
+		for _, pid := range s.pids {
+			data, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+			if err != nil {
+				b.Fatal(err)
+			}
+			// Fields after the command's closing parenthesis; utime and
+			// stime are the 14th and 15th of the line.
+			f := strings.Fields(string(data[bytes.LastIndexByte(data, ')')+2:]))
+			u, _ := strconv.ParseInt(f[11], 10, 64)
+			st, _ := strconv.ParseInt(f[12], 10, 64)
+			ticks += u + st
+		}
+		return time.Duration(ticks) * 10 * time.Millisecond // USER_HZ is 100 on Linux
+	}
+	deadline := time.Now().Add(time.Minute)
+	for before := cpu(); time.Now().Before(deadline); {
+		time.Sleep(window)
+		after := cpu()
+		if after-before < window/10 {
+			return
+		}
+		before = after
+	}
+	b.Logf("%s: still busy after a minute; measuring anyway", s.name)
 }
 
 // setups starts the backends to compare, one at a time (each is stopped
@@ -165,20 +203,21 @@ func setups(b *testing.B, each func(s *setup)) {
 	raiseNoFile()
 	if bin := baseline(b); bin != "" {
 		p := startBin(b, bin, "--data", b.TempDir())
-		each(&setup{name: "before", addrs: []string{p.addr}, api: p, procs: []*benchProc{p}, stop: p.kill})
+		each(&setup{name: "before", addrs: []string{p.addr}, api: p, procs: []*benchProc{p}, stop: p.kill, pids: []int{p.cmd.Process.Pid}})
 		p.kill()
 	}
 	p := startBin(b, binary, "--data", b.TempDir())
-	each(&setup{name: "embedded", addrs: []string{p.addr}, api: p, procs: []*benchProc{p}, stop: p.kill})
+	each(&setup{name: "embedded", addrs: []string{p.addr}, api: p, procs: []*benchProc{p}, stop: p.kill, pids: []int{p.cmd.Process.Pid}})
 	p.kill()
 	c := natscluster.Start(b, 3)
 	var procs []*benchProc
 	var addrs []string
+	pids := c.Pids()
 	for range 3 {
 		p := startBin(b, binary, "--data", b.TempDir(), "--nats", c.URLs(), "--nats-replicas", "3")
-		procs, addrs = append(procs, p), append(addrs, p.addr)
+		procs, addrs, pids = append(procs, p), append(addrs, p.addr), append(pids, p.cmd.Process.Pid)
 	}
-	each(&setup{name: "replicas", addrs: addrs, api: procs[0], procs: procs, stop: func() {
+	each(&setup{name: "replicas", addrs: addrs, api: procs[0], procs: procs, pids: pids, stop: func() {
 		for _, p := range procs {
 			p.kill()
 		}
@@ -239,7 +278,7 @@ func BenchmarkFleetFanout(b *testing.B) {
 					s.api.api(b, "PUT", "/api/apps/fan/recipe", `{"state":[]}`)
 					agents, stop := simFleetStop(b, "fan", n, s.addrs...)
 					connectAll(b, agents, 1)
-					time.Sleep(300 * time.Millisecond) // presence and settling
+					s.settle(b)
 					begin := time.Now()
 					s.api.api(b, "PUT", "/api/apps/fan/recipe", `{"state":[{"id":"s","module":"meta.comment"}]}`)
 					lat := make([]time.Duration, n)

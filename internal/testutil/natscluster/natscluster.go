@@ -180,6 +180,15 @@ func (c *Cluster) URLs() string {
 	return strings.Join(urls, ",")
 }
 
+// Pids is the process id of every node (benchmarks watch their CPU time).
+func (c *Cluster) Pids() []int {
+	var pids []int
+	for _, n := range c.Nodes {
+		pids = append(pids, n.cmd.Process.Pid)
+	}
+	return pids
+}
+
 func (c *Cluster) start(n *Node) {
 	c.tb.Helper()
 	n.cmd = exec.Command(c.bin, "-c", c.conf)
