@@ -84,7 +84,7 @@ func newAPIAuth(ctx context.Context, dir, configured string, st *natsStore) (aut
 func sharedAPIToken(ctx context.Context, st *natsStore, candidate string) (string, error) {
 	ctx, cancel := opCtx(ctx)
 	defer cancel()
-	e, err := st.meta.Get(ctx, metaAPIToken)
+	e, err := kvGet(ctx, st.meta, metaAPIToken)
 	if err == nil {
 		return string(e.Value()), nil
 	}

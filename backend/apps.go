@@ -88,7 +88,7 @@ func (s *Server) create(ctx context.Context, id string) (*appState, error) {
 // (ahead of the watch).
 func (s *Server) refresh(ctx context.Context, id string) error {
 	cctx, cancel := opCtx(ctx)
-	e, err := s.st.apps.Get(cctx, esc(id))
+	e, err := kvGet(cctx, s.st.apps, esc(id))
 	cancel()
 	if err != nil {
 		return fmt.Errorf("bucket %s: %w", bucketApps, err)

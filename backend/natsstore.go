@@ -286,6 +286,16 @@ func retrying(ctx context.Context, fn func(ctx context.Context) error) error {
 	}
 }
 
+// kvGet reads a key, again while the cluster answers transiently: a
+// bucket whose leader is being elected, or whose leader's interest has not
+// reached the node this replica talks to yet ("no responders", seen on a
+// cluster just formed). A read is safe to repeat; writes are retried by
+// the client, on no responders only.
+func kvGet(ctx context.Context, kv jetstream.KeyValue, key string) (e jetstream.KeyValueEntry, err error) {
+	err = retrying(ctx, func(ctx context.Context) (err error) { e, err = kv.Get(ctx, key); return err })
+	return e, err
+}
+
 // isWrongLast reports a failed optimistic-concurrency check: a KV revision
 // or a fence that moved (10071), or a concurrent write to the same subject
 // on a replicated stream (10164).
@@ -332,7 +342,7 @@ func (st *natsStore) createApp(ctx context.Context, id, secret string) (appRecor
 	rec := appRecord{AppID: id, States: []stateJSON{}}
 	ctx, cancel := opCtx(ctx)
 	defer cancel()
-	if _, err := st.apps.Get(ctx, esc(id)); err == nil {
+	if _, err := kvGet(ctx, st.apps, esc(id)); err == nil {
 		return rec, 0, errAppExists
 	} else if !errors.Is(err, jetstream.ErrKeyNotFound) {
 		return rec, 0, fmt.Errorf("bucket %s: %w", bucketApps, err)
@@ -358,8 +368,7 @@ func (st *natsStore) createApp(ctx context.Context, id, secret string) (appRecor
 func (st *natsStore) getApp(ctx context.Context, id string) (appRecord, uint64, error) {
 	ctx, cancel := opCtx(ctx)
 	defer cancel()
-	var e jetstream.KeyValueEntry
-	err := retrying(ctx, func(ctx context.Context) (err error) { e, err = st.apps.Get(ctx, esc(id)); return err })
+	e, err := kvGet(ctx, st.apps, esc(id))
 	if errors.Is(err, jetstream.ErrKeyNotFound) {
 		return appRecord{}, 0, errNoApp
 	}
@@ -412,7 +421,7 @@ func (st *natsStore) putSecret(ctx context.Context, app, secret string) (uint64,
 func (st *natsStore) secretOf(ctx context.Context, app string) (string, uint64, error) {
 	ctx, cancel := opCtx(ctx)
 	defer cancel()
-	e, err := st.secrets.Get(ctx, esc(app))
+	e, err := kvGet(ctx, st.secrets, esc(app))
 	if err == nil {
 		return string(e.Value()), e.Revision(), nil
 	}
@@ -449,7 +458,7 @@ func (st *natsStore) enroll(ctx context.Context, app, instance, hash string) (re
 	if !errors.Is(err, jetstream.ErrKeyExists) {
 		return rec, 0, false, fmt.Errorf("bucket %s: %w", bucketInstances, err)
 	}
-	e, err := st.instances.Get(ctx, instanceKey(app, instance))
+	e, err := kvGet(ctx, st.instances, instanceKey(app, instance))
 	if err != nil {
 		return rec, 0, false, fmt.Errorf("bucket %s: %w", bucketInstances, err)
 	}
@@ -518,7 +527,7 @@ func (st *natsStore) relayDone(ctx context.Context, app string, version int64, w
 		cctx, cancel := opCtx(ctx)
 		var rec relayRecord
 		var rev uint64
-		e, err := st.relay.Get(cctx, key)
+		e, err := kvGet(cctx, st.relay, key)
 		switch {
 		case err == nil:
 			rev = e.Revision()

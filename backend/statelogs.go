@@ -765,7 +765,7 @@ type streamSummary struct {
 
 func (st *natsStore) summary(ctx context.Context, app, instance, stream string) (streamSummary, error) {
 	var sum streamSummary
-	e, err := st.logstreams.Get(ctx, summaryKey(app, instance, stream))
+	e, err := kvGet(ctx, st.logstreams, summaryKey(app, instance, stream))
 	if errors.Is(err, jetstream.ErrKeyNotFound) {
 		return sum, nil
 	}
@@ -883,7 +883,7 @@ func (w *summaryWriter) write(key string, s streamSummary) error {
 		if prev, ok := w.written.Load(key); ok {
 			rev, s = prev.(writtenSummary).rev, s.merge(prev.(writtenSummary).sum)
 		} else {
-			e, err := kv.Get(ctx, key)
+			e, err := kvGet(ctx, kv, key)
 			switch {
 			case err == nil:
 				var stored streamSummary
