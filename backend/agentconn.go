@@ -393,6 +393,7 @@ func (s *Server) handshake(c *agentConn, m *protocol.Handshake, remote string) h
 		go func() { <-w.done; s.writers.Done() }()
 		c.ack(c.logStream, high)
 	}
+	s.freshen(m.AppID)
 	s.mu.Lock()
 	if s.closed {
 		s.mu.Unlock()
@@ -414,6 +415,24 @@ func (s *Server) handshake(c *agentConn, m *protocol.Handshake, remote string) h
 		c.send(f)
 	}
 	return hsRegistered
+}
+
+// freshen reads the app's record from the store into the view before a
+// Handshake is welcomed. The view may lag the store (its watch catching
+// up after the NATS node it used went away, or after a restart): an agent
+// that got a newer recipe through another replica would be sent an older
+// one, run it again and drop the StateLogs it had queued for the newer
+// (the agent drops those of a replaced recipe). When the store does not
+// answer within handshakeStorageWait the view serves as it is.
+func (s *Server) freshen(app string) {
+	ctx, cancel := context.WithTimeout(context.Background(), handshakeStorageWait)
+	defer cancel()
+	e, err := kvGet(ctx, s.st.apps, esc(app))
+	if err != nil {
+		s.log.Debug("cannot read the app's record at a Handshake; the view serves", "app_id", app, "err", err)
+		return
+	}
+	s.apply(eventOf(bucketApps, e))
 }
 
 // handshakeStorageWait bounds the storage work a Handshake waits for

@@ -7,6 +7,8 @@ import (
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/visualops/opsagent/internal/testutil/natscluster"
 )
 
 // flakyKV answers its first fails Gets with "no responders", as a cluster
@@ -38,5 +40,32 @@ func TestReadsRetryNoResponders(t *testing.T) {
 	}
 	if apps.fails.Load() >= 0 || secrets.fails.Load() >= 0 {
 		t.Fatalf("the reads were not all made: %d, %d failures left", apps.fails.Load(), secrets.fails.Load())
+	}
+}
+
+// TestHandshakeAfterAStaleView: a replica whose view lags the store (its
+// watch stopped here; after a NATS node's loss it catches up only later)
+// welcomes an agent with the recipe stored, not with the older one it
+// holds: the agent may have the newer one from another replica, and would
+// run the older again and drop the StateLogs queued for the newer.
+func TestHandshakeAfterAStaleView(t *testing.T) {
+	c := natscluster.Start(t, 1)
+	var r []*env
+	for range 2 {
+		r = append(r, newEnv(t, "", func(o *Options) { o.NATS.URLs = []string{c.Nodes[0].URL()} }))
+	}
+	a, b := r[0], r[1]
+	if code, out := a.api("PUT", "/api/apps/stale/recipe", recipeJSON); code != 200 {
+		t.Fatalf("PUT on A: %d %v", code, out)
+	}
+	secret := a.secret("stale")
+	b.handshake(identity("i-1", "stale", tok("one"), "2.1", secret)).expectRecipe()
+	b.srv.stopWatch()
+	b.srv.watchDone.Wait()
+	if code, out := a.api("PUT", "/api/apps/stale/recipe", `{"state":[{"id":"v2","module":"meta.comment"}]}`); code != 200 {
+		t.Fatalf("second PUT on A: %d %v", code, out)
+	}
+	if got := b.handshake(identity("i-2", "stale", tok("two"), "2.1", secret)).expectRecipe(); got.RecipeVersion != 2 {
+		t.Fatalf("B welcomed an agent with recipe version %d, want 2 (the one stored)", got.RecipeVersion)
 	}
 }
