@@ -77,9 +77,13 @@ $(VERSITYGW):
 	mv $(TOOLS)/versitygw $(VERSITYGW)
 
 ## bench: benchmarks, figures printed (never asserted); one package at a
-## time (-p 1) so that packages do not skew each other's timings
+## time (-p 1) so that packages do not skew each other's timings. Some of
+## them: BENCH='BenchmarkFleet(Fanout|Ingest|WaitRelay|Failover)' BENCHPKGS=./e2e/
+## (the backend replicas on NATS beside the single-process backend).
+BENCH       ?= .
+BENCHPKGS   ?= ./...
 bench:
-	$(GO) test -p 1 -run '^$$' -bench . -benchmem -benchtime $(BENCHTIME) -timeout 30m ./...
+	$(GO) test -p 1 -run '^$$' -bench '$(BENCH)' -benchmem -benchtime $(BENCHTIME) -timeout 30m $(BENCHPKGS)
 
 ## fuzz: run every fuzz target for FUZZTIME each
 fuzz:

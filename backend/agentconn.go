@@ -1,6 +1,8 @@
 package backend
 
 import (
+	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -34,8 +36,12 @@ type agentConn struct {
 	since         time.Time
 	recipeVersion atomic.Int64 // last recipe version sent to it
 	// logStream is the protocol-2 log stream named by the Handshake, or ""
-	// (protocol 1: StateLogs are stored, never acknowledged).
+	// (protocol 1: StateLogs are stored, never acknowledged); writer
+	// stores it (statelogs.go).
 	logStream string
+	logs      *streamWriter
+	// presenceRev is the revision of its presence entry once written.
+	presenceRev atomic.Uint64
 	// storeFailed is set when some of its StateLogs could not be stored:
 	// the connection is being closed and no more of its StateLogs are
 	// stored or acknowledged, so that no acknowledgement covers the lost
@@ -345,9 +351,10 @@ const (
 )
 
 // handshake checks the identity, the app and the token (or, for a new
-// instance, the enrollment secret and the enrollment limit) and registers
-// the connection. Refusals are counted (refusals.go), with the ids
-// clipped until checkIdentity has bounded them.
+// instance, the enrollment secret and the enrollment limit), takes the
+// instance's log stream (protocol 2) and registers the connection.
+// Refusals are counted (refusals.go), with the ids clipped until
+// checkIdentity has bounded them.
 func (s *Server) handshake(c *agentConn, m *protocol.Handshake, remote string) hsResult {
 	if reason := checkIdentity(&m.Identity); reason != "" {
 		s.refusals.add(refBadIdentity, "remote", remote, "instance_id", clip(m.InstanceID), "app_id", clip(m.AppID), "reason", reason)
@@ -368,14 +375,8 @@ func (s *Server) handshake(c *agentConn, m *protocol.Handshake, remote string) h
 			"the backend cannot load this app now (a storage problem on its side); reconnect later", err.Error()})
 	}
 	log := s.log.With("instance_id", m.InstanceID, "app_id", m.AppID)
-	s.mu.Lock()
-	if s.closed {
-		s.mu.Unlock()
-		return refuse(&refusal{refShuttingDown, websocket.CloseGoingAway, "backend shutting down", "backend shutting down"})
-	}
 	firstSeen, r := s.admit(app, m, time.Now())
 	if r != nil {
-		s.mu.Unlock()
 		return refuse(r)
 	}
 	c.app, c.instance, c.agentVersion = m.AppID, m.InstanceID, m.AgentVersion
@@ -383,10 +384,20 @@ func (s *Server) handshake(c *agentConn, m *protocol.Handshake, remote string) h
 		c.initErrors = textcut.Prefix(*m.InitErrors, 4<<10)
 	}
 	if m.ProtocolVersion >= 2 && m.LogStream != "" {
-		// Queued before the connection is registered, so that no broadcast
-		// can come first: the agent tells the protocol by the first frame.
-		c.logStream = m.LogStream
-		c.ack(c.logStream, s.st.HighSeq(c.app, c.instance, c.logStream))
+		w := s.st.openStream(c.app, c.instance, m.LogStream, c)
+		high := w.firstAck(handshakeStorageWait)
+		// Queued before the connection is registered, so that no push can
+		// come first: the agent tells the protocol by the first frame.
+		c.logStream, c.logs = m.LogStream, w
+		s.writers.Add(1)
+		go func() { <-w.done; s.writers.Done() }()
+		c.ack(c.logStream, high)
+	}
+	s.freshen(m.AppID)
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return refuse(&refusal{refShuttingDown, websocket.CloseGoingAway, "backend shutting down", "backend shutting down"})
 	}
 	old := s.register(c)
 	frames := s.welcome(app, c, m.AgentVersion)
@@ -394,6 +405,7 @@ func (s *Server) handshake(c *agentConn, m *protocol.Handshake, remote string) h
 	if old != nil && old != c {
 		old.close(websocket.CloseNormalClosure, "replaced by a newer connection")
 	}
+	go s.announce(c)
 	init := ""
 	if m.InitErrors != nil {
 		init = *m.InitErrors
@@ -405,6 +417,29 @@ func (s *Server) handshake(c *agentConn, m *protocol.Handshake, remote string) h
 	return hsRegistered
 }
 
+// freshen reads the app's record from the store into the view before a
+// Handshake is welcomed. The view may lag the store (its watch catching
+// up after the NATS node it used went away, or after a restart): an agent
+// that got a newer recipe through another replica would be sent an older
+// one, run it again and drop the StateLogs it had queued for the newer
+// (the agent drops those of a replaced recipe). When the store does not
+// answer within handshakeStorageWait the view serves as it is.
+func (s *Server) freshen(app string) {
+	ctx, cancel := context.WithTimeout(context.Background(), handshakeStorageWait)
+	defer cancel()
+	e, err := kvGet(ctx, s.st.apps, esc(app))
+	if err != nil {
+		s.log.Debug("cannot read the app's record at a Handshake; the view serves", "app_id", app, "err", err)
+		return
+	}
+	s.apply(eventOf(bucketApps, e))
+}
+
+// handshakeStorageWait bounds the storage work a Handshake waits for
+// before its first answer: an agent that hears nothing within 2 s takes
+// the backend for a protocol-1 one.
+const handshakeStorageWait = time.Second
+
 // refusal is why admit turned a Handshake away: its kind (refusals.go), a
 // close code, a close reason for the agent and a longer one for the log.
 type refusal struct {
@@ -415,21 +450,40 @@ type refusal struct {
 
 // admit checks a known instance's token, or enrolls a new instance when it
 // presents the app's enrollment secret (or enrollment is open) within the
-// app's enrollment limit. A revoked instance id is refused either way.
-// Called with s.mu held.
+// app's enrollment limit. A revoked instance id is refused either way. The
+// enrollment is a create in the shared bucket: when another replica
+// enrolled the id meanwhile, its record decides.
 func (s *Server) admit(app *appState, m *protocol.Handshake, now time.Time) (firstSeen bool, r *refusal) {
-	if _, revoked := app.Revoked[m.InstanceID]; revoked {
-		return false, &refusal{refRevoked, websocket.ClosePolicyViolation, revokedReason,
-			"instance revoked (POST /api/apps/" + app.AppID + "/instances/" + m.InstanceID + "/admit lets it enroll again)"}
-	}
+	revokedRefusal := &refusal{refRevoked, websocket.ClosePolicyViolation, revokedReason,
+		"instance revoked (POST /api/apps/" + app.AppID + "/instances/" + m.InstanceID + "/admit lets it enroll again)"}
+	mismatch := &refusal{refTokenMismatch, websocket.ClosePolicyViolation, "instance token mismatch", "instance token differs from the one first seen for this instance"}
+	s.mu.Lock()
+	_, revoked := app.Revoked[m.InstanceID]
+	known, seen := app.TokenHashes[m.InstanceID]
+	secret := app.Secret
+	s.mu.Unlock()
 	h := hashToken(m.InstanceToken)
-	if known, seen := app.TokenHashes[m.InstanceID]; seen {
-		if !sameHash(known, h) {
-			return false, &refusal{refTokenMismatch, websocket.ClosePolicyViolation, "instance token mismatch", "instance token differs from the one first seen for this instance"}
-		}
+	switch {
+	case revoked:
+		return false, revokedRefusal
+	case seen && !sameHash(known, h):
+		return false, mismatch
+	case seen:
 		return false, nil
 	}
-	if !s.opts.OpenEnrollment && !enrollmentOK(m.EnrollmentSecret, app.Secret) {
+	if secret == "" && !s.opts.OpenEnrollment {
+		// A crash between the parts of an app, or an import of one without
+		// a secret: it gets one.
+		ctx, cancel := context.WithTimeout(context.Background(), handshakeStorageWait)
+		err := s.refresh(ctx, app.AppID)
+		cancel()
+		if err == nil {
+			s.mu.Lock()
+			secret = app.Secret
+			s.mu.Unlock()
+		}
+	}
+	if !s.opts.OpenEnrollment && !enrollmentOK(m.EnrollmentSecret, secret) {
 		return false, &refusal{refBadSecret, websocket.ClosePolicyViolation, enrollReason,
 			"new instance without the right enrollment secret; the agent needs [userdata] enroll_secret from GET /api/apps/" + app.AppID + "/enrollment"}
 	}
@@ -438,11 +492,21 @@ func (s *Server) admit(app *appState, m *protocol.Handshake, now time.Time) (fir
 		return false, &refusal{refEnrollLimit, websocket.CloseTryAgainLater, s.enroll.reason(),
 			"over the app's enrollment limit: " + s.enroll.reason()}
 	}
-	if err := s.st.AddInstance(app.AppID, m.InstanceID, h); err != nil {
-		return false, &refusal{refStorage, websocket.CloseInternalServerErr, "backend storage error", "cannot store the instance token: " + err.Error()}
+	ctx, cancel := context.WithTimeout(context.Background(), handshakeStorageWait)
+	rec, rev, created, err := s.st.enroll(ctx, app.AppID, m.InstanceID, h)
+	cancel()
+	if err != nil {
+		return false, &refusal{refStorage, websocket.CloseTryAgainLater, "backend storage error; reconnect later", "cannot store the instance token: " + err.Error()}
 	}
-	app.TokenHashes[m.InstanceID] = h
-	return true, nil
+	data, _ := json.Marshal(rec)
+	s.apply(kvEvent{bucket: bucketInstances, key: instanceKey(app.AppID, m.InstanceID), value: data, rev: rev})
+	switch {
+	case rec.RevokedAt != nil:
+		return false, revokedRefusal
+	case !sameHash(rec.SHA256, h):
+		return false, mismatch
+	}
+	return created, nil
 }
 
 // register makes c the live connection of its instance and returns the one
@@ -479,6 +543,9 @@ func (s *Server) welcome(app *appState, c *agentConn, agentVersion string) [][]b
 }
 
 func (s *Server) unregister(c *agentConn) {
+	if c.logs != nil {
+		c.logs.close() // what it was handed is still stored
+	}
 	if c.instance == "" {
 		return
 	}
@@ -497,9 +564,9 @@ func forged(c *agentConn, m *protocol.StateLog) bool {
 }
 
 // stateLog hands a StateLog of the connection's own instance (the reader
-// drops forged ones) to the log writer and goes on reading: the writer
-// stores it durably and, for a protocol-2 connection, acknowledges it
-// (logstore.go). A seq without a log stream cannot be deduplicated: it is
+// drops forged ones) to its log stream's writer and goes on reading: the
+// writer stores it and, for a protocol-2 connection, acknowledges it
+// (statelogs.go). A seq without a log stream cannot be deduplicated: it is
 // kept for the record but not acknowledged.
 func (s *Server) stateLog(c *agentConn, m *protocol.StateLog) {
 	if forged(c, m) {
@@ -507,19 +574,21 @@ func (s *Server) stateLog(c *agentConn, m *protocol.StateLog) {
 	}
 	e := LogEntry{ReceivedAt: time.Now().UTC(), InstanceID: c.instance, AgentSeq: m.Seq, RecipeVersion: m.RecipeVersion,
 		StateID: m.StateID, Result: m.Result, Comment: m.Comment, Stdout: m.Stdout}
-	var ack acker // nil interface, not a nil *agentConn
-	if m.Seq > 0 && c.logStream != "" {
-		e.LogStream, ack = c.logStream, c
-	}
-	if err := s.st.Submit(c.app, e, ack); err != nil {
-		s.log.Error("cannot store a StateLog", "app_id", c.app, "instance_id", c.instance, "err", err)
+	capEntry(&e, s.opts.MaxOutputBytes)
+	if m.Seq > 0 && c.logs != nil {
+		e.LogStream = c.logStream
+		c.logs.submit(e)
+	} else {
+		if err := s.st.publishUnsequenced(c.app, e); err != nil {
+			s.st.logError("cannot store a protocol-1 StateLog (never acknowledged, so it is lost)", "app_id", c.app, "instance_id", c.instance, "err", err)
+		}
 	}
 	if m.Result {
 		s.relay(c.app, c.instance, m.RecipeVersion, m.StateID)
 	}
 }
 
-// ack queues a StateLogAck. It never blocks: the log writer calls it,
+// ack queues a StateLogAck. It never blocks: the stream writer calls it,
 // and a full queue (an agent that reads nothing) is closed from another
 // goroutine, as closing writes a frame.
 func (c *agentConn) ack(stream string, seq int64) {
@@ -542,7 +611,7 @@ func (c *agentConn) ack(stream string, seq int64) {
 
 // refuse closes the connection without acknowledging more: its StateLogs
 // could not all be stored, and the agent sends them again after
-// reconnecting. It never blocks (the log writer calls it).
+// reconnecting. It never blocks (the stream writer calls it).
 func (c *agentConn) refuse(reason string) {
 	if c.storeFailed.CompareAndSwap(false, true) {
 		go c.close(websocket.CloseInternalServerErr, reason)
@@ -553,7 +622,7 @@ func (c *agentConn) refused() bool { return c.storeFailed.Load() }
 
 func (s *Server) waitQuery(c *agentConn, m *protocol.WaitQuery) {
 	s.mu.Lock()
-	app := s.apps[c.app]
+	app := s.view(c.app)
 	wl := &protocol.WaitList{RecipeVersion: m.RecipeVersion, Waited: []protocol.WaitEntry{}}
 	if app.RecipeVersion == m.RecipeVersion {
 		for _, id := range app.releasedFor(c.instance) {

@@ -12,8 +12,6 @@ import (
 	"strings"
 	"time"
 
-	"github.com/gorilla/websocket"
-
 	"github.com/visualops/opsagent/protocol"
 )
 
@@ -153,8 +151,8 @@ func bodyError(w http.ResponseWriter, err error) {
 	apiError(w, http.StatusBadRequest, "%v", err)
 }
 
-// app is the loaded app a route names: 404 when there is none, 503 when
-// it is stored but does not load.
+// app is the app a route names: 404 when there is none, 503 when it is
+// stored but refused.
 func (s *Server) app(w http.ResponseWriter, r *http.Request) (*appState, bool) {
 	id := r.PathValue("app")
 	a, err := s.appFor(id)
@@ -169,19 +167,40 @@ func (s *Server) app(w http.ResponseWriter, r *http.Request) (*appState, bool) {
 	return a, true
 }
 
-// listApps lists loaded apps, and those that failed to load with why.
-func (s *Server) listApps(w http.ResponseWriter, _ *http.Request) {
+// listApps lists the apps, and those whose record does not decode with
+// why. connected counts instances connected to any replica.
+func (s *Server) listApps(w http.ResponseWriter, r *http.Request) {
+	type row struct {
+		id      string
+		version int64
+		n       int
+		failed  error
+	}
+	var rows []row
 	s.mu.Lock()
-	out := []map[string]any{}
 	for _, id := range sortedKeys(s.apps) {
 		a := s.apps[id]
-		out = append(out, map[string]any{"app_id": id, "recipe_version": a.RecipeVersion, "connected": len(s.agents[id]),
-			"log_seq": s.st.LastSeq(id)})
-	}
-	for _, id := range sortedKeys(s.failed) {
-		out = append(out, map[string]any{"app_id": id, "failed": s.failed[id].Error()})
+		switch {
+		case a.failed != nil:
+			rows = append(rows, row{id: id, failed: &appFailure{app: id, err: a.failed}})
+		case a.exists:
+			rows = append(rows, row{id: id, version: a.RecipeVersion, n: s.connectedCount(a)})
+		}
 	}
 	s.mu.Unlock()
+	out := []map[string]any{}
+	for _, rw := range rows {
+		if rw.failed != nil {
+			out = append(out, map[string]any{"app_id": rw.id, "failed": rw.failed.Error()})
+			continue
+		}
+		seq, err := s.st.lastSeq(r.Context(), rw.id)
+		m := map[string]any{"app_id": rw.id, "recipe_version": rw.version, "connected": rw.n, "log_seq": seq}
+		if err != nil {
+			m["log_error"] = err.Error()
+		}
+		out = append(out, m)
+	}
 	writeJSON(w, http.StatusOK, map[string]any{"apps": out})
 }
 
@@ -227,36 +246,35 @@ func (s *Server) putRecipe(w http.ResponseWriter, r *http.Request) {
 	}
 	rec := msg.(*protocol.RecipeMetadata)
 
-	a, err := s.appFor(id)
+	_, err = s.appFor(id)
 	if errors.Is(err, errNoApp) {
-		a, err = s.create(id)
+		_, err = s.create(r.Context(), id)
 	}
 	if err != nil {
 		storageError(w, "cannot store the recipe", err)
 		return
 	}
-	s.mu.Lock()
-	next := *a
-	next.RecipeVersion = a.RecipeVersion + 1
-	next.Module = rec.Module
-	next.States = make([]stateJSON, len(rec.States))
+	states := make([]stateJSON, len(rec.States))
 	for i, st := range rec.States {
-		next.States[i] = stateJSON{ID: st.ID, Module: st.Module, Parameter: st.Parameter}
+		states[i] = stateJSON{ID: st.ID, Module: st.Module, Parameter: st.Parameter}
 	}
-	next.Waits = map[string][]string{} // waits belong to a recipe version
-	next.done, next.stateIDs = nil, nil
-	if err := s.st.SaveApp(&next); err != nil {
-		s.mu.Unlock()
+	// One compare-and-set: two PUTs on two replicas make two versions.
+	stored, rev, err := s.st.updateApp(r.Context(), id, func(a *appRecord) error {
+		a.RecipeVersion++
+		a.Module, a.States = rec.Module, states
+		return nil
+	})
+	if err != nil {
 		storageError(w, "cannot store the recipe", err)
 		return
 	}
-	*a = next
-	frame, _ := protocol.Encode(a.recipe())
-	version := a.RecipeVersion
+	data, _ := json.Marshal(stored)
+	s.apply(kvEvent{bucket: bucketApps, key: esc(id), value: data, rev: rev})
+	s.mu.Lock()
+	n := s.connectedCount(s.view(id))
 	s.mu.Unlock()
-	n := s.broadcast(id, frame, func(c *agentConn) bool { c.recipeVersion.Store(version); return true })
-	s.log.Info("recipe stored and pushed", "app_id", id, "recipe_version", version, "states", len(rec.States), "agents", n)
-	writeJSON(w, http.StatusOK, map[string]any{"app_id": id, "recipe_version": version, "pushed_to": n})
+	s.log.Info("recipe stored; pushed by every replica to its agents", "app_id", id, "recipe_version", stored.RecipeVersion, "states", len(rec.States), "connected", n)
+	writeJSON(w, http.StatusOK, map[string]any{"app_id": id, "recipe_version": stored.RecipeVersion, "pushed_to": n})
 }
 
 func (s *Server) getRecipe(w http.ResponseWriter, r *http.Request) {
@@ -271,16 +289,20 @@ func (s *Server) getRecipe(w http.ResponseWriter, r *http.Request) {
 }
 
 // Instance is one row of GET /api/apps/{app}/instances. The StateLog
-// fields come from in-memory summaries (summary.go), never from the logs.
+// fields come from the log stream summaries, never from the logs.
 type Instance struct {
 	InstanceID string `json:"instance_id"`
 	Connected  bool   `json:"connected"`
+	// Replica names the backend replica holding the connection.
+	Replica string `json:"replica,omitempty"`
 	// RevokedAt is set for a revoked instance: it may not connect until
 	// admitted again (DELETE …/instances/{id}, POST …/{id}/admit).
 	RevokedAt      *time.Time `json:"revoked_at,omitempty"`
 	AgentVersion   string     `json:"agent_version,omitempty"`
 	ConnectedSince *time.Time `json:"connected_since,omitempty"`
-	RecipeVersion  int64      `json:"recipe_version,omitempty"`
+	// RecipeVersion is the last recipe version pushed to it (through
+	// another replica: the app's current one, which every replica pushes).
+	RecipeVersion int64 `json:"recipe_version,omitempty"`
 	// InitErrors is what a connected agent's Handshake reported (a failed
 	// Salt path, a rolled-back update, …).
 	InitErrors   string    `json:"init_errors,omitempty"`
@@ -297,7 +319,11 @@ func (s *Server) listInstances(w http.ResponseWriter, r *http.Request) {
 	if !ok {
 		return
 	}
-	sums := s.st.Summaries(a.AppID)
+	sums, err := s.st.summaries(r.Context(), a.AppID)
+	if err != nil {
+		storageError(w, "cannot read the StateLog summaries", err)
+		return
+	}
 	s.mu.Lock()
 	out := []Instance{}
 	ids := sortedKeys(a.TokenHashes)
@@ -313,10 +339,13 @@ func (s *Server) listInstances(w http.ResponseWriter, r *http.Request) {
 			in.RevokedAt = &at
 		}
 		in.addSummary(sums[id])
-		if c := s.agents[a.AppID][id]; c != nil {
-			since := c.since
-			in.Connected, in.AgentVersion, in.ConnectedSince, in.RecipeVersion = true, c.agentVersion, &since, c.recipeVersion.Load()
-			in.InitErrors = c.initErrors
+		if c, p, ok := s.connectedAt(a, id); ok {
+			since := p.Since
+			in.Connected, in.Replica, in.AgentVersion, in.ConnectedSince, in.InitErrors = true, p.Replica, p.AgentVersion, &since, p.InitErrors
+			in.RecipeVersion = a.RecipeVersion
+			if c != nil {
+				in.RecipeVersion = c.recipeVersion.Load()
+			}
 		}
 		out = append(out, in)
 	}
@@ -345,7 +374,8 @@ func (in *Instance) addSummary(sum instSummary) {
 // following page (?after=next; after when the page is empty). more is true
 // when the page ended before the last stored StateLog (cut by limit or by
 // size): ask again at once. When it is false the client has caught up;
-// StateLogs stored later come with the same cursor.
+// StateLogs stored later come with the same cursor. Seqs are the app's
+// StateLog stream seqs: they grow, with gaps.
 func (s *Server) getLogs(w http.ResponseWriter, r *http.Request) {
 	if _, ok := s.app(w, r); !ok {
 		return
@@ -367,9 +397,9 @@ func (s *Server) getLogs(w http.ResponseWriter, r *http.Request) {
 		}
 		limit = n
 	}
-	logs, more, err := s.st.ReadLogs(r.PathValue("app"), after, limit, maxPageBytes)
+	logs, more, err := s.st.readLogs(r.Context(), r.PathValue("app"), after, limit, maxPageBytes)
 	if err != nil {
-		apiError(w, http.StatusInternalServerError, "cannot read the logs: %v", err)
+		storageError(w, "cannot read the logs", err)
 		return
 	}
 	next := after
@@ -379,6 +409,9 @@ func (s *Server) getLogs(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, map[string]any{"logs": logs, "next": next, "more": more})
 }
 
+// postWait releases a wait for one instance: stored, then pushed by
+// whichever replica holds the instance. pushed reports that the instance
+// is connected (to any replica).
 func (s *Server) postWait(w http.ResponseWriter, r *http.Request) {
 	a, ok := s.app(w, r)
 	if !ok {
@@ -400,30 +433,27 @@ func (s *Server) postWait(w http.ResponseWriter, r *http.Request) {
 		apiError(w, http.StatusBadRequest, "field state_id: missing or empty")
 		return
 	}
+	inst, state := *body.InstanceID, *body.StateID
+	if inst == allInstances {
+		apiError(w, http.StatusBadRequest, "field instance_id: %q is not an instance id", inst)
+		return
+	}
 	s.mu.Lock()
-	next := *a
-	next.Waits = map[string][]string{}
-	for k, v := range a.Waits {
-		next.Waits[k] = v
-	}
-	already := false
-	for _, id := range next.Waits[*body.InstanceID] {
-		already = already || id == *body.StateID
-	}
+	version, already := a.RecipeVersion, a.released(inst, state)
+	s.mu.Unlock()
 	if !already {
-		next.Waits[*body.InstanceID] = append(append([]string(nil), next.Waits[*body.InstanceID]...), *body.StateID)
-		if err := s.st.SaveApp(&next); err != nil {
-			s.mu.Unlock()
+		rev, err := s.st.releaseWait(r.Context(), a.AppID, version, inst, state)
+		if err != nil {
 			storageError(w, "cannot store the wait", err)
 			return
 		}
-		*a = next
+		data, _ := json.Marshal(waitRecord{RecipeVersion: version})
+		s.apply(kvEvent{bucket: bucketWaits, key: waitKey(a.AppID, inst, state), value: data, rev: rev})
 	}
-	version := a.RecipeVersion
+	s.mu.Lock()
+	_, _, connected := s.connectedAt(a, inst)
 	s.mu.Unlock()
-	frame, _ := protocol.Encode(&protocol.StatePush{RecipeVersion: version, StateID: *body.StateID})
-	n := s.broadcast(r.PathValue("app"), frame, func(c *agentConn) bool { return c.instance == *body.InstanceID })
-	writeJSON(w, http.StatusOK, map[string]any{"recipe_version": version, "pushed": n == 1})
+	writeJSON(w, http.StatusOK, map[string]any{"recipe_version": version, "pushed": connected})
 }
 
 func (s *Server) postUpdate(w http.ResponseWriter, r *http.Request) {
@@ -448,18 +478,24 @@ func (s *Server) postUpdate(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	u := &protocol.AgentUpdate{Version: *body.Version, URL: body.URL}
-	s.mu.Lock()
-	next := *a
-	next.Update = u
-	if err := s.st.SaveApp(&next); err != nil {
-		s.mu.Unlock()
+	stored, rev, err := s.st.updateApp(r.Context(), a.AppID, func(rec *appRecord) error {
+		rec.Update = u
+		return nil
+	})
+	if err != nil {
 		storageError(w, "cannot store the update", err)
 		return
 	}
-	*a = next
+	data, _ := json.Marshal(stored)
+	s.apply(kvEvent{bucket: bucketApps, key: esc(a.AppID), value: data, rev: rev})
+	n := 0
+	s.mu.Lock()
+	for _, id := range sortedKeys(a.TokenHashes) {
+		if _, p, ok := s.connectedAt(a, id); ok && p.AgentVersion != u.Version {
+			n++
+		}
+	}
 	s.mu.Unlock()
-	frame, _ := protocol.Encode(u)
-	n := s.broadcast(r.PathValue("app"), frame, func(c *agentConn) bool { return c.agentVersion != u.Version })
 	writeJSON(w, http.StatusOK, map[string]any{"version": u.Version, "pushed_to": n})
 }
 
@@ -479,8 +515,8 @@ func jsonType(goKind string) string {
 
 // revokeInstance forgets an instance's token and bars its id: it cannot
 // connect, nor enroll again with the enrollment secret (which it may well
-// hold), until admitted. Its connection, if any, is closed. The revocation
-// is stored durably before the answer.
+// hold), until admitted. Its connection, on whichever replica, is closed.
+// The revocation is stored before the answer.
 func (s *Server) revokeInstance(w http.ResponseWriter, r *http.Request) {
 	a, ok := s.app(w, r)
 	if !ok {
@@ -491,29 +527,24 @@ func (s *Server) revokeInstance(w http.ResponseWriter, r *http.Request) {
 	s.mu.Lock()
 	_, enrolled := a.TokenHashes[id]
 	at, already := a.Revoked[id]
+	_, _, connected := s.connectedAt(a, id)
+	s.mu.Unlock()
 	if !enrolled && !already {
-		s.mu.Unlock()
 		apiError(w, http.StatusNotFound, "instance %q is not enrolled in app %s (GET /api/apps/%s/instances lists them)", clip(id), a.AppID, a.AppID)
 		return
 	}
 	if !already {
-		if err := s.st.RevokeInstance(a.AppID, id, now); err != nil {
-			s.mu.Unlock()
+		rev, err := s.st.revoke(r.Context(), a.AppID, id, now)
+		if err != nil {
 			storageError(w, "cannot store the revocation (the instance is not revoked)", err)
 			return
 		}
-		delete(a.TokenHashes, id)
-		a.Revoked[id], at = now, now
+		data, _ := json.Marshal(instanceRecord{RevokedAt: &now})
+		s.apply(kvEvent{bucket: bucketInstances, key: instanceKey(a.AppID, id), value: data, rev: rev})
+		at = now
+		s.log.Info("instance revoked", "app_id", a.AppID, "instance_id", id, "was_connected", connected)
 	}
-	c := s.agents[a.AppID][id]
-	s.mu.Unlock()
-	if c != nil {
-		c.close(websocket.ClosePolicyViolation, revokedReason)
-	}
-	if !already {
-		s.log.Info("instance revoked", "app_id", a.AppID, "instance_id", id, "was_connected", c != nil)
-	}
-	writeJSON(w, http.StatusOK, map[string]any{"app_id": a.AppID, "instance_id": id, "revoked_at": at, "disconnected": c != nil})
+	writeJSON(w, http.StatusOK, map[string]any{"app_id": a.AppID, "instance_id": id, "revoked_at": at, "disconnected": connected})
 }
 
 // admitInstance lifts a revocation: the instance id may enroll again, with
@@ -529,18 +560,17 @@ func (s *Server) admitInstance(w http.ResponseWriter, r *http.Request) {
 	}
 	id := r.PathValue("instance")
 	s.mu.Lock()
-	if _, revoked := a.Revoked[id]; !revoked {
-		s.mu.Unlock()
+	_, revoked := a.Revoked[id]
+	s.mu.Unlock()
+	if !revoked {
 		apiError(w, http.StatusNotFound, "instance %q is not revoked in app %s", clip(id), a.AppID)
 		return
 	}
-	if err := s.st.AdmitInstance(a.AppID, id); err != nil {
-		s.mu.Unlock()
+	if err := s.st.admit(r.Context(), a.AppID, id); err != nil {
 		storageError(w, "cannot store the admission (the instance stays revoked)", err)
 		return
 	}
-	delete(a.Revoked, id)
-	s.mu.Unlock()
+	s.apply(kvEvent{bucket: bucketInstances, key: instanceKey(a.AppID, id), deleted: true})
 	s.log.Info("revoked instance admitted again; it enrolls anew with the enrollment secret", "app_id", a.AppID, "instance_id", id)
 	writeJSON(w, http.StatusOK, map[string]any{"app_id": a.AppID, "instance_id": id, "admitted": true})
 }

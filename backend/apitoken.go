@@ -1,6 +1,7 @@
 package backend
 
 import (
+	"context"
 	"crypto/rand"
 	"crypto/sha256"
 	"crypto/subtle"
@@ -15,6 +16,8 @@ import (
 	"strings"
 	"syscall"
 
+	"github.com/nats-io/nats.go/jetstream"
+
 	"github.com/visualops/opsagent/internal/fsutil"
 )
 
@@ -24,6 +27,7 @@ import (
 // would otherwise reach it). A backend started without one makes its own
 // on first start and keeps it in <data>/api-token, as Jupyter and Vault's
 // dev mode do; `opsagent backend` prints where it is, never the token.
+// Replicas share it through NATS, so that any of them takes it.
 
 const (
 	// APITokenFile is the generated token's name in the data directory.
@@ -41,9 +45,12 @@ type apiAuth struct {
 	where  string
 }
 
-// newAPIAuth takes the configured token, or loads (creating it on first
-// start) <dir>/api-token. file is that path when it is used, else "".
-func newAPIAuth(dir, configured string) (auth apiAuth, file string, err error) {
+// newAPIAuth takes the configured token, or the one the replicas share in
+// NATS (bucket opsagent-meta), kept in <dir>/api-token as well so that the
+// operator can read it there. On the very first start it is the token
+// already in <dir>/api-token, if any (an upgraded data directory keeps
+// its token), else a new one. file is <dir>/api-token when it is used.
+func newAPIAuth(ctx context.Context, dir, configured string, st *natsStore) (auth apiAuth, file string, err error) {
 	if configured != "" {
 		if len(configured) < minAPIToken {
 			return auth, "", fmt.Errorf("backend: the API token is %d characters: use at least %d (e.g. `openssl rand -hex 32`), or set none and the backend makes one in %s",
@@ -52,11 +59,51 @@ func newAPIAuth(dir, configured string) (auth apiAuth, file string, err error) {
 		return apiAuth{digest: sha256.Sum256([]byte(configured)), where: "the token the backend was started with (--api-token-file or OPSAGENT_API_TOKEN)"}, "", nil
 	}
 	file = filepath.Join(dir, APITokenFile)
-	tok, err := loadOrCreateAPIToken(file)
+	local, err := readAPIToken(file)
+	if err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return auth, "", err
+	}
+	tok, err := sharedAPIToken(ctx, st, local)
 	if err != nil {
 		return auth, "", err
 	}
-	return apiAuth{digest: sha256.Sum256([]byte(tok)), where: file + " on the backend host"}, file, nil
+	switch {
+	case local == "":
+		if err := writeAPIToken(file, tok); err != nil {
+			return auth, "", err
+		}
+	case local != tok:
+		return auth, "", fmt.Errorf("backend: API token %s is not the one the replicas share in NATS (bucket %s): remove the file (the shared token is written there at the next start) or start every replica with the same OPSAGENT_API_TOKEN",
+			file, bucketMeta)
+	}
+	return apiAuth{digest: sha256.Sum256([]byte(tok)), where: file + " on a backend host"}, file, nil
+}
+
+// sharedAPIToken reads the token the replicas share, storing candidate (or
+// a new token) when there is none yet.
+func sharedAPIToken(ctx context.Context, st *natsStore, candidate string) (string, error) {
+	ctx, cancel := opCtx(ctx)
+	defer cancel()
+	e, err := kvGet(ctx, st.meta, metaAPIToken)
+	if err == nil {
+		return string(e.Value()), nil
+	}
+	if !errors.Is(err, jetstream.ErrKeyNotFound) {
+		return "", fmt.Errorf("backend: the shared API token (bucket %s): %w", bucketMeta, err)
+	}
+	if candidate == "" {
+		buf := make([]byte, apiTokenBytes)
+		if _, err := rand.Read(buf); err != nil {
+			return "", fmt.Errorf("backend: API token: %w", err)
+		}
+		candidate = hex.EncodeToString(buf)
+	}
+	if _, err := st.meta.Create(ctx, metaAPIToken, []byte(candidate)); errors.Is(err, jetstream.ErrKeyExists) {
+		return sharedAPIToken(ctx, st, "") // another replica was first
+	} else if err != nil {
+		return "", fmt.Errorf("backend: the shared API token (bucket %s): %w", bucketMeta, err)
+	}
+	return candidate, nil
 }
 
 // ok reports whether an Authorization header carries the token.
@@ -66,26 +113,13 @@ func (a *apiAuth) ok(header string) bool {
 	return subtle.ConstantTimeCompare(d[:], a.digest[:]) == 1 && ok && got != ""
 }
 
-// loadOrCreateAPIToken reads the token in path, or creates one when there
-// is no file. The file must be ours: a symlink, a FIFO or another
-// non-regular file is refused (never followed, never opened for reading in
-// a way that could block), as is one others may read or write; its mode is
-// never changed.
-func loadOrCreateAPIToken(path string) (string, error) {
-	tok, err := readAPIToken(path)
-	if !errors.Is(err, fs.ErrNotExist) {
-		return tok, err
-	}
-	buf := make([]byte, apiTokenBytes)
-	if _, err := rand.Read(buf); err != nil {
-		return "", fmt.Errorf("backend: API token: %w", err)
-	}
-	tok = hex.EncodeToString(buf)
-	// Written aside and linked into place: the file appears whole or not
-	// at all, and link(2) never replaces what another start put there.
+// writeAPIToken puts tok in path (0600). It is written aside and linked
+// into place: the file appears whole or not at all, and link(2) never
+// replaces what another start put there (then that one must be tok).
+func writeAPIToken(path, tok string) error {
 	tmp, err := os.CreateTemp(filepath.Dir(path), "."+APITokenFile+".tmp-*")
 	if err != nil {
-		return "", fmt.Errorf("backend: API token %s: %w", path, err)
+		return fmt.Errorf("backend: API token %s: %w", path, err)
 	}
 	defer os.Remove(tmp.Name())
 	_, err = tmp.WriteString(tok + "\n")
@@ -99,15 +133,18 @@ func loadOrCreateAPIToken(path string) (string, error) {
 		err = os.Link(tmp.Name(), path)
 	}
 	if errors.Is(err, fs.ErrExist) {
-		return readAPIToken(path)
+		if got, err := readAPIToken(path); err != nil || got != tok {
+			return fmt.Errorf("backend: API token %s appeared while this backend started, with another token: remove it and start again", path)
+		}
+		return nil
 	}
 	if err == nil {
 		err = fsutil.SyncDir(filepath.Dir(path))
 	}
 	if err != nil {
-		return "", fmt.Errorf("backend: API token %s: %w", path, err)
+		return fmt.Errorf("backend: API token %s: %w", path, err)
 	}
-	return tok, nil
+	return nil
 }
 
 // readAPIToken reads an existing token file (fs.ErrNotExist when there is

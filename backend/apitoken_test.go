@@ -164,7 +164,7 @@ func write(t *testing.T, path, content string, mode os.FileMode) {
 // must be long enough to be one.
 func TestAPITokenCheck(t *testing.T) {
 	const tok = "s3cret-api-token-0123"
-	a, file, err := newAPIAuth(t.TempDir(), tok)
+	a, file, err := newAPIAuth(context.Background(), t.TempDir(), tok, nil)
 	if err != nil || file != "" {
 		t.Fatal(err, file)
 	}

@@ -2,14 +2,15 @@ package backend
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"errors"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"net/http/httptest"
 	"os"
-	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -27,6 +28,8 @@ type env struct {
 	http  *httptest.Server
 	token string // the API token the requests carry (none when "")
 	halt  func() // stops the server (idempotent); a restart on the same dir needs it first
+	// readTimeout bounds each read of its agents (default 5 s).
+	readTimeout time.Duration
 }
 
 // newEnv serves a Server on a loopback httptest server. The listener is
@@ -42,6 +45,10 @@ func newEnv(t testing.TB, dir string, tweak func(*Options)) *env {
 		t.Fatal(err)
 	}
 	opts := Options{DataDir: dir, AllowedHosts: []string{ln.Addr().String()}}
+	// OPSAGENT_TEST_BACKEND_LOG=1 shows the backend's log (debugging).
+	if os.Getenv("OPSAGENT_TEST_BACKEND_LOG") != "" {
+		opts.Logger = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	}
 	if tweak != nil {
 		tweak(&opts)
 	}
@@ -70,8 +77,22 @@ func newEnv(t testing.TB, dir string, tweak func(*Options)) *env {
 	return &env{t: t, dir: dir, srv: srv, http: hs, token: token, halt: stop}
 }
 
-// fileLogs is the log store of a Server on the file store.
-func fileLogs(s *Server) *logStore { return s.st.(*fileStore).logs }
+// stop ends a Server as a shutdown would, so the data dir can be reopened.
+func (e *env) stop() { e.halt() }
+
+// kvGet reads a key of one of the backend's buckets straight from NATS.
+func (e *env) kvGet(bucket, key string) ([]byte, error) {
+	e.t.Helper()
+	kv, err := e.srv.st.js.KeyValue(context.Background(), bucket)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	entry, err := kv.Get(context.Background(), key)
+	if err != nil {
+		return nil, err
+	}
+	return entry.Value(), nil
+}
 
 // readTokenFile is what a client does with <data>/api-token.
 func readTokenFile(t testing.TB, path string) string {
@@ -127,6 +148,8 @@ const recipeJSON = `{"module":{"repo":"https://example.com/states.git","tag":"v1
 type agent struct {
 	t  testing.TB
 	ws *websocket.Conn
+	// timeout bounds each read (default 5 s).
+	timeout time.Duration
 }
 
 // tok makes a test token long enough for the backend's 16-byte minimum.
@@ -151,7 +174,7 @@ func (e *env) dial() *agent {
 		e.t.Fatal(err)
 	}
 	e.t.Cleanup(func() { ws.Close() })
-	return &agent{t: e.t, ws: ws}
+	return &agent{t: e.t, ws: ws, timeout: e.readTimeout}
 }
 
 // connect handshakes as a well-behaved agent: with the app's enrollment
@@ -179,7 +202,11 @@ func (a *agent) send(m protocol.Message) {
 }
 
 func (a *agent) next() (protocol.Message, error) {
-	_ = a.ws.SetReadDeadline(time.Now().Add(5 * time.Second))
+	timeout := a.timeout
+	if timeout == 0 {
+		timeout = 5 * time.Second
+	}
+	_ = a.ws.SetReadDeadline(time.Now().Add(timeout))
 	_, data, err := a.ws.ReadMessage()
 	if err != nil {
 		return nil, err
@@ -248,10 +275,10 @@ func TestTokenTrustOnFirstUse(t *testing.T) {
 	if !errors.As(err, &ce) || ce.Code != websocket.ClosePolicyViolation || !strings.Contains(ce.Text, "token") {
 		t.Fatalf("mismatched token: %v, want close 1008", err)
 	}
-	// The stored file holds a hash, never the token.
-	data, _ := os.ReadFile(filepath.Join(e.dir, "apps", "app1", "tokens.jsonl"))
-	if bytes.Contains(data, []byte("good")) || !bytes.Contains(data, []byte(hashToken(tok("good")))) {
-		t.Errorf("token storage: %s", data)
+	// The store holds a hash, never the token.
+	data, err := e.kvGet(bucketInstances, instanceKey("app1", "i-1"))
+	if err != nil || bytes.Contains(data, []byte("good")) || !bytes.Contains(data, []byte(hashToken(tok("good")))) {
+		t.Errorf("token storage: %s %v", data, err)
 	}
 	ok := e.connect("i-1", "app1", "good", "2.1")
 	if _, isRecipe := ok.expect().(*protocol.RecipeMetadata); !isRecipe {
@@ -285,10 +312,15 @@ func TestStateLogsStoredAndServed(t *testing.T) {
 	if len(page) != 1 || page[0].(map[string]any)["state_id"] != "s2" || out["next"].(float64) != 2 {
 		t.Fatalf("page %v", out)
 	}
-	_, out = e.api("GET", "/api/apps/app1/instances", "")
+	// The listing's summary follows the StateLogs' storage closely.
+	eventually(t, "the listing shows the last StateLog", func() bool {
+		_, out = e.api("GET", "/api/apps/app1/instances", "")
+		inst := out["instances"].([]any)[0].(map[string]any)
+		last, _ := inst["last_state_log"].(map[string]any)
+		return last != nil && last["state_id"] == "s3"
+	})
 	inst := out["instances"].([]any)[0].(map[string]any)
-	if inst["instance_id"] != "i-1" || inst["connected"] != true || inst["agent_version"] != "2.1" ||
-		inst["last_state_log"].(map[string]any)["state_id"] != "s3" {
+	if inst["instance_id"] != "i-1" || inst["connected"] != true || inst["agent_version"] != "2.1" {
 		t.Fatalf("instances %v", out)
 	}
 }
@@ -378,16 +410,8 @@ func TestPersistenceAcrossRestart(t *testing.T) {
 		_, out := e.api("GET", "/api/apps/app1/logs", "")
 		return len(out["logs"].([]any)) == 1
 	})
-	// Simulate a torn last line from a crash.
-	if err := e.srv.Close(); err != nil {
-		t.Fatal(err)
-	}
-	f, err := os.OpenFile(segmentPath(filepath.Join(dir, "apps/app1/logs"), 1), os.O_APPEND|os.O_WRONLY, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	f.WriteString(`{"seq":2,"instance_`)
-	f.Close()
+	secret := e.secret("app1")
+	e.stop()
 
 	e2 := newEnv(t, dir, nil)
 	code, out := e2.api("PUT", "/api/apps/app1/recipe", recipeJSON)
@@ -398,7 +422,7 @@ func TestPersistenceAcrossRestart(t *testing.T) {
 	if n := len(out["logs"].([]any)); n != 1 {
 		t.Fatalf("logs after restart: %v", out)
 	}
-	if e2.secret("app1") != e.secret("app1") {
+	if e2.secret("app1") != secret {
 		t.Error("enrollment secret changed across restart")
 	}
 	e2.connect("i-1", "app1", "other", "2.1").expectClose(websocket.ClosePolicyViolation, "token mismatch")

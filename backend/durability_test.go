@@ -3,12 +3,11 @@ package backend
 import (
 	"bytes"
 	"context"
-	"encoding/json"
-	"errors"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -148,16 +147,17 @@ func TestKillNineKeepsAckedStateLogs(t *testing.T) {
 	t.Logf("killed after %d acknowledged StateLogs; %d found stored", high, len(got))
 }
 
-// TestShutdownStoresPendingStateLogs holds StateLogs in the writer (a
-// commit delay of an hour) and cancels ListenAndServe: it must store them,
-// and save the stream highs, before it returns.
-func TestShutdownStoresPendingStateLogs(t *testing.T) {
+// TestShutdownStoresWhatWasHandedOver sends StateLogs and cancels
+// ListenAndServe at once: every StateLog the connection read before the
+// shutdown is stored, and its stream's high-water mark written, before it
+// returns.
+func TestShutdownStoresWhatWasHandedOver(t *testing.T) {
 	dir := t.TempDir()
 	setup := newEnv(t, dir, nil)
 	setup.api("PUT", "/api/apps/app1/recipe", recipeJSON)
 	setup.stop()
 
-	srv, err := New(Options{DataDir: dir, OpenEnrollment: true, logCommitDelay: time.Hour})
+	srv, err := New(Options{DataDir: dir, OpenEnrollment: true})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -176,47 +176,21 @@ func TestShutdownStoresPendingStateLogs(t *testing.T) {
 	a.send(&protocol.Handshake{Identity: id})
 	a.expectAck("s1")
 	a.expectRecipe()
-	a.sendLogs("i-1", 1, 10)
-	// Frames are handled in order: once the Test is answered, all ten
-	// StateLogs are with the writer, which waits for more.
+	a.sendLogs("i-1", 1, 200)
+	// Frames are handled in order: once the Test is answered, all of them
+	// are with the stream's writer.
 	a.send(&protocol.Test{Identity: protocol.Identity{InstanceID: "i-1", AppID: "app1"}})
-	if m := a.expect(); m.MessageCode() != protocol.CodeTestAns {
-		t.Fatalf("got %#v before the TestAns: the StateLogs were not meant to be stored yet", m)
-	}
-	if n := len(readSegmentLines(t, dir)); n != 0 {
-		t.Fatalf("%d StateLogs stored before shutdown; the test needs them pending", n)
+	for m := a.expect(); m.MessageCode() != protocol.CodeTestAns; m = a.expect() {
 	}
 	cancel()
 	if err := <-done; err != nil {
 		t.Fatal(err)
 	}
-	if n := len(readSegmentLines(t, dir)); n != 10 {
-		t.Fatalf("%d of 10 pending StateLogs stored at shutdown", n)
+	e := newEnv(t, dir, nil)
+	if got := agentSeqs(e.storedLogs("app1", 1000), "i-1", "s1"); !slices.Equal(got, seqRange(1, 200)) {
+		t.Fatalf("stored after shutdown: %v, want 1..200", got)
 	}
-	var doc streamsDoc
-	data, _ := os.ReadFile(filepath.Join(dir, "apps", "app1", streamsFileName))
-	if err := json.Unmarshal(data, &doc); err != nil || doc.Streams["i-1"]["s1"] != 10 || doc.LogSeq != 10 {
-		t.Fatalf("streams.json after shutdown: %s (%v)", data, err)
+	if in := e.instance("app1", "i-1"); in.LogStreams["s1"] != 200 {
+		t.Fatalf("stream high after shutdown: %v, want 200", in.LogStreams)
 	}
-	if err := fileLogs(srv).submit("app1", LogEntry{InstanceID: "i-1"}, nil); !errors.Is(err, errLogsClosed) {
-		t.Fatalf("a StateLog after shutdown: %v, want it refused", err)
-	}
-}
-
-// readSegmentLines reads app1's stored lines straight from the files.
-func readSegmentLines(t *testing.T, dir string) []string {
-	t.Helper()
-	var lines []string
-	for _, s := range segments(t, dir, "app1") {
-		data, err := os.ReadFile(s.path)
-		if err != nil {
-			t.Fatal(err)
-		}
-		for _, l := range strings.Split(string(data), "\n") {
-			if l != "" {
-				lines = append(lines, l)
-			}
-		}
-	}
-	return lines
 }

@@ -76,6 +76,16 @@ func (s *Server) getEnrollment(w http.ResponseWriter, r *http.Request) {
 	s.mu.Lock()
 	secret := a.Secret
 	s.mu.Unlock()
+	if secret == "" {
+		// An app stored without one (see admit) gets one now.
+		if err := s.refresh(r.Context(), a.AppID); err != nil {
+			storageError(w, "cannot read the enrollment secret", err)
+			return
+		}
+		s.mu.Lock()
+		secret = a.Secret
+		s.mu.Unlock()
+	}
 	writeJSON(w, http.StatusOK, map[string]string{"app_id": a.AppID, "enrollment_secret": secret})
 }
 
@@ -95,16 +105,12 @@ func (s *Server) rotateEnrollment(w http.ResponseWriter, r *http.Request) {
 		apiError(w, http.StatusInternalServerError, "%v", err)
 		return
 	}
-	s.mu.Lock()
-	err = s.st.SaveSecret(a.AppID, secret)
-	if err == nil {
-		a.Secret = secret
-	}
-	s.mu.Unlock()
+	rev, err := s.st.putSecret(r.Context(), a.AppID, secret)
 	if err != nil {
 		storageError(w, "cannot store the new secret (the old one stays valid)", err)
 		return
 	}
+	s.apply(kvEvent{bucket: bucketSecrets, key: esc(a.AppID), value: []byte(secret), rev: rev})
 	s.log.Info("enrollment secret rotated", "app_id", a.AppID)
 	writeJSON(w, http.StatusOK, map[string]string{"app_id": a.AppID, "enrollment_secret": secret})
 }
@@ -170,4 +176,13 @@ func (l *enrollLimiter) allow(app string, now time.Time) bool {
 // reason is the close reason of a Handshake over the limit.
 func (l *enrollLimiter) reason() string {
 	return fmt.Sprintf("too many new instances for this app (over %d per %s); reconnect later", l.limit, l.window)
+}
+
+func hashToken(tok string) string {
+	sum := sha256.Sum256([]byte(tok))
+	return hex.EncodeToString(sum[:])
+}
+
+func sameHash(a, b string) bool {
+	return subtle.ConstantTimeCompare([]byte(a), []byte(b)) == 1
 }

@@ -1,11 +1,10 @@
 package backend
 
 import (
+	"context"
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"os"
-	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -68,13 +67,8 @@ func TestEnrollmentSecretCreatedWithTheApp(t *testing.T) {
 	if raw, err := hex.DecodeString(secret); code != 200 || out["app_id"] != "app1" || err != nil || len(raw) != 32 {
 		t.Fatalf("enrollment: %d %v", code, out)
 	}
-	path := filepath.Join(e.dir, "apps", "app1", "enroll.secret")
-	info, err := os.Stat(path)
-	if err != nil || info.Mode().Perm() != 0o600 {
-		t.Fatalf("%s: %v %v, want mode 0600", path, info, err)
-	}
-	if data, _ := os.ReadFile(path); strings.TrimSpace(string(data)) != secret {
-		t.Errorf("file holds %q, API says %q", data, secret)
+	if data, err := e.kvGet(bucketSecrets, "app1"); err != nil || string(data) != secret {
+		t.Errorf("bucket %s holds %q (%v), API says %q", bucketSecrets, data, err, secret)
 	}
 	// A second recipe does not replace it.
 	e.api("PUT", "/api/apps/app1/recipe", recipeJSON)
@@ -139,8 +133,13 @@ func TestAppsLoadedWithoutASecretGetOne(t *testing.T) {
 	e.api("PUT", "/api/apps/app1/recipe", recipeJSON)
 	e.api("PUT", "/api/apps/app2/recipe", recipeJSON)
 	kept := e.secret("app2")
-	// app1 as a backend from before enrollment secrets left it.
-	if err := os.Remove(filepath.Join(dir, "apps", "app1", "enroll.secret")); err != nil {
+	// app1 as a crash between its parts (or an import of an app from
+	// before enrollment secrets) left it.
+	kv, err := e.srv.st.js.KeyValue(context.Background(), bucketSecrets)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := kv.Purge(context.Background(), "app1"); err != nil {
 		t.Fatal(err)
 	}
 	e.stop()
@@ -149,9 +148,8 @@ func TestAppsLoadedWithoutASecretGetOne(t *testing.T) {
 	if len(secret) != 64 {
 		t.Fatalf("app1 secret after load: %q", secret)
 	}
-	info, err := os.Stat(filepath.Join(dir, "apps", "app1", "enroll.secret"))
-	if err != nil || info.Mode().Perm() != 0o600 {
-		t.Fatalf("created secret: %v %v", info, err)
+	if data, err := e2.kvGet(bucketSecrets, "app1"); err != nil || string(data) != secret {
+		t.Fatalf("created secret: %q %v", data, err)
 	}
 	if e2.secret("app2") != kept {
 		t.Error("an existing secret was replaced at load")

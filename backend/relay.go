@@ -1,11 +1,11 @@
 package backend
 
 import (
+	"context"
 	"encoding/json"
+	"fmt"
 	"regexp"
 	"slices"
-
-	"github.com/visualops/opsagent/protocol"
 )
 
 // The backend relays waits between the instances of an app: a meta.wait
@@ -51,8 +51,13 @@ func waitRefs(param json.RawMessage) [][2]string {
 // relay records that instance's state succeeded in version and releases
 // the waits this completes. Only a state of the instance's own recipe (its
 // app's current one) counts: a success reported for any other id would let
-// an enrolled instance release waits on states it does not have, and grow
-// the done set without bound.
+// an enrolled instance release waits on states it does not have. What has
+// succeeded is shared by the replicas (opsagent-relay, one compare-and-set
+// per reference), since the instances a wait names may be connected to
+// different ones; the replica that completes a wait stores its release for
+// every instance, and every replica pushes it to its own agents (view.go).
+// A success is reported once per replica and version: the states run
+// again every round.
 func (s *Server) relay(app, instance string, version int64, stateID string) {
 	s.mu.Lock()
 	a := s.apps[app]
@@ -60,53 +65,67 @@ func (s *Server) relay(app, instance string, version int64, stateID string) {
 		s.mu.Unlock()
 		return
 	}
-	key := instance + "/" + stateID
-	if a.done == nil {
-		a.done = map[string]bool{}
-	}
-	if a.done[key] {
+	key := fmt.Sprintf("%d/%s/%s", version, instance, stateID)
+	if a.relayed[key] {
 		s.mu.Unlock()
 		return
 	}
-	a.done[key] = true
-	var released []string
+	a.relayed[key] = true
+	type wait struct {
+		id   string
+		refs []string
+	}
+	var waits []wait
 	for _, st := range a.States {
-		if st.Module != "meta.wait" || slices.Contains(a.Waits[allInstances], st.ID) {
+		if st.Module != "meta.wait" || a.released(allInstances, st.ID) {
 			continue
 		}
-		refs := waitRefs(st.Parameter)
-		complete, mentions := len(refs) > 0, false
-		for _, r := range refs {
+		refs, mentions := []string{}, false
+		for _, r := range waitRefs(st.Parameter) {
+			refs = append(refs, r[0]+"/"+r[1])
 			mentions = mentions || r[0] == instance && r[1] == stateID
-			complete = complete && a.done[r[0]+"/"+r[1]]
 		}
-		if complete && mentions {
-			released = append(released, st.ID)
+		if mentions {
+			waits = append(waits, wait{st.ID, refs})
 		}
 	}
-	if len(released) == 0 {
-		s.mu.Unlock()
+	s.mu.Unlock()
+	if len(waits) == 0 {
 		return
 	}
-	next := *a
-	next.Waits = map[string][]string{}
-	for k, v := range a.Waits {
-		next.Waits[k] = v
+	// Off the connection's reader: these are round trips to NATS.
+	go func() {
+		ref := instance + "/" + stateID
+		for _, w := range waits {
+			done, err := s.st.relayDone(context.Background(), app, version, w.id, ref)
+			if err == nil && !containsAll(done, w.refs) {
+				continue
+			}
+			var rev uint64
+			if err == nil {
+				rev, err = s.st.releaseWait(context.Background(), app, version, allInstances, w.id)
+			}
+			if err != nil {
+				s.mu.Lock()
+				delete(a.relayed, key) // reported again with the next success
+				s.mu.Unlock()
+				s.log.Error("cannot store a relayed wait; tried again when the state succeeds again", "app_id", app, "state_id", w.id, "after", ref, "err", err)
+				continue
+			}
+			data, _ := json.Marshal(waitRecord{RecipeVersion: version})
+			s.apply(kvEvent{bucket: bucketWaits, key: waitKey(app, allInstances, w.id), value: data, rev: rev})
+			s.log.Info("wait released: every state it waits on succeeded", "app_id", app, "state_id", w.id, "after", ref)
+		}
+	}()
+}
+
+func containsAll(have, want []string) bool {
+	for _, w := range want {
+		if !slices.Contains(have, w) {
+			return false
+		}
 	}
-	next.Waits[allInstances] = append(slices.Clone(a.Waits[allInstances]), released...)
-	if err := s.st.SaveApp(&next); err != nil {
-		a.Waits = next.Waits
-		s.mu.Unlock()
-		s.log.Error("cannot store released waits; they are released in memory only", "app_id", app, "err", err)
-	} else {
-		*a = next
-		s.mu.Unlock()
-	}
-	for _, id := range released {
-		frame, _ := protocol.Encode(&protocol.StatePush{RecipeVersion: version, StateID: id})
-		n := s.broadcast(app, frame, nil)
-		s.log.Info("wait released: every state it waits on succeeded", "app_id", app, "state_id", id, "after", key, "pushed_to", n)
-	}
+	return true
 }
 
 // hasState reports whether the current recipe has a state with this id.
@@ -119,10 +138,4 @@ func (a *appState) hasState(id string) bool {
 		}
 	}
 	return a.stateIDs[id]
-}
-
-// releasedFor lists the waits of the current version released for an
-// instance: by hand for it, and by the relay for all. Called with s.mu held.
-func (a *appState) releasedFor(instance string) []string {
-	return append(slices.Clone(a.Waits[instance]), a.Waits[allInstances]...)
 }

@@ -86,9 +86,9 @@ func TestRelayCountsOnlyTheNamedInstancesRecipeStates(t *testing.T) {
 		t.Fatalf("WaitList %#v, want only w-s1 released", wl)
 	}
 	e.srv.mu.Lock()
-	done := len(e.srv.apps["app1"].done)
+	done := len(e.srv.apps["app1"].relayed)
 	e.srv.mu.Unlock()
 	if done != 2 {
-		t.Errorf("the relay remembers %d successes, want 2 (i-a/s1, i-b/s1): others must not be kept", done)
+		t.Errorf("the relay took %d successes, want 2 (i-a/s1, i-b/s1): others must not be kept", done)
 	}
 }

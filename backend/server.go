@@ -1,11 +1,14 @@
 // Package backend is the embedded reference backend (`opsagent backend`): a
 // small but real control plane speaking spec/protocol.md to agents over
 // WebSocket, with a JSON API to put recipes, read StateLogs, release waits
-// and roll out updates. It keeps its state through an appStore (store.go:
-// today atomic JSON files and StateLogs in bounded, fsynced JSONL segments
-// per app, see logstore.go) so a restart loses nothing, acknowledges
-// protocol-2 StateLogs only once they are durable (protocol/PROTOCOL-2.md),
-// and keeps an app it cannot load as failed, never creating it afresh
+// and roll out updates. Its state is in NATS JetStream (natsstore.go):
+// an embedded single-node server on the data directory by default, or an
+// existing cluster shared by several replicas behind a load balancer, any
+// of which serves any agent and any API call (view.go, presence.go). It
+// acknowledges protocol-2 StateLogs only once JetStream stored them, each
+// exactly once across replicas (statelogs.go), imports a data directory of
+// the earlier file store on first start (import.go), and keeps an app
+// whose record does not decode as failed, never creating it afresh
 // (apps.go). Every API call needs the API token (apitoken.go). A new
 // instance id enrolls only with its app's enrollment secret, within the
 // app's enrollment limit, and can be revoked (enroll.go); refusals are
@@ -34,10 +37,20 @@ import (
 
 // Options configures a Server.
 type Options struct {
+	// DataDir holds the lock, the API token file and, without NATS.URLs,
+	// the embedded NATS server's storage (<data>/nats). A data directory of
+	// the earlier file store (<data>/apps) is imported on first start.
 	DataDir string
+	// NATS says where the state is: an existing cluster, or (no URLs) the
+	// embedded single-node server.
+	NATS NATSOptions
+	// ReplicaName is how GET …/instances names this replica; default the
+	// host name. ListenAndServe adds the address it listens on.
+	ReplicaName string
 	// APIToken is the bearer token every /api/ call but /api/healthz
-	// needs, on any address. "" means the one in <DataDir>/api-token,
-	// created (256 random bits, 0600) on first start; see APITokenFile.
+	// needs, on any address. "" means the one shared in NATS, created on
+	// first start (256 random bits) and kept in <DataDir>/api-token too;
+	// see APITokenFile.
 	APIToken string
 	Logger   *slog.Logger
 	MaxFrame int // default protocol.DefaultMaxFrame
@@ -53,9 +66,10 @@ type Options struct {
 	// instance id without the app's enrollment secret (the 2014 behaviour).
 	OpenEnrollment bool
 	// EnrollLimit is how many new instances an app may enroll per
-	// EnrollWindow (a token bucket holding one window's worth; enroll.go):
-	// 0 means the default, 100 per minute; below 0, no limit. A Handshake
-	// over it is closed 1013 and the agent comes back later.
+	// EnrollWindow through this replica (a token bucket holding one
+	// window's worth; enroll.go): 0 means the default, 100 per minute;
+	// below 0, no limit. A Handshake over it is closed 1013 and the agent
+	// comes back later.
 	EnrollLimit  int
 	EnrollWindow time.Duration
 
@@ -64,22 +78,14 @@ type Options struct {
 	HandshakeTimeout time.Duration // first frame must arrive within; default 10 s
 	SendQueue        int           // frames buffered per agent; default 64
 
-	// StateLog storage (apps/<app>/logs/<first seq>.jsonl segments).
-	// LogSegmentBytes is where a segment is closed and a new one started
-	// (default 16 MiB). Whole old segments are deleted once an app's
-	// StateLogs exceed LogRetentionBytes (default 1 GiB) or are older than
-	// LogRetentionAge (default 30 days); checked at each new segment and at
-	// start. MaxOutputBytes caps each StateLog's comment and stdout
-	// (default 64 KiB, the agent's own output limit; at least 64), with a
-	// "[… truncated N bytes]" marker.
-	LogSegmentBytes   int64
+	// StateLog retention: an app's StateLogs are deleted, oldest first,
+	// once they exceed LogRetentionBytes (default 1 GiB) or are older than
+	// LogRetentionAge (default 30 days). MaxOutputBytes caps each
+	// StateLog's comment and stdout (default 64 KiB, the agent's own output
+	// limit; at least 64), with a "[… truncated N bytes]" marker.
 	LogRetentionBytes int64
 	LogRetentionAge   time.Duration
 	MaxOutputBytes    int
-
-	// logCommitDelay is how long the log writer gathers StateLogs before
-	// one write and fsync; default 2 ms. Unexported: only tests change it.
-	logCommitDelay time.Duration
 
 	// badFrameEvery spaces the log lines about one connection's bad frames;
 	// default 10 s. Unexported: only tests change it.
@@ -87,15 +93,9 @@ type Options struct {
 	// refusalEvery is the interval of the refusal summary (refusals.go);
 	// default 10 s. Unexported: only tests change it.
 	refusalEvery time.Duration
-
-	// loadRetryMin and loadRetryMax bound the wait before an app that
-	// failed to load is tried again (doubling from min to max); defaults
-	// 1 s and 1 min. Unexported: only tests change them.
-	loadRetryMin, loadRetryMax time.Duration
-
-	// newStore opens the store; default the file store in DataDir.
-	// Unexported: the store suite runs the Server on other stores.
-	newStore func(Options) (appStore, error)
+	// retainEvery is how often the StateLog streams are brought under
+	// LogRetentionBytes; default 10 s. Unexported: only tests change it.
+	retainEvery time.Duration
 }
 
 // Server is the backend. Use Handler with any http.Server, or
@@ -104,30 +104,42 @@ type Server struct {
 	opts  Options
 	lock  *fsutil.LockFile // the data directory's
 	log   *slog.Logger
-	st    appStore
+	st    *natsStore
 	up    websocket.Upgrader
 	hosts atomic.Pointer[hostSet] // replaced once ListenAndServe knows its address
 
 	apiAuth      apiAuth
-	apiTokenFile string // <data>/api-token when the token comes from there
+	apiTokenFile string // <data>/api-token when the token is the shared one
 	refusals     *refusalLog
 	enroll       *enrollLimiter
 
-	// loadMu makes loads and creations of apps one at a time, so that two
-	// requests never load (or create) the same app twice.
-	loadMu sync.Mutex
+	// session identifies this process among the replicas; replica names it
+	// for people (set again by ListenAndServe, so read with replicaName).
+	session string
+	replica atomic.Pointer[string]
+
+	stopWatch context.CancelFunc
+	watchDone sync.WaitGroup
+	stopBG    chan struct{}  // stops the heartbeat and the retention
+	bg        sync.WaitGroup // they are running
+	writers   sync.WaitGroup // StateLog writers still storing
+	closeOnce sync.Once
+	closeErr  error
 
 	mu     sync.Mutex
-	apps   map[string]*appState             // loaded apps
-	failed map[string]*appFailure           // stored apps that did not load
-	agents map[string]map[string]*agentConn // app → instance → live connection
+	apps   map[string]*appState             // the view (view.go)
+	revs   map[string]uint64                // bucket/key → last revision applied
+	alive  map[string]time.Time             // replica session → when it last beat
+	agents map[string]map[string]*agentConn // app → instance → live connection here
 	closed bool
 }
 
-// New opens (or creates) the data directory and loads its state.
+// New opens the data directory, starts the embedded NATS server or joins
+// the cluster, imports an earlier data directory on first start, and
+// reads the shared state.
 func New(opts Options) (*Server, error) {
 	if opts.DataDir == "" {
-		return nil, errors.New("backend: --data is required (a directory for apps, recipes, tokens and logs)")
+		return nil, errors.New("backend: --data is required (a directory for the lock, the API token and, without --nats, the embedded NATS server's data)")
 	}
 	if opts.MaxFrame <= 0 {
 		opts.MaxFrame = protocol.DefaultMaxFrame
@@ -141,43 +153,61 @@ func New(opts Options) (*Server, error) {
 	def(&opts.DeadAfter, 60*time.Second)
 	def(&opts.HandshakeTimeout, 10*time.Second)
 	def(&opts.badFrameEvery, 10*time.Second)
-	def(&opts.loadRetryMin, time.Second)
-	def(&opts.loadRetryMax, time.Minute)
 	def(&opts.refusalEvery, defaultRefusalLog)
 	def(&opts.EnrollWindow, defaultEnrollWindow)
+	def(&opts.LogRetentionAge, defaultAge)
+	def(&opts.retainEvery, 10*time.Second)
 	if opts.EnrollLimit == 0 {
 		opts.EnrollLimit = defaultEnrollLimit
-	}
-	if opts.newStore == nil {
-		opts.newStore = func(o Options) (appStore, error) { return openFileStore(o.DataDir, o.logOptions(), o.Logger), nil }
 	}
 	if opts.SendQueue <= 0 {
 		opts.SendQueue = 64
 	}
-	if err := logDefaults(&opts); err != nil {
-		return nil, err
+	if opts.LogRetentionBytes <= 0 {
+		opts.LogRetentionBytes = defaultRetention
+	}
+	if opts.MaxOutputBytes < 0 || opts.MaxOutputBytes > 0 && opts.MaxOutputBytes < minOutputBytes {
+		return nil, fmt.Errorf("backend: MaxOutputBytes %d: use 0 for the default (64 KiB) or at least %d, room for the truncation marker", opts.MaxOutputBytes, minOutputBytes)
+	}
+	if opts.MaxOutputBytes == 0 {
+		opts.MaxOutputBytes = defaultOutput
 	}
 	if opts.Logger == nil {
 		opts.Logger = slog.New(slog.DiscardHandler)
+	}
+	if opts.ReplicaName == "" {
+		opts.ReplicaName, _ = os.Hostname()
 	}
 	log := opts.Logger
 	if err := os.MkdirAll(opts.DataDir, 0o700); err != nil {
 		return nil, fmt.Errorf("backend: data dir %s: %w", opts.DataDir, err)
 	}
-	// Two backends on one data directory would interleave their writes.
+	// Two backends on one data directory would share its embedded server's
+	// files (or its import).
 	lock, err := fsutil.Lock(filepath.Join(opts.DataDir, "lock"))
 	if err != nil {
 		return nil, fmt.Errorf("backend: data dir %s is in use: %w", opts.DataDir, err)
 	}
-	auth, tokenFile, err := newAPIAuth(opts.DataDir, opts.APIToken)
-	if err != nil {
-		_ = lock.Unlock()
-		return nil, err
-	}
-	st, err := opts.newStore(opts)
+	ctx := context.Background()
+	st, err := openNATS(ctx, opts.DataDir, opts.NATS, logConfig{retentionBytes: opts.LogRetentionBytes, retentionAge: opts.LogRetentionAge, maxOutput: opts.MaxOutputBytes}, log)
 	if err != nil {
 		_ = lock.Unlock()
 		return nil, fmt.Errorf("backend: %w", err)
+	}
+	fail := func(err error) (*Server, error) {
+		_ = st.close()
+		_ = lock.Unlock()
+		return nil, fmt.Errorf("backend: %w", err)
+	}
+	if need := int64(2*opts.MaxOutputBytes + 64<<10); st.nc.MaxPayload() < need {
+		return fail(fmt.Errorf("the NATS servers take messages of up to %d bytes (max_payload), and a StateLog may take %d: raise max_payload", st.nc.MaxPayload(), need))
+	}
+	if err := importDataDir(ctx, opts.DataDir, st, log); err != nil {
+		return fail(err)
+	}
+	auth, tokenFile, err := newAPIAuth(ctx, opts.DataDir, opts.APIToken, st)
+	if err != nil {
+		return fail(err)
 	}
 	s := &Server{
 		apiAuth: auth, apiTokenFile: tokenFile,
@@ -186,77 +216,76 @@ func New(opts Options) (*Server, error) {
 		log:  log,
 		st:   st,
 
+		session:  newSession(),
 		refusals: &refusalLog{log: log, every: opts.refusalEvery},
 		enroll:   newEnrollLimiter(opts.EnrollLimit, opts.EnrollWindow),
 		// Small read buffers and pooled write buffers keep an idle agent
 		// connection cheap (a fleet is mostly idle connections).
 		up:     websocket.Upgrader{ReadBufferSize: 1 << 10, WriteBufferSize: 4 << 10, WriteBufferPool: &sync.Pool{}},
 		apps:   map[string]*appState{},
-		failed: map[string]*appFailure{},
+		revs:   map[string]uint64{},
+		alive:  map[string]time.Time{},
 		agents: map[string]map[string]*agentConn{},
+		stopBG: make(chan struct{}),
 	}
+	s.replica.Store(&opts.ReplicaName)
 	// Browsers always send Origin on a WebSocket upgrade; agents send none.
 	s.up.CheckOrigin = s.originAllowed
 	s.hosts.Store(newHostSet(opts.AllowedHosts))
-	ids, err := st.AppIDs()
-	if err != nil {
-		// Without the list no app is known, and a PUT could not tell a
-		// new app from a stored one it cannot see: refuse to start.
-		_ = st.Close()
-		_ = lock.Unlock()
-		return nil, fmt.Errorf("backend: data dir %s: %w", opts.DataDir, err)
+	if err := s.watchAll(); err != nil {
+		s.stopWatch()
+		s.watchDone.Wait()
+		return fail(err)
 	}
-	s.loadMu.Lock()
+	// Each replica brings the StateLog streams to its retention flags (give
+	// every replica the same ones).
+	s.mu.Lock()
+	var ids []string
+	for id, a := range s.apps {
+		if a.exists {
+			ids = append(ids, id)
+		}
+	}
+	s.mu.Unlock()
 	for _, id := range ids {
-		_, _ = s.load(id) // a failure is logged and kept in s.failed
+		cctx, cancel := opCtx(ctx)
+		if err := st.ensureLogStream(cctx, id, 0); err != nil {
+			log.Warn("cannot check an app's StateLog stream settings", "app_id", id, "err", err)
+		}
+		cancel()
 	}
-	s.loadMu.Unlock()
+	s.bg.Add(2)
+	go s.heartbeat(s.stopBG)
+	go s.retainLoop(s.stopBG)
 	return s, nil
-}
-
-// logDefaults fills in and checks the StateLog storage options.
-func logDefaults(o *Options) error {
-	if o.MaxOutputBytes < 0 || o.MaxOutputBytes > 0 && o.MaxOutputBytes < minOutputBytes {
-		return fmt.Errorf("backend: MaxOutputBytes %d: use 0 for the default (64 KiB) or at least %d, room for the truncation marker", o.MaxOutputBytes, minOutputBytes)
-	}
-	if o.MaxOutputBytes == 0 {
-		o.MaxOutputBytes = defaultOutput
-	}
-	if o.LogSegmentBytes <= 0 {
-		o.LogSegmentBytes = defaultSegment
-	}
-	if o.LogRetentionBytes <= 0 {
-		o.LogRetentionBytes = defaultRetention
-	}
-	if o.LogRetentionAge <= 0 {
-		o.LogRetentionAge = defaultAge
-	}
-	if o.logCommitDelay <= 0 {
-		o.logCommitDelay = defaultCommit
-	}
-	return nil
-}
-
-func (o Options) logOptions() logOptions {
-	return logOptions{segmentBytes: o.LogSegmentBytes, retentionBytes: o.LogRetentionBytes,
-		retentionAge: o.LogRetentionAge, maxOutput: o.MaxOutputBytes, commitDelay: o.logCommitDelay}
 }
 
 // APITokenFile is the file the API token was read from or created in
 // (<data>/api-token), or "" when Options.APIToken gave it.
 func (s *Server) APITokenFile() string { return s.apiTokenFile }
 
-// Close stores the StateLogs already received (write, fsync) and stops
-// the log writer; StateLogs arriving later are refused. ListenAndServe
-// calls it on shutdown; a caller serving Handler itself calls it once
-// agents are closed.
+// Close stores the StateLogs already handed over, writes the log stream
+// summaries, leaves the replicas (this one's instances show as
+// disconnected at once) and closes the NATS connection (stopping the
+// embedded server). ListenAndServe calls it on shutdown; a caller serving
+// Handler itself calls it once agents are closed.
 func (s *Server) Close() error {
-	defer s.lock.Unlock()
-	s.refusals.flush()
-	if err := s.st.Close(); err != nil {
-		return fmt.Errorf("backend: closing the StateLog store: %w", err)
-	}
-	return nil
+	s.closeOnce.Do(func() {
+		s.mu.Lock()
+		s.closed = true
+		s.mu.Unlock()
+		s.refusals.flush()
+		s.writers.Wait()
+		close(s.stopBG)
+		s.bg.Wait()
+		s.stopWatch()
+		s.watchDone.Wait()
+		if err := s.st.close(); err != nil {
+			s.closeErr = fmt.Errorf("backend: closing the NATS store: %w", err)
+		}
+		_ = s.lock.Unlock()
+	})
+	return s.closeErr
 }
 
 // Handler serves the agent WebSocket at /agent/ and the API under /api/.
@@ -279,6 +308,8 @@ func (s *Server) ListenAndServe(ctx context.Context, addr string, ready func(net
 		return fmt.Errorf("backend: listen %s: %w", addr, err)
 	}
 	s.hosts.Store(s.hosts.Load().withListener(addr, ln.Addr()))
+	name := s.opts.ReplicaName + " " + ln.Addr().String()
+	s.replica.Store(&name)
 	srv := &http.Server{Handler: s.Handler(), ReadHeaderTimeout: 10 * time.Second}
 	if ready != nil {
 		ready(ln.Addr())
@@ -315,26 +346,39 @@ func (s *Server) CloseAgents() {
 	}
 }
 
-// broadcast queues frame to every connected agent of app for which pick
-// returns true (nil: all).
-func (s *Server) broadcast(app string, frame []byte, pick func(*agentConn) bool) int {
+// retainLoop brings every app's StateLogs under the retention size until
+// stop is closed.
+func (s *Server) retainLoop(stop <-chan struct{}) {
+	defer s.bg.Done()
+	t := time.NewTicker(s.opts.retainEvery)
+	defer t.Stop()
+	for {
+		select {
+		case <-stop:
+			return
+		case <-t.C:
+		}
+		s.retainAll()
+	}
+}
+
+func (s *Server) retainAll() {
 	s.mu.Lock()
-	var targets []*agentConn
-	for _, c := range s.agents[app] {
-		if pick == nil || pick(c) {
-			targets = append(targets, c)
+	var ids []string
+	for id, a := range s.apps {
+		if a.exists {
+			ids = append(ids, id)
 		}
 	}
 	s.mu.Unlock()
-	if len(targets) == 0 {
-		return 0
+	for _, id := range ids {
+		ctx, cancel := opCtx(context.Background())
+		if err := s.st.retain(ctx, id); err != nil {
+			s.st.logError("cannot apply the StateLog retention size (tried again shortly)", "app_id", id, "err", err)
+		}
+		cancel()
 	}
-	pm, err := websocket.NewPreparedMessage(websocket.TextMessage, frame)
-	if err != nil {
-		return 0
-	}
-	for _, c := range targets {
-		c.sendPrepared(pm)
-	}
-	return len(targets)
 }
+
+// replicaName is how this replica is named to people.
+func (s *Server) replicaName() string { return *s.replica.Load() }

@@ -30,19 +30,28 @@ func backendCommand() *cli.Command {
 			"Every call but /api/healthz needs 'Authorization: Bearer <token>', on any address: the token\n" +
 			"comes from --api-token-file or OPSAGENT_API_TOKEN, else from <data>/api-token, created on first start.\n" +
 			"Mutating calls need Content-Type: application/json; the Host header must name this server\n" +
-			"(--allow-host for other names) and cross-site Origins are refused.",
+			"(--allow-host for other names) and cross-site Origins are refused.\n" +
+			"State: without --nats, an embedded NATS JetStream server in <data>/nats (in-process, no port);\n" +
+			"with --nats, an existing NATS cluster shared by any number of replicas behind a load balancer.\n" +
+			"A data directory of an earlier version (<data>/apps) is imported on first start.",
 		Flags: []cli.Flag{
 			&cli.StringFlag{Name: "listen", Value: "127.0.0.1:8963", Usage: "address to listen on (port 0: any free port)"},
-			&cli.StringFlag{Name: "data", Usage: "directory for apps, recipes, tokens and logs (created if missing)", Required: true},
+			&cli.StringFlag{Name: "data", Usage: "directory for the lock, the API token and, without --nats, the embedded NATS server's data (created if missing)", Required: true},
+			&cli.StringSliceFlag{Name: "nats", Usage: "NATS server URLs of an existing cluster with JetStream (comma-separated or repeated); default: an embedded single-node server"},
+			&cli.StringFlag{Name: "nats-creds", Usage: "NATS credentials file (JWT and seed) for --nats"},
+			&cli.StringFlag{Name: "nats-tls-ca", Usage: "PEM file of CAs that sign the NATS servers' certificates"},
+			&cli.StringFlag{Name: "nats-tls-cert", Usage: "client certificate (PEM) for NATS servers that require one"},
+			&cli.StringFlag{Name: "nats-tls-key", Usage: "the client certificate's key (PEM)"},
+			&cli.IntFlag{Name: "nats-replicas", Value: 1, Usage: "replicas of every stream and bucket the backend makes (3 on a three-node cluster survives the loss of a node)"},
 			&cli.StringFlag{Name: "api-token", Usage: "bearer token every API call needs (default: <data>/api-token, made on first start); prefer OPSAGENT_API_TOKEN or --api-token-file: a flag shows in ps", Sources: cli.EnvVars("OPSAGENT_API_TOKEN")},
 			&cli.StringFlag{Name: "api-token-file", Usage: "read the API token from this file (first line)"},
 			&cli.StringSliceFlag{Name: "allow-host", Usage: "a host name clients may use to reach this server besides its listen address (repeatable)"},
 			&cli.BoolFlag{Name: "open-enrollment", Usage: "let any agent that knows an app id enroll without the app's enrollment secret (the 2014 behaviour)"},
 			&cli.IntFlag{Name: "enroll-limit", Value: 100, Usage: "new instances an app may enroll per --enroll-window (all at once, then at that rate); over it a Handshake is refused and retried later; -1: no limit"},
 			&cli.DurationFlag{Name: "enroll-window", Value: time.Minute, Usage: "the window of --enroll-limit"},
-			&cli.StringFlag{Name: "log-retention-size", Value: "1GiB", Usage: "StateLogs kept per app; the oldest segments go first"},
-			&cli.DurationFlag{Name: "log-retention-age", Value: 30 * 24 * time.Hour, Usage: "StateLogs older than this are deleted (whole segments)"},
-			&cli.StringFlag{Name: "log-segment-size", Value: "16MiB", Usage: "size at which a StateLog segment file is closed and a new one started"},
+			&cli.StringFlag{Name: "log-retention-size", Value: "1GiB", Usage: "StateLogs kept per app (its JetStream stream's limit); the oldest go first"},
+			&cli.DurationFlag{Name: "log-retention-age", Value: 30 * 24 * time.Hour, Usage: "StateLogs older than this are deleted"},
+			&cli.StringFlag{Name: "log-segment-size", Hidden: true, Usage: "ignored: StateLogs are in JetStream, which sizes its own blocks"},
 			&cli.StringFlag{Name: "addr-file", Usage: "write the bound address (host:port) to this file once listening"},
 		},
 		Action: func(ctx context.Context, cmd *cli.Command) error {
@@ -59,9 +68,12 @@ func backendCommand() *cli.Command {
 			if err != nil {
 				return usageErrorf("--log-retention-size: %v", err)
 			}
-			segment, err := config.ParseSize(cmd.String("log-segment-size"))
+			if cmd.IsSet("log-segment-size") {
+				log.Warn("--log-segment-size is ignored: StateLogs are kept in NATS JetStream, which sizes its own blocks")
+			}
+			natsOpts, err := natsOptions(cmd)
 			if err != nil {
-				return usageErrorf("--log-segment-size: %v", err)
+				return err
 			}
 			enrollLimit := int(cmd.Int("enroll-limit"))
 			switch {
@@ -70,11 +82,12 @@ func backendCommand() *cli.Command {
 			case cmd.Duration("enroll-window") <= 0:
 				return usageErrorf("--enroll-window %v: must be positive (e.g. 1m)", cmd.Duration("enroll-window"))
 			}
+			host, _ := os.Hostname()
 			srv, err := backend.New(backend.Options{
-				DataDir: cmd.String("data"), APIToken: token, Logger: log,
+				DataDir: cmd.String("data"), NATS: natsOpts, ReplicaName: host, APIToken: token, Logger: log,
 				AllowedHosts: cmd.StringSlice("allow-host"), OpenEnrollment: cmd.Bool("open-enrollment"),
 				EnrollLimit: enrollLimit, EnrollWindow: cmd.Duration("enroll-window"),
-				LogRetentionBytes: int64(retention), LogRetentionAge: cmd.Duration("log-retention-age"), LogSegmentBytes: int64(segment),
+				LogRetentionBytes: int64(retention), LogRetentionAge: cmd.Duration("log-retention-age"),
 			})
 			if err != nil {
 				return err
@@ -128,4 +141,36 @@ func tokenOnCommandLine(args []string) bool {
 		}
 	}
 	return false
+}
+
+// natsOptions reads the --nats flags.
+func natsOptions(cmd *cli.Command) (backend.NATSOptions, error) {
+	o := backend.NATSOptions{Creds: cmd.String("nats-creds"), TLSCA: cmd.String("nats-tls-ca"),
+		TLSCert: cmd.String("nats-tls-cert"), TLSKey: cmd.String("nats-tls-key"), Replicas: int(cmd.Int("nats-replicas"))}
+	for _, v := range cmd.StringSlice("nats") {
+		for _, u := range strings.Split(v, ",") {
+			if u = strings.TrimSpace(u); u != "" {
+				o.URLs = append(o.URLs, u)
+			}
+		}
+	}
+	switch {
+	case o.Replicas < 1 || o.Replicas > 5:
+		return o, usageErrorf("--nats-replicas %d: JetStream takes 1 to 5", o.Replicas)
+	case len(o.URLs) == 0 && o.Replicas > 1:
+		return o, usageErrorf("--nats-replicas %d needs --nats: the embedded server is a single node", o.Replicas)
+	case len(o.URLs) == 0 && (o.Creds != "" || o.TLSCA != "" || o.TLSCert != "" || o.TLSKey != ""):
+		return o, usageErrorf("--nats-creds and --nats-tls-* need --nats (the embedded server is reached in-process)")
+	case (o.TLSCert == "") != (o.TLSKey == ""):
+		return o, usageErrorf("--nats-tls-cert and --nats-tls-key go together")
+	}
+	for _, f := range []struct{ flag, path string }{{"--nats-creds", o.Creds}, {"--nats-tls-ca", o.TLSCA}, {"--nats-tls-cert", o.TLSCert}, {"--nats-tls-key", o.TLSKey}} {
+		if f.path == "" {
+			continue
+		}
+		if _, err := os.Stat(f.path); err != nil {
+			return o, usageErrorf("%s: %v", f.flag, err)
+		}
+	}
+	return o, nil
 }

@@ -1,0 +1,71 @@
+package backend
+
+import (
+	"context"
+	"sync/atomic"
+	"testing"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/visualops/opsagent/internal/testutil/natscluster"
+)
+
+// flakyKV answers its first fails Gets with "no responders", as a cluster
+// just formed does while a bucket's leader is unknown to the node asked.
+type flakyKV struct {
+	jetstream.KeyValue
+	fails atomic.Int32
+}
+
+func (f *flakyKV) Get(ctx context.Context, key string) (jetstream.KeyValueEntry, error) {
+	if f.fails.Add(-1) >= 0 {
+		return nil, nats.ErrNoResponders
+	}
+	return f.KeyValue.Get(ctx, key)
+}
+
+// TestReadsRetryNoResponders: a recipe put for a new app reads the app and
+// its secret back; a read answered "no responders" is made again (within
+// the operation's time) instead of failing the call with a 503.
+func TestReadsRetryNoResponders(t *testing.T) {
+	e := newEnv(t, "", nil)
+	apps := &flakyKV{KeyValue: e.srv.st.apps}
+	secrets := &flakyKV{KeyValue: e.srv.st.secrets}
+	apps.fails.Store(2)
+	secrets.fails.Store(2)
+	e.srv.st.apps, e.srv.st.secrets = apps, secrets
+	if code, out := e.api("PUT", "/api/apps/fresh/recipe", recipeJSON); code != 200 {
+		t.Fatalf("PUT recipe while reads answer no responders: %d %v", code, out)
+	}
+	if apps.fails.Load() >= 0 || secrets.fails.Load() >= 0 {
+		t.Fatalf("the reads were not all made: %d, %d failures left", apps.fails.Load(), secrets.fails.Load())
+	}
+}
+
+// TestHandshakeAfterAStaleView: a replica whose view lags the store (its
+// watch stopped here; after a NATS node's loss it catches up only later)
+// welcomes an agent with the recipe stored, not with the older one it
+// holds: the agent may have the newer one from another replica, and would
+// run the older again and drop the StateLogs queued for the newer.
+func TestHandshakeAfterAStaleView(t *testing.T) {
+	c := natscluster.Start(t, 1)
+	var r []*env
+	for range 2 {
+		r = append(r, newEnv(t, "", func(o *Options) { o.NATS.URLs = []string{c.Nodes[0].URL()} }))
+	}
+	a, b := r[0], r[1]
+	if code, out := a.api("PUT", "/api/apps/stale/recipe", recipeJSON); code != 200 {
+		t.Fatalf("PUT on A: %d %v", code, out)
+	}
+	secret := a.secret("stale")
+	b.handshake(identity("i-1", "stale", tok("one"), "2.1", secret)).expectRecipe()
+	b.srv.stopWatch()
+	b.srv.watchDone.Wait()
+	if code, out := a.api("PUT", "/api/apps/stale/recipe", `{"state":[{"id":"v2","module":"meta.comment"}]}`); code != 200 {
+		t.Fatalf("second PUT on A: %d %v", code, out)
+	}
+	if got := b.handshake(identity("i-2", "stale", tok("two"), "2.1", secret)).expectRecipe(); got.RecipeVersion != 2 {
+		t.Fatalf("B welcomed an agent with recipe version %d, want 2 (the one stored)", got.RecipeVersion)
+	}
+}
