@@ -544,7 +544,10 @@ func (s *Server) revokeInstance(w http.ResponseWriter, r *http.Request) {
 		at = now
 		s.log.Info("instance revoked", "app_id", a.AppID, "instance_id", id, "was_connected", connected)
 	}
-	writeJSON(w, http.StatusOK, map[string]any{"app_id": a.AppID, "instance_id": id, "revoked_at": at, "disconnected": connected})
+	// disconnected says whether this call cut a connection: a DELETE of
+	// an instance already revoked cuts none, even while the connection
+	// the first one closed is still being taken down.
+	writeJSON(w, http.StatusOK, map[string]any{"app_id": a.AppID, "instance_id": id, "revoked_at": at, "disconnected": connected && !already})
 }
 
 // admitInstance lifts a revocation: the instance id may enroll again, with
