@@ -1,9 +1,11 @@
 package e2e
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
 	"io/fs"
 	"net"
 	"net/http"
@@ -146,16 +148,30 @@ func (b *backendProc) allLogs(tb testing.TB, app string) []fleetLog {
 			Next int64      `json:"next"`
 			More bool       `json:"more"`
 		}
-		req, _ := http.NewRequest("GET", fmt.Sprintf("http://%s/api/apps/%s/logs?after=%d&limit=10000", b.addr, app, after), nil)
-		req.Header.Set("Authorization", "Bearer "+b.token)
-		resp, err := http.DefaultClient.Do(req)
-		if err != nil {
-			tb.Fatal(err)
-		}
-		err = json.NewDecoder(resp.Body).Decode(&page)
-		resp.Body.Close()
-		if err != nil || resp.StatusCode != 200 {
-			tb.Fatalf("GET logs of %s: %d %v", app, resp.StatusCode, err)
+		// A 503 says to try again (a stream's leader being elected after a
+		// node died can take longer than the backend's own retries), as a
+		// client of the API does; for a minute at most.
+		for deadline := time.Now().Add(time.Minute); ; {
+			req, _ := http.NewRequest("GET", fmt.Sprintf("http://%s/api/apps/%s/logs?after=%d&limit=10000", b.addr, app, after), nil)
+			req.Header.Set("Authorization", "Bearer "+b.token)
+			resp, err := http.DefaultClient.Do(req)
+			if err != nil {
+				tb.Fatal(err)
+			}
+			body, err := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			if err == nil && resp.StatusCode == http.StatusServiceUnavailable && time.Now().Before(deadline) {
+				tb.Logf("GET logs of %s: 503 %s (trying again)", app, bytes.TrimSpace(body))
+				time.Sleep(500 * time.Millisecond)
+				continue
+			}
+			if err == nil {
+				err = json.Unmarshal(body, &page)
+			}
+			if err != nil || resp.StatusCode != 200 {
+				tb.Fatalf("GET logs of %s: %d %v %s", app, resp.StatusCode, err, bytes.TrimSpace(body))
+			}
+			break
 		}
 		all = append(all, page.Logs...)
 		if len(page.Logs) == 0 || !page.More {
