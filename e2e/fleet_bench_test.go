@@ -20,6 +20,7 @@ import (
 	"github.com/visualops/opsagent/agent/state"
 	"github.com/visualops/opsagent/internal/testutil/natscluster"
 	"github.com/visualops/opsagent/internal/testutil/syncbuf"
+	"github.com/visualops/opsagent/internal/testutil/testcache"
 )
 
 // The fleet benchmarks run side by side, in one run, the backends they
@@ -56,11 +57,7 @@ var (
 // test cache.
 func baseline(b *testing.B) string {
 	baselineOnce.Do(func() {
-		cache, err := os.UserCacheDir()
-		if err != nil {
-			cache = os.TempDir()
-		}
-		dir := filepath.Join(cache, "opsagent-test", "opsagent-"+fileStoreCommit)
+		dir := filepath.Join(testcache.Dir(), "opsagent-"+fileStoreCommit)
 		baselineBin = filepath.Join(dir, "opsagent")
 		if _, err := os.Stat(baselineBin); err == nil {
 			return

@@ -26,6 +26,7 @@ import (
 	"github.com/visualops/opsagent/internal/testutil/aptrepo"
 	"github.com/visualops/opsagent/internal/testutil/dockerd"
 	"github.com/visualops/opsagent/internal/testutil/syncbuf"
+	"github.com/visualops/opsagent/internal/testutil/testcache"
 )
 
 // dockerRig is an Executor on a bare test root whose
@@ -204,14 +205,7 @@ func buildApp(t testing.TB, dir string) {
 // the binary, cached in the test cache (beside debroot's) by source.
 func cachedBinary(t testing.TB, name, source string) []byte {
 	t.Helper()
-	cache := os.Getenv("OPSAGENT_TEST_CACHE")
-	if cache == "" {
-		d, err := os.UserCacheDir()
-		if err != nil {
-			d = os.TempDir()
-		}
-		cache = filepath.Join(d, "opsagent-test")
-	}
+	cache := testcache.Dir()
 	sum := sha256.Sum256([]byte(source + runtime.Version()))
 	bin := filepath.Join(cache, fmt.Sprintf("%s-%x", name, sum[:8]))
 	if _, err := os.Stat(bin); err != nil {

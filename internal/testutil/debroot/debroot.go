@@ -39,6 +39,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/visualops/opsagent/internal/proc"
+	"github.com/visualops/opsagent/internal/testutil/testcache"
 )
 
 // Suite is the Debian release of the base root.
@@ -82,22 +83,11 @@ func unavailable() string {
 		return "needs root (chroot, mounts)"
 	}
 	if _, err := exec.LookPath("debootstrap"); err != nil {
-		if _, err := os.Stat(cacheDir()); err != nil {
+		if _, err := os.Stat(testcache.Dir()); err != nil {
 			return "debootstrap is not installed (apt-get install debootstrap)"
 		}
 	}
 	return ""
-}
-
-func cacheDir() string {
-	if d := os.Getenv("OPSAGENT_TEST_CACHE"); d != "" {
-		return d
-	}
-	d, err := os.UserCacheDir()
-	if err != nil {
-		d = os.TempDir()
-	}
-	return filepath.Join(d, "opsagent-test")
 }
 
 // key names a cache entry by what it was built from.
@@ -111,15 +101,15 @@ func key() string {
 func Cached(tb testing.TB) Base {
 	tb.Helper()
 	Need(tb)
-	dir := filepath.Join(cacheDir(), key())
+	dir := filepath.Join(testcache.Dir(), key())
 	b := Base{Root: filepath.Join(dir, "root"), Debs: filepath.Join(dir, "debs")}
 	if _, err := os.Stat(filepath.Join(dir, "ready")); err == nil {
 		return b
 	}
-	if err := os.MkdirAll(cacheDir(), 0o755); err != nil {
+	if err := os.MkdirAll(testcache.Dir(), 0o755); err != nil {
 		tb.Fatal(err)
 	}
-	lock, err := os.OpenFile(filepath.Join(cacheDir(), key()+".lock"), os.O_CREATE|os.O_RDWR, 0o600)
+	lock, err := os.OpenFile(filepath.Join(testcache.Dir(), key()+".lock"), os.O_CREATE|os.O_RDWR, 0o600)
 	if err != nil {
 		tb.Fatal(err)
 	}
@@ -315,7 +305,7 @@ func NewWith(tb testing.TB, pkgs ...string) string {
 	sorted := append([]string(nil), pkgs...)
 	sort.Strings(sorted)
 	sum := sha256.Sum256([]byte(strings.Join(sorted, ",")))
-	dir := filepath.Join(cacheDir(), key()+"-with-"+hex.EncodeToString(sum[:6]))
+	dir := filepath.Join(testcache.Dir(), key()+"-with-"+hex.EncodeToString(sum[:6]))
 	layer := filepath.Join(dir, "upper")
 	if _, err := os.Stat(filepath.Join(dir, "ready")); err != nil {
 		if err := buildLayer(tb, base, dir, sorted); err != nil {

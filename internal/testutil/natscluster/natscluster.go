@@ -22,6 +22,7 @@ import (
 	"time"
 
 	"github.com/visualops/opsagent/internal/testutil/syncbuf"
+	"github.com/visualops/opsagent/internal/testutil/testcache"
 	"github.com/visualops/opsagent/internal/testutil/wait"
 )
 
@@ -38,7 +39,7 @@ func Binary(tb testing.TB) string {
 	if err != nil {
 		tb.Fatalf("natscluster: which %s go.mod names: %v", Module, err)
 	}
-	dir := filepath.Join(cacheDir(), "nats-server-"+version+"-"+runtime.GOOS+"-"+runtime.GOARCH)
+	dir := filepath.Join(testcache.Dir(), "nats-server-"+version+"-"+runtime.GOOS+"-"+runtime.GOARCH)
 	bin := filepath.Join(dir, "nats-server")
 	if _, err := os.Stat(bin); err == nil {
 		return bin
@@ -76,17 +77,6 @@ func goOut(args ...string) (string, error) {
 		return "", fmt.Errorf("go %s: %w: %s", strings.Join(args, " "), err, strings.TrimSpace(errOut.String()))
 	}
 	return strings.TrimSpace(out.String()), nil
-}
-
-func cacheDir() string {
-	if d := os.Getenv("OPSAGENT_TEST_CACHE"); d != "" {
-		return d
-	}
-	d, err := os.UserCacheDir()
-	if err != nil {
-		d = os.TempDir()
-	}
-	return filepath.Join(d, "opsagent-test")
 }
 
 // ConfigFile is the example node configuration the clusters are started

@@ -22,6 +22,8 @@ import (
 	"strings"
 	"sync/atomic"
 	"testing"
+
+	"github.com/visualops/opsagent/internal/testutil/testcache"
 )
 
 // Package is one .rpm to build (noarch).
@@ -211,7 +213,7 @@ func Build(tb testing.TB, p Package) string {
 	Need(tb)
 	spec := p.spec()
 	sum := sha256.Sum256([]byte(spec))
-	dir := filepath.Join(cacheDir(), "rpms", hex.EncodeToString(sum[:8]))
+	dir := filepath.Join(testcache.Dir(), "rpms", hex.EncodeToString(sum[:8]))
 	out := filepath.Join(dir, p.FileName())
 	if _, err := os.Stat(out); err == nil {
 		return out
@@ -272,17 +274,6 @@ func (p Package) spec() string {
 		}
 	}
 	return b.String()
-}
-
-func cacheDir() string {
-	if d := os.Getenv("OPSAGENT_TEST_CACHE"); d != "" {
-		return d
-	}
-	d, err := os.UserCacheDir()
-	if err != nil {
-		d = os.TempDir()
-	}
-	return filepath.Join(d, "opsagent-test")
 }
 
 func writeFile(tb testing.TB, path, content string, mode os.FileMode) {
