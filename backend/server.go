@@ -239,15 +239,7 @@ func New(opts Options) (*Server, error) {
 	}
 	// Each replica brings the StateLog streams to its retention flags (give
 	// every replica the same ones).
-	s.mu.Lock()
-	var ids []string
-	for id, a := range s.apps {
-		if a.exists {
-			ids = append(ids, id)
-		}
-	}
-	s.mu.Unlock()
-	for _, id := range ids {
+	for _, id := range s.appIDs() {
 		cctx, cancel := opCtx(ctx)
 		if err := st.ensureLogStream(cctx, id, 0); err != nil {
 			log.Warn("cannot check an app's StateLog stream settings", "app_id", id, "err", err)
@@ -363,15 +355,7 @@ func (s *Server) retainLoop(stop <-chan struct{}) {
 }
 
 func (s *Server) retainAll() {
-	s.mu.Lock()
-	var ids []string
-	for id, a := range s.apps {
-		if a.exists {
-			ids = append(ids, id)
-		}
-	}
-	s.mu.Unlock()
-	for _, id := range ids {
+	for _, id := range s.appIDs() {
 		ctx, cancel := opCtx(context.Background())
 		if err := s.st.retain(ctx, id); err != nil {
 			s.st.logError("cannot apply the StateLog retention size (tried again shortly)", "app_id", id, "err", err)
@@ -382,3 +366,16 @@ func (s *Server) retainAll() {
 
 // replicaName is how this replica is named to people.
 func (s *Server) replicaName() string { return *s.replica.Load() }
+
+// appIDs are the ids of the apps that exist, as this replica sees them.
+func (s *Server) appIDs() []string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var ids []string
+	for id, a := range s.apps {
+		if a.exists {
+			ids = append(ids, id)
+		}
+	}
+	return ids
+}
