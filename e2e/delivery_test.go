@@ -122,7 +122,9 @@ func TestRebootWithAFullOutbox(t *testing.T) {
 	b.api(t, "PUT", "/api/apps/boot/recipe", cmdRecipe(5, 0))
 	root := agentRoot(t, b.addr, "boot", "i-boot", "[salt]\ndelay = 1s\n[agent]\nengine = native\n")
 	agent := startAgent(t, root)
-	eventually(t, "connected", func() bool { return b.connectedAs("boot", "i-boot") != "" })
+	// Rounds running (the recipe reached the agent: "connected" alone can
+	// come before the Handshake's answer does).
+	eventually(t, "the first StateLogs", func() bool { return len(b.logs(t, "boot")) > 0 })
 	addr := b.addr
 	b.stop(t, syscall.SIGTERM)
 	eventually(t, "StateLogs queued while the backend is down", func() bool {
