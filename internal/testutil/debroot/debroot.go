@@ -23,6 +23,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -40,6 +41,7 @@ import (
 
 	"github.com/visualops/opsagent/internal/proc"
 	"github.com/visualops/opsagent/internal/testutil/testcache"
+	"github.com/visualops/opsagent/internal/testutil/wait"
 )
 
 // Suite is the Debian release of the base root.
@@ -440,4 +442,33 @@ func Inside(root string) []int {
 	}
 	sort.Ints(pids)
 	return pids
+}
+
+// StartDaemon runs argv chrooted into root (a server a test needs inside
+// the instance's system: sshd, svnserve, hg serve) with env, stops it when
+// the test ends (showing its output if the test failed), and returns once
+// it accepts connections on addr.
+func StartDaemon(tb testing.TB, root string, env []string, addr string, argv ...string) {
+	tb.Helper()
+	var out bytes.Buffer
+	cmd := exec.Command("chroot", append([]string{root}, argv...)...)
+	cmd.Env = env
+	cmd.Stdout, cmd.Stderr = &out, &out
+	if err := cmd.Start(); err != nil {
+		tb.Fatalf("%s: %v", argv[0], err)
+	}
+	tb.Cleanup(func() {
+		_ = cmd.Process.Kill()
+		_ = cmd.Wait()
+		if tb.Failed() {
+			tb.Logf("%s output:\n%s", argv[0], out.String())
+		}
+	})
+	wait.Eventually(tb, argv[0]+" listening on "+addr, func() bool {
+		c, err := net.Dial("tcp", addr)
+		if err == nil {
+			c.Close()
+		}
+		return err == nil
+	})
 }

@@ -6,7 +6,6 @@
 package hgserve
 
 import (
-	"bytes"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -20,7 +19,7 @@ import (
 	"sync/atomic"
 	"testing"
 
-	"github.com/visualops/opsagent/internal/testutil/wait"
+	"github.com/visualops/opsagent/internal/testutil/debroot"
 )
 
 // Server is one repository served by hg serve.
@@ -42,28 +41,8 @@ func Start(t testing.TB, root string) *Server {
 	}
 	port := ln.Addr().(*net.TCPAddr).Port
 	ln.Close()
-	var out bytes.Buffer
-	cmd := exec.Command("chroot", root, "hg", "serve", "-R", s.Repo, "-a", "127.0.0.1", "-p", strconv.Itoa(port))
-	cmd.Env = env()
-	cmd.Stdout, cmd.Stderr = &out, &out
-	if err := cmd.Start(); err != nil {
-		t.Fatalf("hg serve: %v", err)
-	}
-	t.Cleanup(func() {
-		_ = cmd.Process.Kill()
-		_ = cmd.Wait()
-		if t.Failed() {
-			t.Logf("hg serve output:\n%s", out.String())
-		}
-	})
 	addr := "127.0.0.1:" + strconv.Itoa(port)
-	wait.Eventually(t, "hg serve listening on "+addr, func() bool {
-		c, err := net.Dial("tcp", addr)
-		if err == nil {
-			c.Close()
-		}
-		return err == nil
-	})
+	debroot.StartDaemon(t, root, env(), addr, "hg", "serve", "-R", s.Repo, "-a", "127.0.0.1", "-p", strconv.Itoa(port))
 	s.URL = "http://" + addr + "/"
 	return s
 }

@@ -6,7 +6,6 @@
 package sshd
 
 import (
-	"bytes"
 	"fmt"
 	"net"
 	"os"
@@ -16,7 +15,7 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/visualops/opsagent/internal/testutil/wait"
+	"github.com/visualops/opsagent/internal/testutil/debroot"
 )
 
 // Server is an sshd accepting the client key for every user.
@@ -71,27 +70,7 @@ PermitRootLogin prohibit-password
 	if err := os.WriteFile(filepath.Join(root, config), []byte(conf), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	var out bytes.Buffer
-	cmd := exec.Command("chroot", root, "/usr/sbin/sshd", "-D", "-e", "-f", config)
-	cmd.Stdout, cmd.Stderr = &out, &out
-	if err := cmd.Start(); err != nil {
-		t.Fatalf("sshd: %v", err)
-	}
-	t.Cleanup(func() {
-		_ = cmd.Process.Kill()
-		_ = cmd.Wait()
-		if t.Failed() {
-			t.Logf("sshd output:\n%s", out.String())
-		}
-	})
-	addr := "127.0.0.1:" + strconv.Itoa(port)
-	wait.Eventually(t, "sshd listening on "+addr, func() bool {
-		c, err := net.Dial("tcp", addr)
-		if err == nil {
-			c.Close()
-		}
-		return err == nil
-	})
+	debroot.StartDaemon(t, root, nil, "127.0.0.1:"+strconv.Itoa(port), "/usr/sbin/sshd", "-D", "-e", "-f", config)
 	return &Server{Port: port, ClientKey: clientKey}
 }
 

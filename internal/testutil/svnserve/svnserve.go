@@ -6,7 +6,6 @@
 package svnserve
 
 import (
-	"bytes"
 	"fmt"
 	"net"
 	"os"
@@ -16,7 +15,7 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/visualops/opsagent/internal/testutil/wait"
+	"github.com/visualops/opsagent/internal/testutil/debroot"
 )
 
 // Server is one repository served by svnserve.
@@ -44,28 +43,8 @@ func Start(t testing.TB, root, user, password string) *Server {
 	}
 	port := ln.Addr().(*net.TCPAddr).Port
 	ln.Close()
-	var out bytes.Buffer
-	cmd := exec.Command("chroot", root, "svnserve", "-d", "--foreground", "-r", "/srv/svn", "--listen-host", "127.0.0.1", "--listen-port", strconv.Itoa(port))
-	cmd.Env = env()
-	cmd.Stdout, cmd.Stderr = &out, &out
-	if err := cmd.Start(); err != nil {
-		t.Fatalf("svnserve: %v", err)
-	}
-	t.Cleanup(func() {
-		_ = cmd.Process.Kill()
-		_ = cmd.Wait()
-		if t.Failed() {
-			t.Logf("svnserve output:\n%s", out.String())
-		}
-	})
 	addr := "127.0.0.1:" + strconv.Itoa(port)
-	wait.Eventually(t, "svnserve listening on "+addr, func() bool {
-		c, err := net.Dial("tcp", addr)
-		if err == nil {
-			c.Close()
-		}
-		return err == nil
-	})
+	debroot.StartDaemon(t, root, env(), addr, "svnserve", "-d", "--foreground", "-r", "/srv/svn", "--listen-host", "127.0.0.1", "--listen-port", strconv.Itoa(port))
 	s.URL = "svn://" + addr + "/repo"
 	return s
 }
