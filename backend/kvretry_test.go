@@ -2,6 +2,8 @@ package backend
 
 import (
 	"context"
+	"fmt"
+	"strings"
 	"sync/atomic"
 	"testing"
 
@@ -67,5 +69,49 @@ func TestHandshakeAfterAStaleView(t *testing.T) {
 	}
 	if got := b.handshake(identity("i-2", "stale", tok("two"), "2.1", secret)).expectRecipe(); got.RecipeVersion != 2 {
 		t.Fatalf("B welcomed an agent with recipe version %d, want 2 (the one stored)", got.RecipeVersion)
+	}
+}
+
+// placementJS refuses its first fails stream creations with desc, as the
+// meta leader of a cluster just formed does ("peer offline") before it has
+// heard every peer's statistics.
+type placementJS struct {
+	jetstream.JetStream
+	desc  string
+	fails atomic.Int32
+}
+
+func (p *placementJS) CreateStream(ctx context.Context, cfg jetstream.StreamConfig) (jetstream.Stream, error) {
+	if p.fails.Add(-1) >= 0 {
+		return nil, &jetstream.APIError{Code: 400, ErrorCode: errCodeNoPeers, Description: p.desc}
+	}
+	return p.JetStream.CreateStream(ctx, cfg)
+}
+
+// TestStreamPlacementRetriesPeerOffline: a new app's StateLog stream
+// refused for "peer offline" is asked for again within the call (a cluster
+// whose meta leader re-made a route had forgotten a peer for a few seconds
+// and a CI run's PUT failed with 503); a refusal that waiting does not
+// cure (no storage) fails the call at once, naming the stream.
+func TestStreamPlacementRetriesPeerOffline(t *testing.T) {
+	e := newEnv(t, "", nil)
+	js := &placementJS{JetStream: e.srv.st.js, desc: "no suitable peers for placement, peer offline"}
+	js.fails.Store(2)
+	e.srv.st.js = js
+	if code, out := e.api("PUT", "/api/apps/placed/recipe", recipeJSON); code != 200 {
+		t.Fatalf("PUT recipe while placement answers peer offline: %d %v", code, out)
+	}
+	if js.fails.Load() >= 0 {
+		t.Fatalf("the stream was not asked for again: %d failures left", js.fails.Load())
+	}
+
+	js.desc = "no suitable peers for placement, insufficient storage"
+	js.fails.Store(1000)
+	code, out := e.api("PUT", "/api/apps/unplaced/recipe", recipeJSON)
+	if code != 503 || !strings.Contains(fmt.Sprint(out), "opsagent-logs-unplaced") || !strings.Contains(fmt.Sprint(out), "insufficient storage") {
+		t.Fatalf("PUT recipe with no storage for the stream: %d %v, want 503 naming the stream and the reason", code, out)
+	}
+	if n := 1000 - js.fails.Load(); n != 1 {
+		t.Fatalf("a permanent refusal was asked %d times, want once", n)
 	}
 }

@@ -261,12 +261,23 @@ func opCtx(ctx context.Context) (context.Context, context.CancelFunc) {
 	return context.WithTimeout(ctx, opTimeout)
 }
 
+// errCodeNoPeers is JetStream's "no suitable peers for placement" (the
+// server's JSClusterNoPeersErrF; the client names no constant for it).
+const errCodeNoPeers jetstream.ErrorCode = 10005
+
 // transient reports an error that a cluster gives while it elects a
-// leader, or while a node it was talking to goes away.
+// leader, or while a node it was talking to goes away. A placement refused
+// for "peer offline" is one too: the meta leader places a stream only on
+// peers whose statistics it has heard, and forgets them each time a route
+// to the peer is made again, which a cluster just formed does several
+// times in its first seconds (heard again within a few seconds).
 func transient(err error) bool {
 	var apiErr *jetstream.APIError
-	return errors.Is(err, nats.ErrNoResponders) || errors.Is(err, nats.ErrTimeout) || errors.Is(err, jetstream.ErrNoStreamResponse) ||
-		errors.As(err, &apiErr) && apiErr.Code == 503 && apiErr.ErrorCode != jetstream.JSErrCodeJetStreamNotEnabled
+	if !errors.As(err, &apiErr) {
+		return errors.Is(err, nats.ErrNoResponders) || errors.Is(err, nats.ErrTimeout) || errors.Is(err, jetstream.ErrNoStreamResponse)
+	}
+	return apiErr.Code == 503 && apiErr.ErrorCode != jetstream.JSErrCodeJetStreamNotEnabled ||
+		apiErr.ErrorCode == errCodeNoPeers && strings.Contains(apiErr.Description, "peer offline")
 }
 
 // retrying runs a read (or a write that may be made twice) again while it

@@ -117,13 +117,19 @@ func (st *natsStore) logStreamConfig(app string, first uint64) jetstream.StreamC
 // one's retention and replicas to this backend's settings.
 func (st *natsStore) ensureLogStream(ctx context.Context, app string, first uint64) error {
 	want := st.logStreamConfig(app, first)
-	s, err := st.js.Stream(ctx, want.Name)
-	if errors.Is(err, jetstream.ErrStreamNotFound) {
-		s, err = st.js.CreateStream(ctx, want)
-		if errors.Is(err, jetstream.ErrStreamNameAlreadyInUse) {
-			s, err = st.js.Stream(ctx, want.Name)
+	// Each step may be made again: creating a stream that exists with the
+	// same settings answers it, and an update is to absolute settings.
+	var s jetstream.Stream
+	err := retrying(ctx, func(ctx context.Context) (err error) {
+		s, err = st.js.Stream(ctx, want.Name)
+		if errors.Is(err, jetstream.ErrStreamNotFound) {
+			s, err = st.js.CreateStream(ctx, want)
+			if errors.Is(err, jetstream.ErrStreamNameAlreadyInUse) {
+				s, err = st.js.Stream(ctx, want.Name)
+			}
 		}
-	}
+		return err
+	})
 	if err != nil {
 		return fmt.Errorf("the StateLog stream %s: %w", want.Name, err)
 	}
@@ -131,7 +137,7 @@ func (st *natsStore) ensureLogStream(ctx context.Context, app string, first uint
 	if have.MaxAge != want.MaxAge || have.Replicas != want.Replicas || have.AllowAtomicPublish != want.AllowAtomicPublish {
 		cfg := have
 		cfg.MaxAge, cfg.Replicas, cfg.AllowAtomicPublish = want.MaxAge, want.Replicas, want.AllowAtomicPublish
-		if s, err = st.js.UpdateStream(ctx, cfg); err != nil {
+		if err = retrying(ctx, func(ctx context.Context) (err error) { s, err = st.js.UpdateStream(ctx, cfg); return err }); err != nil {
 			return fmt.Errorf("the StateLog stream %s: changing retention to %v and to %d replicas: %w", want.Name, want.MaxAge, want.Replicas, err)
 		}
 		st.log.Info("StateLog stream settings changed", "app_id", app, "retention_age", want.MaxAge,
