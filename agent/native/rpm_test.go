@@ -50,7 +50,7 @@ func (r *debianRig) changingRPM(mark int) []string {
 				out = append(out, line)
 			}
 		case "rpm":
-			if !strings.Contains(line, " -q ") {
+			if !strings.Contains(line, " -q ") && !strings.Contains(line, " -qa ") && !strings.Contains(line, " --eval ") {
 				out = append(out, line)
 			}
 		}
@@ -63,7 +63,9 @@ func (r *debianRig) changingRPM(mark int) []string {
 // installed, pinned older (any release of it: a downgrade), latest, a
 // dependent package, removed; purged is removed on RPM. Every state
 // converges: the second round changes nothing and runs no dnf but a
-// repoquery (only latest needs one) and no rpm but a query.
+// repoquery (only latest needs one) and no rpm at all (what is installed
+// is read again only when rpm's database files changed). A package
+// installed behind the agent's back is seen at the next round.
 func TestYumPackageLifecycle(t *testing.T) {
 	rig := newRPMRig(t)
 	repo := rpmrepo.New(t)
@@ -82,6 +84,11 @@ func TestYumPackageLifecycle(t *testing.T) {
 		if ch := rig.changingRPM(mark); len(ch) > 0 {
 			t.Fatalf("%s: a round that changes nothing ran %v", param, ch)
 		}
+		for _, c := range rig.runs.Since(mark) {
+			if c[0] == "rpm" {
+				t.Fatalf("%s: a round that changes nothing ran %v", param, c)
+			}
+		}
 		if n := repo.Requests.Load() - before; n != 0 {
 			t.Fatalf("%s: a round that changes nothing made %d repository requests", param, n)
 		}
@@ -98,6 +105,17 @@ func TestYumPackageLifecycle(t *testing.T) {
 		t.Fatalf("plugin %q", got)
 	}
 	step(`{"name": [{"key": "hellod-plugin", "value": "purged"}, {"key": "hellod", "value": "removed"}]}`, "")
+
+	// Installed by hand, with rpm, after the agent last looked.
+	if out, err := exec.Command("rpm", "--root", rig.root, "-i", rpmrepo.Build(t, rhello1)).CombinedOutput(); err != nil {
+		t.Fatalf("rpm -i: %v: %s", err, out)
+	}
+	if res := rig.apply(t, "linux.yum.package", `{"name": [{"key": "hellod", "value": "removed"}]}`, false); !res.OK || !res.Changed {
+		t.Fatalf("hellod installed by hand, then removed: %+v", res)
+	}
+	if got := rpmrepo.Installed(t, rig.root)["hellod"]; got != "" {
+		t.Fatalf("hellod installed by hand is still there: %q", got)
+	}
 
 	// A version no repository offers fails naming it, after refreshing
 	// the metadata once.

@@ -48,8 +48,21 @@ func (a *Apt) Family() Family { return FamilyDebian }
 // file, identified by its size, mtime and inode (dpkg replaces the file
 // on every change, so the inode alone would do; the rest is cheap).
 type dpkgStatus struct {
-	key [3]int64
+	key stamp
 	db  DpkgDB
+}
+
+// stamp identifies one version of a file: its size, modification time and
+// inode. A database that its tool rewrites in place or replaces changes
+// at least one of them on every write.
+type stamp [3]int64
+
+func fileStamp(fi fs.FileInfo) stamp {
+	s := stamp{fi.Size(), fi.ModTime().UnixNano(), 0}
+	if st, ok := fi.Sys().(*unix.Stat_t); ok {
+		s[2] = int64(st.Ino)
+	}
+	return s
 }
 
 // DpkgDB is what dpkg's status file says of the packages.
@@ -112,10 +125,7 @@ func (a *Apt) dpkgDB() (DpkgDB, error) {
 	if err != nil {
 		return DpkgDB{}, fmt.Errorf("dpkg database: %w", err)
 	}
-	key := [3]int64{fi.Size(), fi.ModTime().UnixNano(), 0}
-	if st, ok := fi.Sys().(*unix.Stat_t); ok {
-		key[2] = int64(st.Ino)
-	}
+	key := fileStamp(fi)
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	if a.status.db.Installed != nil && a.status.key == key {

@@ -4,11 +4,17 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io/fs"
+	"maps"
 	"os/exec"
+	"path"
 	"path/filepath"
+	"slices"
 	"strings"
+	"sync"
 
 	"github.com/visualops/opsagent/internal/proc"
+	"github.com/visualops/opsagent/internal/rootfs"
 )
 
 // RPM is the RHEL family's package manager: rpm to query, dnf (or yum
@@ -23,7 +29,26 @@ type RPM struct {
 	manager string // "dnf" or "yum"
 	// hostTools: the root has no rpm tools; the host's act on it.
 	hostTools bool
+
+	mu     sync.Mutex
+	dbPath string // rpm's %{_dbpath} in the root; "" until asked, "-" when it cannot be watched
+	db     rpmdb  // the database's content, reused while its files are unchanged
 }
+
+// rpmdb is what rpm's database holds, as of one state of its files.
+type rpmdb struct {
+	stamps    []stamp
+	installed map[string]string // name and name.arch → [epoch:]version-release
+	keys      map[string]bool   // versions of the gpg-pubkey pseudo-packages
+}
+
+// rpmdbFiles are the files of rpm's database whose change marks a change
+// of what it holds, whichever backend this rpm uses: sqlite (rpm 4.16 and
+// later: RHEL 9, Amazon Linux 2023, Debian's rpm) with its write-ahead
+// log (not empty only when a writer died before folding it in), ndb and
+// Berkeley DB. The log's inode and size stay, and its ctime moves on
+// every read, which is why a stamp holds no ctime.
+var rpmdbFiles = []string{"rpmdb.sqlite", "rpmdb.sqlite-wal", "Packages.db", "Packages"}
 
 func (h *Host) rpmManager() *RPM {
 	h.rpmOnce.Do(func() {
@@ -100,10 +125,20 @@ func majorVersion(v string) string {
 const rpmQueryFormat = `%{NAME}\t%{ARCH}\t%|EPOCH?{%{EPOCH}:}:{}|%{VERSION}-%{RELEASE}\n`
 
 // Installed queries the rpm database. A name may carry an architecture
-// ("glibc.i686"), as rpm and dnf read it.
+// ("glibc.i686"), as rpm and dnf read it. While the database's files are
+// unchanged the answer comes from the last full listing, so a round that
+// changes nothing runs no rpm.
 func (r *RPM) Installed(ctx context.Context, names ...string) (map[string]string, error) {
 	out := map[string]string{}
 	if len(names) == 0 {
+		return out, nil
+	}
+	if db, ok := r.cached(ctx); ok {
+		for _, n := range names {
+			if v, ok := db.installed[n]; ok {
+				out[n] = v
+			}
+		}
 		return out, nil
 	}
 	text, code, err := r.Rpm(ctx, append([]string{"-q", "--qf", rpmQueryFormat, "--"}, names...)...)
@@ -398,6 +433,9 @@ func (r *RPM) InstallFiles(ctx context.Context, paths ...string) (string, error)
 // versions of its gpg-pubkey pseudo-packages, the low 32 bits of each
 // key's id in lower-case hex.
 func (r *RPM) ImportedKeys(ctx context.Context) (map[string]bool, error) {
+	if db, ok := r.cached(ctx); ok {
+		return maps.Clone(db.keys), nil
+	}
 	out, code, err := r.Rpm(ctx, "-q", "--qf", `%{VERSION}\n`, "gpg-pubkey")
 	if err != nil {
 		return nil, err
@@ -426,4 +464,75 @@ func (r *RPM) ImportKey(ctx context.Context, path string) (string, error) {
 		err = &ToolError{Command: commandLine("rpm", args), ExitCode: code, Output: out}
 	}
 	return out, err
+}
+
+// cached is the database's content while its files are as they were at
+// the last full listing, listing it again (one `rpm -qa`) when they
+// changed. ok is false when the database cannot be watched (its path
+// unknown, no file of it found): the caller asks rpm itself.
+func (r *RPM) cached(ctx context.Context) (rpmdb, bool) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.dbPath == "" {
+		r.dbPath = "-"
+		out, code, err := r.Rpm(ctx, "--eval", "%{_dbpath}")
+		if p := strings.TrimSpace(out); err == nil && code == 0 && path.IsAbs(p) && !strings.ContainsAny(p, "\n%") {
+			r.dbPath = p
+		}
+	}
+	if r.dbPath == "-" {
+		return rpmdb{}, false
+	}
+	stamps, ok := r.dbStamps()
+	if !ok {
+		return rpmdb{}, false
+	}
+	if r.db.installed != nil && slices.Equal(r.db.stamps, stamps) {
+		return r.db, true
+	}
+	text, code, err := r.Rpm(ctx, "-qa", "--qf", rpmQueryFormat)
+	if err != nil || code != 0 {
+		return rpmdb{}, false
+	}
+	db := rpmdb{stamps: stamps, installed: map[string]string{}, keys: map[string]bool{}}
+	for _, line := range strings.Split(text, "\n") {
+		f := strings.Split(line, "\t")
+		if len(f) != 3 || f[0] == "" || f[2] == "" {
+			continue
+		}
+		if f[0] == "gpg-pubkey" {
+			// Its EVR is the key id's low 32 bits, a dash, its creation time.
+			id, _, _ := strings.Cut(f[2], "-")
+			db.keys[strings.ToLower(id)] = true
+			continue
+		}
+		db.installed[f[0]] = f[2]
+		db.installed[f[0]+"."+f[1]] = f[2]
+	}
+	r.db = db
+	return db, true
+}
+
+// dbStamps stamps each of rpmdbFiles in the database directory (a zero
+// stamp for one that does not exist); ok is false when none exists.
+func (r *RPM) dbStamps() ([]stamp, bool) {
+	fsys, err := rootfs.Open(r.h.opts.Root.Dir())
+	if err != nil {
+		return nil, false
+	}
+	defer fsys.Close()
+	var stamps []stamp
+	found := false
+	for _, name := range rpmdbFiles {
+		fi, err := fsys.Stat(path.Join(r.dbPath, name))
+		switch {
+		case err == nil:
+			stamps, found = append(stamps, fileStamp(fi)), true
+		case errors.Is(err, fs.ErrNotExist):
+			stamps = append(stamps, stamp{})
+		default:
+			return nil, false
+		}
+	}
+	return stamps, found
 }
