@@ -107,6 +107,19 @@ func (f *files) ReadFile(host string, max int64) ([]byte, error) {
 	return fsys.ReadFile(p, max)
 }
 
+// Open opens host for reading, never through a symlink at its name (that
+// fails); the caller checks what it opened.
+func (f *files) Open(host string) (*os.File, error) {
+	fsys, p, err := f.at(host)
+	if err != nil {
+		return nil, err
+	}
+	if fsys == nil {
+		return nil, errNoRoot
+	}
+	return fsys.OpenFile(p, os.O_RDONLY, 0)
+}
+
 // Chmod sets host's mode on the object itself, never through a symlink
 // at its name (that fails).
 func (f *files) Chmod(host string, mode fs.FileMode) error {

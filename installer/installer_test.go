@@ -178,6 +178,48 @@ func TestReinstallRepairs(t *testing.T) {
 	}
 }
 
+// A re-run compares the installed binary with the running one to the last
+// byte (it reads them a block at a time): one that differs only in its
+// last block, at the same size, is replaced; one that is the same but
+// 0644 gets its mode back and is not rewritten.
+func TestReinstallComparesTheWholeBinary(t *testing.T) {
+	r := newRig(t)
+	self := append([]byte("#!/bin/sh\necho fake opsagent\nexit 0\n"), bytes.Repeat([]byte("#"), 600<<10)...)
+	if err := os.WriteFile(r.self, self, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := r.install(nil); err != nil {
+		t.Fatal(err)
+	}
+	l := r.layout()
+	tampered := bytes.Clone(self)
+	tampered[len(tampered)-1] = '!'
+	if err := os.WriteFile(l.Binary(), tampered, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	res, err := r.install(nil)
+	if err != nil || !res.Changed {
+		t.Fatalf("a binary differing in its last byte: %v changed=%v\n%s", err, res.Changed, r.out.String())
+	}
+	if b, _ := os.ReadFile(l.Binary()); !bytes.Equal(b, self) {
+		t.Fatal("the binary differing in its last byte was not replaced")
+	}
+	if err := os.Chmod(l.Binary(), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	before, _ := os.Stat(l.Binary())
+	res, err = r.install(nil)
+	if err != nil || !res.Changed || mode(t, l.Binary()) != 0o755 {
+		t.Fatalf("a 0644 binary: %v changed=%v mode %04o\n%s", err, res.Changed, mode(t, l.Binary()), r.out.String())
+	}
+	if after, _ := os.Stat(l.Binary()); !os.SameFile(before, after) {
+		t.Error("a binary with the right bytes was rewritten for its mode")
+	}
+	if res, err = r.install(nil); err != nil || res.Changed {
+		t.Fatalf("third run: %v changed=%v\n%s", err, res.Changed, r.out.String())
+	}
+}
+
 // The userdata re-run after a self-update (config at 2.0.0, the 2.0.0
 // binary in place) keeps 2.0.0: nothing to do. --downgrade installs 1.0.0.
 func TestReinstallKeepsANewerSelfUpdate(t *testing.T) {
