@@ -474,9 +474,12 @@ func (r *RPM) cached(ctx context.Context) (rpmdb, bool) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if r.dbPath == "" {
-		r.dbPath = "-"
 		out, code, err := r.Rpm(ctx, "--eval", "%{_dbpath}")
-		if p := strings.TrimSpace(out); err == nil && code == 0 && path.IsAbs(p) && !strings.ContainsAny(p, "\n%") {
+		if err != nil {
+			return rpmdb{}, false // rpm did not run: asked again next time
+		}
+		r.dbPath = "-"
+		if p := strings.TrimSpace(out); code == 0 && path.IsAbs(p) && !strings.ContainsAny(p, "\n%") {
 			r.dbPath = p
 		}
 	}
