@@ -28,14 +28,23 @@ func TestRetentionBySizeAndPaging(t *testing.T) {
 	a.expectAck("s1")
 	a.expectRecipe()
 	a.push("i-1", "s1", 1, 120, strings.Repeat("x", 900))
+	// Retention settles: a read of every page is under 16 KiB and the
+	// same as a read made after a few more retention passes. (Paging is
+	// no snapshot: a purge between two pages shows a torn list, such as
+	// 20..22 then 109..120, so one read alone proves nothing.)
 	var logs []LogEntry
-	eventually(t, "retention down to 16 KiB", func() bool {
+	eventually(t, "retention down to 16 KiB, and settled", func() bool {
 		logs = e.storedLogs("app1", 7)
 		size := 0
 		for _, l := range logs {
 			size += len(*l.Stdout)
 		}
-		return size <= 16<<10
+		if size > 16<<10 {
+			return false
+		}
+		time.Sleep(3 * 50 * time.Millisecond)
+		again := e.storedLogs("app1", 7)
+		return slices.Equal(agentSeqs(logs, "i-1", "s1"), agentSeqs(again, "i-1", "s1"))
 	})
 	got := agentSeqs(logs, "i-1", "s1")
 	if len(got) < 10 || !slices.Equal(got, seqRange(got[0], 120)) {
