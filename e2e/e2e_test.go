@@ -195,6 +195,11 @@ func status(t *testing.T, root string) (int, map[string]any) {
 	return cmd.ProcessState.ExitCode(), rep
 }
 
+// watchdogTimeout bounds a wait that spans several passes of the
+// watchdog (cron.sh): a POSIX sh script whose every pass forks a few
+// dozen processes, each of which waits for a core on a loaded machine.
+const watchdogTimeout = 2 * time.Minute
+
 func eventually(t testing.TB, what string, f func() bool) {
 	t.Helper()
 	wait.Eventually(t, what, f)

@@ -15,6 +15,7 @@ import (
 	"testing"
 
 	"github.com/visualops/opsagent/internal/dist"
+	"github.com/visualops/opsagent/internal/testutil/wait"
 )
 
 // updateRig is an instance installed at 1.0.0 from a release bucket,
@@ -33,6 +34,15 @@ func newUpdateRig(t testing.TB, app, recipe string) *updateRig {
 	t.Helper()
 	r := &updateRig{t: t, key: sharedKey(t), bucket: newBucket(t), root: t.TempDir(), app: app, id: "i-" + app}
 	stopAgentsBelow(t, r.root)
+	// Registered after stopAgentsBelow's cleanup, so run before it: the
+	// logs as the failure left them.
+	t.Cleanup(func() {
+		if t.Failed() {
+			agentLog, _ := os.ReadFile(filepath.Join(r.root, "var/log/visualops/agent.log"))
+			boot, _ := os.ReadFile(filepath.Join(r.root, "var/log/visualops/bootstrap.log"))
+			t.Logf("agent.log:\n%s\nbootstrap.log:\n%s", agentLog, boot)
+		}
+	})
 	for _, v := range []string{"1.0.0", "2.0.0"} {
 		publish(t, r.bucket.dir, v, agentBinary(t, v, r.key.pub), &r.key)
 	}
@@ -155,7 +165,10 @@ func TestSelfUpdateBetweenRounds(t *testing.T) {
 	publish(t, r.bucket.dir, "3.0.0", brokenBinary("3.0.0"), &r.key)
 	v2 := r.installed()
 	r.update("3.0.0")
-	eventually(t, "the rollback to 2.0.0 reported to the backend", func() bool {
+	// Three watchdog passes, a rollback and a fresh start: a shell script
+	// that forks a few dozen processes a pass, which on a loaded 2-core
+	// machine took 35 s (each fork waits its turn), so a longer bound.
+	wait.EventuallyWithin(t, watchdogTimeout, "the rollback to 2.0.0 reported to the backend", func() bool {
 		in := r.b.instance("upd", r.id)
 		ie, _ := in["init_errors"].(string)
 		return in["connected"] == true && in["agent_version"] == "2.0.0" && strings.Contains(ie, "rolled back")
@@ -207,13 +220,6 @@ func TestUpdateByHand(t *testing.T) {
 		t.Fatalf("direct update: %v\n%s", err, out)
 	}
 	t.Logf("direct update:\n%s", out)
-	t.Cleanup(func() {
-		if t.Failed() {
-			agentLog, _ := os.ReadFile(filepath.Join(r.root, "var/log/visualops/agent.log"))
-			boot, _ := os.ReadFile(filepath.Join(r.root, "var/log/visualops/bootstrap.log"))
-			t.Logf("agent.log:\n%s\nbootstrap.log:\n%s", agentLog, boot)
-		}
-	})
 	eventually(t, "1.0.0 started and connected", func() bool { return r.b.connectedAs("hand", r.id) == "1.0.0" })
 }
 
