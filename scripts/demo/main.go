@@ -70,6 +70,9 @@ func demo(bin, versitygw, source string, keep bool) (err error) {
 	if bin, err = filepath.Abs(bin); err != nil {
 		return err
 	}
+	if err := adoptOrphans(); err != nil {
+		return err
+	}
 	if versitygw == "" {
 		return errors.New("-versitygw is required (make demo builds it into .tools/bin)")
 	}
@@ -386,6 +389,7 @@ func (s *story) finish(keep, succeeded bool) {
 	} else {
 		ok("nothing left running")
 	}
+	reapOrphans(5 * time.Second)
 	if keep || !succeeded {
 		info("logs and the instance's root are in %s", s.dir)
 		return

@@ -17,6 +17,7 @@ import (
 
 	"github.com/minio/minio-go/v7"
 	"github.com/minio/minio-go/v7/pkg/credentials"
+	"golang.org/x/sys/unix"
 )
 
 // rig holds what the demo started, so that it can stop all of it.
@@ -123,6 +124,41 @@ func (r *rig) leftovers() []string {
 		out = append(out, e.Name()+" "+strings.ReplaceAll(string(bytes.TrimRight(cmdline, "\x00")), "\x00", " "))
 	}
 	return out
+}
+
+// adoptOrphans makes the demo the reaper of what it starts indirectly.
+// The agent and its watchdog are started detached (a session of their
+// own, through a parent that exits at once), so they are nobody's child;
+// once stopped, each would stay a zombie until PID 1 reaps it, which some
+// containers' init does late or never, and `pgrep opsagent` would still
+// count it after the demo. As a child subreaper, the demo gets them as
+// children instead, and reapOrphans collects them at the end.
+func adoptOrphans() error {
+	if err := unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0); err != nil {
+		return fmt.Errorf("prctl(PR_SET_CHILD_SUBREAPER): %w", err)
+	}
+	return nil
+}
+
+// reapOrphans collects the exit status of every adopted process that has
+// exited, waiting up to d for those still exiting. Call it only once the
+// demo's own commands have all been waited for: wait4(-1) would take the
+// status an exec.Cmd still waits for.
+func reapOrphans(d time.Duration) {
+	deadline := time.Now().Add(d)
+	for {
+		var ws unix.WaitStatus
+		pid, err := unix.Wait4(-1, &ws, unix.WNOHANG, nil)
+		switch {
+		case err == unix.EINTR || pid > 0:
+			continue
+		case err != nil: // ECHILD: no child left
+			return
+		case time.Now().After(deadline):
+			return
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
 }
 
 // freeAddr returns a loopback address nothing listens on.
