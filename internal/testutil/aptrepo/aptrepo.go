@@ -17,6 +17,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/visualops/opsagent/internal/testutil/fileserver"
 )
 
 // Package is one .deb to build.
@@ -160,7 +162,7 @@ func (r *Repo) Serve(tb testing.TB) string {
 	if r.url != "" {
 		return r.url
 	}
-	files := http.FileServer(http.Dir(r.Dir))
+	files := fileserver.Fresh(r.Dir)
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) {
 		r.Requests.Add(1)
 		files.ServeHTTP(w, req)

@@ -16,6 +16,8 @@ import (
 	"strings"
 	"sync/atomic"
 	"testing"
+
+	"github.com/visualops/opsagent/internal/testutil/fileserver"
 )
 
 // Gem is one version of a gem. Its lib/NAME.rb defines the version;
@@ -52,7 +54,7 @@ func New(tb testing.TB, builder string, gems ...Gem) *Source {
 	if err := os.MkdirAll(filepath.Join(dir, "index", "gems"), 0o755); err != nil {
 		tb.Fatal(err)
 	}
-	files := http.FileServer(http.Dir(filepath.Join(dir, "index")))
+	files := fileserver.Fresh(filepath.Join(dir, "index"))
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		s.Requests.Add(1)
 		// No compact index here: a 404 at the root sends gem straight to

@@ -23,6 +23,7 @@ import (
 	"sync/atomic"
 	"testing"
 
+	"github.com/visualops/opsagent/internal/testutil/fileserver"
 	"github.com/visualops/opsagent/internal/testutil/testcache"
 )
 
@@ -133,7 +134,7 @@ func (r *Repo) Serve(tb testing.TB) string {
 	if r.url != "" {
 		return r.url
 	}
-	files := http.FileServer(http.Dir(r.Dir))
+	files := fileserver.Fresh(r.Dir)
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) {
 		r.Requests.Add(1)
 		files.ServeHTTP(w, req)
