@@ -462,6 +462,29 @@ func (s *Server) admit(app *appState, m *protocol.Handshake, now time.Time) (fir
 	known, seen := app.TokenHashes[m.InstanceID]
 	secret := app.Secret
 	s.mu.Unlock()
+	if seen || revoked {
+		// The view follows the bucket through a watch, so it can lag a
+		// revocation (or an admission) made through another replica by a
+		// moment: for an id it knows, the stored record decides, so that
+		// a revocation holds on every replica once its DELETE has
+		// answered. Unknown ids are decided by the enrollment's create
+		// below. When the record cannot be read (NATS out of reach), the
+		// view decides: agents it knows reconnect, as they do to a
+		// single backend.
+		ctx, cancel := context.WithTimeout(context.Background(), handshakeStorageWait)
+		rec, rev, found, err := s.st.instance(ctx, app.AppID, m.InstanceID)
+		cancel()
+		switch {
+		case err != nil:
+		case !found:
+			seen, revoked = false, false
+		default:
+			data, _ := json.Marshal(rec)
+			s.apply(kvEvent{bucket: bucketInstances, key: instanceKey(app.AppID, m.InstanceID), value: data, rev: rev})
+			revoked = rec.RevokedAt != nil
+			known, seen = rec.SHA256, !revoked
+		}
+	}
 	h := hashToken(m.InstanceToken)
 	switch {
 	case revoked:

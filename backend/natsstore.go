@@ -480,6 +480,25 @@ func (st *natsStore) enroll(ctx context.Context, app, instance, hash string) (re
 	return rec, e.Revision(), false, nil
 }
 
+// instance reads an instance's stored record (its token hash, or its
+// revocation) from the bucket's leader; found is false when none is
+// stored (never enrolled, or admitted again since a revocation).
+func (st *natsStore) instance(ctx context.Context, app, instance string) (rec instanceRecord, rev uint64, found bool, err error) {
+	ctx, cancel := opCtx(ctx)
+	defer cancel()
+	e, err := kvGet(ctx, st.instances, instanceKey(app, instance))
+	if errors.Is(err, jetstream.ErrKeyNotFound) {
+		return rec, 0, false, nil
+	}
+	if err != nil {
+		return rec, 0, false, fmt.Errorf("bucket %s: %w", bucketInstances, err)
+	}
+	if err := json.Unmarshal(e.Value(), &rec); err != nil {
+		return rec, 0, false, fmt.Errorf("bucket %s, key %s: %w", bucketInstances, e.Key(), err)
+	}
+	return rec, e.Revision(), true, nil
+}
+
 // revoke replaces an instance's record with its revocation.
 func (st *natsStore) revoke(ctx context.Context, app, instance string, at time.Time) (uint64, error) {
 	ctx, cancel := opCtx(ctx)
