@@ -159,8 +159,9 @@ type pkgPlan struct {
 
 // packages runs linux.apt.package and linux.yum.package.
 //
-// A round first reads what is installed (apt: dpkg's status file, no
-// process; RPM: rpm -q). Only what is not in place needs the index: a
+// A round first reads what is installed (apt: dpkg's status file; RPM:
+// rpm's database, listed again only when its files change; no process
+// while nothing changed). Only what is not in place needs the index: a
 // missing package, a version that differs, latest (whose candidate is
 // queried every round: a query, nothing changes). The index is refreshed
 // only when it is older than its sources or does not offer what must be

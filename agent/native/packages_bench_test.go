@@ -51,7 +51,8 @@ func benchNoChange(b *testing.B, e *Executor, name, module, param string) {
 // repository modules over a system where everything is in place (goal:
 // under 50 ms per state; Salt 2014 loaded the package lists on every
 // pkg state). Debian: dpkg's status file is read (cached while it does
-// not change), latest asks apt-cache; RPM: rpm -q, latest asks dnf.
+// not change), latest asks apt-cache; RPM: rpm's database listed once
+// and again only when its files change, latest asks dnf.
 func BenchmarkNoChangeRoundPackages(b *testing.B) {
 	b.Run("debian", func(b *testing.B) {
 		root := debroot.New(b)

@@ -269,7 +269,7 @@ func TestYumRepo(t *testing.T) {
 
 // TestRPMKey imports a key the test generated, once: the next round
 // reads the key's id from the file and finds it among rpm's gpg-pubkey
-// entries (one rpm query, no import).
+// entries (from the cached listing of rpm's database: no rpm, no import).
 func TestRPMKey(t *testing.T) {
 	rig := newRPMRig(t)
 	key := rpmrepo.NewKey(t, "opsagent test key <key@example.invalid>")
