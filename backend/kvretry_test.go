@@ -7,6 +7,7 @@ import (
 	"sync/atomic"
 	"testing"
 
+	"github.com/gorilla/websocket"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
@@ -18,6 +19,10 @@ import (
 type flakyKV struct {
 	jetstream.KeyValue
 	fails atomic.Int32
+
+	writeFails atomic.Int32
+	writeErr   error
+	writes     atomic.Int32
 }
 
 func (f *flakyKV) Get(ctx context.Context, key string) (jetstream.KeyValueEntry, error) {
@@ -25,6 +30,79 @@ func (f *flakyKV) Get(ctx context.Context, key string) (jetstream.KeyValueEntry,
 		return nil, nats.ErrNoResponders
 	}
 	return f.KeyValue.Get(ctx, key)
+}
+
+// Create and Update answer their first writeFails calls with err, as a
+// cluster just formed answers a write while a bucket's interest has not
+// reached the node asked ("no responders"), or as a timeout does.
+func (f *flakyKV) Create(ctx context.Context, key string, value []byte, opts ...jetstream.KVCreateOpt) (uint64, error) {
+	f.writes.Add(1)
+	if f.writeFails.Add(-1) >= 0 {
+		return 0, f.writeErr
+	}
+	return f.KeyValue.Create(ctx, key, value, opts...)
+}
+
+func (f *flakyKV) Update(ctx context.Context, key string, value []byte, last uint64) (uint64, error) {
+	f.writes.Add(1)
+	if f.writeFails.Add(-1) >= 0 {
+		return 0, f.writeErr
+	}
+	return f.KeyValue.Update(ctx, key, value, last)
+}
+
+// TestWritesRetryNoResponders: a write answered "no responders" reached
+// no server and is made again within the operation's time, so the first
+// PUT on a cluster just formed succeeds (an acceptance run's got a 503);
+// a write that timed out may have been made and is never repeated.
+func TestWritesRetryNoResponders(t *testing.T) {
+	e := newEnv(t, "", nil)
+	apps := &flakyKV{KeyValue: e.srv.st.apps, writeErr: nats.ErrNoResponders}
+	apps.writeFails.Store(2) // the app's Create
+	e.srv.st.apps = apps
+	if code, out := e.api("PUT", "/api/apps/fresh/recipe", recipeJSON); code != 200 {
+		t.Fatalf("PUT recipe while writes answer no responders: %d %v", code, out)
+	}
+	if n := apps.writes.Load(); n < 4 { // the Create three times, then the recipe's Update
+		t.Fatalf("%d writes, want the Create made again", n)
+	}
+	apps.writeErr = nats.ErrTimeout
+	apps.writes.Store(0)
+	apps.writeFails.Store(1)
+	if code, _ := e.api("PUT", "/api/apps/fresh/recipe", recipeJSON); code != 503 {
+		t.Fatalf("PUT recipe whose write timed out: %d, want 503", code)
+	}
+	if n := apps.writes.Load(); n != 1 {
+		t.Fatalf("a write that timed out was made %d times, want once", n)
+	}
+}
+
+// TestRevocationHoldsOnAReplicaWhoseViewLags: a replica whose view has
+// not heard of a revocation (its watch stopped here; it lags by a moment
+// in life) refuses the revoked instance, and admits it again once an
+// admission is stored: the stored record decides a Handshake.
+func TestRevocationHoldsOnAReplicaWhoseViewLags(t *testing.T) {
+	c := natscluster.Start(t, 1)
+	var r []*env
+	for range 2 {
+		r = append(r, newEnv(t, "", func(o *Options) { o.NATS.URLs = []string{c.Nodes[0].URL()} }))
+	}
+	a, b := r[0], r[1]
+	if code, out := a.api("PUT", "/api/apps/lag/recipe", recipeJSON); code != 200 {
+		t.Fatalf("PUT on A: %d %v", code, out)
+	}
+	secret := a.secret("lag")
+	b.handshake(identity("i-1", "lag", tok("one"), "2.1", secret)).expectRecipe()
+	b.srv.stopWatch()
+	b.srv.watchDone.Wait()
+	if code, out := a.api("DELETE", "/api/apps/lag/instances/i-1", ""); code != 200 {
+		t.Fatalf("DELETE on A: %d %v", code, out)
+	}
+	b.handshake(identity("i-1", "lag", tok("one"), "2.1", secret)).expectClose(websocket.ClosePolicyViolation, "instance revoked")
+	if code, out := a.api("POST", "/api/apps/lag/instances/i-1/admit", ""); code != 200 {
+		t.Fatalf("admit on A: %d %v", code, out)
+	}
+	b.handshake(identity("i-1", "lag", tok("one"), "2.1", secret)).expectRecipe()
 }
 
 // TestReadsRetryNoResponders: a recipe put for a new app reads the app and
