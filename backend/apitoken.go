@@ -98,7 +98,7 @@ func sharedAPIToken(ctx context.Context, st *natsStore, candidate string) (strin
 		}
 		candidate = hex.EncodeToString(buf)
 	}
-	if _, err := kvWrite(ctx, func(ctx context.Context) (uint64, error) { return st.meta.Create(ctx, metaAPIToken, []byte(candidate)) }); errors.Is(err, jetstream.ErrKeyExists) {
+	if _, err := st.meta.Create(ctx, metaAPIToken, []byte(candidate)); errors.Is(err, jetstream.ErrKeyExists) {
 		return sharedAPIToken(ctx, st, "") // another replica was first
 	} else if err != nil {
 		return "", fmt.Errorf("backend: the shared API token (bucket %s): %w", bucketMeta, err)

@@ -19,10 +19,6 @@ import (
 type flakyKV struct {
 	jetstream.KeyValue
 	fails atomic.Int32
-
-	writeFails atomic.Int32
-	writeErr   error
-	writes     atomic.Int32
 }
 
 func (f *flakyKV) Get(ctx context.Context, key string) (jetstream.KeyValueEntry, error) {
@@ -30,51 +26,6 @@ func (f *flakyKV) Get(ctx context.Context, key string) (jetstream.KeyValueEntry,
 		return nil, nats.ErrNoResponders
 	}
 	return f.KeyValue.Get(ctx, key)
-}
-
-// Create and Update answer their first writeFails calls with err, as a
-// cluster just formed answers a write while a bucket's interest has not
-// reached the node asked ("no responders"), or as a timeout does.
-func (f *flakyKV) Create(ctx context.Context, key string, value []byte, opts ...jetstream.KVCreateOpt) (uint64, error) {
-	f.writes.Add(1)
-	if f.writeFails.Add(-1) >= 0 {
-		return 0, f.writeErr
-	}
-	return f.KeyValue.Create(ctx, key, value, opts...)
-}
-
-func (f *flakyKV) Update(ctx context.Context, key string, value []byte, last uint64) (uint64, error) {
-	f.writes.Add(1)
-	if f.writeFails.Add(-1) >= 0 {
-		return 0, f.writeErr
-	}
-	return f.KeyValue.Update(ctx, key, value, last)
-}
-
-// TestWritesRetryNoResponders: a write answered "no responders" reached
-// no server and is made again within the operation's time, so the first
-// PUT on a cluster just formed succeeds (an acceptance run's got a 503);
-// a write that timed out may have been made and is never repeated.
-func TestWritesRetryNoResponders(t *testing.T) {
-	e := newEnv(t, "", nil)
-	apps := &flakyKV{KeyValue: e.srv.st.apps, writeErr: nats.ErrNoResponders}
-	apps.writeFails.Store(2) // the app's Create
-	e.srv.st.apps = apps
-	if code, out := e.api("PUT", "/api/apps/fresh/recipe", recipeJSON); code != 200 {
-		t.Fatalf("PUT recipe while writes answer no responders: %d %v", code, out)
-	}
-	if n := apps.writes.Load(); n < 4 { // the Create three times, then the recipe's Update
-		t.Fatalf("%d writes, want the Create made again", n)
-	}
-	apps.writeErr = nats.ErrTimeout
-	apps.writes.Store(0)
-	apps.writeFails.Store(1)
-	if code, _ := e.api("PUT", "/api/apps/fresh/recipe", recipeJSON); code != 503 {
-		t.Fatalf("PUT recipe whose write timed out: %d, want 503", code)
-	}
-	if n := apps.writes.Load(); n != 1 {
-		t.Fatalf("a write that timed out was made %d times, want once", n)
-	}
 }
 
 // TestRevocationHoldsOnAReplicaWhoseViewLags: a replica whose view has

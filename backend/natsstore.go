@@ -307,27 +307,6 @@ func kvGet(ctx context.Context, kv jetstream.KeyValue, key string) (e jetstream.
 	return e, err
 }
 
-// kvWrite makes a key-value write, again while the cluster answers "no
-// responders": the request reached no JetStream server, so nothing was
-// written, and a cluster just formed answers so until the bucket's
-// interest has reached the node this replica talks to (the client retries
-// only twice, within half a second; an acceptance run's first PUT through
-// a balancer got a 503 so). Any other error is returned as it is: after a
-// timeout above all, the write may have been made.
-func kvWrite(ctx context.Context, write func(ctx context.Context) (uint64, error)) (uint64, error) {
-	for delay := 50 * time.Millisecond; ; delay = min(2*delay, time.Second) {
-		rev, err := write(ctx)
-		if err == nil || !errors.Is(err, nats.ErrNoResponders) {
-			return rev, err
-		}
-		select {
-		case <-ctx.Done():
-			return 0, err
-		case <-time.After(delay):
-		}
-	}
-}
-
 // isWrongLast reports a failed optimistic-concurrency check: a KV revision
 // or a fence that moved (10071), or a concurrent write to the same subject
 // on a replicated stream (10164).
@@ -382,11 +361,11 @@ func (st *natsStore) createApp(ctx context.Context, id, secret string) (appRecor
 	if err := st.ensureLogStream(ctx, id, 0); err != nil {
 		return rec, 0, err
 	}
-	if _, err := kvWrite(ctx, func(ctx context.Context) (uint64, error) { return st.secrets.Create(ctx, esc(id), []byte(secret)) }); err != nil && !errors.Is(err, jetstream.ErrKeyExists) {
+	if _, err := st.secrets.Create(ctx, esc(id), []byte(secret)); err != nil && !errors.Is(err, jetstream.ErrKeyExists) {
 		return rec, 0, fmt.Errorf("bucket %s: %w", bucketSecrets, err)
 	}
 	data, _ := json.Marshal(rec)
-	rev, err := kvWrite(ctx, func(ctx context.Context) (uint64, error) { return st.apps.Create(ctx, esc(id), data) })
+	rev, err := st.apps.Create(ctx, esc(id), data)
 	if errors.Is(err, jetstream.ErrKeyExists) {
 		return rec, 0, errAppExists
 	}
@@ -427,7 +406,7 @@ func (st *natsStore) updateApp(ctx context.Context, id string, fn func(*appRecor
 			return rec, 0, err
 		}
 		cctx, cancel := opCtx(ctx)
-		rev, err = kvWrite(cctx, func(ctx context.Context) (uint64, error) { return st.apps.Update(ctx, esc(id), data, rev) })
+		rev, err = st.apps.Update(cctx, esc(id), data, rev)
 		cancel()
 		if err == nil {
 			return rec, rev, nil
@@ -441,7 +420,7 @@ func (st *natsStore) updateApp(ctx context.Context, id string, fn func(*appRecor
 func (st *natsStore) putSecret(ctx context.Context, app, secret string) (uint64, error) {
 	ctx, cancel := opCtx(ctx)
 	defer cancel()
-	rev, err := kvWrite(ctx, func(ctx context.Context) (uint64, error) { return st.secrets.Put(ctx, esc(app), []byte(secret)) })
+	rev, err := st.secrets.Put(ctx, esc(app), []byte(secret))
 	if err != nil {
 		return 0, fmt.Errorf("bucket %s: %w", bucketSecrets, err)
 	}
@@ -464,7 +443,7 @@ func (st *natsStore) secretOf(ctx context.Context, app string) (string, uint64, 
 	if err != nil {
 		return "", 0, err
 	}
-	rev, err := kvWrite(ctx, func(ctx context.Context) (uint64, error) { return st.secrets.Create(ctx, esc(app), []byte(secret)) })
+	rev, err := st.secrets.Create(ctx, esc(app), []byte(secret))
 	if errors.Is(err, jetstream.ErrKeyExists) {
 		return st.secretOf(ctx, app)
 	}
@@ -483,9 +462,7 @@ func (st *natsStore) enroll(ctx context.Context, app, instance, hash string) (re
 	defer cancel()
 	rec = instanceRecord{SHA256: hash}
 	data, _ := json.Marshal(rec)
-	rev, err = kvWrite(ctx, func(ctx context.Context) (uint64, error) {
-		return st.instances.Create(ctx, instanceKey(app, instance), data)
-	})
+	rev, err = st.instances.Create(ctx, instanceKey(app, instance), data)
 	if err == nil {
 		return rec, rev, true, nil
 	}
@@ -527,9 +504,7 @@ func (st *natsStore) revoke(ctx context.Context, app, instance string, at time.T
 	ctx, cancel := opCtx(ctx)
 	defer cancel()
 	data, _ := json.Marshal(instanceRecord{RevokedAt: &at})
-	rev, err := kvWrite(ctx, func(ctx context.Context) (uint64, error) {
-		return st.instances.Put(ctx, instanceKey(app, instance), data)
-	})
+	rev, err := st.instances.Put(ctx, instanceKey(app, instance), data)
 	if err != nil {
 		return 0, fmt.Errorf("bucket %s: %w", bucketInstances, err)
 	}
@@ -540,9 +515,7 @@ func (st *natsStore) revoke(ctx context.Context, app, instance string, at time.T
 func (st *natsStore) admit(ctx context.Context, app, instance string) error {
 	ctx, cancel := opCtx(ctx)
 	defer cancel()
-	if _, err := kvWrite(ctx, func(ctx context.Context) (uint64, error) {
-		return 0, st.instances.Delete(ctx, instanceKey(app, instance))
-	}); err != nil {
+	if err := st.instances.Delete(ctx, instanceKey(app, instance)); err != nil {
 		return fmt.Errorf("bucket %s: %w", bucketInstances, err)
 	}
 	return nil
@@ -555,9 +528,7 @@ func (st *natsStore) releaseWait(ctx context.Context, app string, version int64,
 	ctx, cancel := opCtx(ctx)
 	defer cancel()
 	data, _ := json.Marshal(waitRecord{RecipeVersion: version})
-	rev, err := kvWrite(ctx, func(ctx context.Context) (uint64, error) {
-		return st.waits.Put(ctx, waitKey(app, instance, state), data)
-	})
+	rev, err := st.waits.Put(ctx, waitKey(app, instance, state), data)
 	if err != nil {
 		return 0, fmt.Errorf("bucket %s: %w", bucketWaits, err)
 	}
@@ -609,9 +580,9 @@ func (st *natsStore) relayDone(ctx context.Context, app string, version int64, w
 		rec.Done = append(rec.Done, ref)
 		data, _ := json.Marshal(rec)
 		if rev == 0 {
-			_, err = kvWrite(cctx, func(ctx context.Context) (uint64, error) { return st.relay.Create(ctx, key, data) })
+			_, err = st.relay.Create(cctx, key, data)
 		} else {
-			_, err = kvWrite(cctx, func(ctx context.Context) (uint64, error) { return st.relay.Update(ctx, key, data, rev) })
+			_, err = st.relay.Update(cctx, key, data, rev)
 		}
 		cancel()
 		if err == nil {

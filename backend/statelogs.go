@@ -903,9 +903,9 @@ func (w *summaryWriter) write(key string, s streamSummary) error {
 		data, _ := json.Marshal(s)
 		var err error
 		if rev == 0 {
-			rev, err = kvWrite(ctx, func(ctx context.Context) (uint64, error) { return kv.Create(ctx, key, data) })
+			rev, err = kv.Create(ctx, key, data)
 		} else {
-			rev, err = kvWrite(ctx, func(ctx context.Context) (uint64, error) { return kv.Update(ctx, key, data, rev) })
+			rev, err = kv.Update(ctx, key, data, rev)
 		}
 		cancel()
 		if err == nil {
