@@ -28,24 +28,30 @@ func (f *flakyKV) Get(ctx context.Context, key string) (jetstream.KeyValueEntry,
 	return f.KeyValue.Get(ctx, key)
 }
 
+// staleReplica starts two replicas on one NATS node, puts app's recipe
+// on A, welcomes instance i-1 (token tok("one")) on B, then stops B's
+// watch: from then on B's view lags whatever A stores.
+func staleReplica(t *testing.T, app string) (a, b *env, secret string) {
+	t.Helper()
+	c := natscluster.Start(t, 1)
+	a = newEnv(t, "", func(o *Options) { o.NATS.URLs = []string{c.Nodes[0].URL()} })
+	b = newEnv(t, "", func(o *Options) { o.NATS.URLs = []string{c.Nodes[0].URL()} })
+	if code, out := a.api("PUT", "/api/apps/"+app+"/recipe", recipeJSON); code != 200 {
+		t.Fatalf("PUT on A: %d %v", code, out)
+	}
+	secret = a.secret(app)
+	b.handshake(identity("i-1", app, tok("one"), "2.1", secret)).expectRecipe()
+	b.srv.stopWatch()
+	b.srv.watchDone.Wait()
+	return a, b, secret
+}
+
 // TestRevocationHoldsOnAReplicaWhoseViewLags: a replica whose view has
 // not heard of a revocation (its watch stopped here; it lags by a moment
 // in life) refuses the revoked instance, and admits it again once an
 // admission is stored: the stored record decides a Handshake.
 func TestRevocationHoldsOnAReplicaWhoseViewLags(t *testing.T) {
-	c := natscluster.Start(t, 1)
-	var r []*env
-	for range 2 {
-		r = append(r, newEnv(t, "", func(o *Options) { o.NATS.URLs = []string{c.Nodes[0].URL()} }))
-	}
-	a, b := r[0], r[1]
-	if code, out := a.api("PUT", "/api/apps/lag/recipe", recipeJSON); code != 200 {
-		t.Fatalf("PUT on A: %d %v", code, out)
-	}
-	secret := a.secret("lag")
-	b.handshake(identity("i-1", "lag", tok("one"), "2.1", secret)).expectRecipe()
-	b.srv.stopWatch()
-	b.srv.watchDone.Wait()
+	a, b, secret := staleReplica(t, "lag")
 	if code, out := a.api("DELETE", "/api/apps/lag/instances/i-1", ""); code != 200 {
 		t.Fatalf("DELETE on A: %d %v", code, out)
 	}
@@ -80,19 +86,7 @@ func TestReadsRetryNoResponders(t *testing.T) {
 // holds: the agent may have the newer one from another replica, and would
 // run the older again and drop the StateLogs queued for the newer.
 func TestHandshakeAfterAStaleView(t *testing.T) {
-	c := natscluster.Start(t, 1)
-	var r []*env
-	for range 2 {
-		r = append(r, newEnv(t, "", func(o *Options) { o.NATS.URLs = []string{c.Nodes[0].URL()} }))
-	}
-	a, b := r[0], r[1]
-	if code, out := a.api("PUT", "/api/apps/stale/recipe", recipeJSON); code != 200 {
-		t.Fatalf("PUT on A: %d %v", code, out)
-	}
-	secret := a.secret("stale")
-	b.handshake(identity("i-1", "stale", tok("one"), "2.1", secret)).expectRecipe()
-	b.srv.stopWatch()
-	b.srv.watchDone.Wait()
+	a, b, secret := staleReplica(t, "stale")
 	if code, out := a.api("PUT", "/api/apps/stale/recipe", `{"state":[{"id":"v2","module":"meta.comment"}]}`); code != 200 {
 		t.Fatalf("second PUT on A: %d %v", code, out)
 	}
