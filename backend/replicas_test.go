@@ -158,6 +158,9 @@ func TestReplicas(t *testing.T) {
 		a.api("PUT", "/api/apps/cycle/recipe", recipeJSON)
 		secret := a.secret("cycle")
 		b.handshake(identity("i-1", "cycle", tok("1"), "2.1", secret)).expectRecipe()
+		// The first DELETE goes to A, which must know of i-1 (each later
+		// one goes to the replica that has just welcomed it).
+		wait.Eventually(t, "A sees i-1", func() bool { return a.instances("cycle")["i-1"] })
 		for i := range 25 {
 			call, other := r[i%3], r[(i+1)%3]
 			if code, out := call.api("DELETE", "/api/apps/cycle/instances/i-1", ""); code != 200 {
